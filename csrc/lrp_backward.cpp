@@ -1,0 +1,119 @@
+// The backward of a Linear/Conv layer under an LRP rule: the layer products through ATen
+// (cuBLAS/cuDNN/oneDNN) and the element-wise rule terms through lxt_ext's own kernels.
+//
+// Per layer the rule costs, in layer-sized products, forward pass excluded: epsilon 2 (W x, W^T S);
+// gamma 4 (W x, |W||x|, W^T S, |W|^T D); alpha-beta 4 on non-negative inputs, 8 otherwise.
+// zennit's BasicHook re-runs the layer once per modifier and back-propagates through each copy
+// (10 for gamma, 8 for alpha-beta). Nothing but the
+// layer input is kept from the forward pass, so an in-place activation after the layer is safe.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "lrp_terms.h"
+
+namespace lxt_ext {
+namespace {
+
+struct Product {
+  bool linear;
+  bool transposed;
+  std::vector<int64_t> stride, padding, dilation, output_padding;
+  int64_t groups;
+
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& w) const {
+    if (linear) return at::matmul(x, w.t());
+    return at::convolution(x, w, c10::nullopt, stride, padding, dilation, transposed, output_padding, groups);
+  }
+
+  // W^T s, i.e. the input gradient of the product for output gradient s.
+  at::Tensor transpose(const at::Tensor& s, const at::Tensor& x, const at::Tensor& w) const {
+    if (linear) return at::matmul(s, w);
+    return std::get<0>(at::convolution_backward(s, x, w, c10::nullopt, stride, padding, dilation, transposed,
+                                                output_padding, groups, {true, false, false}));
+  }
+
+  int64_t channel_dim() const { return linear ? -1 : 1; }
+};
+
+at::Tensor lrp_backward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& grad,
+                        const at::Tensor& bias, const at::Tensor& bias1, const at::Tensor& bias2, int64_t rule,
+                        double epsilon, double gamma, double alpha, double beta, bool explicit_relevance,
+                        bool linear, bool transposed, at::IntArrayRef stride, at::IntArrayRef padding,
+                        at::IntArrayRef dilation, at::IntArrayRef output_padding, int64_t groups) {
+#ifndef LXT_EXT_WITH_CUDA
+  TORCH_CHECK(!x.is_cuda(), "lxt_ext::lrp_backward got CUDA tensors, but this lxt_ext was built without its "
+              "CUDA kernels. Rebuild it where nvcc and a CUDA build of torch are present: "
+              "pip install --no-build-isolation --force-reinstall --no-deps .");
+#endif
+  TORCH_CHECK(weight.device() == x.device() && grad.device() == x.device(),
+              "lxt_ext::lrp_backward: input (", x.device(), "), weight (", weight.device(),
+              ") and relevance (", grad.device(), ") must be on one device");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && grad.scalar_type() == x.scalar_type(),
+              "lxt_ext::lrp_backward: input (", x.scalar_type(), "), weight (", weight.scalar_type(),
+              ") and relevance (", grad.scalar_type(), ") must share one floating dtype");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "lxt_ext::lrp_backward: floating input required, got ",
+              x.scalar_type());
+  const RuleParams params = make_params(rule, epsilon, gamma, alpha, beta, explicit_relevance);
+  const Product product{linear, transposed, stride.vec(), padding.vec(), dilation.vec(), output_padding.vec(), groups};
+  if (params.rule == kGradient) return product.transpose(grad, x, weight);
+
+  const auto output_terms = [&](const at::Tensor& wx, const c10::optional<at::Tensor>& ax) {
+    TORCH_CHECK(wx.sizes() == grad.sizes(), "lxt_ext::lrp_backward: relevance of shape ", grad.sizes(),
+                " does not match the layer output of shape ", wx.sizes());
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("lxt_ext::output_terms", "")
+                               .typed<std::vector<at::Tensor>(
+                                   const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
+                                   const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
+                                   double, double, double, double, bool)>();
+    return op.call(wx, ax, grad, bias, bias1, bias2, product.channel_dim(), rule, epsilon, gamma, alpha, beta,
+                   explicit_relevance);
+  };
+  const auto input_terms = [&](const at::Tensor& t, const c10::optional<at::Tensor>& a, bool mixed) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("lxt_ext::input_terms", "")
+                               .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                                 const c10::optional<at::Tensor>&, bool, bool)>();
+    return op.call(x, t, a, explicit_relevance, mixed);
+  };
+
+  if (params.rule == kEpsilon) {
+    at::Tensor t = product.transpose(output_terms(product.forward(x, weight), c10::nullopt)[0], x, weight);
+    return explicit_relevance ? input_terms(t, c10::nullopt, false) : t;
+  }
+
+  if (params.rule == kGamma) {
+    const at::Tensor abs_weight = weight.abs();
+    auto terms = output_terms(product.forward(x, weight), product.forward(x.abs(), abs_weight));
+    at::Tensor t = product.transpose(terms[0], x, weight);
+    terms[0].reset();
+    at::Tensor a = product.transpose(terms[1], x, abs_weight);
+    terms[1].reset();
+    return input_terms(t, a, true);
+  }
+
+  // kAlphaBeta: p and n, P and Q as sums of one sign each (see lrp_math.h). After a ReLU the
+  // input has no negative part, and half of the products vanish.
+  const at::Tensor w_pos = weight.clamp_min(0), w_neg = weight.clamp_max(0);
+  if (x.numel() == 0 || x.min().item<double>() >= 0) {
+    auto terms = output_terms(product.forward(x, w_pos), product.forward(x, w_neg));
+    at::Tensor pos = product.transpose(terms[0], x, w_pos);
+    terms[0].reset();
+    pos.add_(product.transpose(terms[1], x, w_neg));
+    return input_terms(pos, c10::nullopt, false);
+  }
+  const at::Tensor x_pos = x.clamp_min(0), x_neg = x.clamp_max(0);
+  auto terms = output_terms(product.forward(x_pos, w_pos).add_(product.forward(x_neg, w_neg)),
+                            product.forward(x_pos, w_neg).add_(product.forward(x_neg, w_pos)));
+  at::Tensor pos = product.transpose(terms[0], x, w_pos).add_(product.transpose(terms[1], x, w_neg));
+  at::Tensor neg = product.transpose(terms[0], x, w_neg).add_(product.transpose(terms[1], x, w_pos));
+  return input_terms(pos, neg, false);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lxt_ext, CompositeExplicitAutograd, m) {
+  m.impl("lrp_backward", &lrp_backward);
+}
+
+}  // namespace lxt_ext

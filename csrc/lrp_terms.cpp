@@ -1,0 +1,173 @@
+// CPU loops of the element-wise rule terms, plus the shared planning and checks.
+#include "lrp_terms.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+
+namespace lxt_ext {
+
+const char* rule_name(int rule) {
+  switch (rule) {
+    case kGradient: return "gradient";
+    case kEpsilon: return "epsilon";
+    case kGamma: return "gamma";
+    case kAlphaBeta: return "alpha-beta";
+    default: return "unknown";
+  }
+}
+
+RuleParams make_params(int64_t rule, double epsilon, double gamma, double alpha, double beta,
+                       bool explicit_relevance) {
+  TORCH_CHECK(rule >= kGradient && rule <= kAlphaBeta, "lxt_ext: unknown rule code ", rule);
+  return RuleParams{static_cast<int>(rule), epsilon, gamma, alpha, beta, explicit_relevance};
+}
+
+void fail_non_finite(const RuleParams& params) {
+  TORCH_CHECK(false, "lxt_ext: the ", rule_name(params.rule),
+              " rule produced NaN or Inf relevance; the layer input or the incoming relevance "
+              "holds NaN/Inf, or the stabilizer epsilon (", params.epsilon, ") is too small");
+}
+
+static void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "lxt_ext: ", name,
+              " must be a floating tensor (float32, float64, float16 or bfloat16), got ",
+              t.scalar_type());
+}
+
+OutputTermsPlan plan_output_terms(const at::Tensor& wx, const c10::optional<at::Tensor>& ax,
+                                  const at::Tensor& grad, const at::Tensor& bias,
+                                  const at::Tensor& bias1, const at::Tensor& bias2,
+                                  int64_t channel_dim, const RuleParams& params) {
+  TORCH_CHECK(params.rule != kGradient, "lxt_ext::output_terms: the gradient rule has no terms");
+  check_float(wx, "the layer output");
+  TORCH_CHECK(grad.sizes() == wx.sizes(), "lxt_ext::output_terms: relevance of shape ",
+              grad.sizes(), " does not match the layer output of shape ", wx.sizes());
+  TORCH_CHECK(grad.scalar_type() == wx.scalar_type() && grad.device() == wx.device(),
+              "lxt_ext::output_terms: relevance (", grad.scalar_type(), ", ", grad.device(),
+              ") and layer output (", wx.scalar_type(), ", ", wx.device(), ") differ");
+  const bool two_terms = params.rule != kEpsilon;
+  TORCH_CHECK(!two_terms || (ax.has_value() && ax->sizes() == wx.sizes()),
+              "lxt_ext::output_terms: the ", rule_name(params.rule),
+              " rule needs |W||x| of the output's shape");
+  TORCH_CHECK(wx.dim() >= 1, "lxt_ext::output_terms: scalar layer output");
+  const int64_t cd = at::maybe_wrap_dim(channel_dim, wx.dim());
+  OutputTermsPlan plan;
+  plan.params = params;
+  plan.channels = wx.size(cd);
+  plan.inner = 1;
+  for (int64_t i = cd + 1; i < wx.dim(); ++i) plan.inner *= wx.size(i);
+  plan.numel = wx.numel();
+  const auto acc = wx.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const at::Tensor* b : {&bias, &bias1, &bias2}) {
+    TORCH_CHECK(b->dim() == 1 && b->size(0) == plan.channels, "lxt_ext::output_terms: biases must have ",
+                plan.channels, " entries, got shape ", b->sizes());
+  }
+  const auto opts = wx.options().dtype(acc);
+  plan.bias = bias.to(opts).contiguous();
+  plan.bias1 = bias1.to(opts).contiguous();
+  plan.bias2 = bias2.to(opts).contiguous();
+  plan.wx = wx.contiguous();
+  plan.grad = grad.contiguous();
+  if (two_terms) plan.ax = ax->to(wx.scalar_type()).contiguous();
+  plan.s = at::empty_like(plan.wx);
+  if (two_terms) plan.d = at::empty_like(plan.wx);
+  return plan;
+}
+
+InputTermsPlan plan_input_terms(const at::Tensor& x, const at::Tensor& t,
+                                const c10::optional<at::Tensor>& a) {
+  check_float(x, "the layer input");
+  TORCH_CHECK(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type() && t.device() == x.device(),
+              "lxt_ext::input_terms: W^T S (", t.sizes(), ", ", t.scalar_type(),
+              ") must match the layer input (", x.sizes(), ", ", x.scalar_type(), ")");
+  InputTermsPlan plan;
+  plan.x = x.contiguous();
+  plan.t = t.contiguous();
+  if (a.has_value()) {
+    TORCH_CHECK(a->sizes() == x.sizes(), "lxt_ext::input_terms: |W|^T D must match the layer input");
+    plan.a = a->to(x.scalar_type()).contiguous();
+  }
+  plan.out = at::empty_like(plan.x);
+  return plan;
+}
+
+namespace {
+
+constexpr int64_t kGrain = 16384;
+
+template <typename scalar_t>
+void output_terms_loop(OutputTermsPlan& plan) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* wx = plan.wx.data_ptr<scalar_t>();
+  const scalar_t* ax = plan.ax.defined() ? plan.ax.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* g = plan.grad.data_ptr<scalar_t>();
+  const acc_t* b = plan.bias.data_ptr<acc_t>();
+  const acc_t* b1 = plan.bias1.data_ptr<acc_t>();
+  const acc_t* b2 = plan.bias2.data_ptr<acc_t>();
+  scalar_t* s = plan.s.data_ptr<scalar_t>();
+  scalar_t* d = plan.d.defined() ? plan.d.data_ptr<scalar_t>() : nullptr;
+  const int64_t channels = plan.channels, inner = plan.inner;
+  const RuleParams p = plan.params;
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, plan.numel, kGrain, [&](int64_t begin, int64_t end) {
+    bool local_bad = false;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t c = (i / inner) % channels;
+      acc_t si, di;
+      output_terms<acc_t>(p, wx[i], ax ? acc_t(ax[i]) : acc_t(0), g[i], b[c], b1[c], b2[c], &si, &di);
+      s[i] = si;
+      if (d) d[i] = di;
+      local_bad |= !is_finite(si) || !is_finite(di);
+    }
+    if (local_bad) bad = true;
+  });
+  if (bad) fail_non_finite(p);
+}
+
+template <typename scalar_t>
+void input_terms_loop(InputTermsPlan& plan, bool explicit_relevance, bool mixed) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x = plan.x.data_ptr<scalar_t>();
+  const scalar_t* t = plan.t.data_ptr<scalar_t>();
+  const scalar_t* a = plan.a.defined() ? plan.a.data_ptr<scalar_t>() : nullptr;
+  scalar_t* out = plan.out.data_ptr<scalar_t>();
+  at::parallel_for(0, plan.x.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      out[i] = input_terms<acc_t>(explicit_relevance, a != nullptr, mixed, x[i], t[i], a ? acc_t(a[i]) : acc_t(0));
+    }
+  });
+}
+
+std::vector<at::Tensor> output_terms_cpu(const at::Tensor& wx, const c10::optional<at::Tensor>& ax,
+                                         const at::Tensor& grad, const at::Tensor& bias,
+                                         const at::Tensor& bias1, const at::Tensor& bias2,
+                                         int64_t channel_dim, int64_t rule, double epsilon,
+                                         double gamma, double alpha, double beta,
+                                         bool explicit_relevance) {
+  auto plan = plan_output_terms(wx, ax, grad, bias, bias1, bias2, channel_dim,
+                                make_params(rule, epsilon, gamma, alpha, beta, explicit_relevance));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.wx.scalar_type(), "lxt_ext::output_terms",
+                                  [&] { output_terms_loop<scalar_t>(plan); });
+  if (plan.d.defined()) return {plan.s, plan.d};
+  return {plan.s};
+}
+
+at::Tensor input_terms_cpu(const at::Tensor& x, const at::Tensor& t, const c10::optional<at::Tensor>& a,
+                           bool explicit_relevance, bool mixed) {
+  auto plan = plan_input_terms(x, t, a);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.x.scalar_type(), "lxt_ext::input_terms",
+                                  [&] { input_terms_loop<scalar_t>(plan, explicit_relevance, mixed); });
+  return plan.out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lxt_ext, CPU, m) {
+  m.impl("output_terms", &output_terms_cpu);
+  m.impl("input_terms", &input_terms_cpu);
+}
+
+}  // namespace lxt_ext

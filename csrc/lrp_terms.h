@@ -1,0 +1,43 @@
+// The element-wise halves of every fused rule (see lrp_math.h for the math): one pass over the
+// output before the transposed product, one pass over the input after it. The argument checks
+// and the output allocation live here so the CPU and CUDA files only hold their loops.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "lrp_math.h"
+
+namespace lxt_ext {
+
+// An output-sized tensor seen as [outer, channels, inner], contiguous.
+struct OutputTermsPlan {
+  at::Tensor wx, ax, grad, bias, bias1, bias2;  // contiguous; biases in the accumulation type
+  at::Tensor s, d;                              // results; d undefined for one-term rules
+  int64_t numel, channels, inner;
+  RuleParams params;
+};
+
+OutputTermsPlan plan_output_terms(const at::Tensor& wx, const c10::optional<at::Tensor>& ax,
+                                  const at::Tensor& grad, const at::Tensor& bias,
+                                  const at::Tensor& bias1, const at::Tensor& bias2,
+                                  int64_t channel_dim, const RuleParams& params);
+
+struct InputTermsPlan {
+  at::Tensor x, t, a;  // contiguous; a undefined for one-term rules
+  at::Tensor out;
+};
+
+InputTermsPlan plan_input_terms(const at::Tensor& x, const at::Tensor& t,
+                                const c10::optional<at::Tensor>& a);
+
+// Raised by both backends when a rule produced NaN or Inf.
+[[noreturn]] void fail_non_finite(const RuleParams& params);
+
+RuleParams make_params(int64_t rule, double epsilon, double gamma, double alpha, double beta,
+                       bool explicit_relevance);
+
+const char* rule_name(int rule);
+
+}  // namespace lxt_ext

@@ -1,0 +1,28 @@
+// The one op registry of lxt_ext. Backends register their kernels with TORCH_LIBRARY_IMPL in the
+// file of each kernel family; Python reaches every op as torch.ops.lxt_ext.<name>.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(lxt_ext, m) {
+  // Element-wise output side of a rule: [S] (epsilon) or [S, D] (gamma, alpha-beta); see lrp_math.h.
+  m.def("output_terms(Tensor wx, Tensor? ax, Tensor grad, Tensor bias, Tensor bias1, Tensor bias2, "
+        "int channel_dim, int rule, float epsilon, float gamma, float alpha, float beta, "
+        "bool explicit_relevance) -> Tensor[]");
+  // Element-wise input side: relevance (explicit) or gradient (Gradient x Input) from the
+  // transposed products (mixed: t = W^T S, a = |W|^T D; else the positive/negative weights P, Q).
+  m.def("input_terms(Tensor x, Tensor t, Tensor? a, bool explicit_relevance, bool mixed) -> Tensor");
+  // Whole rule backward of a Linear (linear=True) or convolution layer.
+  m.def("lrp_backward(Tensor x, Tensor weight, Tensor grad, Tensor bias, Tensor bias1, Tensor bias2, int rule, "
+        "float epsilon, float gamma, float alpha, float beta, bool explicit_relevance, bool linear, "
+        "bool transposed, int[] stride, int[] padding, int[] dilation, int[] output_padding, int groups) -> Tensor");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("cuda_built", [] {
+#ifdef LXT_EXT_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether this build carries lxt_ext's CUDA kernels.");
+}

@@ -1,0 +1,79 @@
+"""zennit's LRP composites with lxt_ext's fused rules on every Linear and convolution layer.
+
+Same names, signatures and layer maps as ``zennit.composites``; zennit's own rules stay where
+lxt_ext has no fused one (ZBox and Flat on the first layer, Pass on activations, Norm on sum and
+average pooling). Each is also registered in zennit's composite registry as ``lxt_ext_<name>``.
+"""
+import torch
+from zennit.composites import LayerMapComposite, SpecialFirstLayerMapComposite, layer_map_base, register_composite
+from zennit.rules import Flat, ZBox
+from zennit.types import Convolution, Linear
+
+from .rules import AlphaBeta, Epsilon, Gamma, ZPlus
+
+__all__ = ['EpsilonGammaBox', 'EpsilonPlus', 'EpsilonAlpha2Beta1', 'EpsilonPlusFlat', 'EpsilonAlpha2Beta1Flat']
+
+
+def _layer_map(layer_map, stabilizer, conv_rule, epsilon, zero_params):
+    return list(layer_map or []) + layer_map_base(stabilizer) + [
+        (Convolution, conv_rule),
+        (torch.nn.Linear, Epsilon(epsilon=epsilon, zero_params=zero_params)),
+    ]
+
+
+@register_composite('lxt_ext_epsilon_gamma_box')
+class EpsilonGammaBox(SpecialFirstLayerMapComposite):
+    """ZBox on the first convolution, fused gamma on the other convolutions, fused epsilon on Linear."""
+
+    def __init__(self, low, high, epsilon=1e-6, gamma=0.25, stabilizer=1e-6, layer_map=None, first_map=None,
+                 zero_params=None, canonizers=None):
+        conv_rule = Gamma(gamma=gamma, stabilizer=stabilizer, zero_params=zero_params)
+        first_map = list(first_map or []) + [
+            (Convolution, ZBox(low=low, high=high, stabilizer=stabilizer, zero_params=zero_params))
+        ]
+        super().__init__(layer_map=_layer_map(layer_map, stabilizer, conv_rule, epsilon, zero_params),
+                         first_map=first_map, canonizers=canonizers)
+
+
+@register_composite('lxt_ext_epsilon_plus')
+class EpsilonPlus(LayerMapComposite):
+    """Fused z-plus on convolutions, fused epsilon on Linear."""
+
+    def __init__(self, epsilon=1e-6, stabilizer=1e-6, layer_map=None, zero_params=None, canonizers=None):
+        conv_rule = ZPlus(stabilizer=stabilizer, zero_params=zero_params)
+        super().__init__(layer_map=_layer_map(layer_map, stabilizer, conv_rule, epsilon, zero_params),
+                         canonizers=canonizers)
+
+
+@register_composite('lxt_ext_epsilon_alpha2_beta1')
+class EpsilonAlpha2Beta1(LayerMapComposite):
+    """Fused alpha2-beta1 on convolutions, fused epsilon on Linear."""
+
+    def __init__(self, epsilon=1e-6, stabilizer=1e-6, layer_map=None, zero_params=None, canonizers=None):
+        conv_rule = AlphaBeta(alpha=2, beta=1, stabilizer=stabilizer, zero_params=zero_params)
+        super().__init__(layer_map=_layer_map(layer_map, stabilizer, conv_rule, epsilon, zero_params),
+                         canonizers=canonizers)
+
+
+@register_composite('lxt_ext_epsilon_plus_flat')
+class EpsilonPlusFlat(SpecialFirstLayerMapComposite):
+    """Flat on the first linear layer, fused z-plus on convolutions, fused epsilon on Linear."""
+
+    def __init__(self, epsilon=1e-6, stabilizer=1e-6, layer_map=None, first_map=None, zero_params=None,
+                 canonizers=None):
+        conv_rule = ZPlus(stabilizer=stabilizer, zero_params=zero_params)
+        first_map = list(first_map or []) + [(Linear, Flat(stabilizer=stabilizer, zero_params=zero_params))]
+        super().__init__(layer_map=_layer_map(layer_map, stabilizer, conv_rule, epsilon, zero_params),
+                         first_map=first_map, canonizers=canonizers)
+
+
+@register_composite('lxt_ext_epsilon_alpha2_beta1_flat')
+class EpsilonAlpha2Beta1Flat(SpecialFirstLayerMapComposite):
+    """Flat on the first linear layer, fused alpha2-beta1 on convolutions, fused epsilon on Linear."""
+
+    def __init__(self, epsilon=1e-6, stabilizer=1e-6, layer_map=None, first_map=None, zero_params=None,
+                 canonizers=None):
+        conv_rule = AlphaBeta(alpha=2, beta=1, stabilizer=stabilizer, zero_params=zero_params)
+        first_map = list(first_map or []) + [(Linear, Flat(stabilizer=stabilizer, zero_params=zero_params))]
+        super().__init__(layer_map=_layer_map(layer_map, stabilizer, conv_rule, epsilon, zero_params),
+                         first_map=first_map, canonizers=canonizers)

@@ -1,0 +1,205 @@
+"""zennit rules whose backward is one fused lxt_ext op.
+
+``Epsilon``, ``Gamma``, ``ZPlus`` and ``AlphaBeta`` take zennit's arguments and give zennit's
+relevance; they differ in how: registering swaps the module's ``forward`` for an autograd Function
+that keeps only the layer input and, in backward, calls ``torch.ops.lxt_ext.lrp_backward`` (the
+layer products through ATen, the rule's element-wise work in lxt_ext's kernels). zennit's
+``BasicHook`` instead re-runs the layer once per modifier and back-propagates through every copy.
+
+Each rule is data for that one mechanism: a rule code, its parameters and how the bias enters the
+rule's two denominators (see ``csrc/lrp_math.h`` for the math). ``convention`` says what the
+gradient slot carries: ``'explicit'`` (zennit's: relevance, ``R_in = x * W^T S``) or
+``'gradient_x_input'`` (relevance per unit of the tensor, used inside lxt_ext's transformer
+composites: ``R = y * g_out`` in and ``g_in`` out, with ``x * g_in`` the input relevance).
+"""
+import torch
+from torch.autograd.function import once_differentiable
+from zennit.core import Hook, RemovableHandle, RemovableHandleList, Stabilizer
+
+from . import _ops
+from .layers import LayerSpec, check_input
+
+CONVENTIONS = ('explicit', 'gradient_x_input')
+_GRADIENT, _EPSILON, _GAMMA, _ALPHA_BETA = 0, 1, 2, 3
+
+
+def _epsilon_of(value, argument):
+    """The epsilon of a zennit stabilizer argument (a number or a plain ``zennit.core.Stabilizer``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, Stabilizer)):
+        if callable(value):
+            raise NotImplementedError(
+                f'lxt_ext rules take {argument} as a number (or a zennit Stabilizer without clip/norm_scale); '
+                f'a custom callable stabilizer is only supported by zennit\'s own rules'
+            )
+        raise TypeError(f'Value {value} is not a valid stabilizer!')
+    if isinstance(value, Stabilizer):
+        if value.clip or value.norm_scale:
+            raise NotImplementedError(
+                f'lxt_ext rules support zennit Stabilizers without clip and norm_scale only, got {vars(value)}'
+            )
+        value = value.epsilon
+    return float(value)
+
+
+def _zeroes_bias(zero_params):
+    """zennit's ``zero_params`` for a product layer: only the bias can be zeroed meaningfully."""
+    if zero_params is None:
+        return False
+    names = [zero_params] if isinstance(zero_params, str) else list(zero_params)
+    unknown = sorted(set(names) - {'bias'})
+    if unknown:
+        raise NotImplementedError(
+            f'lxt_ext rules can zero the bias only, not {unknown}; use zennit\'s rule for that layer'
+        )
+    return 'bias' in names
+
+
+class FusedRule(Hook):
+    """A zennit Hook whose backward is ``torch.ops.lxt_ext.lrp_backward`` with fixed rule data."""
+    code = None
+
+    def __init__(self, epsilon=1e-6, gamma=0., alpha=0., beta=0., zero_params=None, convention='explicit'):
+        super().__init__()
+        if convention not in CONVENTIONS:
+            raise ValueError(f'convention must be one of {CONVENTIONS}, got {convention!r}')
+        self.epsilon = epsilon
+        self.gamma = float(gamma)
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.zero_params = zero_params
+        self.convention = convention
+        self._epsilon = _epsilon_of(epsilon, 'the stabilizer')
+        self._zero_bias = _zeroes_bias(zero_params)
+        self._module = None
+        self._previous_forward = None
+
+    def rule_biases(self, bias):
+        """``(b1, b2)``: the bias as it enters the rule's first and second denominator."""
+        raise NotImplementedError
+
+    def copy(self):
+        copy = type(self).__new__(type(self))
+        copy.__dict__.update(self.__dict__)
+        Hook.__init__(copy)
+        copy._module = None
+        copy._previous_forward = None
+        return copy
+
+    def register(self, module):
+        spec = LayerSpec.of(module)
+        if self._module is not None:
+            raise RuntimeError(f'this {type(self).__name__} is already registered to {self._module}; use .copy()')
+        self._module = module
+        self._previous_forward = module.__dict__.get('forward')
+        original = module.forward
+        hook = self
+
+        def forward(input, *args, **kwargs):
+            # zennit registers no backward hook where no gradient is asked for; neither do we.
+            if not (torch.is_grad_enabled() and isinstance(input, torch.Tensor) and input.requires_grad):
+                return original(input, *args, **kwargs)
+            check_input(module, input)
+            return _FusedLayer.apply(input, module.weight, module.bias, hook, spec, original, args, kwargs)
+
+        forward.__wrapped__ = original
+        module.forward = forward
+        return RemovableHandleList([RemovableHandle(self)])
+
+    def remove(self):
+        super().remove()
+        module, self._module = self._module, None
+        if module is None:
+            return
+        if self._previous_forward is not None:
+            module.forward = self._previous_forward
+        else:
+            module.__dict__.pop('forward', None)
+        self._previous_forward = None
+
+    def backward_op(self, x, weight, bias, grad, spec, output_padding):
+        code = self.code if self.active else _GRADIENT
+        channels = grad.shape[-1] if spec.linear else grad.shape[1]
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if bias is None:
+            bias = torch.zeros(channels, dtype=acc, device=x.device)
+        else:
+            bias = bias.detach().to(acc)
+        b1, b2 = (torch.zeros_like(bias),) * 2 if self._zero_bias else self.rule_biases(bias)
+        return _ops.ops.lrp_backward(
+            x, weight.detach(), grad, bias, b1, b2, code, self._epsilon, self.gamma, self.alpha, self.beta,
+            self.convention == 'explicit', spec.linear, spec.transposed, list(spec.stride), list(spec.padding),
+            list(spec.dilation), output_padding, spec.groups,
+        )
+
+
+class _FusedLayer(torch.autograd.Function):
+    """The layer's own forward; the rule's backward. Saves the input, weight and bias only."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, hook, spec, original, args, kwargs):
+        output = original(input, *args, **kwargs)
+        ctx.save_for_backward(input, weight, bias)
+        ctx.hook, ctx.spec = hook, spec
+        ctx.output_padding = spec.output_padding(weight, input.shape, output.shape)
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight, bias = ctx.saved_tensors
+        spec = ctx.spec
+        unbatched = not spec.linear and x.dim() == weight.dim() - 1
+        if unbatched:
+            x, grad = x[None], grad[None]
+        grad_input = ctx.hook.backward_op(x, weight, bias, grad.to(x.dtype), spec, ctx.output_padding)
+        if unbatched:
+            grad_input = grad_input[0]
+        return grad_input, None, None, None, None, None, None, None
+
+
+class Epsilon(FusedRule):
+    """LRP-epsilon: ``R_in = x * W^T (R / stab(W x + b))``, as ``zennit.rules.Epsilon``."""
+    code = _EPSILON
+
+    def __init__(self, epsilon=1e-6, zero_params=None, *, convention='explicit'):
+        super().__init__(epsilon=epsilon, zero_params=zero_params, convention=convention)
+
+    def rule_biases(self, bias):
+        return bias, torch.zeros_like(bias)
+
+
+class Gamma(FusedRule):
+    """Generalized LRP-gamma, as ``zennit.rules.Gamma``: weights ``W + gamma W+`` for positive and
+    ``W + gamma W-`` for negative contributions, biases ``b + gamma b+`` and ``b + gamma b-``."""
+    code = _GAMMA
+
+    def __init__(self, gamma=0.25, stabilizer=1e-6, zero_params=None, *, convention='explicit'):
+        super().__init__(epsilon=stabilizer, gamma=gamma, zero_params=zero_params, convention=convention)
+        self.stabilizer = stabilizer
+
+    def rule_biases(self, bias):
+        return bias + self.gamma * bias.clamp(min=0), bias + self.gamma * bias.clamp(max=0)
+
+
+class AlphaBeta(FusedRule):
+    """LRP-alpha-beta, as ``zennit.rules.AlphaBeta``: ``alpha`` times the positive minus ``beta``
+    times the negative contributions, each normalized by its own sum (biases ``b+`` and ``b-``)."""
+    code = _ALPHA_BETA
+
+    def __init__(self, alpha=2., beta=1., stabilizer=1e-6, zero_params=None, *, convention='explicit'):
+        if alpha < 0 or beta < 0:
+            raise ValueError("Both alpha and beta parameters must be positive!")
+        if (alpha - beta) != 1.:
+            raise ValueError("The difference of parameters alpha - beta must equal 1!")
+        super().__init__(epsilon=stabilizer, alpha=alpha, beta=beta, zero_params=zero_params, convention=convention)
+        self.stabilizer = stabilizer
+
+    def rule_biases(self, bias):
+        return bias.clamp(min=0), bias.clamp(max=0)
+
+
+class ZPlus(AlphaBeta):
+    """LRP-z+, as ``zennit.rules.ZPlus``: alpha-beta with ``alpha=1, beta=0``."""
+
+    def __init__(self, stabilizer=1e-6, zero_params=None, *, convention='explicit'):
+        super().__init__(alpha=1., beta=0., stabilizer=stabilizer, zero_params=zero_params, convention=convention)
