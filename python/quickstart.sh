@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# From nothing to a heatmap: make .venv, install the pinned dependencies, build lxt_ext's
+# C++ (and, where nvcc and a CUDA torch exist, CUDA) kernels, then attribute the embedded sample
+# image with a random-weight VGG-16 and lxt_ext's EpsilonGammaBox. Offline apart from the
+# package registry; extra arguments go to `python -m lxt_ext` (see --help).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -r requirements.txt
+MAX_JOBS=${MAX_JOBS:-2} .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+.venv/bin/python -m lxt_ext --out heatmap.png "$@"
