@@ -2,7 +2,8 @@
 // (cuBLAS/cuDNN/oneDNN) and the element-wise rule terms through lxt_ext's own kernels.
 //
 // Per layer the rule costs, in layer-sized products, forward pass excluded: epsilon 2 (W x, W^T S);
-// gamma 4 (W x, |W||x|, W^T S, |W|^T D); alpha-beta 4 on non-negative inputs, 8 otherwise.
+// gamma 4 (W x, |W||x|, W^T S, |W|^T D); alpha-beta 4 on non-negative inputs, 8 otherwise. On
+// non-negative inputs both two-term rules run as 2 stacked products of twice the width.
 // zennit's BasicHook re-runs the layer once per modifier and back-propagates through each copy
 // (10 for gamma, 8 for alpha-beta). Nothing but the
 // layer input is kept from the forward pass, so an in-place activation after the layer is safe.
@@ -32,7 +33,22 @@ struct Product {
                                                 output_padding, groups, {true, false, false}));
   }
 
+  // One weight of twice the outputs: w1's and w2's outputs side by side within each group, so one
+  // product gives both (the stacked layout of RowLayout) and one transposed product gives
+  // w1^T s + w2^T d from stacked [s, d].
+  at::Tensor stack(const at::Tensor& w1, const at::Tensor& w2) const {
+    if (linear) return at::cat({w1, w2}, 0);
+    auto sizes = w1.sizes().vec();
+    std::vector<int64_t> grouped{groups, sizes[0] / groups};
+    grouped.insert(grouped.end(), sizes.begin() + 1, sizes.end());
+    // Output channels are dim 0 of a convolution's weight, dim 1 of a transposed one's.
+    const int64_t out_dim = transposed ? 1 : 0;
+    sizes[out_dim] *= 2;
+    return at::stack({w1.reshape(grouped), w2.reshape(grouped)}, out_dim + 1).reshape(sizes);
+  }
+
   int64_t channel_dim() const { return linear ? -1 : 1; }
+  int64_t output_groups() const { return linear ? 1 : groups; }
 };
 
 at::Tensor lrp_backward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& grad,
@@ -58,16 +74,14 @@ at::Tensor lrp_backward(const at::Tensor& x, const at::Tensor& weight, const at:
   if (params.rule == kGradient) return product.transpose(grad, x, weight);
 
   const auto output_terms = [&](const at::Tensor& wx, const c10::optional<at::Tensor>& ax) {
-    TORCH_CHECK(wx.sizes() == grad.sizes(), "lxt_ext::lrp_backward: relevance of shape ", grad.sizes(),
-                " does not match the layer output of shape ", wx.sizes());
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("lxt_ext::output_terms", "")
                                .typed<std::vector<at::Tensor>(
                                    const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
                                    const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
-                                   double, double, double, double, bool)>();
-    return op.call(wx, ax, grad, bias, bias1, bias2, product.channel_dim(), rule, epsilon, gamma, alpha, beta,
-                   explicit_relevance);
+                                   int64_t, double, double, double, double, bool)>();
+    return op.call(wx, ax, grad, bias, bias1, bias2, product.channel_dim(), product.output_groups(), rule, epsilon,
+                   gamma, alpha, beta, explicit_relevance);
   };
   const auto input_terms = [&](const at::Tensor& t, const c10::optional<at::Tensor>& a, bool mixed) {
     static const auto op = c10::Dispatcher::singleton()
@@ -82,31 +96,34 @@ at::Tensor lrp_backward(const at::Tensor& x, const at::Tensor& weight, const at:
     return explicit_relevance ? input_terms(t, c10::nullopt, false) : t;
   }
 
-  if (params.rule == kGamma) {
-    const at::Tensor abs_weight = weight.abs();
-    auto terms = output_terms(product.forward(x, weight), product.forward(x.abs(), abs_weight));
-    at::Tensor t = product.transpose(terms[0], x, weight);
+  // Two-term rules need a pair of products per side. After a ReLU the input has no negative
+  // part: then both products share the input and run as one stacked product, and only the
+  // weights of positive inputs (P) are needed, again one stacked transposed product.
+  const bool nonnegative = x.numel() == 0 || x.min().item<double>() >= 0;
+  const bool gamma_rule = params.rule == kGamma;
+  const at::Tensor w1 = gamma_rule ? weight : weight.clamp_min(0);
+  const at::Tensor w2 = gamma_rule ? weight.abs() : weight.clamp_max(0);
+  if (nonnegative) {
+    const at::Tensor stacked = product.stack(w1, w2);
+    at::Tensor pos = product.transpose(output_terms(product.forward(x, stacked), c10::nullopt)[0], x, stacked);
+    return input_terms(pos, pos, false);
+  }
+
+  if (gamma_rule) {  // w1 = W, w2 = |W|: t = W^T S, a = |W|^T D, P = t + a, Q = t - a
+    auto terms = output_terms(product.forward(x, w1), product.forward(x.abs(), w2));
+    at::Tensor t = product.transpose(terms[0], x, w1);
     terms[0].reset();
-    at::Tensor a = product.transpose(terms[1], x, abs_weight);
+    at::Tensor a = product.transpose(terms[1], x, w2);
     terms[1].reset();
     return input_terms(t, a, true);
   }
 
-  // kAlphaBeta: p and n, P and Q as sums of one sign each (see lrp_math.h). After a ReLU the
-  // input has no negative part, and half of the products vanish.
-  const at::Tensor w_pos = weight.clamp_min(0), w_neg = weight.clamp_max(0);
-  if (x.numel() == 0 || x.min().item<double>() >= 0) {
-    auto terms = output_terms(product.forward(x, w_pos), product.forward(x, w_neg));
-    at::Tensor pos = product.transpose(terms[0], x, w_pos);
-    terms[0].reset();
-    pos.add_(product.transpose(terms[1], x, w_neg));
-    return input_terms(pos, c10::nullopt, false);
-  }
+  // alpha-beta, w1 = W+, w2 = W-: p, n, P and Q as sums of one sign each (see lrp_math.h).
   const at::Tensor x_pos = x.clamp_min(0), x_neg = x.clamp_max(0);
-  auto terms = output_terms(product.forward(x_pos, w_pos).add_(product.forward(x_neg, w_neg)),
-                            product.forward(x_pos, w_neg).add_(product.forward(x_neg, w_pos)));
-  at::Tensor pos = product.transpose(terms[0], x, w_pos).add_(product.transpose(terms[1], x, w_neg));
-  at::Tensor neg = product.transpose(terms[0], x, w_neg).add_(product.transpose(terms[1], x, w_pos));
+  auto terms = output_terms(product.forward(x_pos, w1).add_(product.forward(x_neg, w2)),
+                            product.forward(x_pos, w2).add_(product.forward(x_neg, w1)));
+  at::Tensor pos = product.transpose(terms[0], x, w1).add_(product.transpose(terms[1], x, w2));
+  at::Tensor neg = product.transpose(terms[0], x, w2).add_(product.transpose(terms[1], x, w1));
   return input_terms(pos, neg, false);
 }
 

@@ -45,6 +45,27 @@ struct RuleParams {
   bool explicit_relevance;
 };
 
+// Where the output-side terms of one row (one outer index and channel: `inner` elements) live.
+// Plain: wx, ax, s, d are separate tensors of the output's shape. Stacked: one product with the
+// two weights stacked per group wrote wx and ax interleaved as [outer, group, {wx, ax}, channel
+// in group, inner]; s and d are written in the same layout, ready for one stacked transposed
+// product (W1^T s + W2^T d in a single call).
+struct RowLayout {
+  int64_t channels;
+  int64_t inner;
+  int64_t groups;
+  bool stacked;
+
+  LXT_HD int64_t offset(int64_t row) const {
+    if (!stacked) return row * inner;
+    const int64_t per_group = channels / groups;
+    const int64_t outer = row / channels, c = row % channels;
+    return ((outer * groups + c / per_group) * 2 * per_group + c % per_group) * inner;
+  }
+  // Distance from a row's first term to its second (stacked layout only).
+  LXT_HD int64_t pair_offset() const { return (channels / groups) * inner; }
+};
+
 template <typename T>
 LXT_HD T stabilize(T z, T eps) {
   const T sign = z > T(0) ? T(1) : (z < T(0) ? T(-1) : T(1));

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 
 namespace lxt_ext {
@@ -40,30 +41,35 @@ static void check_float(const at::Tensor& t, const char* name) {
 OutputTermsPlan plan_output_terms(const at::Tensor& wx, const c10::optional<at::Tensor>& ax,
                                   const at::Tensor& grad, const at::Tensor& bias,
                                   const at::Tensor& bias1, const at::Tensor& bias2,
-                                  int64_t channel_dim, const RuleParams& params) {
+                                  int64_t channel_dim, int64_t groups, const RuleParams& params) {
   TORCH_CHECK(params.rule != kGradient, "lxt_ext::output_terms: the gradient rule has no terms");
   check_float(wx, "the layer output");
-  TORCH_CHECK(grad.sizes() == wx.sizes(), "lxt_ext::output_terms: relevance of shape ",
-              grad.sizes(), " does not match the layer output of shape ", wx.sizes());
   TORCH_CHECK(grad.scalar_type() == wx.scalar_type() && grad.device() == wx.device(),
               "lxt_ext::output_terms: relevance (", grad.scalar_type(), ", ", grad.device(),
               ") and layer output (", wx.scalar_type(), ", ", wx.device(), ") differ");
-  const bool two_terms = params.rule != kEpsilon;
-  TORCH_CHECK(!two_terms || (ax.has_value() && ax->sizes() == wx.sizes()),
-              "lxt_ext::output_terms: the ", rule_name(params.rule),
-              " rule needs |W||x| of the output's shape");
-  TORCH_CHECK(wx.dim() >= 1, "lxt_ext::output_terms: scalar layer output");
-  const int64_t cd = at::maybe_wrap_dim(channel_dim, wx.dim());
+  TORCH_CHECK(grad.dim() >= 1 && grad.dim() == wx.dim(), "lxt_ext::output_terms: relevance of shape ",
+              grad.sizes(), " does not match the layer output of shape ", wx.sizes());
+  const int64_t cd = at::maybe_wrap_dim(channel_dim, grad.dim());
   OutputTermsPlan plan;
   plan.params = params;
-  plan.channels = wx.size(cd);
-  plan.inner = 1;
-  for (int64_t i = cd + 1; i < wx.dim(); ++i) plan.inner *= wx.size(i);
-  plan.numel = wx.numel();
+  const bool stacked = plan.two_terms() && !ax.has_value();
+  auto expected = grad.sizes().vec();
+  if (stacked) expected[cd] *= 2;
+  TORCH_CHECK(wx.sizes() == at::IntArrayRef(expected), "lxt_ext::output_terms: relevance of shape ", grad.sizes(),
+              " does not match the layer output of shape ", wx.sizes(), stacked ? " (stacked pair)" : "");
+  TORCH_CHECK(!ax.has_value() || ax->sizes() == wx.sizes(), "lxt_ext::output_terms: the second product (shape ",
+              ax.has_value() ? ax->sizes() : at::IntArrayRef{}, ") must match the layer output ", wx.sizes());
+  const int64_t channels = grad.size(cd);
+  TORCH_CHECK(groups >= 1 && channels % groups == 0, "lxt_ext::output_terms: ", channels,
+              " channels do not split into ", groups, " groups");
+  int64_t inner = 1;
+  for (int64_t i = cd + 1; i < grad.dim(); ++i) inner *= grad.size(i);
+  plan.layout = RowLayout{channels, inner, groups, stacked};
+  plan.rows = inner > 0 ? grad.numel() / inner : 0;
   const auto acc = wx.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   for (const at::Tensor* b : {&bias, &bias1, &bias2}) {
-    TORCH_CHECK(b->dim() == 1 && b->size(0) == plan.channels, "lxt_ext::output_terms: biases must have ",
-                plan.channels, " entries, got shape ", b->sizes());
+    TORCH_CHECK(b->dim() == 1 && b->size(0) == channels, "lxt_ext::output_terms: biases must have ",
+                channels, " entries, got shape ", b->sizes());
   }
   const auto opts = wx.options().dtype(acc);
   plan.bias = bias.to(opts).contiguous();
@@ -71,9 +77,9 @@ OutputTermsPlan plan_output_terms(const at::Tensor& wx, const c10::optional<at::
   plan.bias2 = bias2.to(opts).contiguous();
   plan.wx = wx.contiguous();
   plan.grad = grad.contiguous();
-  if (two_terms) plan.ax = ax->to(wx.scalar_type()).contiguous();
+  if (ax.has_value()) plan.ax = ax->to(wx.scalar_type()).contiguous();
   plan.s = at::empty_like(plan.wx);
-  if (two_terms) plan.d = at::empty_like(plan.wx);
+  if (plan.ax.defined()) plan.d = at::empty_like(plan.wx);
   return plan;
 }
 
@@ -101,26 +107,33 @@ constexpr int64_t kGrain = 16384;
 template <typename scalar_t>
 void output_terms_loop(OutputTermsPlan& plan) {
   using acc_t = at::opmath_type<scalar_t>;
+  const RowLayout layout = plan.layout;
+  const bool two = plan.two_terms();
   const scalar_t* wx = plan.wx.data_ptr<scalar_t>();
-  const scalar_t* ax = plan.ax.defined() ? plan.ax.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* ax = !two ? nullptr : layout.stacked ? wx + layout.pair_offset() : plan.ax.data_ptr<scalar_t>();
   const scalar_t* g = plan.grad.data_ptr<scalar_t>();
   const acc_t* b = plan.bias.data_ptr<acc_t>();
   const acc_t* b1 = plan.bias1.data_ptr<acc_t>();
   const acc_t* b2 = plan.bias2.data_ptr<acc_t>();
   scalar_t* s = plan.s.data_ptr<scalar_t>();
-  scalar_t* d = plan.d.defined() ? plan.d.data_ptr<scalar_t>() : nullptr;
-  const int64_t channels = plan.channels, inner = plan.inner;
+  scalar_t* d = !two ? nullptr : layout.stacked ? s + layout.pair_offset() : plan.d.data_ptr<scalar_t>();
+  const int64_t inner = layout.inner;
   const RuleParams p = plan.params;
   std::atomic<bool> bad{false};
-  at::parallel_for(0, plan.numel, kGrain, [&](int64_t begin, int64_t end) {
+  // A row of `inner` elements shares one channel and so one set of biases.
+  at::parallel_for(0, plan.rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(inner, 1)), [&](int64_t begin, int64_t end) {
     bool local_bad = false;
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t c = (i / inner) % channels;
-      acc_t si, di;
-      output_terms<acc_t>(p, wx[i], ax ? acc_t(ax[i]) : acc_t(0), g[i], b[c], b1[c], b2[c], &si, &di);
-      s[i] = si;
-      if (d) d[i] = di;
-      local_bad |= !is_finite(si) || !is_finite(di);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t c = row % layout.channels;
+      const acc_t bc = b[c], b1c = b1[c], b2c = b2[c];
+      const int64_t off = layout.offset(row), goff = row * inner;
+      for (int64_t j = 0; j < inner; ++j) {
+        acc_t si, di;
+        output_terms<acc_t>(p, wx[off + j], ax ? acc_t(ax[off + j]) : acc_t(0), g[goff + j], bc, b1c, b2c, &si, &di);
+        s[off + j] = si;
+        if (d) d[off + j] = di;
+        local_bad |= !is_finite(si) || !is_finite(di);
+      }
     }
     if (local_bad) bad = true;
   });
@@ -144,10 +157,10 @@ void input_terms_loop(InputTermsPlan& plan, bool explicit_relevance, bool mixed)
 std::vector<at::Tensor> output_terms_cpu(const at::Tensor& wx, const c10::optional<at::Tensor>& ax,
                                          const at::Tensor& grad, const at::Tensor& bias,
                                          const at::Tensor& bias1, const at::Tensor& bias2,
-                                         int64_t channel_dim, int64_t rule, double epsilon,
+                                         int64_t channel_dim, int64_t groups, int64_t rule, double epsilon,
                                          double gamma, double alpha, double beta,
                                          bool explicit_relevance) {
-  auto plan = plan_output_terms(wx, ax, grad, bias, bias1, bias2, channel_dim,
+  auto plan = plan_output_terms(wx, ax, grad, bias, bias1, bias2, channel_dim, groups,
                                 make_params(rule, epsilon, gamma, alpha, beta, explicit_relevance));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.wx.scalar_type(), "lxt_ext::output_terms",
                                   [&] { output_terms_loop<scalar_t>(plan); });

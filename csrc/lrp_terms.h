@@ -11,18 +11,21 @@
 
 namespace lxt_ext {
 
-// An output-sized tensor seen as [outer, channels, inner], contiguous.
+// The output side over rows of [outer, channels, inner] (see RowLayout); all contiguous.
 struct OutputTermsPlan {
-  at::Tensor wx, ax, grad, bias, bias1, bias2;  // contiguous; biases in the accumulation type
-  at::Tensor s, d;                              // results; d undefined for one-term rules
-  int64_t numel, channels, inner;
+  at::Tensor wx, ax, grad, bias, bias1, bias2;  // ax undefined if stacked into wx; biases in acc type
+  at::Tensor s, d;                              // results: d undefined for one-term rules or stacked
+  int64_t rows;
+  RowLayout layout;
   RuleParams params;
+
+  bool two_terms() const { return params.rule != kEpsilon; }
 };
 
 OutputTermsPlan plan_output_terms(const at::Tensor& wx, const c10::optional<at::Tensor>& ax,
                                   const at::Tensor& grad, const at::Tensor& bias,
                                   const at::Tensor& bias1, const at::Tensor& bias2,
-                                  int64_t channel_dim, const RuleParams& params);
+                                  int64_t channel_dim, int64_t groups, const RuleParams& params);
 
 struct InputTermsPlan {
   at::Tensor x, t, a;  // contiguous; a undefined for one-term rules

@@ -18,21 +18,22 @@ inline int blocks_for(int64_t n) {
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void output_terms_kernel(RuleParams p, const scalar_t* __restrict__ wx,
+__global__ void output_terms_kernel(RuleParams p, RowLayout layout, const scalar_t* __restrict__ wx,
                                     const scalar_t* __restrict__ ax, const scalar_t* __restrict__ g,
                                     const acc_t* __restrict__ b, const acc_t* __restrict__ b1,
                                     const acc_t* __restrict__ b2, scalar_t* __restrict__ s,
-                                    scalar_t* __restrict__ d, int64_t numel, int64_t channels,
-                                    int64_t inner, int* bad) {
+                                    scalar_t* __restrict__ d, int64_t numel, int* bad) {
   bool local_bad = false;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = (i / inner) % channels;
+    const int64_t row = i / layout.inner;
+    const int64_t c = row % layout.channels;
+    const int64_t off = layout.offset(row) + i % layout.inner;
     acc_t si, di;
-    output_terms<acc_t>(p, static_cast<acc_t>(wx[i]), ax ? static_cast<acc_t>(ax[i]) : acc_t(0),
+    output_terms<acc_t>(p, static_cast<acc_t>(wx[off]), ax ? static_cast<acc_t>(ax[off]) : acc_t(0),
                         static_cast<acc_t>(g[i]), b[c], b1[c], b2[c], &si, &di);
-    s[i] = static_cast<scalar_t>(si);
-    if (d) d[i] = static_cast<scalar_t>(di);
+    s[off] = static_cast<scalar_t>(si);
+    if (d) d[off] = static_cast<scalar_t>(di);
     local_bad |= !is_finite(si) || !is_finite(di);
   }
   if (local_bad) *bad = 1;
@@ -53,23 +54,26 @@ __global__ void input_terms_kernel(bool explicit_relevance, bool mixed, const sc
 std::vector<at::Tensor> output_terms_cuda(const at::Tensor& wx, const c10::optional<at::Tensor>& ax,
                                           const at::Tensor& grad, const at::Tensor& bias,
                                           const at::Tensor& bias1, const at::Tensor& bias2,
-                                          int64_t channel_dim, int64_t rule, double epsilon,
+                                          int64_t channel_dim, int64_t groups, int64_t rule, double epsilon,
                                           double gamma, double alpha, double beta,
                                           bool explicit_relevance) {
   const c10::cuda::CUDAGuard guard(wx.device());
-  auto plan = plan_output_terms(wx, ax, grad, bias, bias1, bias2, channel_dim,
+  auto plan = plan_output_terms(wx, ax, grad, bias, bias1, bias2, channel_dim, groups,
                                 make_params(rule, epsilon, gamma, alpha, beta, explicit_relevance));
   auto bad = at::zeros({1}, wx.options().dtype(at::kInt));
-  if (plan.numel > 0) {
+  const int64_t numel = plan.grad.numel();
+  if (numel > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.wx.scalar_type(), "lxt_ext::output_terms", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      output_terms_kernel<scalar_t, acc_t><<<blocks_for(plan.numel), kThreads, 0,
-                                             c10::cuda::getCurrentCUDAStream()>>>(
-          plan.params, plan.wx.data_ptr<scalar_t>(),
-          plan.ax.defined() ? plan.ax.data_ptr<scalar_t>() : nullptr, plan.grad.data_ptr<scalar_t>(),
-          plan.bias.data_ptr<acc_t>(), plan.bias1.data_ptr<acc_t>(), plan.bias2.data_ptr<acc_t>(),
-          plan.s.data_ptr<scalar_t>(), plan.d.defined() ? plan.d.data_ptr<scalar_t>() : nullptr,
-          plan.numel, plan.channels, plan.inner, bad.data_ptr<int>());
+      const bool two = plan.two_terms(), stacked = plan.layout.stacked;
+      scalar_t* wx = plan.wx.data_ptr<scalar_t>();
+      scalar_t* s = plan.s.data_ptr<scalar_t>();
+      const int64_t pair = plan.layout.pair_offset();
+      output_terms_kernel<scalar_t, acc_t><<<blocks_for(numel), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          plan.params, plan.layout, wx, !two ? nullptr : stacked ? wx + pair : plan.ax.data_ptr<scalar_t>(),
+          plan.grad.data_ptr<scalar_t>(), plan.bias.data_ptr<acc_t>(), plan.bias1.data_ptr<acc_t>(),
+          plan.bias2.data_ptr<acc_t>(), s, !two ? nullptr : stacked ? s + pair : plan.d.data_ptr<scalar_t>(),
+          numel, bad.data_ptr<int>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

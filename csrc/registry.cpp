@@ -4,9 +4,11 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(lxt_ext, m) {
-  // Element-wise output side of a rule: [S] (epsilon) or [S, D] (gamma, alpha-beta); see lrp_math.h.
+  // Element-wise output side of a rule: [S] (epsilon), [S, D] (gamma, alpha-beta), or, when a
+  // two-term rule gets no ax, wx is the stacked pair of products and the result is [S D stacked]
+  // in the same layout (RowLayout in lrp_math.h).
   m.def("output_terms(Tensor wx, Tensor? ax, Tensor grad, Tensor bias, Tensor bias1, Tensor bias2, "
-        "int channel_dim, int rule, float epsilon, float gamma, float alpha, float beta, "
+        "int channel_dim, int groups, int rule, float epsilon, float gamma, float alpha, float beta, "
         "bool explicit_relevance) -> Tensor[]");
   // Element-wise input side: relevance (explicit) or gradient (Gradient x Input) from the
   // transposed products (mixed: t = W^T S, a = |W|^T D; else the positive/negative weights P, Q).
