@@ -25,6 +25,7 @@
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define LXT_HD __host__ __device__ __forceinline__
@@ -43,6 +44,18 @@ struct RuleParams {
   double alpha;
   double beta;
   bool explicit_relevance;
+};
+
+// RuleParams in the kernels' arithmetic type, made once per kernel: a loop then holds them in
+// registers instead of re-reading (and converting) them per element.
+template <typename T>
+struct RuleConstants {
+  T epsilon, gamma, alpha, beta;
+  bool explicit_relevance;
+
+  LXT_HD static RuleConstants of(const RuleParams& p) {
+    return RuleConstants{T(p.epsilon), T(p.gamma), T(p.alpha), T(p.beta), p.explicit_relevance};
+  }
 };
 
 // Where the output-side terms of one row (one outer index and channel: `inner` elements) live.
@@ -68,35 +81,47 @@ struct RowLayout {
 
 template <typename T>
 LXT_HD T stabilize(T z, T eps) {
-  const T sign = z > T(0) ? T(1) : (z < T(0) ? T(-1) : T(1));
-  return z + eps * sign;
+  return z < T(0) ? z - eps : z + eps;  // sign(z) + [z == 0] is -1 below zero, +1 otherwise
 }
 
 // Output side at one output element: wx, ax (gamma: |W||x|; alpha-beta: wx holds p, ax holds n),
-// the incoming g, and the element's channel biases b (the layer's), b1, b2 (the rule's).
-template <typename T>
-LXT_HD void output_terms(const RuleParams& p, T wx, T ax, T g, T b, T b1, T b2, T* s, T* d) {
-  const T eps = T(p.epsilon);
-  if (p.rule == kAlphaBeta) {
+// the incoming g, and the element's channel biases b (the layer's), b1, b2 (the rule's). The rule
+// is a template argument so each loop compiles to straight-line, vectorisable code.
+template <int kRule, typename T>
+LXT_HD void output_terms(const RuleConstants<T> p, T wx, T ax, T g, T b, T b1, T b2, T* s, T* d) {
+  const T eps = p.epsilon;
+  if constexpr (kRule == kAlphaBeta) {
     const T r = p.explicit_relevance ? g : (wx + ax + b) * g;
-    *s = T(p.alpha) * r / stabilize(wx + b1, eps);
-    *d = -T(p.beta) * r / stabilize(ax + b2, eps);
-    return;
-  }
-  const T y = wx + b;
-  const T r = p.explicit_relevance ? g : y * g;
-  if (p.rule == kEpsilon) {
+    *s = p.alpha * r / stabilize(wx + b1, eps);
+    *d = -p.beta * r / stabilize(ax + b2, eps);
+  } else if constexpr (kRule == kEpsilon) {
+    const T r = p.explicit_relevance ? g : (wx + b) * g;
     *s = r / stabilize(wx + b1, eps);
     *d = T(0);
-    return;
+  } else {
+    static_assert(kRule == kGamma, "output_terms: epsilon, gamma or alpha-beta");
+    const T y = wx + b;
+    const T r = p.explicit_relevance ? g : y * g;
+    const T u = T(0.5) * (wx + ax);
+    const T gm = p.gamma;
+    // Both quotients unconditionally, then a select: the loop stays branch-free (vectorisable).
+    const T qp = r / stabilize(wx + gm * u + b1, eps);
+    const T qn = r / stabilize(wx + gm * (wx - u) + b2, eps);
+    const T sp = y > T(0) ? qp : T(0);
+    const T sn = y < T(0) ? qn : T(0);
+    *s = (T(1) + T(0.5) * gm) * (sp + sn);
+    *d = T(0.5) * gm * (sp - sn);
   }
-  // kGamma
-  const T u = T(0.5) * (wx + ax);
-  const T gm = T(p.gamma);
-  const T sp = y > T(0) ? r / stabilize(wx + gm * u + b1, eps) : T(0);
-  const T sn = y < T(0) ? r / stabilize(wx + gm * (wx - u) + b2, eps) : T(0);
-  *s = (T(1) + T(0.5) * gm) * (sp + sn);
-  *d = T(0.5) * gm * (sp - sn);
+}
+
+// Calls f(std::integral_constant<int, rule>{}) for the rules that have output terms.
+template <typename F>
+inline void dispatch_rule(int rule, F&& f) {
+  switch (rule) {
+    case kEpsilon: return f(std::integral_constant<int, kEpsilon>{});
+    case kGamma: return f(std::integral_constant<int, kGamma>{});
+    default: return f(std::integral_constant<int, kAlphaBeta>{});
+  }
 }
 
 // Input side at one input element: one-term rules pass t = P = Q; gamma passes t and a
@@ -112,7 +137,7 @@ LXT_HD T input_terms(bool explicit_relevance, bool two_terms, bool mixed, T x, T
 
 template <typename T>
 LXT_HD bool is_finite(T v) {
-  return v == v && v - v == T(0);
+  return (v == v) & (v - v == T(0));
 }
 
 }  // namespace lxt_ext

@@ -118,26 +118,44 @@ void output_terms_loop(OutputTermsPlan& plan) {
   scalar_t* s = plan.s.data_ptr<scalar_t>();
   scalar_t* d = !two ? nullptr : layout.stacked ? s + layout.pair_offset() : plan.d.data_ptr<scalar_t>();
   const int64_t inner = layout.inner;
-  const RuleParams p = plan.params;
   std::atomic<bool> bad{false};
-  // A row of `inner` elements shares one channel and so one set of biases.
-  at::parallel_for(0, plan.rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(inner, 1)), [&](int64_t begin, int64_t end) {
-    bool local_bad = false;
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t c = row % layout.channels;
-      const acc_t bc = b[c], b1c = b1[c], b2c = b2[c];
-      const int64_t off = layout.offset(row), goff = row * inner;
-      for (int64_t j = 0; j < inner; ++j) {
-        acc_t si, di;
-        output_terms<acc_t>(p, wx[off + j], ax ? acc_t(ax[off + j]) : acc_t(0), g[goff + j], bc, b1c, b2c, &si, &di);
-        s[off + j] = si;
-        if (d) d[off + j] = di;
-        local_bad |= !is_finite(si) || !is_finite(di);
+  dispatch_rule(plan.params.rule, [&](auto rule) {
+    // A row of `inner` elements shares one channel and so one set of biases.
+    at::parallel_for(0, plan.rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(inner, 1)), [&](int64_t begin, int64_t end) {
+      const auto p = RuleConstants<acc_t>::of(plan.params);
+      int local_bad = 0;  // an int, not a bool: GCC vectorises int reductions, not bool ones
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t c = row % layout.channels;
+        const acc_t bc = b[c], b1c = b1[c], b2c = b2[c];
+        const int64_t off = layout.offset(row), goff = row * inner;
+        const scalar_t* wx_row = wx + off;
+        const scalar_t* g_row = g + goff;
+        scalar_t* s_row = s + off;
+        if constexpr (decltype(rule)::value == kEpsilon) {
+          for (int64_t j = 0; j < inner; ++j) {
+            acc_t si, di;
+            output_terms<kEpsilon, acc_t>(p, wx_row[j], acc_t(0), g_row[j], bc, b1c, b2c, &si, &di);
+            s_row[j] = si;
+            local_bad |= !(is_finite(si) & is_finite(acc_t(g_row[j])) & is_finite(acc_t(wx_row[j])));
+          }
+        } else {
+          const scalar_t* ax_row = ax + off;
+          scalar_t* d_row = d + off;
+          for (int64_t j = 0; j < inner; ++j) {
+            acc_t si, di;
+            output_terms<decltype(rule)::value, acc_t>(p, wx_row[j], ax_row[j], g_row[j], bc, b1c, b2c, &si, &di);
+            s_row[j] = si;
+            d_row[j] = di;
+            // The inputs too: a rule's masks could otherwise turn NaN into a silent zero.
+            local_bad |= !(is_finite(si) & is_finite(di) & is_finite(acc_t(g_row[j])) & is_finite(acc_t(wx_row[j])) &
+                           is_finite(acc_t(ax_row[j])));
+          }
+        }
       }
-    }
-    if (local_bad) bad = true;
+      if (local_bad) bad = true;
+    });
   });
-  if (bad) fail_non_finite(p);
+  if (bad) fail_non_finite(plan.params);
 }
 
 template <typename scalar_t>

@@ -17,8 +17,8 @@ inline int blocks_for(int64_t n) {
   return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, max_blocks));
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void output_terms_kernel(RuleParams p, RowLayout layout, const scalar_t* __restrict__ wx,
+template <int kRule, typename scalar_t, typename acc_t>
+__global__ void output_terms_kernel(RuleConstants<acc_t> p, RowLayout layout, const scalar_t* __restrict__ wx,
                                     const scalar_t* __restrict__ ax, const scalar_t* __restrict__ g,
                                     const acc_t* __restrict__ b, const acc_t* __restrict__ b1,
                                     const acc_t* __restrict__ b2, scalar_t* __restrict__ s,
@@ -30,11 +30,12 @@ __global__ void output_terms_kernel(RuleParams p, RowLayout layout, const scalar
     const int64_t c = row % layout.channels;
     const int64_t off = layout.offset(row) + i % layout.inner;
     acc_t si, di;
-    output_terms<acc_t>(p, static_cast<acc_t>(wx[off]), ax ? static_cast<acc_t>(ax[off]) : acc_t(0),
+    output_terms<kRule, acc_t>(p, static_cast<acc_t>(wx[off]), ax ? static_cast<acc_t>(ax[off]) : acc_t(0),
                         static_cast<acc_t>(g[i]), b[c], b1[c], b2[c], &si, &di);
     s[off] = static_cast<scalar_t>(si);
     if (d) d[off] = static_cast<scalar_t>(di);
-    local_bad |= !is_finite(si) || !is_finite(di);
+    local_bad |= !(is_finite(si) & is_finite(di) & is_finite(static_cast<acc_t>(g[i])) &
+                   is_finite(static_cast<acc_t>(wx[off])) & (!ax || is_finite(static_cast<acc_t>(ax[off]))));
   }
   if (local_bad) *bad = 1;
 }
@@ -69,12 +70,15 @@ std::vector<at::Tensor> output_terms_cuda(const at::Tensor& wx, const c10::optio
       scalar_t* wx = plan.wx.data_ptr<scalar_t>();
       scalar_t* s = plan.s.data_ptr<scalar_t>();
       const int64_t pair = plan.layout.pair_offset();
-      output_terms_kernel<scalar_t, acc_t><<<blocks_for(numel), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          plan.params, plan.layout, wx, !two ? nullptr : stacked ? wx + pair : plan.ax.data_ptr<scalar_t>(),
-          plan.grad.data_ptr<scalar_t>(), plan.bias.data_ptr<acc_t>(), plan.bias1.data_ptr<acc_t>(),
-          plan.bias2.data_ptr<acc_t>(), s, !two ? nullptr : stacked ? s + pair : plan.d.data_ptr<scalar_t>(),
-          numel, bad.data_ptr<int>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dispatch_rule(plan.params.rule, [&](auto rule) {
+        output_terms_kernel<decltype(rule)::value, scalar_t, acc_t>
+            <<<blocks_for(numel), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+                RuleConstants<acc_t>::of(plan.params), plan.layout, wx, !two ? nullptr : stacked ? wx + pair : plan.ax.data_ptr<scalar_t>(),
+                plan.grad.data_ptr<scalar_t>(), plan.bias.data_ptr<acc_t>(), plan.bias1.data_ptr<acc_t>(),
+                plan.bias2.data_ptr<acc_t>(), s, !two ? nullptr : stacked ? s + pair : plan.d.data_ptr<scalar_t>(),
+                numel, bad.data_ptr<int>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   }
   // One device-to-host read per layer: the price of a clear error instead of NaN heatmaps.

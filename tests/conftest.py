@@ -1,0 +1,75 @@
+"""Shared helpers for the zennit-oracle tests (lxt_ext rules/composites vs zennit's own)."""
+import pytest
+import torch
+from zennit.composites import LayerMapComposite
+
+import lxt_ext.rules
+import zennit.rules
+
+RULE_NAMES = ('Epsilon', 'Gamma', 'ZPlus', 'AlphaBeta')
+
+
+def rule_pair(name, **kwargs):
+    """``(lxt_ext rule, zennit rule)`` of the same name built with the same arguments."""
+    return getattr(lxt_ext.rules, name)(**kwargs), getattr(zennit.rules, name)(**kwargs)
+
+
+def relevance(module, x, grad_output, composite=None, forward_kwargs=None):
+    """``torch.autograd.grad(module(x), x, grad_output)`` with ``composite`` registered on ``module``
+    (default: none). ``grad_output`` may be a callable ``output -> grad_output``."""
+    x = x.detach().clone().requires_grad_()
+    forward_kwargs = forward_kwargs or {}
+    if composite is None:
+        y = module(x, **forward_kwargs)
+        g = grad_output(y) if callable(grad_output) else grad_output
+        return torch.autograd.grad(y, x, g)[0]
+    with composite.context(module) as modified:
+        y = modified(x, **forward_kwargs)
+        g = grad_output(y) if callable(grad_output) else grad_output
+        (grad,) = torch.autograd.grad(y, x, g)
+    return grad
+
+
+def layer_relevance(module, x, grad_output, rule, forward_kwargs=None):
+    """Relevance of ``x`` with ``rule`` mapped onto ``module``'s type by a ``LayerMapComposite``."""
+    composite = LayerMapComposite(layer_map=[(type(module), rule)])
+    return relevance(module, x, grad_output, composite, forward_kwargs)
+
+
+def assert_rel_close(actual, expected, rtol):
+    """``max|actual - expected| <= rtol * max|expected|`` (and same shape, all finite)."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    assert torch.isfinite(expected).all(), 'oracle produced non-finite values'
+    assert torch.isfinite(actual).all(), 'non-finite relevance'
+    scale = expected.abs().max().item()
+    assert scale > 0, 'oracle relevance is all zero: the test would be vacuous'
+    err = (actual - expected).abs().max().item()
+    assert err <= rtol * scale, f'max|diff| = {err:.3e} > {rtol:.0e} * max|ref| = {rtol * scale:.3e}'
+
+
+def signed_input(shape, dtype, generator, zero_fraction=0.25):
+    """Normal input with negative values and a fraction of exact zeros."""
+    x = torch.randn(shape, dtype=dtype, generator=generator)
+    x[torch.rand(shape, generator=generator) < zero_fraction] = 0.
+    return x
+
+
+def relu_input(shape, dtype, generator):
+    """A post-ReLU input: non-negative with (about half) exact zeros."""
+    return torch.randn(shape, dtype=dtype, generator=generator).clamp(min=0)
+
+
+def randomize_biases(module, generator, std=0.1):
+    """Give every bias of ``module`` (and its children) random nonzero values."""
+    with torch.no_grad():
+        for sub in module.modules():
+            bias = getattr(sub, 'bias', None)
+            if isinstance(bias, torch.Tensor):
+                bias.copy_(torch.randn(bias.shape, generator=generator, dtype=bias.dtype) * std)
+    return module
+
+
+@pytest.fixture
+def generator():
+    return torch.Generator().manual_seed(0)

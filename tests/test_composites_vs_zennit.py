@@ -1,0 +1,122 @@
+"""lxt_ext's composites against zennit's composites of the same name (the oracle) on torchvision
+VGG16 and ResNet50 (random weights, no download) with zennit's canonizers."""
+import inspect
+
+import pytest
+import torch
+import torchvision
+import zennit.composites
+from zennit.torchvision import ResNetCanonizer, VGGCanonizer
+
+import lxt_ext.composites
+from conftest import assert_rel_close, randomize_biases, relevance
+
+NAMES = ['EpsilonGammaBox', 'EpsilonPlus', 'EpsilonAlpha2Beta1', 'EpsilonPlusFlat', 'EpsilonAlpha2Beta1Flat']
+REGISTERED = {
+    'lxt_ext_epsilon_gamma_box': 'EpsilonGammaBox',
+    'lxt_ext_epsilon_plus': 'EpsilonPlus',
+    'lxt_ext_epsilon_alpha2_beta1': 'EpsilonAlpha2Beta1',
+    'lxt_ext_epsilon_plus_flat': 'EpsilonPlusFlat',
+    'lxt_ext_epsilon_alpha2_beta1_flat': 'EpsilonAlpha2Beta1Flat',
+}
+CANONIZERS = {'vgg16': VGGCanonizer, 'resnet50': ResNetCanonizer}
+
+
+def _randomize(model, seed):
+    generator = torch.Generator().manual_seed(seed)
+    randomize_biases(model, generator, std=0.1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                shape = module.running_mean.shape
+                module.running_mean.copy_(torch.randn(shape, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(shape, generator=generator) + 0.5)
+                module.weight.copy_(torch.rand(shape, generator=generator) + 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope='module', params=['vgg16', 'resnet50'])
+def model(request):
+    torch.manual_seed(0)
+    net = getattr(torchvision.models, request.param)(weights=None)
+    return request.param, _randomize(net, seed=1)
+
+
+@pytest.fixture(scope='module')
+def data():
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 64, 64, generator=generator)
+    grad_output = torch.zeros(2, 1000)
+    grad_output[0, 3] = grad_output[1, 7] = 1.
+    return x, grad_output
+
+
+def make(module, name, canonizer):
+    kwargs = {'low': -3., 'high': 3.} if name == 'EpsilonGammaBox' else {}
+    return getattr(module, name)(canonizers=[canonizer()], **kwargs)
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_composite_matches_zennit(model, data, name):
+    arch, net = model
+    x, one_hot = data
+
+    def grad_output(y):  # the relevance of the explained logits
+        return one_hot * y.detach()
+
+    expected = relevance(net, x, grad_output, make(zennit.composites, name, CANONIZERS[arch]))
+    actual = relevance(net, x, grad_output, make(lxt_ext.composites, name, CANONIZERS[arch]))
+    assert_rel_close(actual, expected, 1e-4)
+
+
+@pytest.mark.parametrize('name', ['EpsilonGammaBox', 'EpsilonPlusFlat'])
+def test_model_unchanged_after_removal(model, data, name):
+    arch, net = model
+    x, one_hot = data
+    state = {key: value.clone() for key, value in net.state_dict().items()}
+    with torch.no_grad():
+        before = net(x)
+    composite = make(lxt_ext.composites, name, CANONIZERS[arch])
+    composite.register(net)
+    try:
+        xg = x.clone().requires_grad_()
+        torch.autograd.grad(net(xg), xg, one_hot)
+    finally:
+        composite.remove()
+    with torch.no_grad():
+        after = net(x)
+    assert torch.equal(before, after)
+    assert all(torch.equal(state[key], value) for key, value in net.state_dict().items())
+    # the plain gradient is back as well
+    xg = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(net(xg), xg, one_hot)
+    assert torch.isfinite(grad).all()
+    assert all('forward' not in vars(module) for module in net.modules()), 'a patched forward was left behind'
+
+
+def test_inactive_composite_gives_gradient(data):
+    torch.manual_seed(0)
+    net = _randomize(torchvision.models.resnet18(weights=None), seed=3)
+    x, one_hot = data
+    plain = relevance(net, x, one_hot)
+    composite = make(lxt_ext.composites, 'EpsilonGammaBox', ResNetCanonizer)
+    xg = x.clone().requires_grad_()
+    with composite.context(net) as modified:
+        with composite.inactive():
+            (inactive,) = torch.autograd.grad(modified(xg), xg, one_hot)
+    # canonizers (merged BatchNorm) stay in place while inactive, so equality is up to float32 rounding
+    assert_rel_close(inactive, plain, 1e-4)
+
+
+@pytest.mark.parametrize('registered,name', sorted(REGISTERED.items()))
+def test_registered_in_zennit(registered, name):
+    assert zennit.composites.COMPOSITES[registered] is getattr(lxt_ext.composites, name)
+    # the original zennit composites stay registered under their own names
+    assert zennit.composites.COMPOSITES[registered[len('lxt_ext_'):]] is getattr(zennit.composites, name)
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_composite_signature_matches_zennit(name):
+    ours = inspect.signature(getattr(lxt_ext.composites, name)).parameters
+    theirs = inspect.signature(getattr(zennit.composites, name)).parameters
+    assert {key: p.default for key, p in ours.items()} == {key: p.default for key, p in theirs.items()}
