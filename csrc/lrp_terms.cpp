@@ -131,25 +131,29 @@ void output_terms_loop(OutputTermsPlan& plan) {
         const scalar_t* wx_row = wx + off;
         const scalar_t* g_row = g + goff;
         scalar_t* s_row = s + off;
+        const scalar_t* ax_row = ax ? ax + off : wx_row;  // epsilon reads no second term
+        scalar_t* d_row = d ? d + off : nullptr;
         if constexpr (decltype(rule)::value == kEpsilon) {
           for (int64_t j = 0; j < inner; ++j) {
             acc_t si, di;
             output_terms<kEpsilon, acc_t>(p, wx_row[j], acc_t(0), g_row[j], bc, b1c, b2c, &si, &di);
             s_row[j] = si;
-            local_bad |= !(is_finite(si) & is_finite(acc_t(g_row[j])) & is_finite(acc_t(wx_row[j])));
           }
         } else {
-          const scalar_t* ax_row = ax + off;
-          scalar_t* d_row = d + off;
           for (int64_t j = 0; j < inner; ++j) {
             acc_t si, di;
             output_terms<decltype(rule)::value, acc_t>(p, wx_row[j], ax_row[j], g_row[j], bc, b1c, b2c, &si, &di);
             s_row[j] = si;
             d_row[j] = di;
-            // The inputs too: a rule's masks could otherwise turn NaN into a silent zero.
-            local_bad |= !(is_finite(si) & is_finite(di) & is_finite(acc_t(g_row[j])) & is_finite(acc_t(wx_row[j])) &
-                           is_finite(acc_t(ax_row[j])));
           }
+        }
+        // The finite check runs as its own pass over the row (still in cache): fused into the loop
+        // above, GCC gives up vectorising gamma's selects. The inputs are checked too, as a
+        // rule's masks could otherwise turn a NaN into a silent zero.
+        const scalar_t* second = d_row ? d_row : s_row;
+        for (int64_t j = 0; j < inner; ++j) {
+          local_bad |= !(is_finite(acc_t(s_row[j])) & is_finite(acc_t(second[j])) & is_finite(acc_t(g_row[j])) &
+                         is_finite(acc_t(wx_row[j])) & is_finite(acc_t(ax_row[j])));
         }
       }
       if (local_bad) bad = true;
