@@ -1,6 +1,5 @@
 // The one op registry of lxt_ext. Backends register their kernels with TORCH_LIBRARY_IMPL in the
 // file of each kernel family; Python reaches every op as torch.ops.lxt_ext.<name>.
-#include <torch/extension.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(lxt_ext, m) {
@@ -17,14 +16,4 @@ TORCH_LIBRARY(lxt_ext, m) {
   m.def("lrp_backward(Tensor x, Tensor weight, Tensor grad, Tensor bias, Tensor bias1, Tensor bias2, int rule, "
         "float epsilon, float gamma, float alpha, float beta, bool explicit_relevance, bool linear, "
         "bool transposed, int[] stride, int[] padding, int[] dilation, int[] output_padding, int groups) -> Tensor");
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("cuda_built", [] {
-#ifdef LXT_EXT_WITH_CUDA
-    return true;
-#else
-    return false;
-#endif
-  }, "Whether this build carries lxt_ext's CUDA kernels.");
 }
