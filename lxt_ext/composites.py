@@ -1,17 +1,28 @@
 """zennit's LRP composites with lxt_ext's fused rules on every Linear and convolution layer.
 
 Same names, signatures and layer maps as ``zennit.composites``; zennit's own rules stay where
-lxt_ext has no fused one (ZBox and Flat on the first layer, Pass on activations, Norm on sum and
-average pooling). Each is also registered in zennit's composite registry as ``lxt_ext_<name>``.
+lxt_ext has no fused one (ZBox and Flat on the first layer, Norm on sum and average pooling);
+activations and BatchNorm get lxt_ext's Pass, which keeps no copy of their inputs. Each is also registered in zennit's composite registry as ``lxt_ext_<name>``.
 """
 import torch
-from zennit.composites import LayerMapComposite, SpecialFirstLayerMapComposite, layer_map_base, register_composite
-from zennit.rules import Flat, ZBox
-from zennit.types import Convolution, Linear
+from zennit.composites import LayerMapComposite, SpecialFirstLayerMapComposite, register_composite
+from zennit.rules import Flat, Norm, ZBox
+from zennit.layer import Sum
+from zennit.types import Activation, AvgPool, BatchNorm, Convolution, Linear
 
-from .rules import AlphaBeta, Epsilon, Gamma, ZPlus
+from .rules import AlphaBeta, Epsilon, Gamma, Pass, ZPlus
 
 __all__ = ['EpsilonGammaBox', 'EpsilonPlus', 'EpsilonAlpha2Beta1', 'EpsilonPlusFlat', 'EpsilonAlpha2Beta1Flat']
+
+
+def layer_map_base(stabilizer=1e-6):
+    """zennit's ``layer_map_base`` with lxt_ext's Pass (no input clones on activations and BatchNorm)."""
+    return [
+        (Activation, Pass()),
+        (Sum, Norm(stabilizer=stabilizer)),
+        (AvgPool, Norm(stabilizer=stabilizer)),
+        (BatchNorm, Pass()),
+    ]
 
 
 def _layer_map(layer_map, stabilizer, conv_rule, epsilon, zero_params):

@@ -54,27 +54,19 @@ def _zeroes_bias(zero_params):
     return 'bias' in names
 
 
-class FusedRule(Hook):
-    """A zennit Hook whose backward is ``torch.ops.lxt_ext.lrp_backward`` with fixed rule data."""
-    code = None
+class SwappedForward(Hook):
+    """A zennit Hook that, while registered, runs the module's forward through an autograd Function
+    (``apply``) instead of hooks: nothing is cloned or kept beyond what that Function saves."""
 
-    def __init__(self, epsilon=1e-6, gamma=0., alpha=0., beta=0., zero_params=None, convention='explicit'):
+    def __init__(self):
         super().__init__()
-        if convention not in CONVENTIONS:
-            raise ValueError(f'convention must be one of {CONVENTIONS}, got {convention!r}')
-        self.epsilon = epsilon
-        self.gamma = float(gamma)
-        self.alpha = float(alpha)
-        self.beta = float(beta)
-        self.zero_params = zero_params
-        self.convention = convention
-        self._epsilon = _epsilon_of(epsilon, 'the stabilizer')
-        self._zero_bias = _zeroes_bias(zero_params)
         self._module = None
         self._previous_forward = None
 
-    def rule_biases(self, bias):
-        """``(b1, b2)``: the bias as it enters the rule's first and second denominator."""
+    def check_module(self, module):
+        """Raise for modules this rule cannot take."""
+
+    def apply(self, module, original, input, args, kwargs):
         raise NotImplementedError
 
     def copy(self):
@@ -86,7 +78,7 @@ class FusedRule(Hook):
         return copy
 
     def register(self, module):
-        spec = LayerSpec.of(module)
+        self.check_module(module)
         if self._module is not None:
             raise RuntimeError(f'this {type(self).__name__} is already registered to {self._module}; use .copy()')
         self._module = module
@@ -95,11 +87,12 @@ class FusedRule(Hook):
         hook = self
 
         def forward(input, *args, **kwargs):
-            # zennit registers no backward hook where no gradient is asked for; neither do we.
-            if not (torch.is_grad_enabled() and isinstance(input, torch.Tensor) and input.requires_grad):
+            # zennit registers no backward hook where no gradient is asked for; neither do we. A rule
+            # made inactive (zennit's Composite.inactive) before the forward pass leaves it plain.
+            if not (hook.active and torch.is_grad_enabled() and isinstance(input, torch.Tensor)
+                    and input.requires_grad):
                 return original(input, *args, **kwargs)
-            check_input(module, input)
-            return _FusedLayer.apply(input, module.weight, module.bias, hook, spec, original, args, kwargs)
+            return hook.apply(module, original, input, args, kwargs)
 
         forward.__wrapped__ = original
         module.forward = forward
@@ -115,6 +108,62 @@ class FusedRule(Hook):
         else:
             module.__dict__.pop('forward', None)
         self._previous_forward = None
+
+
+class Pass(SwappedForward):
+    """zennit's Pass rule (relevance goes through an element-wise module unchanged), without the
+    input clone and backward hooks zennit's version costs on every activation and BatchNorm.
+
+    It keeps nothing for backward, so, unlike the fused rules, it cannot turn back into the plain
+    gradient when made inactive only between the forward and the backward pass; inactive during
+    the forward pass (``with composite.inactive(): ...`` around both) is plain as in zennit."""
+
+    def apply(self, module, original, input, args, kwargs):
+        return _PassThrough.apply(input, original, args, kwargs)
+
+
+class _PassThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, original, args, kwargs):
+        output = original(input, *args, **kwargs)
+        if not isinstance(output, torch.Tensor) or output.shape != input.shape:
+            raise TypeError(f'the Pass rule needs an element-wise module (one output of the input\'s shape); '
+                            f'{type(original.__self__).__name__ if hasattr(original, "__self__") else original} '
+                            f'is not')
+        return output
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None, None
+
+
+class FusedRule(SwappedForward):
+    """A zennit Hook whose backward is ``torch.ops.lxt_ext.lrp_backward`` with fixed rule data."""
+    code = None
+
+    def __init__(self, epsilon=1e-6, gamma=0., alpha=0., beta=0., zero_params=None, convention='explicit'):
+        super().__init__()
+        if convention not in CONVENTIONS:
+            raise ValueError(f'convention must be one of {CONVENTIONS}, got {convention!r}')
+        self.epsilon = epsilon
+        self.gamma = float(gamma)
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.zero_params = zero_params
+        self.convention = convention
+        self._epsilon = _epsilon_of(epsilon, 'the stabilizer')
+        self._zero_bias = _zeroes_bias(zero_params)
+
+    def rule_biases(self, bias):
+        """``(b1, b2)``: the bias as it enters the rule's first and second denominator."""
+        raise NotImplementedError
+
+    def check_module(self, module):
+        self._spec = LayerSpec.of(module)
+
+    def apply(self, module, original, input, args, kwargs):
+        check_input(module, input)
+        return _FusedLayer.apply(input, module.weight, module.bias, self, self._spec, original, args, kwargs)
 
     def backward_op(self, x, weight, bias, grad, spec, output_padding):
         code = self.code if self.active else _GRADIENT

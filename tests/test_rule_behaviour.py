@@ -133,3 +133,27 @@ def test_conservation_with_zero_biases():
 
 def test_cuda_build_flag_is_a_bool():
     assert isinstance(lxt_ext.cuda_built(), bool)
+
+
+def test_pass_hands_relevance_through_unchanged_like_zennits_pass():
+    from zennit.rules import Pass as ZennitPass
+    from zennit.types import Activation
+    from lxt_ext.rules import Pass
+
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(6).eval(), torch.nn.ReLU(), torch.nn.Tanh())
+    x, upstream = torch.randn(4, 6), torch.randn(4, 6)
+    results = []
+    for rule in (ZennitPass(), Pass()):
+        composite = LayerMapComposite([(Activation, rule), (torch.nn.BatchNorm1d, rule)])
+        results.append(relevance(model, composite, x, upstream))
+    assert torch.equal(results[1], upstream)
+    assert torch.equal(results[0], results[1])
+
+
+def test_pass_refuses_modules_that_change_the_shape():
+    from lxt_ext.rules import Pass
+
+    layer = torch.nn.Flatten()
+    with LayerMapComposite([(torch.nn.Flatten, Pass())]).context(layer):
+        with pytest.raises(TypeError, match='element-wise'):
+            layer(torch.randn(2, 3, 4, requires_grad=True))
