@@ -10,7 +10,6 @@ import torch
 
 _CONVS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 _CONV_TRANSPOSES = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
-SUPPORTED = (torch.nn.Linear,) + _CONVS + _CONV_TRANSPOSES
 
 
 class UnsupportedLayerError(TypeError):

@@ -63,8 +63,8 @@ class SwappedForward(Hook):
         self._module = None
         self._previous_forward = None
 
-    def check_module(self, module):
-        """Raise for modules this rule cannot take."""
+    def prepare(self, module):
+        """Raise for modules this rule cannot take; keep what the rule needs to know of them."""
 
     def apply(self, module, original, input, args, kwargs):
         raise NotImplementedError
@@ -78,7 +78,7 @@ class SwappedForward(Hook):
         return copy
 
     def register(self, module):
-        self.check_module(module)
+        self.prepare(module)
         if self._module is not None:
             raise RuntimeError(f'this {type(self).__name__} is already registered to {self._module}; use .copy()')
         self._module = module
@@ -158,7 +158,7 @@ class FusedRule(SwappedForward):
         """``(b1, b2)``: the bias as it enters the rule's first and second denominator."""
         raise NotImplementedError
 
-    def check_module(self, module):
+    def prepare(self, module):
         self._spec = LayerSpec.of(module)
 
     def apply(self, module, original, input, args, kwargs):
