@@ -16,10 +16,14 @@ _FAMILIES = {'transformers': 'lxt_ext.huggingface', 'timm': 'lxt_ext.timm_models
 
 @dataclass(frozen=True)
 class Options:
-    """What a composite tells the factories: the attention rule (``'attnlrp'`` or ``'cp'``) and
-    the stabilizer of the element-wise rules (identity rule on activations)."""
+    """What a composite tells the factories: the attention rule (``'attnlrp'`` or ``'cp'``), the
+    stabilizer of the element-wise rules (identity rule on activations), and ``linear``, the
+    composite's rule template for Linear layers (Gradient x Input convention), for factories of
+    modules that hold linear maps they do not call as ``torch.nn.Linear`` modules (e.g.
+    transformers' ``Conv1D``); factories ``.copy()`` it."""
     attention: str = 'attnlrp'
     epsilon: float = 1e-10
+    linear: object = None
 
     def __post_init__(self):
         if self.attention not in ('attnlrp', 'cp'):
