@@ -9,7 +9,11 @@ module's MRO, so a subclass inherits its parent's adapter unless it registers it
 import importlib
 from dataclasses import dataclass
 
+from zennit.core import Hook, RemovableHandleList
+
 _TABLE = {}
+# Fallbacks of a family for classes the table does not name: matcher(module, options) -> Hook or None.
+_MATCHERS = []
 # The package a module class comes from -> lxt_ext's module that registers its adapters.
 _FAMILIES = {'transformers': 'lxt_ext.huggingface', 'timm': 'lxt_ext.timm_models'}
 
@@ -39,6 +43,25 @@ def adapter(*classes):
     return register
 
 
+def matcher(function):
+    """Decorator: register ``function(module, options) -> Hook or None``, asked (in registration
+    order) about modules whose class the table does not name."""
+    _MATCHERS.append(function)
+    return function
+
+
+class KeepGradient(Hook):
+    """The rule for modules whose plain gradient already carries relevance correctly in the
+    Gradient x Input convention (linear maps of the relevance path, or modules off it, such as
+    rotary-embedding tables): registering changes nothing, but the module counts as mapped."""
+
+    def register(self, module):
+        return RemovableHandleList([])
+
+    def copy(self):
+        return type(self)()
+
+
 def _load_family(cls):
     family = _FAMILIES.get(cls.__module__.split('.')[0])
     if family is not None:
@@ -52,4 +75,8 @@ def rule_for(module, options):
         factory = _TABLE.get(cls)
         if factory is not None:
             return factory(module, options)
+    for function in _MATCHERS:
+        rule = function(module, options)
+        if rule is not None:
+            return rule
     return None
