@@ -16,4 +16,11 @@ TORCH_LIBRARY(lxt_ext, m) {
   m.def("lrp_backward(Tensor x, Tensor weight, Tensor grad, Tensor bias, Tensor bias1, Tensor bias2, int rule, "
         "float epsilon, float gamma, float alpha, float beta, bool explicit_relevance, bool linear, "
         "bool transposed, int[] stride, int[] padding, int[] dilation, int[] output_padding, int groups) -> Tensor");
+  // Attention O = softmax(scale Q K^T + M) V whose backward is an LRP rule (attention_lrp.cpp):
+  // forward returns (O, per-row softmax statistics [row max, log row sum]); backward returns
+  // [dQ, dK, dV] (mode 0, AttnLRP) or [dV] (mode 1, CP-LRP).
+  m.def("attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale, "
+        "bool is_causal) -> (Tensor, Tensor)");
+  m.def("attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
+        "Tensor out, Tensor stats, float scale, bool is_causal, int mode) -> Tensor[]");
 }

@@ -1,0 +1,323 @@
+// Fused attention whose backward is AttnLRP or CP-LRP: the op entry points (checks once, then the
+// CPU or CUDA kernels) and the CPU kernels.
+//
+// Forward:  S = scale Q K^T + M,  P = softmax(S) (rows),  O = P V.
+// Saved:    O and, per query row, the softmax statistics (row max m, log l of the row sum of
+//           exp(S - m)), i.e. the log-sum-exp m + log l kept as two numbers: with HF's masks of
+//           torch.finfo.min, m is about -3.4e38 and m + log l would round back to m.
+// Backward, for the incoming g = dO (Gradient x Input convention, the gradient slot carries
+// relevance per unit of the tensor):
+//   AttnLRP: dV = 1/2 P^T dO;  dS = P * (dO V^T - rowsum(dO * O));  dQ = scale/4 dS K;  dK = scale/4 dS^T Q
+//            (the exact attention gradient with dV scaled by 1/2 and dQ, dK by 1/4).
+//   CP-LRP:  dV = P^T dO; dQ and dK are not computed (the op returns dV only).
+// With grouped-query attention (Hq = G Hkv) query head h reads key/value head h / G, and dK, dV sum
+// over the G query heads of a group. Causal masking is torch SDPA's: query i sees keys j <= i.
+// A row that sees no key (every entry masked by False or -inf) gives O = 0 and zero gradients.
+//
+// Memory: P is never kept. The CPU kernels recompute S for a tile of query rows over all keys
+// (tile rows x Nk <= kTileElements values per buffer), so the extra memory grows linearly in Nk.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace lxt_ext {
+
+#ifdef LXT_EXT_WITH_CUDA
+// attention_lrp_cuda.cu; the mask there is already broadcast (expanded) to (B, Hq, Nq, Nk).
+std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v, const at::Tensor& mask, double scale,
+                                                          bool is_causal);
+std::vector<at::Tensor> attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& v, const at::Tensor& mask, const at::Tensor& out,
+                                                const at::Tensor& stats, double scale, bool is_causal, bool cp);
+#endif
+
+namespace {
+
+constexpr int64_t kAttnLRP = 0;
+constexpr int64_t kCP = 1;
+// Values of one score tile on the CPU (1 MiB in float32): large enough for efficient GEMMs, small
+// enough to stay in cache-sized chunks.
+constexpr int64_t kTileElements = int64_t{1} << 18;
+
+struct Shapes {
+  int64_t B, Hq, Hkv, Nq, Nk, D;
+  int64_t group() const { return Hq / Hkv; }
+};
+
+Shapes check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
+              ": query, key and value must be 4-D (batch, heads, tokens, head_dim), got shapes ", q.sizes(), ", ",
+              k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()), op,
+              ": floating query required (float32, float64, float16 or bfloat16), got ", q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op, ": query (",
+              q.scalar_type(), "), key (", k.scalar_type(), ") and value (", v.scalar_type(),
+              ") must share one dtype");
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), op, ": query (", q.device(), "), key (",
+              k.device(), ") and value (", v.device(), ") must be on one device");
+  TORCH_CHECK(q.is_cpu() || q.is_cuda(), op, ": CPU or CUDA tensors required, got ", q.device());
+#ifndef LXT_EXT_WITH_CUDA
+  TORCH_CHECK(!q.is_cuda(), op, " got CUDA tensors, but this lxt_ext was built without its CUDA kernels. "
+              "Rebuild it where nvcc and a CUDA build of torch are present: "
+              "pip install --no-build-isolation --force-reinstall --no-deps .");
+#endif
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), op, ": batch sizes differ: query ", q.sizes(),
+              ", key ", k.sizes(), ", value ", v.sizes());
+  TORCH_CHECK(k.size(1) == v.size(1) && k.size(2) == v.size(2), op, ": key ", k.sizes(), " and value ", v.sizes(),
+              " must have the same heads and tokens");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": the ", q.size(1),
+              " query heads must be a multiple of the ", k.size(1), " key/value heads (grouped-query attention)");
+  TORCH_CHECK(k.size(3) == q.size(3) && v.size(3) == q.size(3), op,
+              ": query, key and value must share the head dimension, got ", q.size(3), ", ", k.size(3), " and ",
+              v.size(3));
+  return Shapes{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
+}
+
+// The mask as a (B, Hq, Nq, Nk) view (broadcast dimensions get stride 0, nothing is materialised);
+// a float mask in another float dtype than the query is converted at its own (unbroadcast) size.
+at::Tensor expand_mask(const char* op, const c10::optional<at::Tensor>& mask, const Shapes& s, const at::Tensor& q) {
+  if (!mask.has_value() || !mask->defined()) return at::Tensor();
+  const at::Tensor& m = *mask;
+  TORCH_CHECK(m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type()), op,
+              ": attn_mask must be bool (True = attend) or floating (added to the scores), got ", m.scalar_type());
+  TORCH_CHECK(m.device() == q.device(), op, ": attn_mask is on ", m.device(), ", the query on ", q.device());
+  const std::vector<int64_t> target{s.B, s.Hq, s.Nq, s.Nk};
+  bool ok = m.dim() <= 4;
+  for (int64_t i = 1; ok && i <= m.dim(); ++i) {
+    const int64_t size = m.size(-i);
+    ok = size == 1 || size == target[4 - i];
+  }
+  TORCH_CHECK(ok, op, ": attn_mask of shape ", m.sizes(), " is not broadcastable to (batch, query heads, ",
+              "query tokens, key tokens) = ", at::IntArrayRef(target));
+  const at::Tensor typed = m.scalar_type() == at::kBool ? m : m.to(q.scalar_type());
+  return typed.expand(target);
+}
+
+at::ScalarType acc_type(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// A (.., tokens, D) operand the BLAS can read in place: unit stride along D, rows not overlapping.
+at::Tensor gemm_operand(const at::Tensor& t, at::ScalarType acc) {
+  at::Tensor c = t.to(acc);
+  if (c.stride(-1) != 1 || c.stride(-2) < c.size(-1)) c = c.contiguous();
+  return c;
+}
+
+// Query rows per CPU tile: the score tile covers every key, so rows shrink as Nk grows.
+int64_t tile_rows(int64_t nq, int64_t nk) {
+  return std::max<int64_t>(1, std::min<int64_t>(nq, std::max<int64_t>(16, kTileElements / std::max<int64_t>(nk, 1))));
+}
+
+struct CpuAttention {
+  Shapes s;
+  at::Tensor q, k, v, mask;  // q, k, v in the accumulation dtype; mask as expand_mask returns it
+  double scale;
+  bool causal;
+  int64_t rows;  // query rows per tile
+
+  int64_t tiles() const { return (s.Nq + rows - 1) / rows; }
+  // Keys a tile starting at query row i0 with tq rows can see.
+  int64_t keys(int64_t i0, int64_t tq) const { return causal ? std::min(s.Nk, i0 + tq) : s.Nk; }
+
+  // S = scale Q_t K^T + M for rows [i0, i0 + tq) of head (b, h) over keys [0, nk), masked entries -inf.
+  template <typename acc_t>
+  void scores(at::Tensor& S, int64_t b, int64_t h, int64_t i0, int64_t tq, int64_t nk) const {
+    const at::Tensor qt = q[b][h].narrow(0, i0, tq);
+    const at::Tensor kt = k[b][h / s.group()].narrow(0, 0, nk).t();
+    const bool additive = mask.defined() && mask.scalar_type() != at::kBool;
+    if (additive) {
+      at::addmm_out(S, mask[b][h].narrow(0, i0, tq).narrow(1, 0, nk).to(S.scalar_type()), qt, kt, 1, scale);
+    } else {
+      at::addmm_out(S, S, qt, kt, 0, scale);  // beta = 0: S's old values are ignored, NaN included
+    }
+    const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+    acc_t* out = S.data_ptr<acc_t>();
+    if (mask.defined() && !additive) {
+      const bool* m = mask.data_ptr<bool>();
+      const int64_t base = b * mask.stride(0) + h * mask.stride(1), si = mask.stride(2), sj = mask.stride(3);
+      for (int64_t r = 0; r < tq; ++r) {
+        const bool* row = m + base + (i0 + r) * si;
+        acc_t* srow = out + r * nk;
+        for (int64_t j = 0; j < nk; ++j) {
+          if (!row[j * sj]) srow[j] = neg_inf;
+        }
+      }
+    }
+    if (causal) {
+      for (int64_t r = 0; r < tq; ++r) {
+        const int64_t first_hidden = i0 + r + 1;
+        if (first_hidden < nk) std::fill(out + r * nk + first_hidden, out + (r + 1) * nk, neg_inf);
+      }
+    }
+  }
+};
+
+template <typename acc_t>
+void forward_cpu_kernel(const CpuAttention& a, at::Tensor& out, at::Tensor& stats) {
+  const int64_t tiles = a.tiles();
+  const int64_t items = a.s.B * a.s.Hq * tiles;
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor buffer = at::empty({a.rows * a.s.Nk}, a.q.options());
+    at::Tensor shift = at::empty({a.rows, 1}, a.q.options());
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / (a.s.Hq * tiles), h = item / tiles % a.s.Hq, i0 = item % tiles * a.rows;
+      const int64_t tq = std::min(a.rows, a.s.Nq - i0), nk = a.keys(i0, tq);
+      at::Tensor o = out[b][h].narrow(0, i0, tq);
+      acc_t* st = stats[b][h].data_ptr<acc_t>() + 2 * i0;
+      if (nk == 0) {
+        o.zero_();
+        for (int64_t r = 0; r < tq; ++r) st[2 * r] = neg_inf, st[2 * r + 1] = 0;
+        continue;
+      }
+      at::Tensor S = buffer.narrow(0, 0, tq * nk).view({tq, nk});
+      a.scores<acc_t>(S, b, h, i0, tq, nk);
+      const at::Tensor m = S.amax(1);
+      const acc_t* mp = m.data_ptr<acc_t>();
+      acc_t* sh = shift.data_ptr<acc_t>();
+      // A row with no visible key has m = -inf; shifting it by 0 keeps its exp at exactly 0.
+      for (int64_t r = 0; r < tq; ++r) sh[r] = mp[r] == neg_inf ? acc_t(0) : mp[r];
+      S.sub_(shift.narrow(0, 0, tq)).exp_();
+      const at::Tensor l = S.sum(1);
+      at::mm_out(o, S, a.v[b][h / a.s.group()].narrow(0, 0, nk));
+      const acc_t* lp = l.data_ptr<acc_t>();
+      for (int64_t r = 0; r < tq; ++r) {
+        sh[r] = lp[r] > 0 ? acc_t(1) / lp[r] : acc_t(0);
+        st[2 * r] = mp[r];
+        st[2 * r + 1] = lp[r] > 0 ? std::log(lp[r]) : acc_t(0);
+      }
+      o.mul_(shift.narrow(0, 0, tq));
+    }
+  });
+}
+
+template <typename acc_t>
+void backward_cpu_kernel(const CpuAttention& a, const at::Tensor& dout, const at::Tensor& stats,
+                         const at::Tensor& delta, bool cp, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  const int64_t tiles = a.tiles(), G = a.s.group();
+  const double dv_scale = cp ? 1.0 : 0.5, dqk_scale = a.scale * 0.25;
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  // One work item per (batch, key/value head): it owns its rows of dK and dV, so the accumulation
+  // over query tiles and over the heads of a group needs no synchronisation.
+  const auto run = [&](int64_t begin, int64_t end) {
+    at::Tensor buffer = at::empty({(cp ? 1 : 2) * a.rows * a.s.Nk}, a.q.options());
+    at::Tensor shift = at::empty({a.rows, 1}, a.q.options()), inv_l = at::empty({a.rows, 1}, a.q.options());
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / a.s.Hkv, kv = item % a.s.Hkv;
+      for (int64_t h = kv * G; h < (kv + 1) * G; ++h) {
+        for (int64_t t = 0; t < tiles; ++t) {
+          const int64_t i0 = t * a.rows, tq = std::min(a.rows, a.s.Nq - i0), nk = a.keys(i0, tq);
+          if (nk == 0) continue;
+          at::Tensor P = buffer.narrow(0, 0, tq * nk).view({tq, nk});
+          a.scores<acc_t>(P, b, h, i0, tq, nk);
+          const acc_t* st = stats[b][h].data_ptr<acc_t>() + 2 * i0;
+          acc_t* sh = shift.data_ptr<acc_t>();
+          acc_t* il = inv_l.data_ptr<acc_t>();
+          // P = exp(S - m) / l; rows without a visible key (m = -inf) shift by +inf to P = 0.
+          for (int64_t r = 0; r < tq; ++r) {
+            sh[r] = st[2 * r] == -inf ? inf : st[2 * r];
+            il[r] = std::exp(-st[2 * r + 1]);
+          }
+          P.sub_(shift.narrow(0, 0, tq)).exp_().mul_(inv_l.narrow(0, 0, tq));
+          const at::Tensor go = dout[b][h].narrow(0, i0, tq);
+          dv[b][kv].narrow(0, 0, nk).addmm_(P.t(), go, 1, dv_scale);
+          if (cp) continue;
+          const at::Tensor vt = a.v[b][kv].narrow(0, 0, nk), kt = a.k[b][kv].narrow(0, 0, nk);
+          at::Tensor dS = buffer.narrow(0, tq * nk, tq * nk).view({tq, nk});
+          at::mm_out(dS, go, vt.t());
+          dS.sub_(delta[b][h].narrow(0, i0, tq).unsqueeze(1)).mul_(P);
+          at::Tensor dqt = dq[b][h].narrow(0, i0, tq);
+          at::addmm_out(dqt, dqt, dS, kt, 0, dqk_scale);
+          dk[b][kv].narrow(0, 0, nk).addmm_(dS.t(), a.q[b][h].narrow(0, i0, tq), 1, dqk_scale);
+        }
+      }
+    }
+  };
+  const int64_t items = a.s.B * a.s.Hkv;
+  // With fewer items than threads, run them one by one and let the GEMMs and element-wise ops
+  // use the threads instead.
+  if (items >= at::get_num_threads()) {
+    at::parallel_for(0, items, 1, run);
+  } else {
+    run(0, items);
+  }
+}
+
+CpuAttention make_cpu(const Shapes& s, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const at::Tensor& mask, double scale, bool is_causal) {
+  const auto acc = acc_type(q);
+  return CpuAttention{s, gemm_operand(q, acc), gemm_operand(k, acc), gemm_operand(v, acc), mask, scale, is_causal,
+                      tile_rows(s.Nq, s.Nk)};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     const c10::optional<at::Tensor>& attn_mask, double scale,
+                                                     bool is_causal) {
+  static const char* op = "lxt_ext::attention_forward";
+  const Shapes s = check_inputs(op, q, k, v);
+  const at::Tensor mask = expand_mask(op, attn_mask, s, q);
+#ifdef LXT_EXT_WITH_CUDA
+  if (q.is_cuda()) return attention_forward_cuda(q, k, v, mask, scale, is_causal);
+#endif
+  const CpuAttention a = make_cpu(s, q, k, v, mask, scale, is_causal);
+  at::Tensor out = at::empty({s.B, s.Hq, s.Nq, s.D}, a.q.options());
+  at::Tensor stats = at::empty({s.B, s.Hq, s.Nq, 2}, a.q.options());
+  AT_DISPATCH_FLOATING_TYPES(a.q.scalar_type(), "lxt_ext::attention_forward", [&] {
+    forward_cpu_kernel<scalar_t>(a, out, stats);
+  });
+  return {out.to(q.scalar_type()), stats};
+}
+
+std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                           const at::Tensor& v, const c10::optional<at::Tensor>& attn_mask,
+                                           const at::Tensor& out, const at::Tensor& stats, double scale,
+                                           bool is_causal, int64_t mode) {
+  static const char* op = "lxt_ext::attention_backward";
+  const Shapes s = check_inputs(op, q, k, v);
+  TORCH_CHECK(mode == kAttnLRP || mode == kCP, op, ": mode must be 0 (AttnLRP) or 1 (CP-LRP), got ", mode);
+  const std::vector<int64_t> o_shape{s.B, s.Hq, s.Nq, s.D}, st_shape{s.B, s.Hq, s.Nq, 2};
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(o_shape) && out.sizes() == at::IntArrayRef(o_shape), op,
+              ": grad_out ", grad_out.sizes(), " and out ", out.sizes(), " must have shape ", at::IntArrayRef(o_shape));
+  TORCH_CHECK(stats.sizes() == at::IntArrayRef(st_shape) && stats.scalar_type() == acc_type(q) && stats.is_contiguous(),
+              op, ": stats must be the contiguous ", acc_type(q), " tensor of shape ", at::IntArrayRef(st_shape),
+              " that attention_forward returned, got ", stats.scalar_type(), " ", stats.sizes());
+  for (const at::Tensor* t : {&grad_out, &out, &stats}) {
+    TORCH_CHECK(t->device() == q.device(), op, ": grad_out, out and stats must be on the query's device ", q.device(),
+                ", got ", t->device());
+  }
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), op,
+              ": grad_out (", grad_out.scalar_type(), ") and out (", out.scalar_type(), ") must have the query's dtype ",
+              q.scalar_type());
+  const at::Tensor mask = expand_mask(op, attn_mask, s, q);
+  const bool cp = mode == kCP;
+#ifdef LXT_EXT_WITH_CUDA
+  if (q.is_cuda()) return attention_backward_cuda(grad_out, q, k, v, mask, out, stats, scale, is_causal, cp);
+#endif
+  const CpuAttention a = make_cpu(s, q, k, v, mask, scale, is_causal);
+  const auto acc = a.q.scalar_type();
+  const at::Tensor dout = gemm_operand(grad_out, acc);
+  // rowsum(P * dP) = dO . O per query row (P's rows sum to one, or are zero where nothing is seen).
+  const at::Tensor delta = cp ? at::Tensor() : (dout * out.to(acc)).sum(-1);
+  at::Tensor dq = cp ? at::Tensor() : at::zeros({s.B, s.Hq, s.Nq, s.D}, a.q.options());
+  at::Tensor dk = cp ? at::Tensor() : at::zeros({s.B, s.Hkv, s.Nk, s.D}, a.q.options());
+  at::Tensor dv = at::zeros({s.B, s.Hkv, s.Nk, s.D}, a.q.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "lxt_ext::attention_backward", [&] {
+    backward_cpu_kernel<scalar_t>(a, dout, stats, delta, cp, dq, dk, dv);
+  });
+  if (cp) return {dv.to(q.scalar_type())};
+  return {dq.to(q.scalar_type()), dk.to(q.scalar_type()), dv.to(q.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lxt_ext, CompositeExplicitAutograd, m) {
+  m.impl("attention_forward", &attention_forward);
+  m.impl("attention_backward", &attention_backward);
+}
+
+}  // namespace lxt_ext

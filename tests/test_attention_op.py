@@ -1,0 +1,389 @@
+"""lxt_ext.attention.attention_lrp against independent oracles.
+
+Oracles: (1) the AttnLRP / CP-LRP equations written out densely below in float64; (2) torch's
+scaled_dot_product_attention with autograd (exact gradient, then scaled by 1/4, 1/4, 1/2);
+(3) eager softmax attention (HF's eager path) for masks of torch.finfo.min.
+"""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lxt_ext import _ops
+from lxt_ext.attention import attention_lrp
+
+
+def dense_lrp(q, k, v, grad, mask=None, is_causal=False, scale=None, mode='attnlrp'):
+    """Output and (dQ, dK, dV) of AttnLRP / CP-LRP with every matrix materialised, in float64."""
+    q, k, v, grad = (t.double() for t in (q, k, v, grad))
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = scale * q @ k.transpose(-1, -2)
+    nq, nk = s.shape[-2:]
+    if mask is not None:
+        s = s + (torch.where(mask, 0.0, -math.inf) if mask.dtype == torch.bool else mask.double())
+    if is_causal:
+        s = s.masked_fill(~torch.ones(nq, nk, dtype=torch.bool).tril(), -math.inf)
+    seen = (s > -math.inf).any(-1, keepdim=True)
+    p = torch.where(seen, torch.softmax(s, -1), 0.0)
+    out = p @ v
+    if mode == 'cp':
+        dv = p.transpose(-1, -2) @ grad
+        dq = dk = None
+    else:
+        dv = 0.5 * p.transpose(-1, -2) @ grad
+        dp = 0.5 * grad @ v.transpose(-1, -2)
+        ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+        dq = 0.5 * scale * ds @ k
+        dk = 0.5 * scale * ds.transpose(-1, -2) @ q
+        dk = dk.unflatten(1, (-1, group)).sum(2)
+    dv = dv.unflatten(1, (-1, group)).sum(2)
+    return out, dq, dk, dv
+
+
+def sdpa_scaled(q, k, v, grad, mask=None, is_causal=False, scale=None):
+    """torch SDPA's output and exact gradient, scaled the AttnLRP way (1/4, 1/4, 1/2)."""
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.double()
+    out = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                                         attn_mask=mask, is_causal=is_causal, scale=scale)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad.double())
+    return out, dq / 4, dk / 4, dv / 2
+
+
+def lxt(q, k, v, grad, mask=None, **kwargs):
+    """attention_lrp's output and gradients (None where the mode gives none)."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = attention_lrp(q, k, v, mask, **kwargs)
+    out.backward(grad)
+    return out, q.grad, k.grad, v.grad
+
+
+def assert_close(actual, expected, rtol):
+    """``max|actual - expected| <= rtol * max|expected|`` (and finite, same shape)."""
+    assert actual.shape == expected.shape
+    assert torch.isfinite(actual).all()
+    actual, expected = actual.double(), expected.double()
+    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
+    ref = expected.abs().max().item() if expected.numel() else 0.0
+    assert err <= rtol * max(ref, 1e-30), f'max error {err:.3g} vs max |expected| {ref:.3g}'
+
+
+def inputs(b=2, hq=4, hkv=2, nq=9, nk=11, d=16, dtype=torch.float32, seed=0, device='cpu'):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, nq, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(b, hkv, nk, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(b, hkv, nk, d, generator=gen, dtype=torch.float64)
+    g = torch.randn(b, hq, nq, d, generator=gen, dtype=torch.float64)
+    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v, g))
+
+
+def masks(kind, b, hq, nq, nk, dtype=torch.float32, seed=1):
+    """(mask, is_causal) of each kind the op must take."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == 'none':
+        return None, False
+    if kind == 'causal':
+        return None, True
+    if kind == 'float':
+        return torch.randn(b, 1, nq, nk, generator=gen).to(dtype), False
+    if kind == 'bool':
+        m = torch.rand(b, hq, nq, nk, generator=gen) > 0.3
+        m[..., 0] = True  # every row sees a key: SDPA's and the dense oracle's conventions agree
+        return m, False
+    if kind == 'key_padding':
+        m = torch.ones(b, 1, 1, nk, dtype=torch.bool)
+        m[0, ..., nk // 2:] = False
+        return m, False
+    if kind == 'fully_masked_rows':
+        m = torch.rand(nq, nk, generator=gen) > 0.5
+        m[0] = False
+        m[-1] = False
+        m[1:-1, 0] = True
+        return m, False
+    raise ValueError(kind)
+
+
+MASK_KINDS = ('none', 'causal', 'float', 'bool', 'key_padding', 'fully_masked_rows')
+
+
+@pytest.mark.parametrize('kind', MASK_KINDS)
+@pytest.mark.parametrize('shape', [(2, 4, 2, 9, 11, 16), (1, 3, 3, 13, 6, 8), (2, 2, 1, 1, 17, 4)],
+                         ids=['gqa', 'nq>nk', 'mqa-one-query'])
+def test_attnlrp_matches_dense_equations_and_sdpa(kind, shape):
+    b, hq, hkv, nq, nk, d = shape
+    q, k, v, g = inputs(b, hq, hkv, nq, nk, d)
+    mask, causal = masks(kind, b, hq, nq, nk)
+    out, dq, dk, dv = lxt(q, k, v, g, mask, is_causal=causal)
+    expected = dense_lrp(q, k, v, g, mask, causal)
+    for a, e in zip((out, dq, dk, dv), expected):
+        assert a.dtype == torch.float32
+        assert_close(a, e, 1e-5)
+    for a, e in zip((out, dq, dk, dv), sdpa_scaled(q, k, v, g, mask, causal)):
+        assert_close(a, e, 1e-5)
+
+
+@pytest.mark.parametrize('kind', MASK_KINDS)
+def test_cp_lrp_matches_dense_equations(kind):
+    q, k, v, g = inputs()
+    mask, causal = masks(kind, 2, 4, 9, 11)
+    out, dq, dk, dv = lxt(q, k, v, g, mask, is_causal=causal, mode='cp')
+    e_out, _, _, e_dv = dense_lrp(q, k, v, g, mask, causal, mode='cp')
+    assert dq is None and dk is None
+    assert_close(out, e_out, 1e-5)
+    assert_close(dv, e_dv, 1e-5)
+
+
+def test_fully_masked_rows_give_zero_output_and_gradients():
+    q, k, v, g = inputs()
+    for mask in (torch.zeros(9, 11, dtype=torch.bool), torch.full((9, 11), -math.inf)):
+        mask = mask.clone()
+        mask[3:, :] = True if mask.dtype == torch.bool else 0.0
+        out, dq, dk, dv = lxt(q, k, v, g, mask)
+        assert torch.isfinite(out).all() and torch.isfinite(dq).all()
+        assert (out[..., :3, :] == 0).all() and (dq[..., :3, :] == 0).all()
+        e_out, e_dq, e_dk, e_dv = dense_lrp(q, k, v, g, mask)
+        for a, e in zip((out, dq, dk, dv), (e_out, e_dq, e_dk, e_dv)):
+            assert_close(a, e, 1e-5)
+    # No key at all: every row is fully masked.
+    q, k, v, g = inputs(nk=0)
+    out, dq, dk, dv = lxt(q, k, v, g)
+    assert (out == 0).all() and (dq == 0).all() and dk.shape == k.shape
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_finfo_min_mask_behaves_like_softmax(dtype):
+    """HF eager masks with torch.finfo(dtype).min: a row whose keys all carry it is uniform."""
+    q, k, v, g = inputs(dtype=dtype)
+    lowest = torch.finfo(dtype).min
+    mask = torch.zeros(2, 1, 9, 11, dtype=dtype)
+    mask[0, 0, 2, :] = lowest                 # every key hidden the finite way: uniform attention
+    mask[1, 0, :, 7:] = lowest                # key padding
+    out, dq, dk, dv = lxt(q, k, v, g, mask)
+    group = 2
+    qe, ke, ve = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    scores = qe @ ke.repeat_interleave(group, 1).transpose(-1, -2) / math.sqrt(16) + mask
+    eager = torch.softmax(scores, -1) @ ve.repeat_interleave(group, 1)
+    e_dq, e_dk, e_dv = torch.autograd.grad(eager, (qe, ke, ve), g)
+    assert_close(out, eager, 1e-5)
+    assert_close(out[0, :, 2], v[0].repeat_interleave(group, 0).mean(1), 1e-5)
+    for a, e in zip((dq, dk, dv), (e_dq / 4, e_dk / 4, e_dv / 2)):
+        assert_close(a, e, 1e-5)
+
+
+def test_scale_and_bool_mask_broadcast_from_2d():
+    q, k, v, g = inputs()
+    mask = torch.rand(9, 11, generator=torch.Generator().manual_seed(3)) > 0.4
+    mask[:, 0] = True
+    res = lxt(q, k, v, g, mask, scale=0.37)
+    for a, e in zip(res, dense_lrp(q, k, v, g, mask, scale=0.37)):
+        assert_close(a, e, 1e-5)
+
+
+def test_causal_with_mask_combined():
+    q, k, v, g = inputs(nq=11, nk=11)
+    mask = torch.randn(2, 4, 11, 11)
+    res = lxt(q, k, v, g, mask, is_causal=True)
+    for a, e in zip(res, dense_lrp(q, k, v, g, mask, True)):
+        assert_close(a, e, 1e-5)
+
+
+def test_non_contiguous_inputs():
+    """HF layout: (B, N, H, D) projections viewed as (B, H, N, D); an expanded gradient too."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 9, 4, 16, generator=gen).transpose(1, 2)
+    k = torch.randn(2, 11, 2, 16, generator=gen).transpose(1, 2)
+    v = torch.randn(2, 16, 11, 2, generator=gen).permute(0, 3, 2, 1)  # head dim not unit-stride
+    g = torch.randn(1, 4, 9, 1, generator=gen).expand(2, 4, 9, 16)
+    mask = torch.randn(2, 1, 11, 9, generator=gen).transpose(-1, -2)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous() or mask.is_contiguous())
+    res = lxt(q, k, v, g, mask)
+    for a, e in zip(res, dense_lrp(q, k, v, g, mask)):
+        assert_close(a, e, 1e-5)
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('kind', ['none', 'causal', 'float', 'key_padding'])
+def test_low_precision(dtype, kind):
+    q, k, v, g = inputs(nq=40, nk=40, d=32, dtype=dtype)
+    mask, causal = masks(kind, 2, 4, 40, 40, dtype=dtype)
+    res = lxt(q, k, v, g, mask, is_causal=causal)
+    for a, e in zip(res, dense_lrp(q, k, v, g, mask, causal)):
+        assert a.dtype == dtype
+        assert_close(a, e, 3e-2)
+
+
+def test_float64_is_exact():
+    q, k, v, g = inputs(dtype=torch.float64)
+    mask, _ = masks('float', 2, 4, 9, 11, dtype=torch.float64)
+    for mode in ('attnlrp', 'cp'):
+        res = lxt(q, k, v, g, mask, mode=mode)
+        for a, e in zip(res, dense_lrp(q, k, v, g, mask, mode=mode)):
+            if e is not None:
+                assert a.dtype == torch.float64
+                assert_close(a, e, 1e-12)
+
+
+def test_many_tiles():
+    """More query rows than one CPU tile holds, so rows are split over tiles (and causal key ranges)."""
+    q, k, v, g = inputs(b=1, hq=2, hkv=1, nq=600, nk=1100, d=8)
+    for causal in (False, True):
+        res = lxt(q, k, v, g, is_causal=causal)
+        for a, e in zip(res, dense_lrp(q, k, v, g, is_causal=causal)):
+            assert_close(a, e, 2e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 2), hkv=st.integers(1, 3), group=st.integers(1, 3), nq=st.integers(1, 40),
+       nk=st.integers(1, 40), d=st.integers(1, 24), kind=st.sampled_from(MASK_KINDS),
+       mode=st.sampled_from(['attnlrp', 'cp']), scale=st.one_of(st.none(), st.floats(0.01, 2.0)),
+       seed=st.integers(0, 2 ** 16))
+def test_hypothesis_shapes(b, hkv, group, nq, nk, d, kind, mode, scale, seed):
+    hq = hkv * group
+    q, k, v, g = inputs(b, hq, hkv, nq, nk, d, seed=seed)
+    mask, causal = masks(kind, b, hq, nq, nk, seed=seed)
+    res = lxt(q, k, v, g, mask, is_causal=causal, scale=scale, mode=mode)
+    for a, e in zip(res, dense_lrp(q, k, v, g, mask, causal, scale, mode)):
+        if e is None:
+            assert a is None
+        else:
+            assert_close(a, e, 2e-5)
+
+
+def test_clear_errors():
+    q, k, v, g = inputs()
+    with pytest.raises(RuntimeError, match='attention_forward.*4-D'):
+        attention_lrp(q[0], k, v)
+    with pytest.raises(RuntimeError, match='attention_forward.*multiple of the 3 key/value heads'):
+        attention_lrp(q, torch.randn(2, 3, 11, 16), torch.randn(2, 3, 11, 16))
+    with pytest.raises(RuntimeError, match='attention_forward.*share one dtype'):
+        attention_lrp(q, k.double(), v)
+    with pytest.raises(RuntimeError, match='attention_forward.*head dimension'):
+        attention_lrp(q, k[..., :8], v[..., :8])
+    with pytest.raises(RuntimeError, match='attention_forward.*batch sizes'):
+        attention_lrp(q, k[:1], v[:1])
+    with pytest.raises(RuntimeError, match='attention_forward.*same heads and tokens'):
+        attention_lrp(q, k, v[:, :, :5])
+    with pytest.raises(RuntimeError, match='attention_forward.*not broadcastable'):
+        attention_lrp(q, k, v, torch.zeros(2, 3, 9, 11))
+    with pytest.raises(RuntimeError, match='attention_forward.*not broadcastable'):
+        attention_lrp(q, k, v, torch.zeros(1, 2, 1, 9, 11))
+    with pytest.raises(RuntimeError, match='attention_forward.*attn_mask must be bool'):
+        attention_lrp(q, k, v, torch.zeros(9, 11, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match='attention_forward.*floating query'):
+        attention_lrp(q.int(), k.int(), v.int())
+    with pytest.raises(ValueError, match="mode must be one of"):
+        attention_lrp(q, k, v, mode='uniform')
+    with pytest.raises(RuntimeError, match='attention_forward.*one device'):
+        attention_lrp(q, k.to('meta'), v)
+    out, stats = _ops.ops.attention_forward(q, k, v, None, 0.25, False)
+    with pytest.raises(RuntimeError, match='attention_backward.*mode must be'):
+        _ops.ops.attention_backward(g, q, k, v, None, out, stats, 0.25, False, 2)
+    with pytest.raises(RuntimeError, match='attention_backward.*stats must be'):
+        _ops.ops.attention_backward(g, q, k, v, None, out, stats[..., :1], 0.25, False, 0)
+
+
+@pytest.mark.skipif(_ops.cuda_built, reason='this build has the CUDA kernels')
+def test_cuda_tensor_on_cpu_only_build_names_the_op_and_rebuild():
+    q, k, v, _ = inputs()
+    try:
+        q, k, v = (t.to('cuda') for t in (q, k, v))
+    except (AssertionError, RuntimeError):
+        pytest.skip('no CUDA device to place a tensor on')
+    with pytest.raises(RuntimeError, match='attention_forward got CUDA tensors.*Rebuild'):
+        attention_lrp(q, k, v)
+
+
+def test_only_linear_size_tensors_are_saved():
+    """Backward keeps the inputs, O and two numbers per query row: nothing of size Nq x Nk."""
+    b, hq, hkv, n, d = 1, 2, 1, 512, 8
+    q, k, v, _ = inputs(b, hq, hkv, n, n, d)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = attention_lrp(q, k, v, is_causal=True)
+    saved = [t for t in out.grad_fn.saved_tensors if t is not None]
+    own = [t for t in saved if not any(t is x for x in (q, k, v))]
+    assert [tuple(t.shape) for t in own] == [(b, hq, n, d), (b, hq, n, 2)]
+    assert all(t.numel() < n * n for t in saved)
+
+
+_PEAK_SCRIPT = r'''
+import math, sys, torch
+from lxt_ext.attention import attention_lrp
+torch.set_num_threads(1)
+method, n = sys.argv[1], int(sys.argv[2])
+q, k, v = (torch.randn(1, 1, n, 64, requires_grad=True) for _ in range(3))
+def kb(field):
+    return int(next(l for l in open('/proc/self/status') if l.startswith(field)).split()[1])
+before = kb('VmRSS')
+open('/proc/self/clear_refs', 'w').write('5')
+if method == 'lxt_ext':
+    out = attention_lrp(q, k, v)
+else:
+    out = torch.softmax(q @ k.transpose(-1, -2) / 8, -1) @ v
+out.sum().backward()
+print((kb('VmHWM') - before) / 1024)
+'''
+
+
+def _peak_mb(method, n):
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='0')
+    out = subprocess.run([sys.executable, '-c', _PEAK_SCRIPT, method, str(n)], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/clear_refs'), reason='needs Linux /proc to reset VmHWM')
+def test_peak_memory_grows_linearly():
+    """Measured peak of forward+backward: doubling N from 2k to 4k must not quadruple it (one
+    4k x 4k float matrix alone is 64 MB; the eager attention of the same size is the control)."""
+    small, large = _peak_mb('lxt_ext', 2048), _peak_mb('lxt_ext', 4096)
+    eager_large = _peak_mb('eager', 4096)
+    assert eager_large > 64, f'the control measured only {eager_large:.1f} MB'
+    assert large < 24, f'lxt_ext used {large:.1f} MB at N=4096'
+    assert large < 2.5 * max(small, 1.0), f'{small:.1f} MB at N=2048 but {large:.1f} MB at N=4096'
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _ops.cuda_built, reason='needs a GPU and the CUDA kernels')
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('kind', MASK_KINDS)
+@pytest.mark.parametrize('d', [16, 64, 128, 200])
+def test_cuda_matches_cpu(dtype, kind, d):
+    q, k, v, g = inputs(b=2, hq=4, hkv=2, nq=70, nk=45, d=d, dtype=dtype)
+    mask, causal = masks(kind, 2, 4, 70, 45, dtype=dtype)
+    rtol = 1e-5 if dtype in (torch.float32, torch.float64) else 3e-2
+    for mode in ('attnlrp', 'cp'):
+        cpu = lxt(q, k, v, g, mask, is_causal=causal, mode=mode)
+        gpu = lxt(*(t.cuda() for t in (q, k, v, g)), None if mask is None else mask.cuda(), is_causal=causal,
+                  mode=mode)
+        for a, e in zip(gpu, cpu):
+            if e is None:
+                assert a is None
+            else:
+                assert a.is_cuda and a.dtype == dtype
+                assert_close(a.cpu(), e, rtol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _ops.cuda_built, reason='needs a GPU and the CUDA kernels')
+def test_cuda_non_contiguous_finfo_min_and_empty_rows():
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 33, 4, 64, generator=gen).transpose(1, 2)
+    k = torch.randn(2, 40, 2, 64, generator=gen).transpose(1, 2)
+    v = torch.randn(2, 40, 2, 64, generator=gen).transpose(1, 2)
+    g = torch.randn(2, 4, 33, 64, generator=gen)
+    mask = torch.zeros(2, 1, 33, 40)
+    mask[0, 0, 5] = torch.finfo(torch.float32).min
+    mask[1, 0, 6] = -math.inf
+    cpu = lxt(q, k, v, g, mask)
+    gpu = lxt(*(t.cuda() for t in (q, k, v, g)), mask.cuda())
+    for a, e in zip(gpu, cpu):
+        assert_close(a.cpu(), e, 1e-5)
+    assert (gpu[0][1, :, 6] == 0).all()
