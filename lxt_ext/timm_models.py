@@ -15,7 +15,8 @@ from timm.models.vision_transformer import DiffParallelScalingBlock, ParallelSca
 
 from . import adapters
 from .rules import SwappedForward
-from .transformer_rules import NormIdentity, _attention_lrp, identity_rule, uniform_product
+from .attention import attention_lrp
+from .transformer_rules import NormIdentity, identity_rule, uniform_product
 
 
 class TimmAttention(SwappedForward):
@@ -36,7 +37,7 @@ class TimmAttention(SwappedForward):
         qkv = module.qkv(x).reshape(B, N, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = module.q_norm(q), module.k_norm(k)
-        out = _attention_lrp(q, k, v, attn_mask, scale=module.scale, is_causal=is_causal, mode=self.attention)
+        out = attention_lrp(q, k, v, attn_mask, scale=module.scale, is_causal=is_causal, mode=self.attention)
         out = module.norm(out.transpose(1, 2).reshape(B, N, module.attn_dim))
         if module.gate is not None:
             gate = module.gate(x)

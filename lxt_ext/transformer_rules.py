@@ -23,6 +23,7 @@ from torch.autograd.function import once_differentiable
 from zennit.core import BasicHook, Hook
 from zennit.rules import Pass as ZennitPass
 
+from .attention import attention_lrp
 from .layers import LayerSpec, UnsupportedLayerError
 from .rules import FusedRule, Pass, SwappedForward, _FusedLayer
 
@@ -261,7 +262,8 @@ class _ZennitBackward(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         x, output = ctx.saved_tensors
-        module = ctx.module() if callable(ctx.module) and not isinstance(ctx.module, torch.nn.Module) else ctx.module
+        # linear_rule_apply passes a factory: the module is built only when a backward needs it
+        module = ctx.module if isinstance(ctx.module, torch.nn.Module) else ctx.module()
         return ctx.rule.grad_input(module, ctx.original, x, output, grad, ctx.args, ctx.kwargs), None, None, None, None, None
 
 
@@ -395,11 +397,6 @@ def linear_rule_apply(rule, x, weight, bias=None):
 
 # --- attention ----------------------------------------------------------------------------------
 
-def _attention_lrp(*args, **kwargs):
-    from .attention import attention_lrp
-    return attention_lrp(*args, **kwargs)
-
-
 def _mha_arguments(key, value, key_padding_mask=None, need_weights=True, attn_mask=None, average_attn_weights=True,
                    is_causal=False):
     return key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
@@ -450,7 +447,7 @@ class MultiheadAttentionRule(SwappedForward):
         batch, heads, length = q.shape[0], module.num_heads, q.shape[2]
         mask = self._mask(attn_mask, key_padding_mask, batch, heads, q.dtype)
         causal = bool(is_causal and mask is None)
-        output = _attention_lrp(q, k, v, mask, is_causal=causal, mode=self.attention)
+        output = attention_lrp(q, k, v, mask, is_causal=causal, mode=self.attention)
         output = output.transpose(1, 2).reshape(batch, length, module.embed_dim)
         output = linear_rule_apply(self.linear_rule, output, module.out_proj.weight, module.out_proj.bias)
         if not module.batch_first or unbatched:

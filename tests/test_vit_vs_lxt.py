@@ -15,6 +15,7 @@ import pytest
 import timm
 import torch
 import torchvision
+import zennit.rules
 from zennit.attribution import Gradient
 
 import lxt_oracle
@@ -63,7 +64,12 @@ monkey_patch_zennit()
 model = getattr(vision_transformer, inputs['name'])(**inputs['kwargs'])
 model.load_state_dict(inputs['state'])
 model.eval()
-composite = LayerMapComposite(rules)
+first = {'flat': lambda: z.Flat(), 'zbox': lambda: z.ZBox(low=-3., high=3.)}.get(inputs.get('first'))
+if first is None:
+    composite = LayerMapComposite(rules)
+else:
+    from zennit.composites import SpecialFirstLayerMapComposite
+    composite = SpecialFirstLayerMapComposite(layer_map=rules, first_map=[(torch.nn.Conv2d, first())])
 composite.register(model)
 x = inputs['x'].clone().requires_grad_()
 y = model(x)
@@ -115,6 +121,22 @@ def test_small_torchvision_vit_epsilon_attnlrp_matches_lxt_pieces():
     plain_projections = [(torch.nn.MultiheadAttention, MultiheadAttentionRule('attnlrp', linear_rule=None))]
     output, relevance = _attribute(model, ViTEpsilon(layer_map=plain_projections), x, target)
     torch.testing.assert_close(output, lxt['logits'], rtol=1e-5, atol=1e-5)
+    assert_rel_close(relevance, lxt['relevance'], 1e-3)
+
+
+@pytest.mark.parametrize('first', ['flat', 'zbox'])
+def test_zennit_rules_in_the_composite_match_lxts_patched_zennit(first):
+    """zennit's Flat/ZBox as ``first_rule`` and zennit's Epsilon on every Linear, adapted per hook,
+    vs the same zennit rules under LXT's global ``monkey_patch_zennit``."""
+    model = _torchvision_model(_SMALL_VIT)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4)).clamp(-3., 3.)
+    target = torch.eye(10)[[0, 9]]
+    lxt = lxt_oracle.run(_TORCHVISION_ORACLE, mode='epsilon', first=first, name=_SMALL_VIT[0], kwargs=_SMALL_VIT[1],
+                         state=model.state_dict(), x=x, target=target)
+    first_rule = zennit.rules.Flat() if first == 'flat' else zennit.rules.ZBox(low=-3., high=3.)
+    layer_map = [(torch.nn.MultiheadAttention, MultiheadAttentionRule('attnlrp', linear_rule=None)),
+                 (torch.nn.Linear, zennit.rules.Epsilon(1e-6))]
+    _, relevance = _attribute(model, ViTEpsilon(first_rule=first_rule, layer_map=layer_map), x, target)
     assert_rel_close(relevance, lxt['relevance'], 1e-3)
 
 

@@ -1,0 +1,162 @@
+"""Behaviour of the ViT composites: conservation, misuse, checkpointing, removal, unmapped modules."""
+import warnings
+
+import pytest
+import timm
+import torch
+import torchvision
+import zennit.composites
+from torch.utils.checkpoint import checkpoint
+from zennit.attribution import Gradient
+
+from lxt_ext.transformer_composites import (LanguageTransformer, TransformerComposite, UnmappedModuleError, ViTEpsilon,
+                                            ViTGamma)
+from lxt_ext.rules import Epsilon
+from lxt_ext.transformer_rules import ActivationIdentity
+
+
+def small_vit(seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = dict(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=10)
+    model = torchvision.models.VisionTransformer(**dict(config, **overrides)).eval()
+    torch.nn.init.normal_(model.heads.head.weight, std=0.3)  # torchvision zero-initialises the head
+    return model
+
+
+def attribute(model, composite, x, target):
+    with Gradient(model, composite) as attributor:
+        output, relevance = attributor(x, target)
+    return output.detach(), relevance
+
+
+def test_conservation_cp_lrp(generator):
+    """Biases, class token and position embedding zero (they would absorb relevance), small
+    epsilon: with CP-LRP every rule is conservative, so the pixel relevance sums to the logit.
+    (AttnLRP's softmax rule is not conservative by design; its relevance is checked against LXT.)"""
+    model = small_vit()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith('bias') or name in ('class_token', 'encoder.pos_embedding'):
+                param.zero_()
+            elif 'ln' in name:  # LayerNorm weights away from 1, so that the norm rule matters
+                param.normal_(1., 0.3, generator=generator)
+    x = torch.randn(2, 3, 32, 32, generator=generator)
+    target = torch.eye(10)[[1, 6]]
+    output, relevance = attribute(model, ViTEpsilon(epsilon=1e-9, attention='cp'), x, target)
+    logits = (output * target).sum(1)
+    torch.testing.assert_close(relevance.sum((1, 2, 3)), logits, rtol=1e-3, atol=0)
+
+
+def test_relevance_differs_from_gradient_x_input(generator):
+    """The composite changes the backward (a test that the rules are registered at all)."""
+    model = small_vit()
+    x = torch.randn(1, 3, 32, 32, generator=generator)
+    target = torch.eye(10)[[2]]
+    _, relevance = attribute(model, ViTEpsilon(), x, target)
+    xg = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(model(xg), xg, target)
+    assert (relevance - x * grad).abs().max() > 1e-2 * relevance.abs().max()
+
+
+def test_no_grad_misuse_raises(generator):
+    model = small_vit()
+    x = torch.randn(1, 3, 32, 32, generator=generator)
+    with torch.no_grad(), pytest.raises(RuntimeError, match='does not require grad'):
+        attribute(model, ViTGamma(), x, torch.eye(10)[[0]])
+
+
+class Checkpointed(torch.nn.Module):
+    def __init__(self, block, reentrant):
+        super().__init__()
+        self.block, self.reentrant = block, reentrant
+
+    def forward(self, x):
+        return checkpoint(self.block, x, use_reentrant=self.reentrant)
+
+
+@pytest.mark.parametrize('reentrant', [False, True])
+def test_gradient_checkpointing_gives_the_same_relevance(reentrant, generator):
+    """Checkpointed blocks re-run their forward in backward (reentrant: the first forward without
+    grad, i.e. plain): the rules apply to the re-run. (Reentrant checkpointing refuses
+    ``torch.autograd.grad``, so relevance is read from ``.backward()`` here.)"""
+    model = small_vit()
+    x = torch.randn(2, 3, 32, 32, generator=generator)
+    target = torch.eye(10)[[3, 4]]
+
+    def relevance():
+        xg = x.clone().requires_grad_()
+        with ViTGamma(attention='attnlrp').context(model) as modified:
+            modified(xg).backward(target)
+        return xg.grad
+
+    expected = relevance()
+    layers = model.encoder.layers
+    for name, block in list(layers.named_children()):
+        setattr(layers, name, Checkpointed(block, reentrant))
+    actual = relevance()
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize('composite', [ViTEpsilon, ViTGamma])
+def test_removal_restores_the_model_bitwise(composite, generator):
+    model = small_vit()
+    model.train()  # dropout modules active: DropoutOff must give them back
+    model.encoder.dropout.p = 0.5
+    x = torch.randn(2, 3, 32, 32, generator=generator)
+    torch.manual_seed(5)
+    before = model(x)
+    instance = composite()
+    instance.register(model)
+    assert any('forward' in vars(module) for module in model.modules())
+    model(x.requires_grad_()).sum().backward()
+    instance.remove()
+    assert not any('forward' in vars(module) for module in model.modules())
+    torch.manual_seed(5)
+    assert torch.equal(model(x.detach()), before)
+
+
+class Softsign(torch.nn.Module):
+    def forward(self, x):
+        return x / (1 + x.abs())
+
+
+def test_unmapped_module_is_reported_by_name():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), Softsign(), torch.nn.Linear(8, 2))
+    composite = TransformerComposite(Epsilon())
+    with pytest.raises(UnmappedModuleError, match=r'1 \(.*Softsign\)'):
+        composite.register(model)
+    assert not any('forward' in vars(module) for module in model.modules())  # nothing left registered
+    lenient = TransformerComposite(Epsilon(), strict=False)
+    with pytest.warns(UserWarning, match='Softsign'):
+        lenient.register(model)
+    lenient.remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        TransformerComposite(Epsilon(), layer_map=[(Softsign, ActivationIdentity())]).register(model)
+
+
+def test_timm_block_computing_attention_functionally_is_refused():
+    model = timm.create_model('vit_base_patch16_224', pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                              depth=1, num_heads=4, num_classes=10, block_fn=timm.models.vision_transformer
+                              .ParallelScalingBlock)
+    with pytest.raises(NotImplementedError, match='ParallelScalingBlock'):
+        ViTEpsilon().register(model)
+
+
+def test_language_transformer_explains_input_embeddings(generator):
+    """No first-layer rule: the gradient is per unit of the input, relevance is ``x * g``; with CP-LRP
+    and zero biases it sums to the explained output."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.1, batch_first=True, bias=False, norm_first=True)
+    model = torch.nn.Sequential(layer, torch.nn.Linear(16, 3, bias=False)).eval()
+    x = torch.randn(2, 5, 16, generator=generator, requires_grad=True)
+    with LanguageTransformer(attention='cp', epsilon=1e-9).context(model) as modified:
+        output = modified(x)[:, -1, 0].sum()
+        (grad,) = torch.autograd.grad(output, x)
+    torch.testing.assert_close((x * grad).sum(), output.detach(), rtol=1e-3, atol=0)
+
+
+def test_composites_are_in_zennits_registry():
+    assert zennit.composites.COMPOSITES['lxt_ext_vit_epsilon'] is ViTEpsilon
+    assert zennit.composites.COMPOSITES['lxt_ext_vit_gamma'] is ViTGamma
+    assert zennit.composites.COMPOSITES['lxt_ext_language_transformer'] is LanguageTransformer
