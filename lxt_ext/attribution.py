@@ -1,0 +1,127 @@
+"""Attribution for models explained w.r.t. a tensor no rule emits relevance for (text models and
+their input embeddings), and relevance at named layers.
+
+Inside lxt_ext's transformer composites the gradient of a tensor carries relevance per unit of
+it, so the relevance of any tensor t is ``t * grad(t)``: of the input embeddings, and of the
+output of any module (latent relevance). ``GradientXInput`` is used the zennit way::
+
+    composite = lxt_ext.composites.LanguageTransformer(attention='attnlrp')
+    embeds = model.get_input_embeddings()(input_ids)
+    with GradientXInput(model, composite, forward=lambda m, x: m(inputs_embeds=x).logits,
+                        layers=['model.layers.0', 'model.layers.3.mlp']) as attributor:
+        logits, relevance = attributor(embeds, target)       # relevance: embeds * grad
+        attributor.latent['model.layers.3.mlp']               # that module's output * its grad
+
+``target`` is what zennit's attributors take as ``attr_output``: a tensor of the output's shape
+(the output relevance seed), a callable ``output -> seed``, or, lxt_ext's shorthand, an int class
+index (for a (batch, tokens, classes) output: the class at the last token), or None for the top
+class (at the last token). With a one-hot seed the input relevance sums to the explained logit
+(up to what biases and stabilisers absorb).
+"""
+import torch
+
+
+def _first_tensor(value):
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    if hasattr(value, 'to_tuple'):
+        return _first_tensor(value.to_tuple())
+    return None
+
+
+def seed(output, target):
+    """The output relevance seed (gradient of the output) for ``target`` (see the module doc)."""
+    if callable(target):
+        return target(output)
+    if isinstance(target, torch.Tensor):
+        if target.shape != output.shape:
+            raise ValueError(f'target of shape {tuple(target.shape)} does not match the output {tuple(output.shape)}')
+        return target.to(output.dtype)
+    mask = torch.zeros_like(output)
+    scores = output[:, -1] if output.dim() == 3 else output
+    index = scores.argmax(-1) if target is None else torch.full(scores.shape[:1], int(target), device=output.device)
+    rows = torch.arange(scores.shape[0], device=output.device)
+    if output.dim() == 3:
+        mask[rows, -1, index] = 1
+    elif output.dim() == 2:
+        mask[rows, index] = 1
+    else:
+        raise ValueError(f'an int target needs a (batch, classes) or (batch, tokens, classes) output, '
+                         f'got shape {tuple(output.shape)}; pass a seed tensor or callable instead')
+    return mask
+
+
+class GradientXInput:
+    """Registers ``composite`` on ``model`` while in use; ``attributor(x, target)`` returns the model
+    output and ``x * grad(x)``; ``latent`` holds ``output * grad`` of each module named in ``layers``."""
+
+    def __init__(self, model, composite, forward=None, layers=()):
+        self.model = model
+        self.composite = composite
+        self.forward = forward or (lambda model, x: model(x))
+        self.layers = list(layers)
+        self.latent = {}
+        modules = dict(model.named_modules())
+        unknown = [name for name in self.layers if name not in modules]
+        if unknown:
+            raise KeyError(f'no modules named {unknown} in {type(model).__name__}')
+        self._modules = {name: modules[name] for name in self.layers}
+        self._handles = []
+
+    def __enter__(self):
+        self.composite.register(self.model)
+        return self
+
+    def __exit__(self, *exc):
+        self.composite.remove()
+        return False
+
+    def _capture(self, name):
+        def hook(module, args, output):
+            tensor = _first_tensor(output)
+            if tensor is None or not tensor.requires_grad:
+                raise RuntimeError(f'latent relevance at {name!r}: its output is not a tensor that requires grad')
+            self._outputs[name] = tensor
+        return hook
+
+    def __call__(self, input, target=None):
+        if not isinstance(input, torch.Tensor) or not input.is_floating_point():
+            raise TypeError(f'GradientXInput explains a floating tensor input (e.g. input embeddings), '
+                            f'got {type(input).__name__ if not isinstance(input, torch.Tensor) else input.dtype}')
+        if torch.isnan(input).any():
+            raise ValueError('the input holds NaN')
+        self._outputs = {}
+        handles = [module.register_forward_hook(self._capture(name)) for name, module in self._modules.items()]
+        try:
+            with torch.enable_grad():
+                input = input.detach().requires_grad_()
+                output = _first_tensor(self.forward(self.model, input))
+                if output is None:
+                    raise TypeError('the forward function must return a tensor (e.g. the logits)')
+                names = list(self._outputs)
+                tensors = [input] + [self._outputs[name] for name in names]
+                try:
+                    grads = torch.autograd.grad(output, tensors, seed(output, target), allow_unused=True)
+                except RuntimeError as error:
+                    if 'use_reentrant' not in str(error):
+                        raise
+                    raise RuntimeError(
+                        'the model uses reentrant activation checkpointing, which cannot give the gradient of an '
+                        'input; enable it as non-reentrant, e.g. for transformers '
+                        "model.activation_checkpointing_enable({'use_reentrant': False})") from error
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.latent = {
+            name: (tensor * grad).detach() if grad is not None else torch.zeros_like(tensor)
+            for name, tensor, grad in zip(names, tensors[1:], grads[1:])
+        }
+        if grads[0] is None:
+            relevance = torch.zeros_like(input)
+        else:
+            relevance = grads[0] if getattr(self.composite, 'explicit_first', False) else input.detach() * grads[0]
+        if torch.isnan(relevance).any():
+            raise FloatingPointError('the relevance holds NaN; check the model and the stabilizers of the composite')
+        return output.detach(), relevance.detach()

@@ -1,0 +1,156 @@
+"""lxt_ext on Hugging Face models: conservation, latent relevance, removal, checkpointing, misuse."""
+import pytest
+import torch
+
+transformers = pytest.importorskip('transformers')
+
+from lxt_ext import adapters  # noqa: E402
+from lxt_ext.attribution import GradientXInput  # noqa: E402
+from lxt_ext.huggingface import HFAttention  # noqa: E402
+from lxt_ext.transformer_composites import LanguageTransformer, ViTEpsilon  # noqa: E402
+
+TARGET = 7
+
+
+def llama(**overrides):
+    kwargs = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2, rms_norm_eps=1e-6)
+    kwargs.update(overrides)
+    torch.manual_seed(1)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs)).eval()
+    embeds = model.get_input_embeddings()(torch.randint(0, 64, (2, 10))).detach()
+    return model, embeds
+
+
+def logits_of(model, x):
+    return model(inputs_embeds=x).logits
+
+
+def test_cp_lrp_conserves_the_logit_through_every_layer():
+    """CP-LRP treats the attention weights as constants: every rule on a bias-free LLaMA is then
+    conservative, so the relevance of the input embeddings and of each residual-stream tensor sums
+    to the explained logit."""
+    model, embeds = llama()
+    layers = ['model.layers.0', 'model.layers.1', 'model.norm']
+    with GradientXInput(model, LanguageTransformer(attention='cp', epsilon=1e-9), forward=logits_of,
+                        layers=layers) as attributor:
+        logits, relevance = attributor(embeds, TARGET)
+    explained = logits[:, -1, TARGET]
+    torch.testing.assert_close(relevance.sum((1, 2)), explained, rtol=1e-3, atol=0)
+    for name in layers:
+        torch.testing.assert_close(attributor.latent[name].sum((1, 2)), explained, rtol=1e-3, atol=0, msg=name)
+
+
+def test_attnlrp_differs_from_cp_and_from_the_gradient():
+    """The rules act: AttnLRP sends relevance through queries and keys, CP-LRP does not, and
+    neither is plain gradient x input."""
+    model, embeds = llama()
+    results = {}
+    for mode in ('attnlrp', 'cp'):
+        with GradientXInput(model, LanguageTransformer(attention=mode), forward=logits_of) as attributor:
+            results[mode] = attributor(embeds, TARGET)[1]
+    x = embeds.clone().requires_grad_()
+    logits_of(model, x)[:, -1, TARGET].sum().backward()
+    plain = x * x.grad
+    scale = plain.abs().max()
+    assert (results['attnlrp'] - results['cp']).abs().max() > 1e-3 * scale
+    assert (results['attnlrp'] - plain).abs().max() > 1e-3 * scale
+
+
+def test_removal_restores_the_model_bitwise():
+    model, embeds = llama()
+    with torch.no_grad():
+        before = logits_of(model, embeds)
+    configs = {name: module.config for name, module in model.named_modules() if hasattr(module, 'config')}
+    with GradientXInput(model, LanguageTransformer(attention='attnlrp'), forward=logits_of) as attributor:
+        attributor(embeds, TARGET)
+    with torch.no_grad():
+        after = logits_of(model, embeds)
+    assert torch.equal(before, after)
+    assert all(module.config is configs[name] for name, module in model.named_modules() if hasattr(module, 'config'))
+    assert not [name for name, module in model.named_modules() if 'forward' in module.__dict__]
+
+
+def test_gradient_checkpointing_gives_the_same_relevance():
+    model, embeds = llama()
+    with GradientXInput(model, LanguageTransformer(attention='attnlrp'), forward=logits_of) as attributor:
+        expected = attributor(embeds, TARGET)[1]
+    model.activation_checkpointing_enable({'use_reentrant': False})
+    model.train()  # transformers checkpoints only in training mode; the composite switches dropout off
+    with GradientXInput(model, LanguageTransformer(attention='attnlrp'), forward=logits_of) as attributor:
+        relevance = attributor(embeds, TARGET)[1]
+    torch.testing.assert_close(relevance, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_reentrant_checkpointing_is_a_clear_error():
+    model, embeds = llama()
+    model.activation_checkpointing_enable({'use_reentrant': True})
+    model.train()
+    with GradientXInput(model, LanguageTransformer(attention='attnlrp'), forward=logits_of) as attributor:
+        with pytest.raises(RuntimeError, match="'use_reentrant': False"):
+            attributor(embeds, TARGET)
+
+
+def test_forward_under_no_grad_is_plain():
+    model, embeds = llama()
+    with torch.no_grad():
+        expected = logits_of(model, embeds)
+    composite = LanguageTransformer(attention='attnlrp')
+    composite.register(model)
+    try:
+        with torch.no_grad():
+            assert torch.equal(logits_of(model, embeds), expected)
+    finally:
+        composite.remove()
+
+
+def test_attention_rule_refuses_what_it_cannot_do():
+    model, embeds = llama()
+    with GradientXInput(model, LanguageTransformer(attention='attnlrp'), forward=logits_of):
+        with pytest.raises(NotImplementedError, match='output_attentions'):
+            model(inputs_embeds=embeds.requires_grad_(), output_attentions=True)
+    with pytest.raises(ValueError, match='mode'):
+        HFAttention('softmax')
+    with pytest.raises(ValueError, match='attention'):
+        adapters.Options(attention='flash')
+
+
+def test_padding_mask_keeps_padded_tokens_out():
+    """Left padding: the padded positions get no relevance, and the others match the unpadded run."""
+    model, embeds = llama()
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, :3] = 0
+    forward = lambda model, x: model(inputs_embeds=x, attention_mask=mask).logits  # noqa: E731
+    with GradientXInput(model, LanguageTransformer(attention='attnlrp'), forward=forward) as attributor:
+        relevance = attributor(embeds, TARGET)[1]
+    assert relevance[0, :3].abs().max() == 0
+    assert relevance[0, 3:].abs().max() > 0
+
+
+def test_latent_layer_names_are_checked():
+    model, _ = llama()
+    with pytest.raises(KeyError, match='model.layers.9'):
+        GradientXInput(model, LanguageTransformer(), forward=logits_of, layers=['model.layers.9'])
+
+
+def test_hf_vit_relevance_conserves_the_logit():
+    """A Hugging Face ViT (attention through transformers' registry, GELUActivation, LayerNorm) with
+    every bias-like parameter zeroed (biases, the class token and the position embeddings, which
+    would absorb relevance), CP-LRP and a tiny epsilon: the pixel relevance, emitted by the patch
+    embedding as explicit relevance, sums to the explained logit."""
+    torch.manual_seed(2)
+    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, intermediate_size=128, num_labels=5, initializer_range=0.2)
+    model = transformers.ViTForImageClassification(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(('bias', 'cls_token', 'position_embeddings')):
+                parameter.zero_()
+    images = torch.randn(2, 3, 32, 32)
+    forward = lambda model, x: model(pixel_values=x).logits  # noqa: E731
+    with GradientXInput(model, ViTEpsilon(epsilon=1e-9, attention='cp'), forward=forward) as attributor:
+        logits, relevance = attributor(images, 3)
+    torch.testing.assert_close(relevance.sum((1, 2, 3)), logits[:, 3], rtol=1e-3, atol=0)
+    with GradientXInput(model, ViTEpsilon(attention='attnlrp'), forward=forward) as attributor:
+        attnlrp = attributor(images, 3)[1]
+    assert (attnlrp - relevance).abs().max() > 1e-3 * relevance.abs().max()
