@@ -1,7 +1,9 @@
-"""``python -m lxt_ext``: attribute images with a CNN and write heatmap PNGs.
+"""``python -m lxt_ext``: attribute images with a CNN or a Vision Transformer and write heatmap PNGs.
 
 Offline by design: the model is built from torchvision with random weights (seeded) unless
 ``--weights`` names a local state_dict file; without ``--input`` an embedded synthetic image is used.
+CNNs get zennit's LRP composites with lxt_ext's fused rules; ViTs lxt_ext's attention-aware
+composites (``vit_gamma``: LXT's published recipe, CP-LRP with gamma; ``vit_epsilon``: AttnLRP).
 """
 import argparse
 import os
@@ -10,16 +12,24 @@ import sys
 import torch
 
 from . import composites as lxt_composites
+from . import transformer_composites
 from .sample import load_images, sample_image
 
-MODELS = ('vgg16', 'vgg11', 'resnet18', 'resnet50')
-COMPOSITES = {
+CNNS = ('vgg16', 'vgg11', 'resnet18', 'resnet50')
+VITS = ('vit_b_16', 'vit_b_32')
+MODELS = CNNS + VITS
+CNN_COMPOSITES = {
     'epsilon_gamma_box': lxt_composites.EpsilonGammaBox,
     'epsilon_plus': lxt_composites.EpsilonPlus,
     'epsilon_alpha2_beta1': lxt_composites.EpsilonAlpha2Beta1,
     'epsilon_plus_flat': lxt_composites.EpsilonPlusFlat,
     'epsilon_alpha2_beta1_flat': lxt_composites.EpsilonAlpha2Beta1Flat,
 }
+VIT_COMPOSITES = {
+    'vit_gamma': transformer_composites.ViTGamma,
+    'vit_epsilon': transformer_composites.ViTEpsilon,
+}
+COMPOSITES = {**CNN_COMPOSITES, **VIT_COMPOSITES}
 # torchvision's ImageNet normalisation: pixel bounds 0..1 map to these per-channel bounds (ZBox).
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -33,11 +43,21 @@ def build_model(name, weights=None, seed=0):
     model = getattr(torchvision.models, name)(weights=None)
     if weights is not None:
         model.load_state_dict(torch.load(weights, map_location='cpu', weights_only=True))
+    elif name in VITS:
+        # torchvision zero-initialises the classification head: all logits and relevance would be 0
+        torch.nn.init.normal_(model.heads.head.weight, std=0.02)
+    if name in VITS:
+        return model.eval(), None
     canonizer = VGGCanonizer if name.startswith('vgg') else ResNetCanonizer
     return model.eval(), canonizer
 
 
-def build_composite(name, canonizer):
+def build_composite(name, canonizer, model_name='vgg16'):
+    fits = VIT_COMPOSITES if model_name in VITS else CNN_COMPOSITES
+    if name not in fits:
+        raise ValueError(f'composite {name!r} does not fit {model_name}; choose one of {sorted(fits)}')
+    if name in VIT_COMPOSITES:
+        return VIT_COMPOSITES[name]()
     kwargs = {'canonizers': [canonizer()]}
     if name == 'epsilon_gamma_box':
         kwargs.update(low=(0. - MEAN) / STD, high=(1. - MEAN) / STD)
@@ -79,7 +99,8 @@ def save_heatmap(relevance, image, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog='python -m lxt_ext', description=__doc__.split('\n')[0])
     parser.add_argument('--model', choices=MODELS, default='vgg16')
-    parser.add_argument('--composite', choices=sorted(COMPOSITES), default='epsilon_gamma_box')
+    parser.add_argument('--composite', choices=sorted(COMPOSITES),
+                        help='default: epsilon_gamma_box for CNNs, vit_gamma for ViTs')
     parser.add_argument('--weights', help='local state_dict file (default: random weights, seeded)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--input', nargs='*', help='image files or folders (default: an embedded synthetic image)')
@@ -97,8 +118,14 @@ def main(argv=None):
         names, images = load_images(args.input, args.size)
     else:
         names, images = ['sample'], sample_image(args.size)[None]
+    if args.model in VITS and args.size != 224:
+        parser.error(f'{args.model} takes 224 x 224 images (--size 224)')
     model, canonizer = build_model(args.model, args.weights, args.seed)
-    composite = build_composite(args.composite, canonizer)
+    default = 'vit_gamma' if args.model in VITS else 'epsilon_gamma_box'
+    try:
+        composite = build_composite(args.composite or default, canonizer, args.model)
+    except ValueError as error:
+        parser.error(str(error))
     relevance, classes = attribute(model, composite, images, args.target, args.batch_size)
 
     if len(images) == 1:
