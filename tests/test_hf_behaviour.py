@@ -154,3 +154,18 @@ def test_hf_vit_relevance_conserves_the_logit():
     with GradientXInput(model, ViTEpsilon(attention='attnlrp'), forward=forward) as attributor:
         attnlrp = attributor(images, 3)[1]
     assert (attnlrp - relevance).abs().max() > 1e-3 * relevance.abs().max()
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_half_precision_relevance_follows_float32(dtype):
+    """The same LLaMA in bf16/fp16 (fp32 accumulation in the fused ops) gives the float32 relevance
+    up to half-precision rounding."""
+    model, embeds = llama()
+    with GradientXInput(model, LanguageTransformer(attention='attnlrp'), forward=logits_of) as attributor:
+        expected = attributor(embeds, TARGET)[1]
+    model.to(dtype)
+    with GradientXInput(model, LanguageTransformer(attention='attnlrp'), forward=logits_of) as attributor:
+        relevance = attributor(embeds.to(dtype), TARGET)[1]
+    assert relevance.dtype == dtype
+    cosine = torch.nn.functional.cosine_similarity(relevance.float().flatten(), expected.flatten(), dim=0)
+    assert cosine > 0.999, f'cosine similarity {cosine:.4f}'
