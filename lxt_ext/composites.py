@@ -1,22 +1,24 @@
 """zennit's LRP composites with lxt_ext's fused rules on every Linear and convolution layer.
 
-Same names, signatures and layer maps as ``zennit.composites``; zennit's own rules stay where
-lxt_ext has no fused one (ZBox and Flat on the first layer, Norm on sum and average pooling);
-activations and BatchNorm get lxt_ext's Pass, which keeps no copy of their inputs. Each is also registered in zennit's composite registry as ``lxt_ext_<name>``.
+Same names, signatures and layer maps as ``zennit.composites``, with lxt_ext's rules of the same name:
+ZBox on the first layer and Norm on sums (ResNetCanonizer's residual ``Sum``) and average pooling keep
+only their inputs, and activations and BatchNorm get lxt_ext's Pass, which keeps nothing. zennit's own
+Flat stays on the first layer of the ``*Flat`` composites. Each is also registered in zennit's
+composite registry as ``lxt_ext_<name>``.
 """
 import torch
 from zennit.composites import LayerMapComposite, SpecialFirstLayerMapComposite, register_composite
-from zennit.rules import Flat, Norm, ZBox
+from zennit.rules import Flat
 from zennit.layer import Sum
 from zennit.types import Activation, AvgPool, BatchNorm, Convolution, Linear
 
-from .rules import AlphaBeta, Epsilon, Gamma, Pass, ZPlus
+from .rules import AlphaBeta, Epsilon, Gamma, Norm, Pass, ZBox, ZPlus
 
 __all__ = ['EpsilonGammaBox', 'EpsilonPlus', 'EpsilonAlpha2Beta1', 'EpsilonPlusFlat', 'EpsilonAlpha2Beta1Flat']
 
 
 def layer_map_base(stabilizer=1e-6):
-    """zennit's ``layer_map_base`` with lxt_ext's Pass (no input clones on activations and BatchNorm)."""
+    """zennit's ``layer_map_base`` with lxt_ext's Pass and Norm (no input clones, nothing kept past backward)."""
     return [
         (Activation, Pass()),
         (Sum, Norm(stabilizer=stabilizer)),

@@ -49,6 +49,21 @@ class LayerSpec:
             groups=module.groups,
         )
 
+    def product(self, x, weight, output_padding):
+        """``W x`` (no bias): the layer's own product, through ATen."""
+        if self.linear:
+            return torch.nn.functional.linear(x, weight)
+        return torch.ops.aten.convolution(x, weight, None, self.stride, self.padding, self.dilation, self.transposed,
+                                          output_padding, self.groups)
+
+    def input_product(self, s, weight, x, output_padding):
+        """``W^T s``: the gradient of ``W x`` w.r.t. ``x`` for the output gradient ``s`` (``x`` gives the shape)."""
+        if self.linear:
+            return s @ weight
+        return torch.ops.aten.convolution_backward(
+            s, x, weight, None, self.stride, self.padding, self.dilation, self.transposed, output_padding,
+            self.groups, [True, False, False])[0]
+
     def output_padding(self, weight, input_shape, output_shape):
         """A transposed convolution's output padding, read off the shapes its forward produced (so
         ``forward(x, output_size=...)`` is covered as well)."""

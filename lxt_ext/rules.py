@@ -12,14 +12,21 @@ gradient slot carries: ``'explicit'`` (zennit's: relevance, ``R_in = x * W^T S``
 ``'gradient_x_input'`` (relevance per unit of the tensor, used inside lxt_ext's transformer
 composites: ``R = y * g_out`` in and ``g_in`` out, with ``x * g_in`` the input relevance).
 """
+import collections
+import weakref
+
 import torch
 from torch.autograd.function import once_differentiable
-from zennit.core import Hook, RemovableHandle, RemovableHandleList, Stabilizer
+from zennit.core import Hook, RemovableHandle, RemovableHandleList, Stabilizer, expand
+from zennit.layer import Sum
 
 from . import _ops
 from .layers import LayerSpec, check_input
 
 CONVENTIONS = ('explicit', 'gradient_x_input')
+# The inputs most recently kept by product rules (weakly). A residual sum's input stacks the block input,
+# which the block's first layer already keeps: Norm on the sum keeps a reference to it instead of a copy.
+_RECENTLY_KEPT = collections.deque(maxlen=8)
 _GRADIENT, _EPSILON, _GAMMA, _ALPHA_BETA = 0, 1, 2, 3
 
 
@@ -137,7 +144,22 @@ class _PassThrough(torch.autograd.Function):
         return grad, None, None, None
 
 
-class FusedRule(SwappedForward):
+class ProductRule(SwappedForward):
+    """A rule for a layer ``y = W x + b``: ``_FusedLayer`` keeps the layer input, and ``backward_op`` maps
+    the output relevance to the input relevance without an autograd graph."""
+
+    def prepare(self, module):
+        self._spec = LayerSpec.of(module)
+
+    def apply(self, module, original, input, args, kwargs):
+        check_input(module, input)
+        return _FusedLayer.apply(input, module.weight, module.bias, self, self._spec, original, args, kwargs)
+
+    def backward_op(self, x, weight, bias, grad, spec, output_padding):
+        raise NotImplementedError
+
+
+class FusedRule(ProductRule):
     """A zennit Hook whose backward is ``torch.ops.lxt_ext.lrp_backward`` with fixed rule data."""
     code = None
 
@@ -157,13 +179,6 @@ class FusedRule(SwappedForward):
     def rule_biases(self, bias):
         """``(b1, b2)``: the bias as it enters the rule's first and second denominator."""
         raise NotImplementedError
-
-    def prepare(self, module):
-        self._spec = LayerSpec.of(module)
-
-    def apply(self, module, original, input, args, kwargs):
-        check_input(module, input)
-        return _FusedLayer.apply(input, module.weight, module.bias, self, self._spec, original, args, kwargs)
 
     def backward_op(self, x, weight, bias, grad, spec, output_padding):
         code = self.code if self.active else _GRADIENT
@@ -188,6 +203,7 @@ class _FusedLayer(torch.autograd.Function):
     def forward(ctx, input, weight, bias, hook, spec, original, args, kwargs):
         output = original(input, *args, **kwargs)
         ctx.save_for_backward(input, weight, bias)
+        _RECENTLY_KEPT.append(weakref.ref(input))
         ctx.hook, ctx.spec = hook, spec
         ctx.output_padding = spec.output_padding(weight, input.shape, output.shape)
         return output
@@ -252,3 +268,105 @@ class ZPlus(AlphaBeta):
 
     def __init__(self, stabilizer=1e-6, zero_params=None, *, convention='explicit'):
         super().__init__(alpha=1., beta=0., stabilizer=stabilizer, zero_params=zero_params, convention=convention)
+
+
+class ZBox(ProductRule):
+    """LRP-ZBox, as ``zennit.rules.ZBox``: ``R_in = x W^T s - low W+^T s - high W-^T s`` with
+    ``s = R / stab(W x - W+ low - W- high)``. zennit's three biases ``b - b+ - b-`` cancel, so the bias
+    (zeroed or not) does not enter. Backward takes three forward and two input-gradient products
+    (``W^T s = W+^T s + W-^T s``) from the kept input alone."""
+
+    def __init__(self, low, high, stabilizer=1e-6, zero_params=None):
+        super().__init__()
+        self.low, self.high = low, high
+        self.stabilizer = stabilizer
+        self.zero_params = zero_params
+        self._stabilize = Stabilizer.ensure(stabilizer)
+        _zeroes_bias(zero_params)
+
+    def apply(self, module, original, input, args, kwargs):
+        check_input(module, input)
+        # zennit broadcasts the bounds against the input as the module gets it (batched or not): views only
+        bounds = _BoundedZBox(self, *(expand(b, input.shape, cut_batch_dim=True) for b in (self.low, self.high)))
+        return _FusedLayer.apply(input, module.weight, module.bias, bounds, self._spec, original, args, kwargs)
+
+
+class _BoundedZBox:
+    """One forward call's ZBox: the rule with its bounds expanded to that call's input."""
+
+    def __init__(self, rule, low, high):
+        self.rule, self.low, self.high = rule, low, high
+
+    def backward_op(self, x, weight, bias, grad, spec, output_padding):
+        if not self.rule.active:
+            return spec.input_product(grad, weight, x, output_padding)
+        low, high = self.low.to(x).expand(x.shape), self.high.to(x).expand(x.shape)
+        w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
+        z = spec.product(x, weight, output_padding)
+        z -= spec.product(low, w_pos, output_padding)
+        z -= spec.product(high, w_neg, output_padding)
+        s = grad / self.rule._stabilize(z)
+        del z
+        relevance = (x - low) * spec.input_product(s, w_pos, x, output_padding)
+        relevance += (x - high) * spec.input_product(s, w_neg, x, output_padding)
+        return relevance
+
+
+class Norm(SwappedForward):
+    """zennit's Norm rule for a parameter-free linear module ``y = f(x)`` (zennit's ``Sum``, average
+    pooling): ``R_in = x * J_f^T (R / stab(y))``. Keeps only the input, and of a ``Sum``'s stacked input
+    only the slices no product rule keeps already; backward re-runs ``f`` once for ``J_f^T``. (zennit's
+    keeps a clone of the input and the output relevance until the hook is removed.)"""
+
+    def __init__(self, stabilizer=1e-6):
+        super().__init__()
+        self.stabilizer = stabilizer
+        self._stabilize = Stabilizer.ensure(stabilizer)
+
+    def apply(self, module, original, input, args, kwargs):
+        sum_dim = module.dim if isinstance(module, Sum) else None
+        return _NormLayer.apply(input, self, original, args, kwargs, sum_dim)
+
+
+def _kept_equal(tensor):
+    """A tensor a product rule keeps anyway that is bitwise equal to ``tensor``, or None."""
+    for ref in reversed(_RECENTLY_KEPT):
+        kept = ref()
+        if (kept is not None and kept.shape == tensor.shape and kept.dtype == tensor.dtype
+                and kept.device == tensor.device and torch.equal(kept, tensor)):
+            return kept
+    return None
+
+
+class _NormLayer(torch.autograd.Function):
+    """The module's own forward; Norm's backward. Saves the input, or a ``Sum``'s input as its slices
+    along the summed dimension: a slice equal to a tensor kept by a product rule shares that tensor."""
+
+    @staticmethod
+    def forward(ctx, input, hook, original, args, kwargs, sum_dim):
+        ctx.hook, ctx.original, ctx.args, ctx.kwargs = hook, original, args, kwargs
+        ctx.sum_dim = None
+        if sum_dim is not None:
+            slices = input.unbind(sum_dim)
+            shared = [_kept_equal(part) for part in slices]
+            if any(part is not None for part in shared):
+                ctx.sum_dim = sum_dim
+                ctx.save_for_backward(*(kept if kept is not None else part.contiguous()
+                                        for kept, part in zip(shared, slices)))
+        if ctx.sum_dim is None:
+            ctx.save_for_backward(input)
+        return original(input, *args, **kwargs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        x = saved[0] if ctx.sum_dim is None else torch.stack(saved, ctx.sum_dim)
+        del saved
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_()
+            y = ctx.original(xg, *ctx.args, **ctx.kwargs)
+        if not ctx.hook.active:
+            return torch.autograd.grad(y, xg, grad)[0], None, None, None, None, None
+        (g,) = torch.autograd.grad(y, xg, grad / ctx.hook._stabilize(y.detach()))
+        return x * g, None, None, None, None, None

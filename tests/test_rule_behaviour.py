@@ -8,7 +8,7 @@ from zennit.types import Convolution
 import lxt_ext
 from lxt_ext.composites import EpsilonGammaBox
 from lxt_ext.layers import UnsupportedLayerError
-from lxt_ext.rules import AlphaBeta, Epsilon, Gamma, ZPlus
+from lxt_ext.rules import AlphaBeta, Epsilon, Gamma, Norm, Pass, ZBox, ZPlus
 
 
 def small_cnn():
@@ -77,6 +77,8 @@ def test_stabilizers_and_zero_params_lxt_ext_cannot_fuse_are_refused_clearly():
         Epsilon(zero_params=['weight'])
     with pytest.raises(ValueError, match='convention'):
         Epsilon(convention='implicit')
+    with pytest.raises(NotImplementedError, match='weight'):
+        ZBox(-1., 1., zero_params='weight')
 
 
 def test_removal_restores_the_model_bitwise():
@@ -157,3 +159,36 @@ def test_pass_refuses_modules_that_change_the_shape():
     with LayerMapComposite([(torch.nn.Flatten, Pass())]).context(layer):
         with pytest.raises(TypeError, match='element-wise'):
             layer(torch.randn(2, 3, 4, requires_grad=True))
+
+
+def test_norm_on_a_residual_sum_keeps_no_copy_of_the_block_input():
+    """zennit's ResNet canonizer sums ``stack([identity, out])``; the block's first layer keeps the
+    identity already, so Norm keeps only ``out``: no tensor of the stacked size stays for backward."""
+    from zennit.layer import Sum
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.relu, self.sum = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.ReLU(), Sum()
+
+        def forward(self, x):
+            return self.relu(self.sum(torch.stack([x, self.conv(x)], dim=-1)))
+
+    block = Block()
+    x = torch.randn(2, 4, 6, 6).relu_().requires_grad_()
+    kept = {}
+
+    def pack(tensor):
+        kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    composite = LayerMapComposite([(torch.nn.ReLU, Pass()), (Sum, Norm()), (Convolution, Gamma())])
+    with composite.context(block), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        y = block(x)
+    parameters = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    activations = sorted(size for ptr, size in kept.items() if ptr not in parameters)
+    # the conv's input (the identity, shared with Norm) and Norm's copy of the conv's output
+    assert activations == [x.nbytes, x.nbytes]
+    assert x.untyped_storage().data_ptr() in kept
+    with composite.context(block):
+        assert torch.isfinite(torch.autograd.grad(block(x), x, torch.ones_like(y))[0]).all()

@@ -17,6 +17,7 @@ from zennit.composites import (
 from zennit.core import Stabilizer
 
 import lxt_ext.rules
+import zennit.layer
 import zennit.rules
 from conftest import (
     RULE_NAMES, assert_rel_close, layer_relevance, randomize_biases, relevance, relu_input, rule_pair,
@@ -387,3 +388,135 @@ def test_valid_arguments_accepted_like_zennit(name, kwargs):
 def test_unknown_convention_rejected(name):
     with pytest.raises(ValueError):
         getattr(lxt_ext.rules, name)(convention='relevance')
+
+
+# ------------------------------------------------------------------------------------------------
+# ZBox (the first layer of EpsilonGammaBox) and Norm (residual sums, average pooling): lxt_ext's
+# rules keep only the input and compute the products without a graph; zennit's re-run the module.
+
+def _bounds(kind, x, unbatched, generator):
+    """``(low, high)`` as zennit takes them: numbers, or tensors broadcast from the left (leading
+    dims), or with a larger batch that zennit cuts to the input's."""
+    if kind == 'scalar':
+        return -2.5, 3.
+    shape = {'leading': x.shape[:1] if unbatched else x.shape[:2],
+             'full': x.shape,
+             'larger_batch': (x.shape[0] + 2,) + x.shape[1:]}[kind]
+    low = -(torch.rand(shape, dtype=x.dtype, generator=generator) + 0.5)
+    return low, torch.rand(shape, dtype=x.dtype, generator=generator) + 0.5
+
+
+ZBOX_CASES = [(layer_id, kind) for layer_id in LAYERS_BY_ID for kind in ('scalar', 'leading', 'full', 'larger_batch')
+              if not (kind == 'larger_batch' and layer_id.endswith('unbatched'))]
+
+
+@pytest.mark.parametrize('layer_id,kind', ZBOX_CASES)
+def test_zbox_matches_zennit_float64(layer_id, kind, generator):
+    module, x, r, forward_kwargs = draw(layer_id, torch.float64, 'signed', generator)
+    low, high = _bounds(kind, x, layer_id.endswith('unbatched'), generator)
+    reference_module, reference_kwargs = oracle_layer(module, x, forward_kwargs)
+    expected = layer_relevance(reference_module, x, r, zennit.rules.ZBox(low, high), reference_kwargs)
+    actual = layer_relevance(module, x, r, lxt_ext.rules.ZBox(low, high), forward_kwargs)
+    assert_rel_close(actual, expected, 1e-10)
+
+
+@pytest.mark.parametrize('kwargs', [{'stabilizer': 0.1}, {'zero_params': 'bias'}, {'zero_params': ['bias']},
+                                    {'stabilizer': Stabilizer(epsilon=0.01, clip=True)}])
+@pytest.mark.parametrize('layer_id', ['linear', 'conv2d_groups3_s2', 'convT2d_s2_p1'])
+def test_zbox_arguments_match_zennit(layer_id, kwargs, generator):
+    module, x, r, _ = draw(layer_id, torch.float64, 'signed', generator)
+    low, high = _bounds('leading', x, False, generator)
+    expected = layer_relevance(module, x, r, zennit.rules.ZBox(low, high, **kwargs))
+    assert_rel_close(layer_relevance(module, x, r, lxt_ext.rules.ZBox(low, high, **kwargs)), expected, 1e-10)
+
+
+def test_zbox_float32_matches_zennit(generator):
+    module, x, r, _ = draw('conv2d', torch.float32, 'signed', generator)
+    expected = layer_relevance(module, x, r, zennit.rules.ZBox(-3., 3.))
+    assert_rel_close(layer_relevance(module, x, r, lxt_ext.rules.ZBox(-3., 3.)), expected, 1e-5)
+
+
+NORM_CASES = [
+    ('sum_last', lambda: zennit.layer.Sum(), (2, 4, 5, 2)),
+    ('sum_dim1_of3', lambda: zennit.layer.Sum(dim=1), (3, 3, 5)),
+    ('avgpool2d', lambda: nn.AvgPool2d(2), (2, 3, 6, 6)),
+    ('avgpool1d_s2_p1', lambda: nn.AvgPool1d(3, stride=2, padding=1), (2, 3, 9)),
+    ('adaptive_avgpool2d', lambda: nn.AdaptiveAvgPool2d((2, 3)), (2, 3, 7, 8)),
+]
+
+
+@pytest.mark.parametrize('stabilizer', [1e-6, 0.1, Stabilizer(epsilon=0.01, clip=True)], ids=['1e-6', '0.1', 'clip'])
+@pytest.mark.parametrize('case_id,factory,shape', NORM_CASES, ids=[case[0] for case in NORM_CASES])
+def test_norm_matches_zennit_float64(case_id, factory, shape, stabilizer, generator):
+    module = factory()
+    x = signed_input(shape, torch.float64, generator)
+    with torch.no_grad():
+        r = torch.randn(module(x).shape, dtype=torch.float64, generator=generator)
+    expected = layer_relevance(module, x, r, zennit.rules.Norm(stabilizer=stabilizer))
+    assert_rel_close(layer_relevance(module, x, r, lxt_ext.rules.Norm(stabilizer=stabilizer)), expected, 1e-10)
+
+
+class _Residual(nn.Module):
+    """zennit's canonized residual: ``Sum(stack([x, conv(x)]))``; the conv's rule keeps ``x``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.sum = zennit.layer.Sum()
+        self.out = nn.Conv2d(4, 2, 3)
+
+    def forward(self, x):
+        return self.out(self.relu(self.sum(torch.stack([x, self.conv(x)], dim=-1))))
+
+
+def _residual_composite(rules):
+    return LayerMapComposite(layer_map=[(nn.ReLU, zennit.rules.Pass()), (zennit.layer.Sum, rules.Norm()),
+                                        (nn.Conv2d, rules.Gamma(gamma=0.5))])
+
+
+def test_norm_on_residual_sum_matches_zennit(generator):
+    torch.manual_seed(3)
+    model = randomize_biases(_Residual().double(), generator, std=0.3)
+    x = signed_input((2, 4, 6, 6), torch.float64, generator)
+    r = torch.randn(2, 2, 4, 4, dtype=torch.float64, generator=generator)
+    expected = relevance(model, x, r, _residual_composite(zennit.rules))
+    assert_rel_close(relevance(model, x, r, _residual_composite(lxt_ext.rules)), expected, 1e-10)
+
+
+@pytest.mark.parametrize('make', [lambda: lxt_ext.rules.ZBox(-1., 1.), lambda: lxt_ext.rules.Norm()],
+                         ids=['ZBox', 'Norm'])
+def test_zbox_and_norm_inactive_give_plain_gradient(make, generator):
+    torch.manual_seed(3)
+    model = randomize_biases(_Residual().double(), generator, std=0.3)
+    x = signed_input((2, 4, 6, 6), torch.float64, generator)
+    r = torch.randn(2, 2, 4, 4, dtype=torch.float64, generator=generator)
+    plain = relevance(model, x, r)
+    rule = make()
+    composite = LayerMapComposite(layer_map=[(zennit.layer.Sum if isinstance(rule, lxt_ext.rules.Norm)
+                                              else nn.Conv2d, rule)])
+    xg = x.clone().requires_grad_()
+    with composite.context(model) as modified:
+        with composite.inactive():
+            (inactive,) = torch.autograd.grad(modified(xg), xg, r)
+        (active,) = torch.autograd.grad(modified(xg), xg, r)
+    assert_rel_close(inactive, plain, 1e-12)
+    assert (active - plain).abs().max() > 1e-6 * plain.abs().max()
+
+
+@pytest.mark.parametrize('name', ['ZBox', 'Norm'])
+def test_zbox_and_norm_signatures_match_zennit(name):
+    ours = inspect.signature(getattr(lxt_ext.rules, name)).parameters
+    theirs = inspect.signature(getattr(zennit.rules, name)).parameters
+    assert [(p.name, p.kind, p.default) for p in ours.values()] == [(p.name, p.kind, p.default)
+                                                                      for p in theirs.values()]
+
+
+@pytest.mark.parametrize('name,kwargs', [('ZBox', {'low': 0., 'high': 1., 'stabilizer': None}),
+                                         ('ZBox', {'low': 0., 'high': 1., 'stabilizer': 'x'}),
+                                         ('Norm', {'stabilizer': [1e-6]})])
+def test_zbox_and_norm_argument_validation_matches_zennit(name, kwargs):
+    with pytest.raises(Exception) as theirs:
+        getattr(zennit.rules, name)(**kwargs)
+    with pytest.raises(type(theirs.value)):
+        getattr(lxt_ext.rules, name)(**kwargs)
