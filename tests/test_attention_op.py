@@ -68,14 +68,14 @@ def lxt(q, k, v, grad, mask=None, **kwargs):
     return out, q.grad, k.grad, v.grad
 
 
-def assert_close(actual, expected, rtol):
-    """``max|actual - expected| <= rtol * max|expected|`` (and finite, same shape)."""
+def assert_close(actual, expected, rtol, atol=0.0):
+    """``max|actual - expected| <= rtol * max|expected| + atol`` (and finite, same shape)."""
     assert actual.shape == expected.shape
     assert torch.isfinite(actual).all()
     actual, expected = actual.double(), expected.double()
     err = (actual - expected).abs().max().item() if actual.numel() else 0.0
     ref = expected.abs().max().item() if expected.numel() else 0.0
-    assert err <= rtol * max(ref, 1e-30), f'max error {err:.3g} vs max |expected| {ref:.3g}'
+    assert err <= rtol * ref + atol and (err == 0 or ref > 0 or atol > 0), f'max error {err:.3g} vs max |expected| {ref:.3g}'
 
 
 def inputs(b=2, hq=4, hkv=2, nq=9, nk=11, d=16, dtype=torch.float32, seed=0, device='cpu'):
@@ -256,7 +256,8 @@ def test_hypothesis_shapes(b, hkv, group, nq, nk, d, kind, mode, scale, seed):
         if e is None:
             assert a is None
         else:
-            assert_close(a, e, 2e-5)
+            # dQ and dK are exactly 0 with a single visible key; float32 leaves rounding noise there.
+            assert_close(a, e, 2e-5, atol=1e-6)
 
 
 def test_clear_errors():
@@ -292,7 +293,7 @@ def test_clear_errors():
         _ops.ops.attention_backward(g, q, k, v, None, out, stats[..., :1], 0.25, False, 0)
 
 
-@pytest.mark.skipif(_ops.cuda_built, reason='this build has the CUDA kernels')
+@pytest.mark.skipif(_ops.cuda_built(), reason='this build has the CUDA kernels')
 def test_cuda_tensor_on_cpu_only_build_names_the_op_and_rebuild():
     q, k, v, _ = inputs()
     try:
@@ -352,7 +353,7 @@ def test_peak_memory_grows_linearly():
     assert large < 2.5 * max(small, 1.0), f'{small:.1f} MB at N=2048 but {large:.1f} MB at N=4096'
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or not _ops.cuda_built, reason='needs a GPU and the CUDA kernels')
+@pytest.mark.skipif(not torch.cuda.is_available() or not _ops.cuda_built(), reason='needs a GPU and the CUDA kernels')
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize('kind', MASK_KINDS)
 @pytest.mark.parametrize('d', [16, 64, 128, 200])
@@ -372,7 +373,7 @@ def test_cuda_matches_cpu(dtype, kind, d):
                 assert_close(a.cpu(), e, rtol)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or not _ops.cuda_built, reason='needs a GPU and the CUDA kernels')
+@pytest.mark.skipif(not torch.cuda.is_available() or not _ops.cuda_built(), reason='needs a GPU and the CUDA kernels')
 def test_cuda_non_contiguous_finfo_min_and_empty_rows():
     gen = torch.Generator().manual_seed(7)
     q = torch.randn(2, 33, 4, 64, generator=gen).transpose(1, 2)
