@@ -20,9 +20,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <limits>
+#include <array>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace lxt_ext {
@@ -113,6 +116,24 @@ int64_t tile_rows(int64_t nq, int64_t nk) {
   return std::max<int64_t>(1, std::min<int64_t>(nq, std::max<int64_t>(16, kTileElements / std::max<int64_t>(nk, 1))));
 }
 
+// Runs body(item, scratch) for items [0, items), on every intra-op thread when `parallel` (each
+// with its own scratch = init()), else on this thread. Threads take items one at a time from a
+// shared counter rather than a fixed share each: when the cores are shared with other processes, a
+// descheduled thread then does not hold back half of the work.
+template <typename Init, typename Body>
+void for_each_item(int64_t items, bool parallel, const Init& init, const Body& body) {
+  std::atomic<int64_t> next{0};
+  const auto worker = [&](int64_t, int64_t) {
+    auto scratch = init();
+    for (int64_t item = next++; item < items; item = next++) body(item, scratch);
+  };
+  if (parallel && items > 1) {
+    at::parallel_for(0, std::min<int64_t>(items, at::get_num_threads()), 1, worker);
+  } else {
+    worker(0, 1);
+  }
+}
+
 struct CpuAttention {
   Shapes s;
   at::Tensor q, k, v, mask;  // q, k, v in the accumulation dtype; mask as expand_mask returns it
@@ -162,37 +183,38 @@ void forward_cpu_kernel(const CpuAttention& a, at::Tensor& out, at::Tensor& stat
   const int64_t tiles = a.tiles();
   const int64_t items = a.s.B * a.s.Hq * tiles;
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor buffer = at::empty({a.rows * a.s.Nk}, a.q.options());
-    at::Tensor shift = at::empty({a.rows, 1}, a.q.options());
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / (a.s.Hq * tiles), h = item / tiles % a.s.Hq, i0 = item % tiles * a.rows;
-      const int64_t tq = std::min(a.rows, a.s.Nq - i0), nk = a.keys(i0, tq);
-      at::Tensor o = out[b][h].narrow(0, i0, tq);
-      acc_t* st = stats[b][h].data_ptr<acc_t>() + 2 * i0;
-      if (nk == 0) {
-        o.zero_();
-        for (int64_t r = 0; r < tq; ++r) st[2 * r] = neg_inf, st[2 * r + 1] = 0;
-        continue;
-      }
-      at::Tensor S = buffer.narrow(0, 0, tq * nk).view({tq, nk});
-      a.scores<acc_t>(S, b, h, i0, tq, nk);
-      const at::Tensor m = S.amax(1);
-      const acc_t* mp = m.data_ptr<acc_t>();
-      acc_t* sh = shift.data_ptr<acc_t>();
-      // A row with no visible key has m = -inf; shifting it by 0 keeps its exp at exactly 0.
-      for (int64_t r = 0; r < tq; ++r) sh[r] = mp[r] == neg_inf ? acc_t(0) : mp[r];
-      S.sub_(shift.narrow(0, 0, tq)).exp_();
-      const at::Tensor l = S.sum(1);
-      at::mm_out(o, S, a.v[b][h / a.s.group()].narrow(0, 0, nk));
-      const acc_t* lp = l.data_ptr<acc_t>();
-      for (int64_t r = 0; r < tq; ++r) {
-        sh[r] = lp[r] > 0 ? acc_t(1) / lp[r] : acc_t(0);
-        st[2 * r] = mp[r];
-        st[2 * r + 1] = lp[r] > 0 ? std::log(lp[r]) : acc_t(0);
-      }
-      o.mul_(shift.narrow(0, 0, tq));
+  const auto scratch = [&] {
+    return std::make_pair(at::empty({a.rows * a.s.Nk}, a.q.options()), at::empty({a.rows, 1}, a.q.options()));
+  };
+  for_each_item(items, true, scratch, [&](int64_t item, std::pair<at::Tensor, at::Tensor>& bufs) {
+    at::Tensor& buffer = bufs.first;
+    at::Tensor& shift = bufs.second;
+    const int64_t b = item / (a.s.Hq * tiles), h = item / tiles % a.s.Hq, i0 = item % tiles * a.rows;
+    const int64_t tq = std::min(a.rows, a.s.Nq - i0), nk = a.keys(i0, tq);
+    at::Tensor o = out[b][h].narrow(0, i0, tq);
+    acc_t* st = stats[b][h].data_ptr<acc_t>() + 2 * i0;
+    if (nk == 0) {
+      o.zero_();
+      for (int64_t r = 0; r < tq; ++r) st[2 * r] = neg_inf, st[2 * r + 1] = 0;
+      return;
     }
+    at::Tensor S = buffer.narrow(0, 0, tq * nk).view({tq, nk});
+    a.scores<acc_t>(S, b, h, i0, tq, nk);
+    const at::Tensor m = S.amax(1);
+    const acc_t* mp = m.data_ptr<acc_t>();
+    acc_t* sh = shift.data_ptr<acc_t>();
+    // A row with no visible key has m = -inf; shifting it by 0 keeps its exp at exactly 0.
+    for (int64_t r = 0; r < tq; ++r) sh[r] = mp[r] == neg_inf ? acc_t(0) : mp[r];
+    S.sub_(shift.narrow(0, 0, tq)).exp_();
+    const at::Tensor l = S.sum(1);
+    at::mm_out(o, S, a.v[b][h / a.s.group()].narrow(0, 0, nk));
+    const acc_t* lp = l.data_ptr<acc_t>();
+    for (int64_t r = 0; r < tq; ++r) {
+      sh[r] = lp[r] > 0 ? acc_t(1) / lp[r] : acc_t(0);
+      st[2 * r] = mp[r];
+      st[2 * r + 1] = lp[r] > 0 ? std::log(lp[r]) : acc_t(0);
+    }
+    o.mul_(shift.narrow(0, 0, tq));
   });
 }
 
@@ -204,48 +226,44 @@ void backward_cpu_kernel(const CpuAttention& a, const at::Tensor& dout, const at
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
   // One work item per (batch, key/value head): it owns its rows of dK and dV, so the accumulation
   // over query tiles and over the heads of a group needs no synchronisation.
-  const auto run = [&](int64_t begin, int64_t end) {
-    at::Tensor buffer = at::empty({(cp ? 1 : 2) * a.rows * a.s.Nk}, a.q.options());
-    at::Tensor shift = at::empty({a.rows, 1}, a.q.options()), inv_l = at::empty({a.rows, 1}, a.q.options());
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / a.s.Hkv, kv = item % a.s.Hkv;
-      for (int64_t h = kv * G; h < (kv + 1) * G; ++h) {
-        for (int64_t t = 0; t < tiles; ++t) {
-          const int64_t i0 = t * a.rows, tq = std::min(a.rows, a.s.Nq - i0), nk = a.keys(i0, tq);
-          if (nk == 0) continue;
-          at::Tensor P = buffer.narrow(0, 0, tq * nk).view({tq, nk});
-          a.scores<acc_t>(P, b, h, i0, tq, nk);
-          const acc_t* st = stats[b][h].data_ptr<acc_t>() + 2 * i0;
-          acc_t* sh = shift.data_ptr<acc_t>();
-          acc_t* il = inv_l.data_ptr<acc_t>();
-          // P = exp(S - m) / l; rows without a visible key (m = -inf) shift by +inf to P = 0.
-          for (int64_t r = 0; r < tq; ++r) {
-            sh[r] = st[2 * r] == -inf ? inf : st[2 * r];
-            il[r] = std::exp(-st[2 * r + 1]);
-          }
-          P.sub_(shift.narrow(0, 0, tq)).exp_().mul_(inv_l.narrow(0, 0, tq));
-          const at::Tensor go = dout[b][h].narrow(0, i0, tq);
-          dv[b][kv].narrow(0, 0, nk).addmm_(P.t(), go, 1, dv_scale);
-          if (cp) continue;
-          const at::Tensor vt = a.v[b][kv].narrow(0, 0, nk), kt = a.k[b][kv].narrow(0, 0, nk);
-          at::Tensor dS = buffer.narrow(0, tq * nk, tq * nk).view({tq, nk});
-          at::mm_out(dS, go, vt.t());
-          dS.sub_(delta[b][h].narrow(0, i0, tq).unsqueeze(1)).mul_(P);
-          at::Tensor dqt = dq[b][h].narrow(0, i0, tq);
-          at::addmm_out(dqt, dqt, dS, kt, 0, dqk_scale);
-          dk[b][kv].narrow(0, 0, nk).addmm_(dS.t(), a.q[b][h].narrow(0, i0, tq), 1, dqk_scale);
-        }
-      }
-    }
+  const auto scratch = [&] {
+    return std::array<at::Tensor, 3>{at::empty({(cp ? 1 : 2) * a.rows * a.s.Nk}, a.q.options()),
+                                     at::empty({a.rows, 1}, a.q.options()), at::empty({a.rows, 1}, a.q.options())};
   };
   const int64_t items = a.s.B * a.s.Hkv;
   // With fewer items than threads, run them one by one and let the GEMMs and element-wise ops
   // use the threads instead.
-  if (items >= at::get_num_threads()) {
-    at::parallel_for(0, items, 1, run);
-  } else {
-    run(0, items);
-  }
+  for_each_item(items, items >= at::get_num_threads(), scratch, [&](int64_t item, std::array<at::Tensor, 3>& bufs) {
+    at::Tensor &buffer = bufs[0], &shift = bufs[1], &inv_l = bufs[2];
+    const int64_t b = item / a.s.Hkv, kv = item % a.s.Hkv;
+    for (int64_t h = kv * G; h < (kv + 1) * G; ++h) {
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t i0 = t * a.rows, tq = std::min(a.rows, a.s.Nq - i0), nk = a.keys(i0, tq);
+        if (nk == 0) continue;
+        at::Tensor P = buffer.narrow(0, 0, tq * nk).view({tq, nk});
+        a.scores<acc_t>(P, b, h, i0, tq, nk);
+        const acc_t* st = stats[b][h].data_ptr<acc_t>() + 2 * i0;
+        acc_t* sh = shift.data_ptr<acc_t>();
+        acc_t* il = inv_l.data_ptr<acc_t>();
+        // P = exp(S - m) / l; rows without a visible key (m = -inf) shift by +inf to P = 0.
+        for (int64_t r = 0; r < tq; ++r) {
+          sh[r] = st[2 * r] == -inf ? inf : st[2 * r];
+          il[r] = std::exp(-st[2 * r + 1]);
+        }
+        P.sub_(shift.narrow(0, 0, tq)).exp_().mul_(inv_l.narrow(0, 0, tq));
+        const at::Tensor go = dout[b][h].narrow(0, i0, tq);
+        dv[b][kv].narrow(0, 0, nk).addmm_(P.t(), go, 1, dv_scale);
+        if (cp) continue;
+        const at::Tensor vt = a.v[b][kv].narrow(0, 0, nk), kt = a.k[b][kv].narrow(0, 0, nk);
+        at::Tensor dS = buffer.narrow(0, tq * nk, tq * nk).view({tq, nk});
+        at::mm_out(dS, go, vt.t());
+        dS.sub_(delta[b][h].narrow(0, i0, tq).unsqueeze(1)).mul_(P);
+        at::Tensor dqt = dq[b][h].narrow(0, i0, tq);
+        at::addmm_out(dqt, dqt, dS, kt, 0, dqk_scale);
+        dk[b][kv].narrow(0, 0, nk).addmm_(dS.t(), a.q[b][h].narrow(0, i0, tq), 1, dqk_scale);
+      }
+    }
+  });
 }
 
 CpuAttention make_cpu(const Shapes& s, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

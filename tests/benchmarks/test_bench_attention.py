@@ -1,0 +1,36 @@
+"""pytest-benchmark: attention forward+backward, lxt_ext's AttnLRP op vs LXT's eager recipe vs SDPA.
+
+    .venv/bin/python -m pytest tests/benchmarks/test_bench_attention.py --benchmark-enable \
+        --benchmark-group-by=param:n
+
+With the project's default (--benchmark-disable) each case runs once at a short length as a smoke
+test. The methods are the ones of python/benchmark_attention.py (the eager recipe is written there).
+"""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+_SPEC = importlib.util.spec_from_file_location(
+    'benchmark_attention', os.path.join(os.path.dirname(__file__), '..', '..', 'python', 'benchmark_attention.py'))
+benchmark_attention = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(benchmark_attention)
+
+
+@pytest.mark.parametrize('n', [1024, 4096])
+@pytest.mark.parametrize('method', benchmark_attention.METHODS)
+def test_attention_forward_backward(benchmark, method, n):
+    torch.set_num_threads(2)
+    heads = 4 if not benchmark.disabled else 1
+    n = n if not benchmark.disabled else 128
+    f = benchmark_attention.attention(method)
+    q, k, v, g = benchmark_attention.make_inputs(n, heads)
+
+    def run():
+        benchmark_attention.run_once(f, q, k, v, g)
+        return q.grad, k.grad, v.grad
+
+    benchmark.extra_info.update(method=method, n=n, heads=heads)
+    grads = benchmark.pedantic(run, rounds=3, warmup_rounds=1) if not benchmark.disabled else benchmark(run)
+    assert all(torch.isfinite(x).all() and x.abs().sum() > 0 for x in grads)
