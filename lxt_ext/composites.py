@@ -1,18 +1,16 @@
 """zennit's LRP composites with lxt_ext's fused rules on every Linear and convolution layer.
 
 Same names, signatures and layer maps as ``zennit.composites``, with lxt_ext's rules of the same name:
-ZBox on the first layer and Norm on sums (ResNetCanonizer's residual ``Sum``) and average pooling keep
-only their inputs, and activations and BatchNorm get lxt_ext's Pass, which keeps nothing. zennit's own
-Flat stays on the first layer of the ``*Flat`` composites. Each is also registered in zennit's
-composite registry as ``lxt_ext_<name>``.
+ZBox and Flat on the first layer and Norm on sums (ResNetCanonizer's residual ``Sum``) and average
+pooling keep only their inputs, and activations and BatchNorm get lxt_ext's Pass, which keeps nothing;
+no zennit hook is left. Each is also registered in zennit's composite registry as ``lxt_ext_<name>``.
 """
 import torch
 from zennit.composites import LayerMapComposite, SpecialFirstLayerMapComposite, register_composite
-from zennit.rules import Flat
 from zennit.layer import Sum
 from zennit.types import Activation, AvgPool, BatchNorm, Convolution, Linear
 
-from .rules import AlphaBeta, Epsilon, Gamma, Norm, Pass, ZBox, ZPlus
+from .rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ZBox, ZPlus
 
 __all__ = ['EpsilonGammaBox', 'EpsilonPlus', 'EpsilonAlpha2Beta1', 'EpsilonPlusFlat', 'EpsilonAlpha2Beta1Flat']
 

@@ -312,6 +312,25 @@ class _BoundedZBox:
         return relevance
 
 
+class Flat(ProductRule):
+    """LRP-Flat, as ``zennit.rules.Flat``: the layer with all weights one, inputs one and no bias,
+    ``R_in = 1^T (R / stab(1 1))`` (two products from the input's shape alone)."""
+
+    def __init__(self, stabilizer=1e-6, zero_params=None):
+        super().__init__()
+        self.stabilizer = stabilizer
+        self.zero_params = zero_params
+        self._stabilize = Stabilizer.ensure(stabilizer)
+        _zeroes_bias(zero_params)
+
+    def backward_op(self, x, weight, bias, grad, spec, output_padding):
+        if not self.active:
+            return spec.input_product(grad, weight, x, output_padding)
+        ones = torch.ones_like(weight)
+        s = grad / self._stabilize(spec.product(torch.ones_like(x), ones, output_padding))
+        return spec.input_product(s, ones, x, output_padding)
+
+
 class Norm(SwappedForward):
     """zennit's Norm rule for a parameter-free linear module ``y = f(x)`` (zennit's ``Sum``, average
     pooling): ``R_in = x * J_f^T (R / stab(y))``. Keeps only the input, and of a ``Sum``'s stacked input

@@ -1,4 +1,5 @@
-"""Extra peak memory (MB) of plain forward+backward, zennit's and lxt_ext's EpsilonGammaBox.
+"""Extra peak memory (MB) of plain forward+backward, zennit's and lxt_ext's EpsilonGammaBox, and of
+applying zennit's canonizer alone (part of both composites' figures: merging BatchNorm copies the weights).
 
     python python/benchmark_memory.py [vgg16 resnet50]
 
@@ -10,7 +11,7 @@ import os
 import subprocess
 import sys
 
-METHODS = ('plain', 'zennit', 'lxt_ext')
+METHODS = ('plain', 'zennit', 'lxt_ext', 'canonizer')
 
 
 def status_kb(field):
@@ -33,7 +34,7 @@ def measure(model_name, method):
     x = torch.randn(4, 3, 224, 224)
     target = torch.eye(1000)[[1, 2, 3, 4]]
     canonizer = VGGCanonizer if model_name.startswith('vgg') else ResNetCanonizer
-    if method != 'plain':
+    if method in ('zennit', 'lxt_ext'):
         module = __import__('lxt_ext.composites' if method == 'lxt_ext' else 'zennit.composites', fromlist=['x'])
         composite = module.EpsilonGammaBox(low=-3., high=3., canonizers=[canonizer()])
     before = status_kb('VmRSS')
@@ -42,6 +43,8 @@ def measure(model_name, method):
     if method == 'plain':
         xg = x.clone().requires_grad_()
         torch.autograd.grad(model(xg), xg, target)
+    elif method == 'canonizer':
+        canonizer().apply(model)
     else:
         with Gradient(model, composite) as attributor:
             attributor(x, target)
@@ -54,8 +57,8 @@ def main():
         return
     models = sys.argv[1:] or ['vgg16', 'resnet50']
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='0')
-    print('| model | plain MB | zennit MB | lxt_ext MB | lxt_ext / plain | lxt_ext / zennit |')
-    print('|---|---|---|---|---|---|')
+    print('| model | plain MB | zennit MB | lxt_ext MB | canonizer alone MB | lxt_ext / plain | lxt_ext / zennit |')
+    print('|---|---|---|---|---|---|---|')
     for model in models:
         mb = {}
         for method in METHODS:
@@ -63,7 +66,7 @@ def main():
                                  capture_output=True, text=True).stdout
             mb[method] = float(out.strip().splitlines()[-1])
             print(f'  {model} {method}: {mb[method]:.1f} MB', file=sys.stderr)
-        print(f"| {model} | {mb['plain']:.0f} | {mb['zennit']:.0f} | {mb['lxt_ext']:.0f} | "
+        print(f"| {model} | {mb['plain']:.0f} | {mb['zennit']:.0f} | {mb['lxt_ext']:.0f} | {mb['canonizer']:.0f} | "
               f"{mb['lxt_ext'] / mb['plain']:.2f} | {mb['lxt_ext'] / mb['zennit']:.2f} |")
 
 

@@ -8,7 +8,7 @@ from zennit.types import Convolution
 import lxt_ext
 from lxt_ext.composites import EpsilonGammaBox
 from lxt_ext.layers import UnsupportedLayerError
-from lxt_ext.rules import AlphaBeta, Epsilon, Gamma, Norm, Pass, ZBox, ZPlus
+from lxt_ext.rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ZBox, ZPlus
 
 
 def small_cnn():
@@ -79,6 +79,8 @@ def test_stabilizers_and_zero_params_lxt_ext_cannot_fuse_are_refused_clearly():
         Epsilon(convention='implicit')
     with pytest.raises(NotImplementedError, match='weight'):
         ZBox(-1., 1., zero_params='weight')
+    with pytest.raises(NotImplementedError, match='weight'):
+        Flat(zero_params=['weight'])
 
 
 def test_removal_restores_the_model_bitwise():

@@ -391,7 +391,7 @@ def test_unknown_convention_rejected(name):
 
 
 # ------------------------------------------------------------------------------------------------
-# ZBox (the first layer of EpsilonGammaBox) and Norm (residual sums, average pooling): lxt_ext's
+# ZBox and Flat (first layers) and Norm (residual sums, average pooling): lxt_ext's
 # rules keep only the input and compute the products without a graph; zennit's re-run the module.
 
 def _bounds(kind, x, unbatched, generator):
@@ -434,6 +434,18 @@ def test_zbox_float32_matches_zennit(generator):
     module, x, r, _ = draw('conv2d', torch.float32, 'signed', generator)
     expected = layer_relevance(module, x, r, zennit.rules.ZBox(-3., 3.))
     assert_rel_close(layer_relevance(module, x, r, lxt_ext.rules.ZBox(-3., 3.)), expected, 1e-5)
+
+
+@pytest.mark.parametrize('kwargs', [{}, {'stabilizer': 0.1}, {'zero_params': 'bias'},
+                                    {'stabilizer': Stabilizer(epsilon=0.01, clip=True)}], ids=['default', 'stab0.1',
+                                                                                               'zero_bias', 'clip'])
+@pytest.mark.parametrize('layer_id', list(LAYERS_BY_ID))
+def test_flat_matches_zennit_float64(layer_id, kwargs, generator):
+    module, x, r, forward_kwargs = draw(layer_id, torch.float64, 'signed', generator)
+    reference_module, reference_kwargs = oracle_layer(module, x, forward_kwargs)
+    expected = layer_relevance(reference_module, x, r, zennit.rules.Flat(**kwargs), reference_kwargs)
+    actual = layer_relevance(module, x, r, lxt_ext.rules.Flat(**kwargs), forward_kwargs)
+    assert_rel_close(actual, expected, 1e-10)
 
 
 NORM_CASES = [
@@ -484,9 +496,9 @@ def test_norm_on_residual_sum_matches_zennit(generator):
     assert_rel_close(relevance(model, x, r, _residual_composite(lxt_ext.rules)), expected, 1e-10)
 
 
-@pytest.mark.parametrize('make', [lambda: lxt_ext.rules.ZBox(-1., 1.), lambda: lxt_ext.rules.Norm()],
-                         ids=['ZBox', 'Norm'])
-def test_zbox_and_norm_inactive_give_plain_gradient(make, generator):
+@pytest.mark.parametrize('make', [lambda: lxt_ext.rules.ZBox(-1., 1.), lambda: lxt_ext.rules.Flat(),
+                                  lambda: lxt_ext.rules.Norm()], ids=['ZBox', 'Flat', 'Norm'])
+def test_zbox_flat_and_norm_inactive_give_plain_gradient(make, generator):
     torch.manual_seed(3)
     model = randomize_biases(_Residual().double(), generator, std=0.3)
     x = signed_input((2, 4, 6, 6), torch.float64, generator)
@@ -504,8 +516,8 @@ def test_zbox_and_norm_inactive_give_plain_gradient(make, generator):
     assert (active - plain).abs().max() > 1e-6 * plain.abs().max()
 
 
-@pytest.mark.parametrize('name', ['ZBox', 'Norm'])
-def test_zbox_and_norm_signatures_match_zennit(name):
+@pytest.mark.parametrize('name', ['ZBox', 'Flat', 'Norm'])
+def test_zbox_flat_and_norm_signatures_match_zennit(name):
     ours = inspect.signature(getattr(lxt_ext.rules, name)).parameters
     theirs = inspect.signature(getattr(zennit.rules, name)).parameters
     assert [(p.name, p.kind, p.default) for p in ours.values()] == [(p.name, p.kind, p.default)
@@ -514,8 +526,8 @@ def test_zbox_and_norm_signatures_match_zennit(name):
 
 @pytest.mark.parametrize('name,kwargs', [('ZBox', {'low': 0., 'high': 1., 'stabilizer': None}),
                                          ('ZBox', {'low': 0., 'high': 1., 'stabilizer': 'x'}),
-                                         ('Norm', {'stabilizer': [1e-6]})])
-def test_zbox_and_norm_argument_validation_matches_zennit(name, kwargs):
+                                         ('Flat', {'stabilizer': None}), ('Norm', {'stabilizer': [1e-6]})])
+def test_zbox_flat_and_norm_argument_validation_matches_zennit(name, kwargs):
     with pytest.raises(Exception) as theirs:
         getattr(zennit.rules, name)(**kwargs)
     with pytest.raises(type(theirs.value)):
