@@ -20,7 +20,7 @@ from zennit.types import Convolution
 from . import adapters
 from .rules import Epsilon, FusedRule, Gamma
 from .transformer_rules import (ActivationIdentity, DropoutOff, ExplicitRelevance, MultiheadAttentionRule,
-                                NormIdentity, ZennitRule, gradient_x_input)
+                                NormIdentity, OutputEpsilon, ZennitRule, gradient_x_input)
 
 __all__ = ['TransformerComposite', 'ViTEpsilon', 'ViTGamma', 'LanguageTransformer', 'UnmappedModuleError']
 
@@ -43,10 +43,10 @@ class UnmappedModuleError(TypeError):
 
 def _explicit(rule):
     """``rule`` emitting explicit relevance ``R_in`` instead of ``g_in`` (the first layer)."""
-    if isinstance(rule, FusedRule):
-        return ExplicitRelevance(rule)
     if isinstance(rule, ZennitRule):
         return ZennitRule(rule.rule, explicit_output=True, epsilon=rule.epsilon)
+    if isinstance(rule, (FusedRule, OutputEpsilon)):
+        return ExplicitRelevance(rule)
     raise TypeError(f'the first layer needs an lxt_ext fused rule or a zennit BasicHook rule, not {type(rule).__name__}')
 
 
@@ -123,13 +123,14 @@ class TransformerComposite(Composite):
 
 @register_composite('lxt_ext_vit_epsilon')
 class ViTEpsilon(TransformerComposite):
-    """Vision Transformers: fused epsilon on every Linear and convolution, AttnLRP (or CP-LRP) in
-    attention; the patch embedding (the first layer) emits relevance (``first_rule`` replaces its
-    rule, e.g. zennit's ``Flat`` or ``ZBox``)."""
+    """Vision Transformers: epsilon on every Linear (``OutputEpsilon``: from the layer output, which
+    the next rule keeps anyway) and fused epsilon on convolutions, AttnLRP (or CP-LRP) in attention;
+    the patch embedding (the first layer) emits relevance (``first_rule`` replaces its rule, e.g.
+    zennit's ``Flat`` or ``ZBox``)."""
 
     def __init__(self, epsilon=1e-6, attention='attnlrp', first_rule=None, layer_map=None, canonizers=None,
                  strict=True):
-        super().__init__(Epsilon(epsilon), attention=attention, explicit_first=True, first_rule=first_rule,
+        super().__init__(OutputEpsilon(epsilon), conv_rule=Epsilon(epsilon), attention=attention, explicit_first=True, first_rule=first_rule,
                          layer_map=layer_map, canonizers=canonizers, strict=strict)
 
 

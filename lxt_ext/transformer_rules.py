@@ -7,6 +7,7 @@ relevance exactly under plain autograd; the rules here change the backward of th
 - element-wise activations ``h = f(x)``: identity rule, ``g_in = g_out * f(x) / stab(x)``;
 - LayerNorm / RMSNorm: identity on the normalisation, the backward with ``rstd`` held constant;
 - element-wise products ``p = a * b``: uniform rule, ``g_a = g_out * b / 2``, ``g_b = g_out * a / 2``;
+- Linear layers: epsilon from the output (``OutputEpsilon``) where the input is not needed;
 - Linear layers called functionally (``torch.nn.MultiheadAttention``'s projections): the
   composite's Linear rule, applied by ``linear_rule_apply``;
 - attention: AttnLRP or CP-LRP through ``lxt_ext.attention.attention_lrp``;
@@ -28,7 +29,7 @@ from .layers import LayerSpec, UnsupportedLayerError
 from .rules import FusedRule, Pass, SwappedForward, _FusedLayer
 
 __all__ = [
-    'ActivationIdentity', 'NormIdentity', 'DropoutOff', 'ZennitRule', 'ExplicitRelevance', 'MultiheadAttentionRule',
+    'ActivationIdentity', 'NormIdentity', 'DropoutOff', 'OutputEpsilon', 'ZennitRule', 'ExplicitRelevance', 'MultiheadAttentionRule',
     'identity_rule', 'layer_norm_identity', 'rms_norm_identity', 'uniform_product', 'linear_rule_apply',
     'gradient_x_input',
 ]
@@ -323,8 +324,9 @@ class _TimesInput(torch.autograd.Function):
 
 
 class ExplicitRelevance(SwappedForward):
-    """An lxt_ext fused rule on the first layer whose backward emits ``R_in = x * g_in``, so that
-    ``zennit.attribution.Gradient`` returns relevance. (zennit rules: ``ZennitRule(rule, True)``.)"""
+    """An lxt_ext rule (fused, or another ``SwappedForward`` Linear rule) on the first layer whose
+    backward emits ``R_in = x * g_in``, so that ``zennit.attribution.Gradient`` returns relevance.
+    (zennit rules: ``ZennitRule(rule, explicit_output=True)``.)"""
 
     def __init__(self, rule):
         super().__init__()
@@ -364,6 +366,48 @@ def gradient_x_input(rule, epsilon=1e-10):
                     f'composites take zennit BasicHook rules (Epsilon, Gamma, Flat, ZBox, ...), Pass, and lxt_ext rules')
 
 
+# --- epsilon from the output ------------------------------------------------------------------
+
+class _EpsilonFromOutput(torch.autograd.Function):
+    """``y = x W^T + b``; backward ``g_in = W^T (g y / stab(y)) = (g |y| / (|y| + eps)) W``.
+    Keeps only ``y`` (and W): no product is recomputed, and the next rule often keeps ``y`` anyway."""
+
+    @staticmethod
+    def forward(ctx, x, weight, epsilon, original):
+        output = original(x)
+        ctx.save_for_backward(output, weight)
+        ctx.epsilon = epsilon
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        output, weight = ctx.saved_tensors
+        magnitude = output.float().abs() if output.dtype in _LOW_PRECISION else output.abs()
+        ratio = magnitude.div_(magnitude + ctx.epsilon).mul_(grad)
+        return ratio.to(weight.dtype) @ weight, None, None, None
+
+
+class OutputEpsilon(SwappedForward):
+    """LRP-epsilon on ``nn.Linear`` in the Gradient x Input convention, computed from the layer's
+    output: ``g_in = W^T (g_out * y / stab(y))`` needs ``y`` only, not the input. Same relevance as
+    ``lxt_ext.rules.Epsilon(epsilon, convention='gradient_x_input')``, which keeps the input and
+    recomputes ``y`` in backward; this keeps ``y``, which in a ViT the next rule keeps anyway
+    (GELU's input, the attention's q, k, v), and is smaller than the input of the MLP's second layer.
+    An in-place change of ``y`` after the layer makes the backward raise (autograd's version check)."""
+
+    def __init__(self, epsilon=1e-6):
+        super().__init__()
+        self.epsilon = float(epsilon)
+
+    def prepare(self, module):
+        if not isinstance(module, torch.nn.Linear):
+            raise UnsupportedLayerError(f'OutputEpsilon takes nn.Linear modules, not {type(module).__name__}')
+
+    def apply(self, module, original, input, args, kwargs):
+        return _EpsilonFromOutput.apply(input, module.weight, self.epsilon, lambda x: original(x, *args, **kwargs))
+
+
 # --- Linear layers called functionally --------------------------------------------------------
 
 class _LinearShell(torch.nn.Linear):
@@ -390,6 +434,8 @@ def linear_rule_apply(rule, x, weight, bias=None):
 
     if isinstance(rule, FusedRule):
         return _FusedLayer.apply(x, weight, bias, rule, _LINEAR, original, (), {})
+    if isinstance(rule, OutputEpsilon):
+        return _EpsilonFromOutput.apply(x, weight, rule.epsilon, original)
     if isinstance(rule, ZennitRule):
         return _ZennitBackward.apply(x, rule, lambda: _LinearShell(weight, bias), original, (), {})
     raise TypeError(f'linear_rule_apply takes lxt_ext fused rules and zennit BasicHook rules, not {type(rule).__name__}')

@@ -16,8 +16,8 @@ import lxt_ext.rules
 from conftest import assert_rel_close
 from lxt_ext.transformer_composites import TransformerComposite
 from lxt_ext.transformer_rules import (ActivationIdentity, DropoutOff, MultiheadAttentionRule, NormIdentity,
-                                       identity_rule, layer_norm_identity, linear_rule_apply, rms_norm_identity,
-                                       uniform_product)
+                                       OutputEpsilon, identity_rule, layer_norm_identity, linear_rule_apply,
+                                       rms_norm_identity, uniform_product)
 from lxt_ext.layers import UnsupportedLayerError
 
 
@@ -158,7 +158,8 @@ def epsilon_linear_reference(x, weight, bias, eps=1e-6):
     return product * ratio + (y - product * ratio).detach()
 
 
-@pytest.mark.parametrize('rule', [lxt_ext.rules.Epsilon(1e-6), zennit.rules.Epsilon(1e-6)], ids=['lxt_ext', 'zennit'])
+@pytest.mark.parametrize('rule', [lxt_ext.rules.Epsilon(1e-6), zennit.rules.Epsilon(1e-6), OutputEpsilon(1e-6)],
+                         ids=['lxt_ext', 'zennit', 'output_epsilon'])
 def test_linear_rule_apply_epsilon(rule, generator):
     x = torch.randn(5, 7, 12, generator=generator)
     w, b = torch.randn(10, 12, generator=generator), torch.randn(10, generator=generator)
@@ -168,6 +169,17 @@ def test_linear_rule_apply_epsilon(rule, generator):
     assert_rel_close(actual, expected, 1e-5)
     (plain,) = grad_of(lambda t: linear_rule_apply(None, t, w, b), x, grad_output=g)
     torch.testing.assert_close(plain, g @ w)
+
+
+def test_output_epsilon_module(generator):
+    layer = torch.nn.Linear(12, 10)
+    x = torch.randn(5, 12, generator=generator)
+    g = torch.randn(5, 10, generator=generator)
+    (expected,) = grad_of(lambda t: epsilon_linear_reference(t, layer.weight.detach(), layer.bias.detach()), x,
+                          grad_output=g)
+    with LayerMapComposite([(torch.nn.Linear, OutputEpsilon(1e-6))]).context(layer) as modified:
+        (actual,) = grad_of(modified, x, grad_output=g)
+    assert_rel_close(actual, expected, 1e-5)
 
 
 @pytest.mark.parametrize('name, kwargs, explicit', [

@@ -1,0 +1,139 @@
+"""Time and extra peak memory of relevance for torchvision's vit_b_16 (batch 4, 224x224, 2 threads).
+
+    python python/benchmark_vit.py [--repeats 3]
+
+Methods: plain forward+backward (gradient w.r.t. the input); lxt_ext ViTEpsilon (fused epsilon on
+every Linear and the patch embedding, AttnLRP); lxt_ext ViTGamma (the published recipe, gamma on
+ALL Linear including the attention projections, CP-LRP); LXT 2.1 + zennit with the published recipe
+(``monkey_patch(vision_transformer)``, ``monkey_patch_zennit``, zennit Gamma 0.25 on Conv2d and 0.05
+on Linear; LXT leaves the attention projections at the plain gradient); LXT 2.1 + zennit Epsilon.
+LXT runs in its oracle environment (``.oracle`` first on PYTHONPATH, see tests/lxt_oracle.py).
+
+Every measurement is a process of its own. Time: a warm-up, then the median of ``--repeats``
+attributions. Memory (``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0``, so that freed blocks
+leave RSS at once): VmRSS after building model and input, reset the high-water mark
+(/proc/self/clear_refs), one attribution, VmHWM minus that VmRSS.
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ('plain', 'lxt_ext_epsilon', 'lxt_ext_gamma', 'lxt_gamma', 'lxt_epsilon')
+LABELS = {
+    'plain': 'plain forward+backward',
+    'lxt_ext_epsilon': 'lxt_ext ViTEpsilon (AttnLRP)',
+    'lxt_ext_gamma': 'lxt_ext ViTGamma (gamma on all Linear, CP)',
+    'lxt_gamma': 'LXT 2.1 + zennit, published gamma recipe',
+    'lxt_epsilon': 'LXT 2.1 + zennit Epsilon',
+}
+
+
+def status_kb(field):
+    with open('/proc/self/status') as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def attribution(method, batch):
+    """A function running one attribution of ``method`` on vit_b_16 (random weights, head re-initialised)."""
+    import torch
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    from torchvision.models import vision_transformer
+    if method.startswith('lxt_') and not method.startswith('lxt_ext'):
+        from lxt.efficient import monkey_patch, monkey_patch_zennit
+        monkey_patch(vision_transformer)  # patches torch.nn classes of this process only
+        monkey_patch_zennit()
+    model = vision_transformer.vit_b_16().eval()
+    torch.nn.init.normal_(model.heads.head.weight, std=0.03)
+    x = torch.randn(batch, 3, 224, 224)
+    target = torch.eye(1000)[list(range(batch))]
+
+    if method == 'plain':
+        def run():
+            xg = x.clone().requires_grad_()
+            return torch.autograd.grad(model(xg), xg, target)[0]
+    elif method.startswith('lxt_ext'):
+        from zennit.attribution import Gradient
+        from lxt_ext.transformer_composites import ViTEpsilon, ViTGamma
+        composite = ViTEpsilon() if method == 'lxt_ext_epsilon' else ViTGamma()
+
+        def run():
+            with Gradient(model, composite) as attributor:
+                return attributor(x, target)[1]
+    else:
+        import zennit.rules as z
+        from zennit.composites import LayerMapComposite
+        if method == 'lxt_gamma':
+            rules = [(torch.nn.Conv2d, z.Gamma(0.25)), (torch.nn.Linear, z.Gamma(0.05))]
+        else:
+            rules = [(torch.nn.Conv2d, z.Epsilon(1e-6)), (torch.nn.Linear, z.Epsilon(1e-6))]
+        composite = LayerMapComposite(rules)
+
+        def run():
+            xg = x.clone().requires_grad_()
+            with composite.context(model) as modified:
+                modified(xg).backward(target)
+            return xg * xg.grad
+    return run
+
+
+def measure(method, kind, batch, repeats):
+    run = attribution(method, batch)
+    if kind == 'memory':
+        before = status_kb('VmRSS')
+        with open('/proc/self/clear_refs', 'w') as refs:
+            refs.write('5')
+        run()
+        return (status_kb('VmHWM') - before) / 1024 ** 2
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def child(method, kind, batch, repeats):
+    env = dict(os.environ)
+    if kind == 'memory':
+        env.update(MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='0')
+    if method in ('lxt_gamma', 'lxt_epsilon'):
+        env['PYTHONPATH'] = os.pathsep.join(filter(None, [os.path.join(ROOT, '.oracle'), env.get('PYTHONPATH')]))
+    out = subprocess.run([sys.executable, __file__, '--one', method, kind, str(batch), str(repeats)], env=env,
+                         check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def main():
+    if len(sys.argv) == 6 and sys.argv[1] == '--one':
+        print(measure(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--batch', type=int, default=4)
+    parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=METHODS)
+    args = parser.parse_args()
+    results = {}
+    for method in args.methods:
+        seconds = child(method, 'time', args.batch, args.repeats)
+        gigabytes = child(method, 'memory', args.batch, args.repeats)
+        results[method] = seconds, gigabytes
+        print(f'  {method}: {seconds:.2f} s, {gigabytes:.2f} GB', file=sys.stderr)
+    plain = results.get('plain')
+    print('| method | time (s) | extra peak memory (GB) | time / plain | memory / plain |')
+    print('|---|---|---|---|---|')
+    for method, (seconds, gigabytes) in results.items():
+        ratios = f'{seconds / plain[0]:.2f} | {gigabytes / plain[1]:.2f}' if plain else '- | -'
+        print(f'| {LABELS[method]} | {seconds:.2f} | {gigabytes:.2f} | {ratios} |')
+
+
+if __name__ == '__main__':
+    main()
