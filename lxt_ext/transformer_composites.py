@@ -19,8 +19,8 @@ from zennit.types import Convolution
 
 from . import adapters
 from .rules import Epsilon, FusedRule, Gamma
-from .transformer_rules import (ActivationIdentity, DropoutOff, ExplicitRelevance, MultiheadAttentionRule,
-                                NormIdentity, OutputEpsilon, ZennitRule, gradient_x_input)
+from .transformer_rules import (ActivationIdentity, DropoutOff, ExplicitConvention, ExplicitRelevance,
+                                MultiheadAttentionRule, NormIdentity, OutputEpsilon, ZennitRule, gradient_x_input)
 
 __all__ = ['TransformerComposite', 'ViTEpsilon', 'ViTGamma', 'LanguageTransformer', 'UnmappedModuleError']
 
@@ -45,9 +45,11 @@ def _explicit(rule):
     """``rule`` emitting explicit relevance ``R_in`` instead of ``g_in`` (the first layer)."""
     if isinstance(rule, ZennitRule):
         return ZennitRule(rule.rule, explicit_output=True, epsilon=rule.epsilon)
+    if isinstance(rule, ExplicitConvention):
+        return ExplicitConvention(rule.rule, explicit_output=True, epsilon=rule.epsilon)
     if isinstance(rule, (FusedRule, OutputEpsilon)):
         return ExplicitRelevance(rule)
-    raise TypeError(f'the first layer needs an lxt_ext fused rule or a zennit BasicHook rule, not {type(rule).__name__}')
+    raise TypeError(f'the first layer needs an lxt_ext or zennit rule for Linear/convolutions, not {type(rule).__name__}')
 
 
 class TransformerComposite(Composite):

@@ -26,10 +26,11 @@ from zennit.rules import Pass as ZennitPass
 
 from .attention import attention_lrp
 from .layers import LayerSpec, UnsupportedLayerError
-from .rules import FusedRule, Pass, SwappedForward, _FusedLayer
+from .rules import FusedRule, Norm, Pass, ProductRule, SwappedForward, _FusedLayer
 
 __all__ = [
-    'ActivationIdentity', 'NormIdentity', 'DropoutOff', 'OutputEpsilon', 'ZennitRule', 'ExplicitRelevance', 'MultiheadAttentionRule',
+    'ActivationIdentity', 'NormIdentity', 'DropoutOff', 'OutputEpsilon', 'ZennitRule', 'ExplicitRelevance',
+    'ExplicitConvention', 'MultiheadAttentionRule',
     'identity_rule', 'layer_norm_identity', 'rms_norm_identity', 'uniform_product', 'linear_rule_apply',
     'gradient_x_input',
 ]
@@ -344,10 +345,49 @@ class ExplicitRelevance(SwappedForward):
         return self.rule.apply(module, original, _TimesInput.apply(input), args, kwargs)
 
 
+class _OverStabilizedInput(torch.autograd.Function):
+    """Identity forward; backward ``g / stab(x)``: turns explicit relevance into a gradient."""
+
+    @staticmethod
+    def forward(ctx, x, epsilon):
+        ctx.save_for_backward(x)
+        ctx.epsilon = epsilon
+        return x.view_as(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad / stabilize(x, ctx.epsilon), None
+
+
+class ExplicitConvention(SwappedForward):
+    """An lxt_ext rule of zennit's explicit convention only (``ZBox``, ``Flat``, ``Norm``) in a
+    Gradient x Input composite: it gets ``R_out = y * g_out`` and its ``R_in`` leaves as
+    ``R_in / stab(x)``, or as ``R_in`` itself with ``explicit_output`` (the first layer)."""
+
+    def __init__(self, rule, explicit_output=False, epsilon=1e-10):
+        super().__init__()
+        self.rule, self.explicit_output, self.epsilon = rule, explicit_output, epsilon
+
+    def copy(self):
+        copy = super().copy()
+        copy.rule = self.rule.copy()
+        return copy
+
+    def prepare(self, module):
+        self.rule.prepare(module)
+
+    def apply(self, module, original, input, args, kwargs):
+        x = input if self.explicit_output else _OverStabilizedInput.apply(input, self.epsilon)
+        return _TimesInput.apply(self.rule.apply(module, original, x, args, kwargs))
+
+
 def gradient_x_input(rule, epsilon=1e-10):
     """``rule`` (a template) as it runs in a Gradient x Input composite: lxt_ext's fused rules get
     ``convention='gradient_x_input'``, zennit's BasicHook rules are wrapped in ``ZennitRule``,
-    zennit's and lxt_ext's Pass become the identity rule (the same rule: ``R_in = R_out``);
+    zennit's and lxt_ext's Pass become the identity rule (the same rule: ``R_in = R_out``), lxt_ext's
+    explicit-only rules (ZBox, Flat, Norm) are wrapped in ``ExplicitConvention``;
     rules written for this convention (lxt_ext's SwappedForward rules, ``adapters.KeepGradient``)
     are returned as they are. Other zennit hooks have no Gradient x Input form: TypeError."""
     if isinstance(rule, FusedRule):
@@ -358,6 +398,8 @@ def gradient_x_input(rule, epsilon=1e-10):
         return copy
     if isinstance(rule, (Pass, ZennitPass)):
         return ActivationIdentity(epsilon)
+    if isinstance(rule, (ProductRule, Norm)):
+        return ExplicitConvention(rule, epsilon=epsilon)
     if isinstance(rule, SwappedForward) or not isinstance(rule, Hook) or type(rule).register is not Hook.register:
         return rule
     if isinstance(rule, BasicHook):

@@ -182,13 +182,18 @@ def test_output_epsilon_module(generator):
     assert_rel_close(actual, expected, 1e-5)
 
 
-@pytest.mark.parametrize('name, kwargs, explicit', [
-    ('Gamma', dict(gamma=0.25), False), ('ZPlus', {}, False), ('Flat', {}, True), ('WSquare', {}, True),
-    ('ZBox', dict(low=-3., high=3.), True),
-])
-def test_zennit_rule_adapted_per_hook(name, kwargs, explicit, generator):
-    """zennit's rule in a transformer composite vs zennit's own explicit relevance for
-    ``R_out = y * g``: ``R_in / stab(x)`` inside, ``R_in`` itself on the first layer."""
+@pytest.mark.parametrize('library, name, kwargs, explicit', [
+    (zennit.rules, 'Gamma', dict(gamma=0.25), False), (zennit.rules, 'ZPlus', {}, False),
+    (zennit.rules, 'Flat', {}, True), (zennit.rules, 'WSquare', {}, True),
+    (zennit.rules, 'ZBox', dict(low=-3., high=3.), True),
+    (lxt_ext.rules, 'ZBox', dict(low=-3., high=3.), True), (lxt_ext.rules, 'ZBox', dict(low=-3., high=3.), False),
+    (lxt_ext.rules, 'Flat', {}, True),
+], ids=['zennit_gamma', 'zennit_zplus', 'zennit_flat', 'zennit_wsquare', 'zennit_zbox', 'lxt_ext_zbox_first',
+        'lxt_ext_zbox_inner', 'lxt_ext_flat'])
+def test_explicit_rules_adapted_per_hook(library, name, kwargs, explicit, generator):
+    """zennit's rules, and lxt_ext's explicit-only ones, in a transformer composite vs zennit's own
+    explicit relevance for ``R_out = y * g``: ``R_in / stab(x)`` inside, ``R_in`` itself on the first
+    layer."""
     torch.manual_seed(0)
     layer = torch.nn.Conv2d(3, 6, 3, padding=1) if explicit else torch.nn.Linear(12, 8)
     x = torch.randn(2, 3, 8, 8, generator=generator) if explicit else torch.randn(4, 12, generator=generator)
@@ -196,7 +201,7 @@ def test_zennit_rule_adapted_per_hook(name, kwargs, explicit, generator):
     y = layer(x).detach()
     with LayerMapComposite([(type(layer), getattr(zennit.rules, name)(**kwargs))]).context(layer) as modified:
         (reference,) = grad_of(modified, x, grad_output=g * y)
-    composite = TransformerComposite(getattr(zennit.rules, name)(**kwargs), explicit_first=explicit)
+    composite = TransformerComposite(getattr(library, name)(**kwargs), explicit_first=explicit)
     with composite.context(layer) as modified:
         (actual,) = grad_of(modified, x, grad_output=g)
     assert_rel_close(actual, reference if explicit else reference / zennit_stab(x, 1e-10), 1e-5)
