@@ -20,10 +20,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <limits>
-#include <array>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -145,14 +146,15 @@ struct CpuAttention {
   // Keys a tile starting at query row i0 with tq rows can see.
   int64_t keys(int64_t i0, int64_t tq) const { return causal ? std::min(s.Nk, i0 + tq) : s.Nk; }
 
-  // S = scale Q_t K^T + M for rows [i0, i0 + tq) of head (b, h) over keys [0, nk), masked entries -inf.
+  // S = scale Q_t K^T + M for rows [i0, i0 + tq) of head (b, h) over keys [j0, j0 + nk), masked
+  // entries -inf.
   template <typename acc_t>
-  void scores(at::Tensor& S, int64_t b, int64_t h, int64_t i0, int64_t tq, int64_t nk) const {
+  void scores(at::Tensor& S, int64_t b, int64_t h, int64_t i0, int64_t tq, int64_t j0, int64_t nk) const {
     const at::Tensor qt = q[b][h].narrow(0, i0, tq);
-    const at::Tensor kt = k[b][h / s.group()].narrow(0, 0, nk).t();
+    const at::Tensor kt = k[b][h / s.group()].narrow(0, j0, nk).t();
     const bool additive = mask.defined() && mask.scalar_type() != at::kBool;
     if (additive) {
-      at::addmm_out(S, mask[b][h].narrow(0, i0, tq).narrow(1, 0, nk).to(S.scalar_type()), qt, kt, 1, scale);
+      at::addmm_out(S, mask[b][h].narrow(0, i0, tq).narrow(1, j0, nk).to(S.scalar_type()), qt, kt, 1, scale);
     } else {
       at::addmm_out(S, S, qt, kt, 0, scale);  // beta = 0: S's old values are ignored, NaN included
     }
@@ -160,7 +162,8 @@ struct CpuAttention {
     acc_t* out = S.data_ptr<acc_t>();
     if (mask.defined() && !additive) {
       const bool* m = mask.data_ptr<bool>();
-      const int64_t base = b * mask.stride(0) + h * mask.stride(1), si = mask.stride(2), sj = mask.stride(3);
+      const int64_t si = mask.stride(2), sj = mask.stride(3);
+      const int64_t base = b * mask.stride(0) + h * mask.stride(1) + j0 * sj;
       for (int64_t r = 0; r < tq; ++r) {
         const bool* row = m + base + (i0 + r) * si;
         acc_t* srow = out + r * nk;
@@ -171,7 +174,7 @@ struct CpuAttention {
     }
     if (causal) {
       for (int64_t r = 0; r < tq; ++r) {
-        const int64_t first_hidden = i0 + r + 1;
+        const int64_t first_hidden = std::max<int64_t>(i0 + r + 1 - j0, 0);
         if (first_hidden < nk) std::fill(out + r * nk + first_hidden, out + (r + 1) * nk, neg_inf);
       }
     }
@@ -199,7 +202,7 @@ void forward_cpu_kernel(const CpuAttention& a, at::Tensor& out, at::Tensor& stat
       return;
     }
     at::Tensor S = buffer.narrow(0, 0, tq * nk).view({tq, nk});
-    a.scores<acc_t>(S, b, h, i0, tq, nk);
+    a.scores<acc_t>(S, b, h, i0, tq, 0, nk);
     const at::Tensor m = S.amax(1);
     const acc_t* mp = m.data_ptr<acc_t>();
     acc_t* sh = shift.data_ptr<acc_t>();
@@ -218,30 +221,55 @@ void forward_cpu_kernel(const CpuAttention& a, at::Tensor& out, at::Tensor& stat
   });
 }
 
+// Key chunks per (batch, key/value head) in backward: enough work items to keep every thread busy
+// (and to balance when a thread is descheduled), at most kMaxKeyChunks partial dQ sums (each the
+// size of Q), chunks of at least kMinChunkKeys keys.
+constexpr int64_t kMaxKeyChunks = 8;
+constexpr int64_t kMinChunkKeys = 128;
+
+int64_t key_chunks(const Shapes& s) {
+  const int64_t heads = std::max<int64_t>(s.B * s.Hkv, 1);
+  const int64_t wanted = (4 * at::get_num_threads() + heads - 1) / heads;
+  const int64_t most = std::max<int64_t>((s.Nk + kMinChunkKeys - 1) / kMinChunkKeys, 1);
+  return std::min({wanted, most, kMaxKeyChunks});
+}
+
+// Backward work item (batch, key/value head, key chunk) owns its rows of dK and dV, so their
+// accumulation over query tiles and over the heads of a group needs no synchronisation; its dQ
+// contribution goes to the chunk's own partial sum. P is rebuilt from the saved statistics, so a
+// tile needs only its own keys.
 template <typename acc_t>
 void backward_cpu_kernel(const CpuAttention& a, const at::Tensor& dout, const at::Tensor& stats,
                          const at::Tensor& delta, bool cp, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
-  const int64_t tiles = a.tiles(), G = a.s.group();
+  const int64_t G = a.s.group(), chunks = key_chunks(a.s);
+  const int64_t chunk_keys = (a.s.Nk + chunks - 1) / chunks;
+  const int64_t rows = tile_rows(a.s.Nq, chunk_keys), tiles = (a.s.Nq + rows - 1) / rows;
   const double dv_scale = cp ? 1.0 : 0.5, dqk_scale = a.scale * 0.25;
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
-  // One work item per (batch, key/value head): it owns its rows of dK and dV, so the accumulation
-  // over query tiles and over the heads of a group needs no synchronisation.
+  // dQ partial sums, one per key chunk (dq itself when there is one chunk).
+  at::Tensor dq_parts = cp || chunks == 1 ? dq : at::zeros({chunks, a.s.B, a.s.Hq, a.s.Nq, a.s.D}, dq.options());
   const auto scratch = [&] {
-    return std::array<at::Tensor, 3>{at::empty({(cp ? 1 : 2) * a.rows * a.s.Nk}, a.q.options()),
-                                     at::empty({a.rows, 1}, a.q.options()), at::empty({a.rows, 1}, a.q.options())};
+    return std::array<at::Tensor, 3>{at::empty({(cp ? 1 : 2) * rows * chunk_keys}, a.q.options()),
+                                     at::empty({rows, 1}, a.q.options()), at::empty({rows, 1}, a.q.options())};
   };
-  const int64_t items = a.s.B * a.s.Hkv;
+  const int64_t items = a.s.B * a.s.Hkv * chunks;
   // With fewer items than threads, run them one by one and let the GEMMs and element-wise ops
   // use the threads instead.
   for_each_item(items, items >= at::get_num_threads(), scratch, [&](int64_t item, std::array<at::Tensor, 3>& bufs) {
     at::Tensor &buffer = bufs[0], &shift = bufs[1], &inv_l = bufs[2];
-    const int64_t b = item / a.s.Hkv, kv = item % a.s.Hkv;
+    const int64_t b = item / (a.s.Hkv * chunks), kv = item / chunks % a.s.Hkv, c = item % chunks;
+    const int64_t j0 = c * chunk_keys, j1 = std::min(a.s.Nk, j0 + chunk_keys);
+    if (j0 >= j1) return;
+    const at::Tensor kc = a.k[b][kv].narrow(0, j0, j1 - j0), vc = a.v[b][kv].narrow(0, j0, j1 - j0);
+    at::Tensor dkc = cp ? at::Tensor() : dk[b][kv].narrow(0, j0, j1 - j0), dvc = dv[b][kv].narrow(0, j0, j1 - j0);
+    at::Tensor dq_part = cp ? at::Tensor() : chunks == 1 ? dq_parts : dq_parts[c];
     for (int64_t h = kv * G; h < (kv + 1) * G; ++h) {
       for (int64_t t = 0; t < tiles; ++t) {
-        const int64_t i0 = t * a.rows, tq = std::min(a.rows, a.s.Nq - i0), nk = a.keys(i0, tq);
-        if (nk == 0) continue;
+        const int64_t i0 = t * rows, tq = std::min(rows, a.s.Nq - i0);
+        const int64_t nk = std::min(j1, a.keys(i0, tq)) - j0;  // causal: a tile may see none of the chunk
+        if (nk <= 0) continue;
         at::Tensor P = buffer.narrow(0, 0, tq * nk).view({tq, nk});
-        a.scores<acc_t>(P, b, h, i0, tq, nk);
+        a.scores<acc_t>(P, b, h, i0, tq, j0, nk);
         const acc_t* st = stats[b][h].data_ptr<acc_t>() + 2 * i0;
         acc_t* sh = shift.data_ptr<acc_t>();
         acc_t* il = inv_l.data_ptr<acc_t>();
@@ -252,18 +280,17 @@ void backward_cpu_kernel(const CpuAttention& a, const at::Tensor& dout, const at
         }
         P.sub_(shift.narrow(0, 0, tq)).exp_().mul_(inv_l.narrow(0, 0, tq));
         const at::Tensor go = dout[b][h].narrow(0, i0, tq);
-        dv[b][kv].narrow(0, 0, nk).addmm_(P.t(), go, 1, dv_scale);
+        dvc.narrow(0, 0, nk).addmm_(P.t(), go, 1, dv_scale);
         if (cp) continue;
-        const at::Tensor vt = a.v[b][kv].narrow(0, 0, nk), kt = a.k[b][kv].narrow(0, 0, nk);
         at::Tensor dS = buffer.narrow(0, tq * nk, tq * nk).view({tq, nk});
-        at::mm_out(dS, go, vt.t());
+        at::mm_out(dS, go, vc.narrow(0, 0, nk).t());
         dS.sub_(delta[b][h].narrow(0, i0, tq).unsqueeze(1)).mul_(P);
-        at::Tensor dqt = dq[b][h].narrow(0, i0, tq);
-        at::addmm_out(dqt, dqt, dS, kt, 0, dqk_scale);
-        dk[b][kv].narrow(0, 0, nk).addmm_(dS.t(), a.q[b][h].narrow(0, i0, tq), 1, dqk_scale);
+        dq_part[b][h].narrow(0, i0, tq).addmm_(dS, kc.narrow(0, 0, nk), 1, dqk_scale);
+        dkc.narrow(0, 0, nk).addmm_(dS.t(), a.q[b][h].narrow(0, i0, tq), 1, dqk_scale);
       }
     }
   });
+  if (!cp && chunks > 1) dq.copy_(dq_parts.sum(0));
 }
 
 CpuAttention make_cpu(const Shapes& s, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -233,13 +233,14 @@ def test_float64_is_exact():
                 assert_close(a, e, 1e-12)
 
 
-def test_many_tiles():
-    """More query rows than one CPU tile holds, so rows are split over tiles (and causal key ranges)."""
+@pytest.mark.parametrize('kind', ['none', 'causal', 'bool', 'float', 'fully_masked_rows'])
+def test_many_tiles(kind):
+    """More rows and keys than one CPU tile holds: rows split over tiles, keys over backward chunks."""
     q, k, v, g = inputs(b=1, hq=2, hkv=1, nq=600, nk=1100, d=8)
-    for causal in (False, True):
-        res = lxt(q, k, v, g, is_causal=causal)
-        for a, e in zip(res, dense_lrp(q, k, v, g, is_causal=causal)):
-            assert_close(a, e, 2e-5)
+    mask, causal = masks(kind, 1, 2, 600, 1100)
+    res = lxt(q, k, v, g, mask, is_causal=causal)
+    for a, e in zip(res, dense_lrp(q, k, v, g, mask, causal)):
+        assert_close(a, e, 2e-5)
 
 
 @settings(max_examples=40, deadline=None)
@@ -256,8 +257,9 @@ def test_hypothesis_shapes(b, hkv, group, nq, nk, d, kind, mode, scale, seed):
         if e is None:
             assert a is None
         else:
-            # dQ and dK are exactly 0 with a single visible key; float32 leaves rounding noise there.
-            assert_close(a, e, 2e-5, atol=1e-6)
+            # dQ and dK are exactly 0 with a single visible key; float32 leaves rounding noise there,
+            # of the size of the float32 dot products over d terms it cancels.
+            assert_close(a, e, 2e-5, atol=1e-6 * d * max(1.0, scale or 1.0))
 
 
 def test_clear_errors():
