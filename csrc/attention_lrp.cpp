@@ -14,8 +14,9 @@
 // over the G query heads of a group. Causal masking is torch SDPA's: query i sees keys j <= i.
 // A row that sees no key (every entry masked by False or -inf) gives O = 0 and zero gradients.
 //
-// Memory: P is never kept. The CPU kernels recompute S for a tile of query rows over all keys
-// (tile rows x Nk <= kTileElements values per buffer), so the extra memory grows linearly in Nk.
+// Memory: P is never kept. The CPU forward computes S for a tile of query rows over all keys (tile
+// rows x Nk <= kTileElements values per buffer); backward recomputes it per tile of query rows and
+// chunk of keys, P from the saved statistics. Extra memory grows linearly in the sequence length.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
