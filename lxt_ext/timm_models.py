@@ -32,7 +32,8 @@ class TimmAttention(SwappedForward):
         attn_mask, is_causal = _attention_arguments(*args, **kwargs)
         if attn_mask is not None and attn_mask.dtype == torch.bool:
             # SDPA's boolean masks say where attention is allowed
-            attn_mask = torch.zeros(attn_mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~attn_mask, float('-inf'))
+            attn_mask = torch.zeros(attn_mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~attn_mask,
+                                                                                             float('-inf'))
         B, N, _ = x.shape
         qkv = module.qkv(x).reshape(B, N, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)

@@ -49,7 +49,8 @@ def _explicit(rule):
         return ExplicitConvention(rule.rule, explicit_output=True, epsilon=rule.epsilon)
     if isinstance(rule, (FusedRule, OutputEpsilon)):
         return ExplicitRelevance(rule)
-    raise TypeError(f'the first layer needs an lxt_ext or zennit rule for Linear/convolutions, not {type(rule).__name__}')
+    raise TypeError(f'the first layer needs an lxt_ext or zennit rule for Linear/convolutions, not '
+                    f'{type(rule).__name__}')
 
 
 class TransformerComposite(Composite):
@@ -132,8 +133,8 @@ class ViTEpsilon(TransformerComposite):
 
     def __init__(self, epsilon=1e-6, attention='attnlrp', first_rule=None, layer_map=None, canonizers=None,
                  strict=True):
-        super().__init__(OutputEpsilon(epsilon), conv_rule=Epsilon(epsilon), attention=attention, explicit_first=True, first_rule=first_rule,
-                         layer_map=layer_map, canonizers=canonizers, strict=strict)
+        super().__init__(OutputEpsilon(epsilon), conv_rule=Epsilon(epsilon), attention=attention, explicit_first=True,
+                         first_rule=first_rule, layer_map=layer_map, canonizers=canonizers, strict=strict)
 
 
 @register_composite('lxt_ext_vit_gamma')

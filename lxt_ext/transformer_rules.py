@@ -266,7 +266,8 @@ class _ZennitBackward(torch.autograd.Function):
         x, output = ctx.saved_tensors
         # linear_rule_apply passes a factory: the module is built only when a backward needs it
         module = ctx.module if isinstance(ctx.module, torch.nn.Module) else ctx.module()
-        return ctx.rule.grad_input(module, ctx.original, x, output, grad, ctx.args, ctx.kwargs), None, None, None, None, None
+        grad_input = ctx.rule.grad_input(module, ctx.original, x, output, grad, ctx.args, ctx.kwargs)
+        return grad_input, None, None, None, None, None
 
 
 class ZennitRule(SwappedForward):
@@ -405,7 +406,8 @@ def gradient_x_input(rule, epsilon=1e-10):
     if isinstance(rule, BasicHook):
         return ZennitRule(rule, epsilon=epsilon)
     raise TypeError(f'{type(rule).__name__} is a zennit hook with no Gradient x Input form; lxt_ext\'s transformer '
-                    f'composites take zennit BasicHook rules (Epsilon, Gamma, Flat, ZBox, ...), Pass, and lxt_ext rules')
+                    f'composites take zennit BasicHook rules (Epsilon, Gamma, Flat, ZBox, ...), Pass, and lxt_ext '
+                    f'rules')
 
 
 # --- epsilon from the output ------------------------------------------------------------------
@@ -480,7 +482,8 @@ def linear_rule_apply(rule, x, weight, bias=None):
         return _EpsilonFromOutput.apply(x, weight, rule.epsilon, original)
     if isinstance(rule, ZennitRule):
         return _ZennitBackward.apply(x, rule, lambda: _LinearShell(weight, bias), original, (), {})
-    raise TypeError(f'linear_rule_apply takes lxt_ext fused rules and zennit BasicHook rules, not {type(rule).__name__}')
+    raise TypeError(f'linear_rule_apply takes lxt_ext Linear rules and zennit BasicHook rules, not '
+                    f'{type(rule).__name__}')
 
 
 # --- attention ----------------------------------------------------------------------------------

@@ -104,8 +104,8 @@ def test_vit_b_16_gamma_recipe_matches_lxt():
     model = _torchvision_model(_VIT_B_16)
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     target = torch.eye(1000)[[3]]
-    lxt = lxt_oracle.run(_TORCHVISION_ORACLE, mode='gamma', name=_VIT_B_16[0], kwargs=_VIT_B_16[1], state=model.state_dict(), x=x,
-                         target=target)
+    lxt = lxt_oracle.run(_TORCHVISION_ORACLE, mode='gamma', name=_VIT_B_16[0], kwargs=_VIT_B_16[1],
+                         state=model.state_dict(), x=x, target=target)
     plain_projections = [(torch.nn.MultiheadAttention, MultiheadAttentionRule('cp', linear_rule=None))]
     output, relevance = _attribute(model, ViTGamma(layer_map=plain_projections), x, target)
     torch.testing.assert_close(output, lxt['logits'], rtol=1e-5, atol=1e-4)
