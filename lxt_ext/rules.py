@@ -7,7 +7,9 @@ layer products through ATen, the rule's element-wise work in lxt_ext's kernels).
 ``BasicHook`` instead re-runs the layer once per modifier and back-propagates through every copy.
 
 Each rule is data for that one mechanism: a rule code, its parameters and how the bias enters the
-rule's two denominators (see ``csrc/lrp_math.h`` for the math). ``convention`` says what the
+rule's two denominators (see ``csrc/lrp_math.h`` for the math). ``ZBox``, ``Flat`` (first layers),
+``Norm`` (sums, average pooling) and ``Pass`` use the same swapped forward with a few PyTorch products
+in backward instead of the op; like the fused rules they keep at most the input. ``convention`` says what the
 gradient slot carries: ``'explicit'`` (zennit's: relevance, ``R_in = x * W^T S``) or
 ``'gradient_x_input'`` (relevance per unit of the tensor, used inside lxt_ext's transformer
 composites: ``R = y * g_out`` in and ``g_in`` out, with ``x * g_in`` the input relevance).
