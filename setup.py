@@ -51,8 +51,8 @@ os.environ.setdefault('MAX_JOBS', '2')
 
 setup(
     name='lxt_ext',
-    version='0.1.0',
-    description='Fused C++/CUDA LRP rules for zennit: epsilon, gamma, z-plus, alpha-beta and composites',
+    version='0.2.0',
+    description='Fused C++/CUDA LRP rules for zennit: CNN rules and composites, AttnLRP/CP-LRP for transformers',
     long_description=open(os.path.join(ROOT, 'README.md')).read() if os.path.exists(os.path.join(ROOT, 'README.md')) else '',
     long_description_content_type='text/markdown',
     packages=find_packages(include=['lxt_ext', 'lxt_ext.*']),

@@ -1,10 +1,13 @@
 """lxt_ext: fused C++/CUDA LRP rules for zennit.
 
 Swap ``zennit.rules`` for ``lxt_ext.rules`` and ``zennit.composites`` for ``lxt_ext.composites``:
-the same relevance, computed by fused extension ops with less memory and time.
+the same relevance, computed by fused extension ops with less memory and time. Transformers (ViTs
+from torchvision, timm and Hugging Face; BERT, GPT-2, LLaMA-family) get AttnLRP or CP-LRP through
+``lxt_ext.composites.ViTGamma``/``ViTEpsilon``/``LanguageTransformer``.
 """
-from . import composites, rules
+from . import attention, attribution, composites, rules, transformer_composites, transformer_rules
 from ._ops import cuda_built
 
-__version__ = '0.1.0'
-__all__ = ['rules', 'composites', 'cuda_built', '__version__']
+__version__ = '0.2.0'
+__all__ = ['rules', 'composites', 'transformer_rules', 'transformer_composites', 'attention', 'attribution',
+           'cuda_built', '__version__']

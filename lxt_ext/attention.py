@@ -9,8 +9,8 @@ Gradient x Input convention (the gradient slot carries relevance per unit of the
 - ``mode='cp'`` (CP-LRP): ``dV = P^T dO`` and no relevance through Q and K (their gradients are
   None, never computed).
 
-Only O and two statistics per query row (row max and log row sum of the softmax) are kept for
-backward, which recomputes the scores tile by tile: extra memory grows linearly in the sequence
+Only O (AttnLRP) and two statistics per query row (row max and log row sum of the softmax) are
+kept for backward, which recomputes the scores tile by tile: extra memory grows linearly in the sequence
 length, the N x N attention matrix is never stored.
 """
 import math
@@ -27,7 +27,10 @@ class _AttentionLRP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, attn_mask, scale, is_causal, mode):
         out, stats = _ops.ops.attention_forward(query, key, value, attn_mask, scale, is_causal)
-        ctx.save_for_backward(query, key, value, attn_mask, out, stats)
+        # CP-LRP's backward (dV = P^T dO) never reads O: keep a stride-0 stand-in of its shape, which
+        # is all the op checks, instead of an activation-sized tensor per attention layer.
+        kept = out if mode != MODES['cp'] else out.new_zeros(()).expand(out.shape)
+        ctx.save_for_backward(query, key, value, attn_mask, kept, stats)
         ctx.scale, ctx.is_causal, ctx.mode = scale, is_causal, mode
         return out
 

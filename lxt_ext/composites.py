@@ -4,6 +4,9 @@ Same names, signatures and layer maps as ``zennit.composites``, with lxt_ext's r
 ZBox and Flat on the first layer and Norm on sums (ResNetCanonizer's residual ``Sum``) and average
 pooling keep only their inputs, and activations and BatchNorm get lxt_ext's Pass, which keeps nothing;
 no zennit hook is left. Each is also registered in zennit's composite registry as ``lxt_ext_<name>``.
+
+The attention-aware composites for transformers (``ViTEpsilon``, ``ViTGamma``, ``LanguageTransformer``,
+``TransformerComposite``) live in ``lxt_ext.transformer_composites`` and are importable from here too.
 """
 import torch
 from zennit.composites import LayerMapComposite, SpecialFirstLayerMapComposite, register_composite
@@ -11,8 +14,10 @@ from zennit.layer import Sum
 from zennit.types import Activation, AvgPool, BatchNorm, Convolution, Linear
 
 from .rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ZBox, ZPlus
+from .transformer_composites import LanguageTransformer, TransformerComposite, ViTEpsilon, ViTGamma
 
-__all__ = ['EpsilonGammaBox', 'EpsilonPlus', 'EpsilonAlpha2Beta1', 'EpsilonPlusFlat', 'EpsilonAlpha2Beta1Flat']
+__all__ = ['EpsilonGammaBox', 'EpsilonPlus', 'EpsilonAlpha2Beta1', 'EpsilonPlusFlat', 'EpsilonAlpha2Beta1Flat',
+           'ViTEpsilon', 'ViTGamma', 'LanguageTransformer', 'TransformerComposite']
 
 
 def layer_map_base(stabilizer=1e-6):
