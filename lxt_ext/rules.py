@@ -204,8 +204,15 @@ class _FusedLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, hook, spec, original, args, kwargs):
         output = original(input, *args, **kwargs)
-        ctx.save_for_backward(input, weight, bias)
-        _RECENTLY_KEPT.append(weakref.ref(input))
+        # An input that is fn(x) of an identity-rule activation, unmodified since, is recomputed in
+        # backward from x, which that rule keeps anyway (transformer_rules.identity_rule).
+        source, ctx.recompute = input, None
+        tag = getattr(input, '_lxt_ext_recompute', None)
+        if tag is not None and tag[2] == input._version:
+            source, ctx.recompute = tag[0], tag[1]
+        else:
+            _RECENTLY_KEPT.append(weakref.ref(input))
+        ctx.save_for_backward(source, weight, bias)
         ctx.hook, ctx.spec = hook, spec
         ctx.output_padding = spec.output_padding(weight, input.shape, output.shape)
         return output
@@ -214,6 +221,8 @@ class _FusedLayer(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         x, weight, bias = ctx.saved_tensors
+        if ctx.recompute is not None:
+            x = ctx.recompute(x)
         spec = ctx.spec
         unbatched = not spec.linear and x.dim() == weight.dim() - 1
         if unbatched:

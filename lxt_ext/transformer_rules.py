@@ -70,8 +70,14 @@ class _IdentityRule(torch.autograd.Function):
 
 
 def identity_rule(fn, x, epsilon=1e-10):
-    """``fn(x)`` for an element-wise ``fn``, with the identity rule in backward."""
-    return _IdentityRule.apply(x, fn, epsilon)
+    """``fn(x)`` for an element-wise ``fn``, with the identity rule in backward.
+
+    The output is tagged with ``(x, fn, version)``: a fused rule consuming it unchanged (the next
+    Linear of an MLP) keeps ``x``, which this rule keeps anyway, and recomputes ``fn(x)`` in backward
+    instead of keeping a second activation-sized tensor (see ``lxt_ext.rules._FusedLayer``)."""
+    output = _IdentityRule.apply(x, fn, epsilon)
+    output._lxt_ext_recompute = (x, fn, output._version)
+    return output
 
 
 class ActivationIdentity(SwappedForward):

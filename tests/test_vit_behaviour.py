@@ -160,3 +160,22 @@ def test_composites_are_in_zennits_registry():
     assert zennit.composites.COMPOSITES['lxt_ext_vit_epsilon'] is ViTEpsilon
     assert zennit.composites.COMPOSITES['lxt_ext_vit_gamma'] is ViTGamma
     assert zennit.composites.COMPOSITES['lxt_ext_language_transformer'] is LanguageTransformer
+
+
+def test_mlp_keeps_the_activation_input_once(generator):
+    """In ViTGamma the MLP's second Linear consumes GELU's output; its gamma rule keeps GELU's input
+    (which the identity rule keeps anyway) and recomputes the output in backward, so no saved
+    tensor of the forward pass is a GELU output."""
+    model = small_vit()
+    gelu_outputs, saved = [], []
+    handles = [module.register_forward_hook(lambda m, i, o: gelu_outputs.append(o.data_ptr()))
+               for module in model.modules() if isinstance(module, torch.nn.GELU)]
+    x = torch.randn(2, 3, 32, 32, generator=generator)
+    composite = ViTGamma()
+    with composite.context(model), torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t.data_ptr()) or t, lambda t: t):
+        y = model(x.requires_grad_())
+    for handle in handles:
+        handle.remove()
+    assert gelu_outputs and not set(gelu_outputs) & set(saved)
+    assert y.grad_fn is not None
