@@ -25,17 +25,11 @@ import subprocess
 import sys
 import time
 
+from peak_memory import MEMORY_ENV, extra_peak_mb
+
 METHODS = ('lxt_ext', 'lxt_eager', 'sdpa')
 EAGER_MAX_ELEMENTS = 4 * 8192 ** 2  # 1 GiB per N x N float32 matrix over all heads
 D = 64
-
-
-def status_kb(field):
-    with open('/proc/self/status') as status:
-        for line in status:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise RuntimeError(field)
 
 
 def attention(method):
@@ -87,11 +81,7 @@ def measure_memory(method, n, heads):
     torch.set_num_threads(2)
     f = attention(method)
     q, k, v, g = make_inputs(n, heads)
-    before = status_kb('VmRSS')
-    with open('/proc/self/clear_refs', 'w') as refs:
-        refs.write('5')
-    run_once(f, q, k, v, g)
-    return (status_kb('VmHWM') - before) / 1024
+    return extra_peak_mb(lambda: run_once(f, q, k, v, g))
 
 
 def measure_time(n, heads, repeats, methods):
@@ -114,7 +104,7 @@ def child(args):
     """The last line a measurement printed in a fresh process (memory runs with the mmap allocator)."""
     env = dict(os.environ)
     if args[0] == '--memory':
-        env.update(MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='0')
+        env.update(MEMORY_ENV)
     return subprocess.run([sys.executable, __file__] + [str(a) for a in args], check=True, capture_output=True,
                           text=True, env=env).stdout.strip().splitlines()[-1]
 

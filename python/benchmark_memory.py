@@ -11,15 +11,9 @@ import os
 import subprocess
 import sys
 
+from peak_memory import MEMORY_ENV, extra_peak_mb
+
 METHODS = ('plain', 'zennit', 'lxt_ext', 'canonizer')
-
-
-def status_kb(field):
-    with open('/proc/self/status') as status:
-        for line in status:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise RuntimeError(field)
 
 
 def measure(model_name, method):
@@ -37,18 +31,17 @@ def measure(model_name, method):
     if method in ('zennit', 'lxt_ext'):
         module = __import__('lxt_ext.composites' if method == 'lxt_ext' else 'zennit.composites', fromlist=['x'])
         composite = module.EpsilonGammaBox(low=-3., high=3., canonizers=[canonizer()])
-    before = status_kb('VmRSS')
-    with open('/proc/self/clear_refs', 'w') as refs:
-        refs.write('5')
-    if method == 'plain':
-        xg = x.clone().requires_grad_()
-        torch.autograd.grad(model(xg), xg, target)
-    elif method == 'canonizer':
-        canonizer().apply(model)
-    else:
-        with Gradient(model, composite) as attributor:
-            attributor(x, target)
-    return (status_kb('VmHWM') - before) / 1024
+
+    def run():
+        if method == 'plain':
+            xg = x.clone().requires_grad_()
+            torch.autograd.grad(model(xg), xg, target)
+        elif method == 'canonizer':
+            canonizer().apply(model)
+        else:
+            with Gradient(model, composite) as attributor:
+                attributor(x, target)
+    return extra_peak_mb(run)
 
 
 def main():
@@ -56,7 +49,7 @@ def main():
         print(measure(sys.argv[2], sys.argv[3]))
         return
     models = sys.argv[1:] or ['vgg16', 'resnet50']
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='0')
+    env = dict(os.environ, **MEMORY_ENV)
     print('| model | plain MB | zennit MB | lxt_ext MB | canonizer alone MB | lxt_ext / plain | lxt_ext / zennit |')
     print('|---|---|---|---|---|---|---|')
     for model in models:

@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+from peak_memory import MEMORY_ENV, extra_peak_mb
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ('plain', 'lxt_ext_epsilon', 'lxt_ext_gamma', 'lxt_gamma', 'lxt_epsilon')
 LABELS = {
@@ -30,14 +32,6 @@ LABELS = {
     'lxt_gamma': 'LXT 2.1 + zennit, published gamma recipe',
     'lxt_epsilon': 'LXT 2.1 + zennit Epsilon',
 }
-
-
-def status_kb(field):
-    with open('/proc/self/status') as status:
-        for line in status:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise RuntimeError(field)
 
 
 def attribution(method, batch):
@@ -87,11 +81,7 @@ def attribution(method, batch):
 def measure(method, kind, batch, repeats):
     run = attribution(method, batch)
     if kind == 'memory':
-        before = status_kb('VmRSS')
-        with open('/proc/self/clear_refs', 'w') as refs:
-            refs.write('5')
-        run()
-        return (status_kb('VmHWM') - before) / 1024 ** 2
+        return extra_peak_mb(run) / 1024
     run()
     times = []
     for _ in range(repeats):
@@ -104,7 +94,7 @@ def measure(method, kind, batch, repeats):
 def child(method, kind, batch, repeats):
     env = dict(os.environ)
     if kind == 'memory':
-        env.update(MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='0')
+        env.update(MEMORY_ENV)
     if method in ('lxt_gamma', 'lxt_epsilon'):
         env['PYTHONPATH'] = os.pathsep.join(filter(None, [os.path.join(ROOT, '.oracle'), env.get('PYTHONPATH')]))
     out = subprocess.run([sys.executable, __file__, '--one', method, kind, str(batch), str(repeats)], env=env,
