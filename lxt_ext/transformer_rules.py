@@ -331,14 +331,8 @@ class _TimesInput(torch.autograd.Function):
         return grad * x
 
 
-class ExplicitRelevance(SwappedForward):
-    """An lxt_ext rule (fused, or another ``SwappedForward`` Linear rule) on the first layer whose
-    backward emits ``R_in = x * g_in``, so that ``zennit.attribution.Gradient`` returns relevance.
-    (zennit rules: ``ZennitRule(rule, explicit_output=True)``.)"""
-
-    def __init__(self, rule):
-        super().__init__()
-        self.rule = gradient_x_input(rule)
+class _ConventionWrapper(SwappedForward):
+    """A rule that runs another lxt_ext rule (``self.rule``) in a changed convention."""
 
     def copy(self):
         copy = super().copy()
@@ -347,6 +341,16 @@ class ExplicitRelevance(SwappedForward):
 
     def prepare(self, module):
         self.rule.prepare(module)
+
+
+class ExplicitRelevance(_ConventionWrapper):
+    """An lxt_ext rule (fused, or another ``SwappedForward`` Linear rule) on the first layer whose
+    backward emits ``R_in = x * g_in``, so that ``zennit.attribution.Gradient`` returns relevance.
+    (zennit rules: ``ZennitRule(rule, explicit_output=True)``.)"""
+
+    def __init__(self, rule):
+        super().__init__()
+        self.rule = gradient_x_input(rule)
 
     def apply(self, module, original, input, args, kwargs):
         return self.rule.apply(module, original, _TimesInput.apply(input), args, kwargs)
@@ -368,7 +372,7 @@ class _OverStabilizedInput(torch.autograd.Function):
         return grad / stabilize(x, ctx.epsilon), None
 
 
-class ExplicitConvention(SwappedForward):
+class ExplicitConvention(_ConventionWrapper):
     """An lxt_ext rule of zennit's explicit convention only (``ZBox``, ``Flat``, ``Norm``) in a
     Gradient x Input composite: it gets ``R_out = y * g_out`` and its ``R_in`` leaves as
     ``R_in / stab(x)``, or as ``R_in`` itself with ``explicit_output`` (the first layer)."""
@@ -376,14 +380,6 @@ class ExplicitConvention(SwappedForward):
     def __init__(self, rule, explicit_output=False, epsilon=1e-10):
         super().__init__()
         self.rule, self.explicit_output, self.epsilon = rule, explicit_output, epsilon
-
-    def copy(self):
-        copy = super().copy()
-        copy.rule = self.rule.copy()
-        return copy
-
-    def prepare(self, module):
-        self.rule.prepare(module)
 
     def apply(self, module, original, input, args, kwargs):
         x = input if self.explicit_output else _OverStabilizedInput.apply(input, self.epsilon)
