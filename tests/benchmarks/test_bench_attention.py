@@ -6,16 +6,15 @@
 With the project's default (--benchmark-disable) each case runs once at a short length as a smoke
 test. The methods are the ones of python/benchmark_attention.py (the eager recipe is written there).
 """
-import importlib.util
 import os
+import sys
 
 import pytest
 import torch
 
-_SPEC = importlib.util.spec_from_file_location(
-    'benchmark_attention', os.path.join(os.path.dirname(__file__), '..', '..', 'python', 'benchmark_attention.py'))
-benchmark_attention = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(benchmark_attention)
+# the benchmark scripts import their shared helper (python/peak_memory.py) from their own folder
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..', 'python'))
+import benchmark_attention  # noqa: E402
 
 
 @pytest.mark.parametrize('n', [1024, 4096])
