@@ -224,6 +224,16 @@ def test_stabilizer_object_matches_zennit(generator):
 # ------------------------------------------------------------------------------------------------
 # The rules inside zennit's other composite types and attributors, mixed with zennit's own hooks.
 
+def inactive_and_active(composite, model, x, r):
+    """Input gradients under ``composite``: first inside ``composite.inactive()``, then active again."""
+    xg = x.clone().requires_grad_()
+    with composite.context(model) as modified:
+        with composite.inactive():
+            (inactive,) = torch.autograd.grad(modified(xg), xg, r)
+        (active,) = torch.autograd.grad(modified(xg), xg, r)
+    return inactive, active
+
+
 def small_cnn(dtype=torch.float64, seed=1):
     torch.manual_seed(seed)
     model = nn.Sequential(
@@ -318,11 +328,7 @@ def test_inactive_gives_plain_gradient(name, generator):
     plain = relevance(model, x, r)
     composite = LayerMapComposite(layer_map=[(nn.Conv2d, getattr(lxt_ext.rules, name)()),
                                              (nn.Linear, getattr(lxt_ext.rules, name)())])
-    xg = x.clone().requires_grad_()
-    with composite.context(model) as modified:
-        with composite.inactive():
-            (inactive,) = torch.autograd.grad(modified(xg), xg, r)
-        (active,) = torch.autograd.grad(modified(xg), xg, r)
+    inactive, active = inactive_and_active(composite, model, x, r)
     assert_rel_close(inactive, plain, 1e-12)
     # the hooks are active again after the inactive() block: zennit's relevance, not the gradient
     reference = relevance(model, x, r, LayerMapComposite(layer_map=[
@@ -507,11 +513,7 @@ def test_zbox_flat_and_norm_inactive_give_plain_gradient(make, generator):
     rule = make()
     composite = LayerMapComposite(layer_map=[(zennit.layer.Sum if isinstance(rule, lxt_ext.rules.Norm)
                                               else nn.Conv2d, rule)])
-    xg = x.clone().requires_grad_()
-    with composite.context(model) as modified:
-        with composite.inactive():
-            (inactive,) = torch.autograd.grad(modified(xg), xg, r)
-        (active,) = torch.autograd.grad(modified(xg), xg, r)
+    inactive, active = inactive_and_active(composite, model, x, r)
     assert_rel_close(inactive, plain, 1e-12)
     assert (active - plain).abs().max() > 1e-6 * plain.abs().max()
 

@@ -12,21 +12,9 @@
 #include <tuple>
 #include <vector>
 
+#include "checks.h"
+
 namespace {
-
-int failures = 0;
-
-void check(bool ok, const std::string& what) {
-  std::printf("%s %s\n", ok ? "ok  " : "FAIL", what.c_str());
-  if (!ok) ++failures;
-}
-
-bool close(const at::Tensor& got, const at::Tensor& expected, double rtol) {
-  if (got.sizes() != expected.sizes() || !at::isfinite(got).all().item<bool>()) return false;
-  const double scale = expected.abs().max().item<double>();
-  const double err = (got.to(at::kDouble) - expected).abs().max().item<double>();
-  return err <= rtol * (scale > 0 ? scale : 1.0);
-}
 
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const c10::optional<at::Tensor>& mask, double scale, bool causal) {

@@ -9,20 +9,9 @@
 
 #include "lrp_math.h"
 
+#include "checks.h"
+
 namespace {
-
-int failures = 0;
-
-void check(bool ok, const std::string& what) {
-  std::printf("%s %s\n", ok ? "ok  " : "FAIL", what.c_str());
-  if (!ok) ++failures;
-}
-
-bool close(const at::Tensor& got, const at::Tensor& expected, double rtol) {
-  const double scale = expected.abs().max().item<double>();
-  const double err = (got - expected).abs().max().item<double>();
-  return err <= rtol * (scale > 0 ? scale : 1.0);
-}
 
 at::Tensor stab(const at::Tensor& z, double eps) { return z + eps * ((z == 0).to(z.scalar_type()) + z.sign()); }
 
