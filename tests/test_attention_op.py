@@ -351,7 +351,9 @@ def test_peak_memory_grows_linearly():
     small, large = _peak_mb('lxt_ext', 2048), _peak_mb('lxt_ext', 4096)
     eager_large = _peak_mb('eager', 4096)
     assert eager_large > 64, f'the control measured only {eager_large:.1f} MB'
-    assert large < 24, f'lxt_ext used {large:.1f} MB at N=4096'
+    # half of one 4k x 4k float32 matrix: no N x N tensor can fit, while the op's linear memory
+    # (inputs, gradients, O, per-thread tiles; 17-25 MB measured) has room to vary with the allocator
+    assert large < 32, f'lxt_ext used {large:.1f} MB at N=4096'
     assert large < 2.5 * max(small, 1.0), f'{small:.1f} MB at N=2048 but {large:.1f} MB at N=4096'
 
 
