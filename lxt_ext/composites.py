@@ -3,7 +3,8 @@
 Same names, signatures and layer maps as ``zennit.composites``, with lxt_ext's rules of the same name:
 ZBox and Flat on the first layer and Norm on sums (ResNetCanonizer's residual ``Sum``) and average
 pooling keep only their inputs, and activations and BatchNorm get lxt_ext's Pass, which keeps nothing;
-no zennit hook is left. Each is also registered in zennit's composite registry as ``lxt_ext_<name>``.
+no zennit hook is left. BatchNorms that zennit's canonizers merge into a layer are folded into the
+layer's rule rather than kept as a merged weight copy (``BatchNormFolding``). Each is also registered in zennit's composite registry as ``lxt_ext_<name>``.
 
 The attention-aware composites for transformers (``ViTEpsilon``, ``ViTGamma``, ``LanguageTransformer``,
 ``TransformerComposite``) live in ``lxt_ext.transformer_composites`` and are importable from here too.
@@ -13,11 +14,35 @@ from zennit.composites import LayerMapComposite, SpecialFirstLayerMapComposite, 
 from zennit.layer import Sum
 from zennit.types import Activation, AvgPool, BatchNorm, Convolution, Linear
 
+from .batch_norm_fold import fold_merged_batch_norms
 from .rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ZBox, ZPlus
 from .transformer_composites import LanguageTransformer, TransformerComposite, ViTEpsilon, ViTGamma
 
-__all__ = ['EpsilonGammaBox', 'EpsilonPlus', 'EpsilonAlpha2Beta1', 'EpsilonPlusFlat', 'EpsilonAlpha2Beta1Flat',
+__all__ = ['BatchNormFolding', 'EpsilonGammaBox', 'EpsilonPlus', 'EpsilonAlpha2Beta1', 'EpsilonPlusFlat', 'EpsilonAlpha2Beta1Flat',
            'ViTEpsilon', 'ViTGamma', 'LanguageTransformer', 'TransformerComposite']
+
+
+class BatchNormFolding:
+    """A mixin for zennit composites: after the canonizers, BatchNorms merged into layers with lxt_ext
+    product rules are folded into those rules instead of kept as merged weight copies
+    (``lxt_ext.batch_norm_fold``). Otherwise ``zennit.core.Composite.register`` as it is."""
+
+    def register(self, module):
+        self.remove()
+        for canonizer in self.canonizers:
+            self.handles += canonizer.apply(module)
+        ctx, rules = {}, {}
+        for name, child in module.named_modules():
+            template = self.module_map(ctx, name, child)
+            if template is not None:
+                rules[child] = template
+        folds = fold_merged_batch_norms(self.handles, rules)
+        for child, template in rules.items():
+            hook = template.copy()
+            if child in folds:
+                hook.fold = folds[child]
+            self.hook_refs.add(hook)
+            self.handles.append(hook.register(child))
 
 
 def layer_map_base(stabilizer=1e-6):
@@ -38,7 +63,7 @@ def _layer_map(layer_map, stabilizer, conv_rule, epsilon, zero_params):
 
 
 @register_composite('lxt_ext_epsilon_gamma_box')
-class EpsilonGammaBox(SpecialFirstLayerMapComposite):
+class EpsilonGammaBox(BatchNormFolding, SpecialFirstLayerMapComposite):
     """ZBox on the first convolution, fused gamma on the other convolutions, fused epsilon on Linear."""
 
     def __init__(self, low, high, epsilon=1e-6, gamma=0.25, stabilizer=1e-6, layer_map=None, first_map=None,
@@ -52,7 +77,7 @@ class EpsilonGammaBox(SpecialFirstLayerMapComposite):
 
 
 @register_composite('lxt_ext_epsilon_plus')
-class EpsilonPlus(LayerMapComposite):
+class EpsilonPlus(BatchNormFolding, LayerMapComposite):
     """Fused z-plus on convolutions, fused epsilon on Linear."""
 
     def __init__(self, epsilon=1e-6, stabilizer=1e-6, layer_map=None, zero_params=None, canonizers=None):
@@ -62,7 +87,7 @@ class EpsilonPlus(LayerMapComposite):
 
 
 @register_composite('lxt_ext_epsilon_alpha2_beta1')
-class EpsilonAlpha2Beta1(LayerMapComposite):
+class EpsilonAlpha2Beta1(BatchNormFolding, LayerMapComposite):
     """Fused alpha2-beta1 on convolutions, fused epsilon on Linear."""
 
     def __init__(self, epsilon=1e-6, stabilizer=1e-6, layer_map=None, zero_params=None, canonizers=None):
@@ -72,7 +97,7 @@ class EpsilonAlpha2Beta1(LayerMapComposite):
 
 
 @register_composite('lxt_ext_epsilon_plus_flat')
-class EpsilonPlusFlat(SpecialFirstLayerMapComposite):
+class EpsilonPlusFlat(BatchNormFolding, SpecialFirstLayerMapComposite):
     """Flat on the first linear layer, fused z-plus on convolutions, fused epsilon on Linear."""
 
     def __init__(self, epsilon=1e-6, stabilizer=1e-6, layer_map=None, first_map=None, zero_params=None,
@@ -84,7 +109,7 @@ class EpsilonPlusFlat(SpecialFirstLayerMapComposite):
 
 
 @register_composite('lxt_ext_epsilon_alpha2_beta1_flat')
-class EpsilonAlpha2Beta1Flat(SpecialFirstLayerMapComposite):
+class EpsilonAlpha2Beta1Flat(BatchNormFolding, SpecialFirstLayerMapComposite):
     """Flat on the first linear layer, fused alpha2-beta1 on convolutions, fused epsilon on Linear."""
 
     def __init__(self, epsilon=1e-6, stabilizer=1e-6, layer_map=None, first_map=None, zero_params=None,

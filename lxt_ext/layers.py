@@ -49,11 +49,11 @@ class LayerSpec:
             groups=module.groups,
         )
 
-    def product(self, x, weight, output_padding):
-        """``W x`` (no bias): the layer's own product, through ATen."""
+    def product(self, x, weight, output_padding, bias=None):
+        """``W x`` (``W x + b`` given ``bias``): the layer's own product, through ATen."""
         if self.linear:
-            return torch.nn.functional.linear(x, weight)
-        return torch.ops.aten.convolution(x, weight, None, self.stride, self.padding, self.dilation, self.transposed,
+            return torch.nn.functional.linear(x, weight, bias)
+        return torch.ops.aten.convolution(x, weight, bias, self.stride, self.padding, self.dilation, self.transposed,
                                           output_padding, self.groups)
 
     def input_product(self, s, weight, x, output_padding):

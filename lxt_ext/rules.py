@@ -78,6 +78,10 @@ class SwappedForward(Hook):
     def apply(self, module, original, input, args, kwargs):
         raise NotImplementedError
 
+    def plain_forward(self, module, original):
+        """The forward this rule runs the module with (``original``, its forward at registration)."""
+        return original
+
     def copy(self):
         copy = type(self).__new__(type(self))
         copy.__dict__.update(self.__dict__)
@@ -92,7 +96,7 @@ class SwappedForward(Hook):
             raise RuntimeError(f'this {type(self).__name__} is already registered to {self._module}; use .copy()')
         self._module = module
         self._previous_forward = module.__dict__.get('forward')
-        original = module.forward
+        original = self.plain_forward(module, module.forward)
         hook = self
 
         def forward(input, *args, **kwargs):
@@ -103,7 +107,7 @@ class SwappedForward(Hook):
                 return original(input, *args, **kwargs)
             return hook.apply(module, original, input, args, kwargs)
 
-        forward.__wrapped__ = original
+        forward.__wrapped__ = module.forward
         module.forward = forward
         return RemovableHandleList([RemovableHandle(self)])
 
@@ -148,14 +152,29 @@ class _PassThrough(torch.autograd.Function):
 
 class ProductRule(SwappedForward):
     """A rule for a layer ``y = W x + b``: ``_FusedLayer`` keeps the layer input, and ``backward_op`` maps
-    the output relevance to the input relevance without an autograd graph."""
+    the output relevance to the input relevance without an autograd graph.
+
+    ``fold``, set by lxt_ext's composites before registering, is a ``batch_norm_fold.BatchNormFold``
+    where a merged BatchNorm's scale is left out of the module's weight: the layer's weight is then
+    ``fold(module.weight)``, formed for each product and not kept."""
+    fold = None
 
     def prepare(self, module):
         self._spec = LayerSpec.of(module)
 
+    def plain_forward(self, module, original):
+        if self.fold is None:
+            return original
+        fold, spec = self.fold, self._spec
+
+        def folded(input):
+            return spec.product(input, fold(module.weight), [0] * len(spec.stride), module.bias)
+        return folded
+
     def apply(self, module, original, input, args, kwargs):
         check_input(module, input)
-        return _FusedLayer.apply(input, module.weight, module.bias, self, self._spec, original, args, kwargs)
+        return _FusedLayer.apply(input, module.weight, module.bias, self, self._spec, self.fold, original, args,
+                                 kwargs)
 
     def backward_op(self, x, weight, bias, grad, spec, output_padding):
         raise NotImplementedError
@@ -199,10 +218,11 @@ class FusedRule(ProductRule):
 
 
 class _FusedLayer(torch.autograd.Function):
-    """The layer's own forward; the rule's backward. Saves the input, weight and bias only."""
+    """The layer's own forward; the rule's backward. Saves the input, weight and bias only (and, for a
+    folded BatchNorm, forms the weight again in backward)."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, hook, spec, original, args, kwargs):
+    def forward(ctx, input, weight, bias, hook, spec, fold, original, args, kwargs):
         output = original(input, *args, **kwargs)
         # An input that is fn(x) of an identity-rule activation, unmodified since, is recomputed in
         # backward from x, which that rule keeps anyway (transformer_rules.identity_rule).
@@ -213,7 +233,7 @@ class _FusedLayer(torch.autograd.Function):
         else:
             _RECENTLY_KEPT.append(weakref.ref(input))
         ctx.save_for_backward(source, weight, bias)
-        ctx.hook, ctx.spec = hook, spec
+        ctx.hook, ctx.spec, ctx.fold = hook, spec, fold
         ctx.output_padding = spec.output_padding(weight, input.shape, output.shape)
         return output
 
@@ -221,6 +241,8 @@ class _FusedLayer(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         x, weight, bias = ctx.saved_tensors
+        if ctx.fold is not None:
+            weight = ctx.fold(weight)
         if ctx.recompute is not None:
             x = ctx.recompute(x)
         spec = ctx.spec
@@ -230,7 +252,7 @@ class _FusedLayer(torch.autograd.Function):
         grad_input = ctx.hook.backward_op(x, weight, bias, grad.to(x.dtype), spec, ctx.output_padding)
         if unbatched:
             grad_input = grad_input[0]
-        return grad_input, None, None, None, None, None, None, None
+        return grad_input, None, None, None, None, None, None, None, None
 
 
 class Epsilon(FusedRule):
@@ -299,7 +321,8 @@ class ZBox(ProductRule):
         check_input(module, input)
         # zennit broadcasts the bounds against the input as the module gets it (batched or not): views only
         bounds = _BoundedZBox(self, *(expand(b, input.shape, cut_batch_dim=True) for b in (self.low, self.high)))
-        return _FusedLayer.apply(input, module.weight, module.bias, bounds, self._spec, original, args, kwargs)
+        return _FusedLayer.apply(input, module.weight, module.bias, bounds, self._spec, self.fold, original, args,
+                                 kwargs)
 
 
 class _BoundedZBox:

@@ -479,7 +479,7 @@ def linear_rule_apply(rule, x, weight, bias=None):
         return F.linear(input, weight, bias)
 
     if isinstance(rule, FusedRule):
-        return _FusedLayer.apply(x, weight, bias, rule, _LINEAR, original, (), {})
+        return _FusedLayer.apply(x, weight, bias, rule, _LINEAR, None, original, (), {})
     if isinstance(rule, OutputEpsilon):
         return _EpsilonFromOutput.apply(x, weight, rule.epsilon, original)
     if isinstance(rule, ZennitRule):
