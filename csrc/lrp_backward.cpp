@@ -33,18 +33,25 @@ struct Product {
                                                 output_padding, groups, {true, false, false}));
   }
 
-  // One weight of twice the outputs: w1's and w2's outputs side by side within each group, so one
+  // One weight of twice the outputs, w1 = f1(w) and w2 = f2(w) side by side within each group, so one
   // product gives both (the stacked layout of RowLayout) and one transposed product gives
-  // w1^T s + w2^T d from stacked [s, d].
-  at::Tensor stack(const at::Tensor& w1, const at::Tensor& w2) const {
-    if (linear) return at::cat({w1, w2}, 0);
-    auto sizes = w1.sizes().vec();
-    std::vector<int64_t> grouped{groups, sizes[0] / groups};
+  // w1^T s + w2^T d from stacked [s, d]. fill(w1, w2, w) writes both into views of the result: no copy of
+  // either is made on the way (a layer4 weight of resnet50 is 9 MB).
+  template <typename Fill>
+  at::Tensor stack(const at::Tensor& w, const Fill& fill) const {
+    const int64_t g = linear ? 1 : groups;
+    auto sizes = w.sizes().vec();
+    std::vector<int64_t> grouped{g, sizes[0] / g};
     grouped.insert(grouped.end(), sizes.begin() + 1, sizes.end());
     // Output channels are dim 0 of a convolution's weight, dim 1 of a transposed one's.
-    const int64_t out_dim = transposed ? 1 : 0;
-    sizes[out_dim] *= 2;
-    return at::stack({w1.reshape(grouped), w2.reshape(grouped)}, out_dim + 1).reshape(sizes);
+    const int64_t pair_dim = (transposed ? 1 : 0) + 1;
+    auto pair_sizes = grouped;
+    pair_sizes.insert(pair_sizes.begin() + pair_dim, 2);
+    at::Tensor pair = at::empty(pair_sizes, w.options());
+    at::Tensor w1 = pair.select(pair_dim, 0), w2 = pair.select(pair_dim, 1);
+    fill(w1, w2, w.reshape(grouped));
+    sizes[pair_dim - 1] *= 2;
+    return pair.view(sizes);
   }
 
   int64_t channel_dim() const { return linear ? -1 : 1; }
@@ -101,13 +108,21 @@ at::Tensor lrp_backward(const at::Tensor& x, const at::Tensor& weight, const at:
   // weights of positive inputs (P) are needed, again one stacked transposed product.
   const bool nonnegative = x.numel() == 0 || x.min().item<double>() >= 0;
   const bool gamma_rule = params.rule == kGamma;
-  const at::Tensor w1 = gamma_rule ? weight : weight.clamp_min(0);
-  const at::Tensor w2 = gamma_rule ? weight.abs() : weight.clamp_max(0);
-  if (nonnegative) {
-    const at::Tensor stacked = product.stack(w1, w2);
+  if (nonnegative) {  // gamma: [W, |W|]; alpha-beta: [W+, W-]
+    const at::Tensor stacked = product.stack(weight, [&](at::Tensor& w1, at::Tensor& w2, const at::Tensor& w) {
+      if (gamma_rule) {
+        w1.copy_(w);
+        at::abs_out(w2, w);
+      } else {
+        at::clamp_min_out(w1, w, 0);
+        at::clamp_max_out(w2, w, 0);
+      }
+    });
     at::Tensor pos = product.transpose(output_terms(product.forward(x, stacked), c10::nullopt)[0], x, stacked);
     return input_terms(pos, pos, false);
   }
+  const at::Tensor w1 = gamma_rule ? weight : weight.clamp_min(0);
+  const at::Tensor w2 = gamma_rule ? weight.abs() : weight.clamp_max(0);
 
   if (gamma_rule) {  // w1 = W, w2 = |W|: t = W^T S, a = |W|^T D, P = t + a, Q = t - a
     auto terms = output_terms(product.forward(x, w1), product.forward(x.abs(), w2));
