@@ -116,3 +116,30 @@ def test_inactive_is_gradient_of_canonized_model():
         with composite.context(model) as canonized, composite.inactive():
             (inactive[module.__name__],) = torch.autograd.grad(canonized(xg), xg, one_hot)
     assert_rel_close(inactive['lxt_ext.composites'], inactive['zennit.composites'], 1e-10)
+
+
+def test_mixin_folds_in_a_composite_of_ones_own():
+    """``BatchNormFolding`` on zennit's ``LayerMapComposite`` with lxt_ext rules: zennit's composite with
+    zennit's rules is the oracle; the lxt_ext-ruled layers are folded."""
+    import lxt_ext.rules
+    from zennit.types import Activation, BatchNorm
+
+    class Folding(lxt_ext.composites.BatchNormFolding, zennit.composites.LayerMapComposite):
+        pass
+
+    def layer_map(rules):
+        return [(Activation, rules.Pass()), (BatchNorm, rules.Pass()), (torch.nn.Conv1d, rules.Gamma(gamma=0.5)),
+                (torch.nn.Conv2d, rules.Gamma(gamma=0.5)), (torch.nn.ConvTranspose2d, rules.Epsilon()),
+                (torch.nn.Linear, rules.Epsilon())]
+
+    model = _mlp_and_convs().double()
+    x = torch.randn(5, 4, 8, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    grad_output = torch.eye(3, dtype=torch.float64)[[2, 1, 0, 2, 1]]
+    canonizers = [SequentialMergeBatchNorm()]
+    expected = relevance(model, x, grad_output,
+                         zennit.composites.LayerMapComposite(layer_map(zennit.rules), canonizers=canonizers))
+    composite = Folding(layer_map(lxt_ext.rules), canonizers=[SequentialMergeBatchNorm()])
+    assert_rel_close(relevance(model, x, grad_output, composite), expected, 1e-10)
+    with composite.context(model):
+        folded = {type(hook._module).__name__ for hook in composite.hook_refs if getattr(hook, 'fold', None)}
+    assert folded == {'Conv1d', 'Conv2d', 'Linear'}
