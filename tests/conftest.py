@@ -70,6 +70,21 @@ def randomize_biases(module, generator, std=0.1):
     return module
 
 
+def randomize_batch_norms(model, seed):
+    """Random biases and BatchNorm statistics and scales (a fresh model's BatchNorms are identities),
+    ``model`` in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    randomize_biases(model, generator, std=0.1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                shape = module.running_mean.shape
+                module.running_mean.copy_(torch.randn(shape, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(shape, generator=generator) + 0.5)
+                module.weight.copy_(torch.rand(shape, generator=generator) + 0.5)
+    return model.eval()
+
+
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(0)

@@ -9,26 +9,13 @@ from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.torchvision import ResNetCanonizer
 
 import lxt_ext.composites
-from conftest import assert_rel_close, randomize_biases, relevance
-
-
-def _random_batch_norms(model, seed):
-    generator = torch.Generator().manual_seed(seed)
-    randomize_biases(model, generator)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                shape = module.running_mean.shape
-                module.running_mean.copy_(torch.randn(shape, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(shape, generator=generator) + 0.5)
-                module.weight.copy_(torch.rand(shape, generator=generator) + 0.5)
-    return model.eval()
+from conftest import assert_rel_close, randomize_batch_norms, relevance
 
 
 @pytest.fixture(scope='module')
 def resnet():
     torch.manual_seed(0)
-    return _random_batch_norms(torchvision.models.resnet18(weights=None), seed=1)
+    return randomize_batch_norms(torchvision.models.resnet18(weights=None), seed=1)
 
 
 def _box(module):
@@ -76,7 +63,7 @@ def _mlp_and_convs():
         torch.nn.Linear(4 * 8, 7), torch.nn.BatchNorm1d(7), torch.nn.ReLU(),
         torch.nn.Linear(7, 3),
     )
-    return _random_batch_norms(model, seed=4)
+    return randomize_batch_norms(model, seed=4)
 
 
 @pytest.mark.parametrize('layer_map', [None, 'zennit_conv2d'], ids=['all-lxt-rules', 'zennit-rule-on-conv2d'])
@@ -108,7 +95,7 @@ def test_inactive_is_gradient_of_canonized_model():
     # a model of its own: zennit 1.0's canonizers leave the parameters as plain attributes, which
     # Module.double() then misses
     torch.manual_seed(0)
-    model = _random_batch_norms(torchvision.models.resnet18(weights=None).double(), seed=1)
+    model = randomize_batch_norms(torchvision.models.resnet18(weights=None).double(), seed=1)
     inactive = {}
     for module in (zennit.composites, lxt_ext.composites):
         composite = _box(module)

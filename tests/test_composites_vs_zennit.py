@@ -10,7 +10,7 @@ import zennit.composites
 from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 
 import lxt_ext.composites
-from conftest import assert_rel_close, randomize_biases, relevance
+from conftest import assert_rel_close, randomize_batch_norms, relevance
 
 NAMES = ['EpsilonGammaBox', 'EpsilonPlus', 'EpsilonAlpha2Beta1', 'EpsilonPlusFlat', 'EpsilonAlpha2Beta1Flat']
 REGISTERED = {
@@ -23,24 +23,11 @@ REGISTERED = {
 CANONIZERS = {'vgg16': VGGCanonizer, 'resnet50': ResNetCanonizer}
 
 
-def _randomize(model, seed):
-    generator = torch.Generator().manual_seed(seed)
-    randomize_biases(model, generator, std=0.1)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                shape = module.running_mean.shape
-                module.running_mean.copy_(torch.randn(shape, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(shape, generator=generator) + 0.5)
-                module.weight.copy_(torch.rand(shape, generator=generator) + 0.5)
-    return model.eval()
-
-
 @pytest.fixture(scope='module', params=['vgg16', 'resnet50'])
 def model(request):
     torch.manual_seed(0)
     net = getattr(torchvision.models, request.param)(weights=None)
-    return request.param, _randomize(net, seed=1)
+    return request.param, randomize_batch_norms(net, seed=1)
 
 
 @pytest.fixture(scope='module')
@@ -104,7 +91,7 @@ def test_model_unchanged_after_removal(model, data, name):
 
 def test_inactive_composite_gives_gradient(data):
     torch.manual_seed(0)
-    net = _randomize(torchvision.models.resnet18(weights=None), seed=3)
+    net = randomize_batch_norms(torchvision.models.resnet18(weights=None), seed=3)
     x, one_hot = data
     plain = relevance(net, x, one_hot)
     composite = make(lxt_ext.composites, 'EpsilonGammaBox', ResNetCanonizer)
