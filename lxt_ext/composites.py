@@ -4,7 +4,8 @@ Same names, signatures and layer maps as ``zennit.composites``, with lxt_ext's r
 ZBox and Flat on the first layer and Norm on sums (ResNetCanonizer's residual ``Sum``) and average
 pooling keep only their inputs, and activations and BatchNorm get lxt_ext's Pass, which keeps nothing;
 no zennit hook is left. BatchNorms that zennit's canonizers merge into a layer are folded into the
-layer's rule rather than kept as a merged weight copy (``BatchNormFolding``). Each is also registered in zennit's composite registry as ``lxt_ext_<name>``.
+layer's rule rather than kept as a merged weight copy (``BatchNormFolding``). Each is also registered in
+zennit's composite registry as ``lxt_ext_<name>``.
 
 The attention-aware composites for transformers (``ViTEpsilon``, ``ViTGamma``, ``LanguageTransformer``,
 ``TransformerComposite``) live in ``lxt_ext.transformer_composites`` and are importable from here too.
@@ -18,8 +19,8 @@ from .batch_norm_fold import fold_merged_batch_norms
 from .rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ZBox, ZPlus
 from .transformer_composites import LanguageTransformer, TransformerComposite, ViTEpsilon, ViTGamma
 
-__all__ = ['BatchNormFolding', 'EpsilonGammaBox', 'EpsilonPlus', 'EpsilonAlpha2Beta1', 'EpsilonPlusFlat', 'EpsilonAlpha2Beta1Flat',
-           'ViTEpsilon', 'ViTGamma', 'LanguageTransformer', 'TransformerComposite']
+__all__ = ['BatchNormFolding', 'EpsilonGammaBox', 'EpsilonPlus', 'EpsilonAlpha2Beta1', 'EpsilonPlusFlat',
+           'EpsilonAlpha2Beta1Flat', 'ViTEpsilon', 'ViTGamma', 'LanguageTransformer', 'TransformerComposite']
 
 
 class BatchNormFolding:
