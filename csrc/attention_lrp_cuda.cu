@@ -87,14 +87,16 @@ __device__ __forceinline__ acc_t masked_score(const Params<scalar_t, acc_t>& p, 
   return s;
 }
 
-// Rows [0, rows) of a (tokens, D) slice with token stride `stride` into shared memory as acc_t,
-// `pitch` values per row, zeros beyond the tokens and beyond D.
+// Rows [first, first + rows) of head `head` of batch `b` of a (B, H, tokens, D) tensor with strides
+// s = (batch, head, token) into shared memory as acc_t, `pitch` values per row, zeros beyond the
+// tokens and beyond D.
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void load_rows(acc_t* dst, const scalar_t* src, int64_t stride, int first, int tokens,
-                                          int rows, int D, int cols, int pitch) {
+__device__ __forceinline__ void load_rows(acc_t* dst, const scalar_t* base, const int64_t* s, int64_t b, int head,
+                                          int first, int tokens, int rows, int D, int cols, int pitch) {
+  const scalar_t* src = base + b * s[0] + head * s[1];
   for (int idx = threadIdx.x; idx < rows * cols; idx += kThreads) {
     const int r = idx / cols, d = idx % cols, t = first + r;
-    dst[r * pitch + d] = (t < tokens && d < D) ? static_cast<acc_t>(src[t * stride + d]) : acc_t(0);
+    dst[r * pitch + d] = (t < tokens && d < D) ? static_cast<acc_t>(src[t * s[2] + d]) : acc_t(0);
   }
 }
 
@@ -109,9 +111,7 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t b = blockIdx.z;
   const int h = blockIdx.y, kvh = h / p.group, row0 = blockIdx.x * kBlockRows;
-  const scalar_t* kb = p.k + b * p.ks[0] + kvh * p.ks[1];
-  const scalar_t* vb = p.v + b * p.vs[0] + kvh * p.vs[1];
-  load_rows(qsm, p.q + b * p.qs[0] + h * p.qs[1], p.qs[2], row0, p.Nq, kBlockRows, p.D, kD, kD);
+  load_rows(qsm, p.q, p.qs, b, h, row0, p.Nq, kBlockRows, p.D, kD, kD);
 
   acc_t m[kRows], l[kRows], o[kRows][kCols];
 #pragma unroll
@@ -125,8 +125,8 @@ __global__ void __launch_bounds__(kThreads)
   const int key_end = p.causal ? min(p.Nk, row_end) : p.Nk;
   for (int j0 = 0; j0 < key_end; j0 += kTile) {
     __syncthreads();  // the previous tile is consumed
-    load_rows(ksm, kb, p.ks[2], j0, p.Nk, kTile, p.D, kD, kD + 1);
-    load_rows(vsm, vb, p.vs[2], j0, p.Nk, kTile, p.D, kD, kD + 1);
+    load_rows(ksm, p.k, p.ks, b, kvh, j0, p.Nk, kTile, p.D, kD, kD + 1);
+    load_rows(vsm, p.v, p.vs, b, kvh, j0, p.Nk, kTile, p.D, kD, kD + 1);
     __syncthreads();
     const int j = j0 + lane;
 #pragma unroll
@@ -197,10 +197,8 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t b = blockIdx.z;
   const int h = blockIdx.y, kvh = h / p.group, row0 = blockIdx.x * kBlockRows;
-  const scalar_t* kb = p.k + b * p.ks[0] + kvh * p.ks[1];
-  const scalar_t* vb = p.v + b * p.vs[0] + kvh * p.vs[1];
-  load_rows(qsm, p.q + b * p.qs[0] + h * p.qs[1], p.qs[2], row0, p.Nq, kBlockRows, p.D, kD, kD);
-  load_rows(dosm, p.dout + b * p.ds[0] + h * p.ds[1], p.ds[2], row0, p.Nq, kBlockRows, p.D, kD, kD);
+  load_rows(qsm, p.q, p.qs, b, h, row0, p.Nq, kBlockRows, p.D, kD, kD);
+  load_rows(dosm, p.dout, p.ds, b, h, row0, p.Nq, kBlockRows, p.D, kD, kD);
 
   acc_t shift[kRows], log_l[kRows], dlt[kRows], acc[kRows][kCols];
 #pragma unroll
@@ -217,8 +215,8 @@ __global__ void __launch_bounds__(kThreads)
   const int key_end = p.causal ? min(p.Nk, row_end) : p.Nk;
   for (int j0 = 0; j0 < key_end; j0 += kTile) {
     __syncthreads();
-    load_rows(ksm, kb, p.ks[2], j0, p.Nk, kTile, p.D, kD, kD + 1);
-    load_rows(vsm, vb, p.vs[2], j0, p.Nk, kTile, p.D, kD, kD + 1);
+    load_rows(ksm, p.k, p.ks, b, kvh, j0, p.Nk, kTile, p.D, kD, kD + 1);
+    load_rows(vsm, p.v, p.vs, b, kvh, j0, p.Nk, kTile, p.D, kD, kD + 1);
     __syncthreads();
     const int j = j0 + lane;
 #pragma unroll
@@ -273,8 +271,8 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t b = blockIdx.z;
   const int kvh = blockIdx.y, key0 = blockIdx.x * kBlockKeys;
-  load_rows(ksm, p.k + b * p.ks[0] + kvh * p.ks[1], p.ks[2], key0, p.Nk, kBlockKeys, p.D, kD, kD);
-  load_rows(vsm, p.v + b * p.vs[0] + kvh * p.vs[1], p.vs[2], key0, p.Nk, kBlockKeys, p.D, kD, kD);
+  load_rows(ksm, p.k, p.ks, b, kvh, key0, p.Nk, kBlockKeys, p.D, kD, kD);
+  load_rows(vsm, p.v, p.vs, b, kvh, key0, p.Nk, kBlockKeys, p.D, kD, kD);
 
   acc_t dk_acc[kKeys][kCols], dv_acc[kKeys][kCols];
 #pragma unroll
@@ -288,8 +286,8 @@ __global__ void __launch_bounds__(kThreads)
     const int h = kvh * p.group + g;
     for (int i0 = first_row; i0 < p.Nq; i0 += kTile) {
       __syncthreads();
-      load_rows(qsm, p.q + b * p.qs[0] + h * p.qs[1], p.qs[2], i0, p.Nq, kTile, p.D, kD, kD + 1);
-      load_rows(dosm, p.dout + b * p.ds[0] + h * p.ds[1], p.ds[2], i0, p.Nq, kTile, p.D, kD, kD + 1);
+      load_rows(qsm, p.q, p.qs, b, h, i0, p.Nq, kTile, p.D, kD, kD + 1);
+      load_rows(dosm, p.dout, p.ds, b, h, i0, p.Nq, kTile, p.D, kD, kD + 1);
       if (threadIdx.x < kTile) {
         const int i = i0 + threadIdx.x;
         const int64_t row = (b * p.Hq + h) * p.Nq + i;
