@@ -68,7 +68,6 @@ class GradientXInput:
         if unknown:
             raise KeyError(f'no modules named {unknown} in {type(model).__name__}')
         self._modules = {name: modules[name] for name in self.layers}
-        self._handles = []
 
     def __enter__(self):
         self.composite.register(self.model)

@@ -19,6 +19,7 @@ import collections
 
 import torch
 from zennit.canonizers import MergeBatchNorm
+from zennit.types import ConvolutionTranspose
 
 from .rules import ProductRule
 
@@ -41,16 +42,13 @@ def fold_merged_batch_norms(instances, rules):
     folds = {}
     for merge in merges:
         if not all(isinstance(rules.get(layer), ProductRule) and merged_count[layer] == 1
-                   and not isinstance(layer, _TRANSPOSED) for layer in merge.linears):
+                   and not isinstance(layer, ConvolutionTranspose) for layer in merge.linears):
             continue
         scale = _scale(merge)
         for layer, (weight, _) in zip(merge.linears, merge.linear_params):
             _restore_weight(layer, weight)
             folds[layer] = BatchNormFold(scale)
     return folds
-
-
-_TRANSPOSED = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
 
 
 def _scale(merge):
