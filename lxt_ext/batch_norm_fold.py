@@ -4,7 +4,7 @@ zennit's ``MergeBatchNorm`` canonizers (``SequentialMergeBatchNorm``, ``ResNetCa
 layer's weight to ``W' = W * s[c]`` with ``s = gamma / sqrt(running_var + eps)`` per output channel ``c``,
 its bias to ``b' = (b - running_mean) * s + beta``, and the BatchNorm to the identity, keeping the
 originals for removal: one extra copy of every merged weight for as long as the composite is registered
-(94 MB on resnet50, where lxt_ext's whole attribution needs 330 MB more than the model).
+(93 MB on resnet50, where lxt_ext's whole attribution needs 333 MB more than the model).
 
 An lxt_ext product rule computes its layer's products itself, so it can form ``W'`` for the moment of a
 product and drop it: lxt_ext's composites let the canonizer merge, put the original weight back, and give
