@@ -6,7 +6,7 @@ from torchvision, timm and Hugging Face; BERT, GPT-2, LLaMA-family) get AttnLRP 
 ``lxt_ext.composites.ViTGamma``/``ViTEpsilon``/``LanguageTransformer``.
 """
 from . import attention, attribution, composites, rules, transformer_composites, transformer_rules
-from ._ops import cuda_built
+from .ops import cuda_built
 
 __version__ = '0.2.0'
 __all__ = ['rules', 'composites', 'transformer_rules', 'transformer_composites', 'attention', 'attribution',

@@ -18,7 +18,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import _ops
+from . import ops as _ops
 
 MODES = {'attnlrp': 0, 'cp': 1}
 
@@ -26,7 +26,7 @@ MODES = {'attnlrp': 0, 'cp': 1}
 class _AttentionLRP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, attn_mask, scale, is_causal, mode):
-        out, stats = _ops.ops.attention_forward(query, key, value, attn_mask, scale, is_causal)
+        out, stats = _ops.lib.attention_forward(query, key, value, attn_mask, scale, is_causal)
         # CP-LRP's backward (dV = P^T dO) never reads O: keep a stride-0 stand-in of its shape, which
         # is all the op checks, instead of an activation-sized tensor per attention layer.
         kept = out if mode != MODES['cp'] else out.new_zeros(()).expand(out.shape)
@@ -38,7 +38,7 @@ class _AttentionLRP(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         query, key, value, attn_mask, out, stats = ctx.saved_tensors
-        grads = _ops.ops.attention_backward(grad_out, query, key, value, attn_mask, out, stats, ctx.scale,
+        grads = _ops.lib.attention_backward(grad_out, query, key, value, attn_mask, out, stats, ctx.scale,
                                             ctx.is_causal, ctx.mode)
         if ctx.mode == MODES['cp']:
             return None, None, grads[0], None, None, None, None

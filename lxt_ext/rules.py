@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 from zennit.core import Hook, RemovableHandle, RemovableHandleList, Stabilizer, expand
 from zennit.layer import Sum
 
-from . import _ops
+from . import ops as _ops
 from .layers import LayerSpec, check_input
 
 CONVENTIONS = ('explicit', 'gradient_x_input')
@@ -210,7 +210,7 @@ class FusedRule(ProductRule):
         else:
             bias = bias.detach().to(acc)
         b1, b2 = (torch.zeros_like(bias),) * 2 if self._zero_bias else self.rule_biases(bias)
-        return _ops.ops.lrp_backward(
+        return _ops.lib.lrp_backward(
             x, weight.detach(), grad, bias, b1, b2, code, self._epsilon, self.gamma, self.alpha, self.beta,
             self.convention == 'explicit', spec.linear, spec.transposed, list(spec.stride), list(spec.padding),
             list(spec.dilation), output_padding, spec.groups,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lxt_ext import _ops
+from lxt_ext import ops as _ops
 from lxt_ext.attention import attention_lrp
 
 
@@ -288,11 +288,11 @@ def test_clear_errors():
         attention_lrp(q, k, v, mode='uniform')
     with pytest.raises(RuntimeError, match='attention_forward.*one device'):
         attention_lrp(q, k.to('meta'), v)
-    out, stats = _ops.ops.attention_forward(q, k, v, None, 0.25, False)
+    out, stats = _ops.lib.attention_forward(q, k, v, None, 0.25, False)
     with pytest.raises(RuntimeError, match='attention_backward.*mode must be'):
-        _ops.ops.attention_backward(g, q, k, v, None, out, stats, 0.25, False, 2)
+        _ops.lib.attention_backward(g, q, k, v, None, out, stats, 0.25, False, 2)
     with pytest.raises(RuntimeError, match='attention_backward.*stats must be'):
-        _ops.ops.attention_backward(g, q, k, v, None, out, stats[..., :1], 0.25, False, 0)
+        _ops.lib.attention_backward(g, q, k, v, None, out, stats[..., :1], 0.25, False, 0)
 
 
 @pytest.mark.skipif(_ops.cuda_built(), reason='this build has the CUDA kernels')

@@ -1,0 +1,17 @@
+"""The registered ops ``torch.ops.lxt_ext.*``: the compiled extension, the constants it defines, and the
+fake (meta) kernels that let ``torch.compile`` and ``torch.library.opcheck`` see through the ops.
+
+``lib.<name>`` is ``torch.ops.lxt_ext.<name>``. ``RULES`` (rule name -> code of ``lrp_backward``'s
+``rule`` argument) and ``ATTENTION_MODES`` (mode name -> code of ``attention_backward``'s ``mode``)
+are defined once, in C++ (csrc/), and read from the extension here.
+"""
+import torch
+
+from .. import _C
+from . import fake  # noqa: F401  (registers the fake kernels)
+
+lib = torch.ops.lxt_ext
+cuda_built = _C.cuda_built
+# TODO(csrc layout): read from the extension (_C.rule_codes(), _C.attention_modes())
+RULES = {'gradient': 0, 'epsilon': 1, 'gamma': 2, 'alpha_beta': 3}
+ATTENTION_MODES = {'attnlrp': 0, 'cp': 1}
