@@ -5,9 +5,9 @@ the same relevance, computed by fused extension ops with less memory and time. T
 from torchvision, timm and Hugging Face; BERT, GPT-2, LLaMA-family) get AttnLRP or CP-LRP through
 ``lxt_ext.composites.ViTGamma``/``ViTEpsilon``/``LanguageTransformer``.
 """
-from . import attention, attribution, composites, rules, transformer_composites, transformer_rules
+from . import attention, attribution, composites, models, rules, transformer
+from . import transformer_composites, transformer_rules  # noqa: F401  (the old module paths)
 from .ops import cuda_built
 
 __version__ = '0.2.0'
-__all__ = ['rules', 'composites', 'transformer_rules', 'transformer_composites', 'attention', 'attribution',
-           'cuda_built', '__version__']
+__all__ = ['rules', 'composites', 'transformer', 'models', 'attention', 'attribution', 'cuda_built', '__version__']

@@ -18,18 +18,16 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import ops as _ops
-
-MODES = {'attnlrp': 0, 'cp': 1}
+from . import ops
 
 
 class _AttentionLRP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, attn_mask, scale, is_causal, mode):
-        out, stats = _ops.lib.attention_forward(query, key, value, attn_mask, scale, is_causal)
+        out, stats = ops.lib.attention_forward(query, key, value, attn_mask, scale, is_causal)
         # CP-LRP's backward (dV = P^T dO) never reads O: keep a stride-0 stand-in of its shape, which
         # is all the op checks, instead of an activation-sized tensor per attention layer.
-        kept = out if mode != MODES['cp'] else out.new_zeros(()).expand(out.shape)
+        kept = out if mode != ops.ATTENTION_MODES['cp'] else out.new_zeros(()).expand(out.shape)
         ctx.save_for_backward(query, key, value, attn_mask, kept, stats)
         ctx.scale, ctx.is_causal, ctx.mode = scale, is_causal, mode
         return out
@@ -38,9 +36,9 @@ class _AttentionLRP(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         query, key, value, attn_mask, out, stats = ctx.saved_tensors
-        grads = _ops.lib.attention_backward(grad_out, query, key, value, attn_mask, out, stats, ctx.scale,
+        grads = ops.lib.attention_backward(grad_out, query, key, value, attn_mask, out, stats, ctx.scale,
                                             ctx.is_causal, ctx.mode)
-        if ctx.mode == MODES['cp']:
+        if ctx.mode == ops.ATTENTION_MODES['cp']:
             return None, None, grads[0], None, None, None, None
         return grads[0], grads[1], grads[2], None, None, None, None
 
@@ -55,8 +53,8 @@ def attention_lrp(query, key, value, attn_mask=None, *, scale=None, is_causal=Fa
     to ``1 / sqrt(D)``. ``mode``: ``'attnlrp'`` or ``'cp'`` (see the module docstring). A query row
     that sees no key gets a zero output and zero gradients.
     """
-    if mode not in MODES:
-        raise ValueError(f"attention_lrp: mode must be one of {tuple(MODES)}, got {mode!r}")
+    if mode not in ops.ATTENTION_MODES:
+        raise ValueError(f"attention_lrp: mode must be one of {tuple(ops.ATTENTION_MODES)}, got {mode!r}")
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    return _AttentionLRP.apply(query, key, value, attn_mask, float(scale), bool(is_causal), MODES[mode])
+    return _AttentionLRP.apply(query, key, value, attn_mask, float(scale), bool(is_causal), ops.ATTENTION_MODES[mode])

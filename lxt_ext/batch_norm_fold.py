@@ -21,7 +21,7 @@ import torch
 from zennit.canonizers import MergeBatchNorm
 from zennit.types import ConvolutionTranspose
 
-from .rules import ProductRule
+from .core import ProductRule
 
 
 class BatchNormFold:

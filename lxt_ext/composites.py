@@ -8,7 +8,7 @@ layer's rule rather than kept as a merged weight copy (``BatchNormFolding``). Ea
 zennit's composite registry as ``lxt_ext_<name>``.
 
 The attention-aware composites for transformers (``ViTEpsilon``, ``ViTGamma``, ``LanguageTransformer``,
-``TransformerComposite``) live in ``lxt_ext.transformer_composites`` and are importable from here too.
+``TransformerComposite``) live in ``lxt_ext.transformer.composites`` and are importable from here too.
 """
 import torch
 from zennit.composites import LayerMapComposite, SpecialFirstLayerMapComposite, register_composite
@@ -17,7 +17,7 @@ from zennit.types import Activation, AvgPool, BatchNorm, Convolution, Linear
 
 from .batch_norm_fold import fold_merged_batch_norms
 from .rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ZBox, ZPlus
-from .transformer_composites import LanguageTransformer, TransformerComposite, ViTEpsilon, ViTGamma
+from .transformer.composites import LanguageTransformer, TransformerComposite, ViTEpsilon, ViTGamma
 
 __all__ = ['BatchNormFolding', 'EpsilonGammaBox', 'EpsilonPlus', 'EpsilonAlpha2Beta1', 'EpsilonPlusFlat',
            'EpsilonAlpha2Beta1Flat', 'ViTEpsilon', 'ViTGamma', 'LanguageTransformer', 'TransformerComposite']

@@ -7,9 +7,7 @@ from dataclasses import dataclass
 from typing import Tuple
 
 import torch
-
-_CONVS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
-_CONV_TRANSPOSES = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
+from zennit.types import Convolution, ConvolutionTranspose
 
 
 class UnsupportedLayerError(TypeError):
@@ -30,7 +28,7 @@ class LayerSpec:
     def of(cls, module):
         if isinstance(module, torch.nn.Linear):
             return cls(linear=True)
-        if not isinstance(module, _CONVS + _CONV_TRANSPOSES):
+        if not isinstance(module, Convolution):
             raise UnsupportedLayerError(
                 f'lxt_ext rules take Linear, Conv1d/2d/3d and ConvTranspose1d/2d/3d modules, not '
                 f'{type(module).__name__}; place zennit\'s rules (or none) on it instead'
@@ -42,7 +40,7 @@ class LayerSpec:
             )
         return cls(
             linear=False,
-            transposed=isinstance(module, _CONV_TRANSPOSES),
+            transposed=isinstance(module, ConvolutionTranspose),
             stride=tuple(module.stride),
             padding=_explicit_padding(module),
             dilation=tuple(module.dilation),

@@ -1,0 +1,93 @@
+"""Model support of lxt_ext's transformer composites: one registry, one small table per library.
+
+A factory takes the module and the composite's ``Options`` and returns a zennit Hook (an lxt_ext
+rule) for it. Each library registers its classes in a module of its own: ``torch_nn`` (torch.nn's
+built-in layers, ``MultiheadAttention`` included; always loaded), ``huggingface`` (transformers),
+``timm``; a library's table is imported the first time one of its modules is looked up, so lxt_ext
+never imports a model library the user does not use. Lookup walks the module's MRO, so a subclass
+inherits its parent's adapter unless it registers its own; classes no table names are then offered
+to the matchers (in registration order).
+"""
+import importlib
+from dataclasses import dataclass
+
+from zennit.core import Hook, RemovableHandleList
+
+from ..ops import ATTENTION_MODES
+
+__all__ = ['Options', 'KeepGradient', 'adapter', 'matcher', 'rule_for']
+
+_TABLE = {}
+# Fallbacks for classes the table does not name: matcher(module, options) -> Hook or None.
+_MATCHERS = []
+# The package a module class comes from -> lxt_ext's module that registers its adapters.
+_FAMILIES = {'transformers': 'lxt_ext.models.huggingface', 'timm': 'lxt_ext.models.timm'}
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a composite tells the factories: the attention rule (a name of ``lxt_ext.ops.ATTENTION_MODES``:
+    ``'attnlrp'`` or ``'cp'``), the ``input_stabilizer`` of the element-wise rules (the identity rule's
+    division by the input), and the composite's rule templates (Gradient x Input convention) for
+    Linear layers (``linear``) and convolutions (``conv``), also for modules that hold linear maps
+    they do not call as ``torch.nn.Linear`` modules (transformers' ``Conv1D``, the projections of
+    ``nn.MultiheadAttention``); factories ``.copy()`` them."""
+    attention: str = 'attnlrp'
+    input_stabilizer: float = 1e-10
+    linear: object = None
+    conv: object = None
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f'attention must be one of {tuple(ATTENTION_MODES)}, got {self.attention!r}')
+
+
+def adapter(*classes):
+    """Decorator: register ``factory(module, options) -> Hook`` for each class."""
+    def register(factory):
+        for cls in classes:
+            _TABLE[cls] = factory
+        return factory
+    return register
+
+
+def matcher(function):
+    """Decorator: register ``function(module, options) -> Hook or None``, asked (in registration
+    order) about modules whose class the table does not name."""
+    _MATCHERS.append(function)
+    return function
+
+
+class KeepGradient(Hook):
+    """The rule for modules whose plain gradient already carries relevance correctly in the
+    Gradient x Input convention (linear maps of the relevance path, or modules off it, such as
+    rotary-embedding tables): registering changes nothing, but the module counts as mapped."""
+
+    def register(self, module):
+        return RemovableHandleList([])
+
+    def copy(self):
+        return type(self)()
+
+
+def _load_family(cls):
+    family = _FAMILIES.get(cls.__module__.split('.')[0])
+    if family is not None:
+        importlib.import_module(family)
+
+
+def rule_for(module, options):
+    """The rule the tables give ``module``, or None when none covers it."""
+    for cls in type(module).__mro__:
+        _load_family(cls)
+        factory = _TABLE.get(cls)
+        if factory is not None:
+            return factory(module, options)
+    for function in _MATCHERS:
+        rule = function(module, options)
+        if rule is not None:
+            return rule
+    return None
+
+
+from . import torch_nn  # noqa: E402,F401  (torch.nn's table is always there)

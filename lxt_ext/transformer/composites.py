@@ -1,0 +1,127 @@
+"""lxt_ext's attention-aware composites (Gradient x Input convention) for ViTs and text transformers.
+
+A module gets, in this order: the user's ``layer_map`` rule, then the rule of lxt_ext's model tables
+(``lxt_ext.models``: torch.nn's built-in layers, transformers, timm): Linear and convolutions the
+composite's rule templates, element-wise activations the identity rule, LayerNorm/RMSNorm the
+identity rule on the normalisation, dropout none (off), attention AttnLRP or CP-LRP. Every rule runs
+in the Gradient x Input convention (``lxt_ext.transformer.convention``). With ``explicit_first``, the
+first Linear/convolution (the one consuming the input) emits relevance, so
+``zennit.attribution.Gradient`` returns relevance, ready for ``lxt_ext.visualization``. Leaf modules
+that get no rule are reported by name (an error with ``strict``, a warning otherwise).
+"""
+import warnings
+
+from zennit.composites import register_composite
+from zennit.core import Composite
+from zennit.types import Linear
+
+from .. import models
+from ..deprecation import renamed_keyword
+from ..models.torch_nn import MultiheadAttentionRule
+from ..rules import Epsilon, Gamma
+from .convention import emitting_relevance, gradient_x_input
+from .linear import OutputEpsilon
+
+__all__ = ['TransformerComposite', 'ViTEpsilon', 'ViTGamma', 'LanguageTransformer', 'UnmappedModuleError']
+
+
+class UnmappedModuleError(TypeError):
+    """Leaf modules the composite has no rule for (their plain gradient would be wrong relevance)."""
+
+
+class TransformerComposite(Composite):
+    """A zennit Composite of Gradient x Input rules for transformers.
+
+    ``linear_rule`` (and ``conv_rule``, default: ``linear_rule``) are rule templates for Linear
+    layers and convolutions: lxt_ext fused rules (any convention: the composite sets its own) or
+    zennit BasicHook rules. ``attention``: ``'attnlrp'`` or ``'cp'``. ``explicit_first``: the first
+    Linear/convolution emits relevance (``first_rule`` replaces its rule). ``layer_map``: zennit-style
+    ``[(types, rule), ...]`` tried first. ``strict``: unmapped leaf modules raise (else warn).
+    ``input_stabilizer`` (formerly ``epsilon``): the identity rule's stabilizer of the division by the input."""
+
+    def __init__(self, linear_rule, conv_rule=None, attention='attnlrp', explicit_first=False, first_rule=None,
+                 layer_map=None, canonizers=None, strict=True, input_stabilizer=1e-10, *, epsilon=None):
+        input_stabilizer = renamed_keyword(epsilon, 'epsilon', input_stabilizer, 'input_stabilizer', 1e-10)
+        self.options = models.Options(
+            attention=attention, input_stabilizer=input_stabilizer, linear=gradient_x_input(linear_rule),
+            conv=gradient_x_input(linear_rule if conv_rule is None else conv_rule))
+        self.explicit_first = explicit_first
+        self.first_rule = None if first_rule is None else gradient_x_input(first_rule)
+        self.layer_map = [(types, gradient_x_input(rule, input_stabilizer)) for types, rule in (layer_map or [])]
+        self.strict = strict
+        self._unmapped = []
+        super().__init__(module_map=self.mapping, canonizers=canonizers)
+
+    def register(self, module):
+        self._unmapped = []
+        super().register(module)
+        if self._unmapped:
+            listing = ', '.join(f'{name} ({type(child).__module__}.{type(child).__qualname__})'
+                                for name, child in self._unmapped)
+            message = (f'{type(self).__name__} has no rule for these modules, so their plain gradient would '
+                       f'propagate wrong relevance: {listing}. Map them with layer_map=[(type, rule)], or '
+                       f'register an adapter in lxt_ext.models (models.KeepGradient() for modules that are '
+                       f'linear or off the relevance path).')
+            if self.strict:
+                self.remove()
+                raise UnmappedModuleError(message)
+            warnings.warn(message)
+
+    def mapping(self, ctx, name, module):
+        if any(name.startswith(prefix) for prefix in ctx.get('covered', ())):
+            return None  # inside a module whose rule computes its children functionally
+        first = self.explicit_first and not ctx.get('first_visited') and isinstance(module, Linear)
+        if first:
+            ctx['first_visited'] = True
+        rule = (self.first_rule if first else None) or self._rule(module)
+        if isinstance(rule, MultiheadAttentionRule):
+            ctx.setdefault('covered', []).append(f'{name}.')
+        if rule is None and next(module.children(), None) is None:
+            self._unmapped.append((name, module))
+        return emitting_relevance(rule) if first else rule
+
+    def _rule(self, module):
+        rule = next((rule for types, rule in self.layer_map if isinstance(module, types)), None)
+        if rule is None:
+            rule = models.rule_for(module, self.options)
+            rule = None if rule is None else gradient_x_input(rule, self.options.input_stabilizer)
+        return rule
+
+
+@register_composite('lxt_ext_vit_epsilon')
+class ViTEpsilon(TransformerComposite):
+    """Vision Transformers: epsilon on every Linear (``OutputEpsilon``: from the layer output, which
+    the next rule keeps anyway) and fused epsilon on convolutions, AttnLRP (or CP-LRP) in attention;
+    the patch embedding (the first layer) emits relevance (``first_rule`` replaces its rule, e.g.
+    zennit's ``Flat`` or ``ZBox``)."""
+
+    def __init__(self, epsilon=1e-6, attention='attnlrp', first_rule=None, layer_map=None, canonizers=None,
+                 strict=True):
+        super().__init__(OutputEpsilon(epsilon), conv_rule=Epsilon(epsilon), attention=attention, explicit_first=True,
+                         first_rule=first_rule, layer_map=layer_map, canonizers=canonizers, strict=strict)
+
+
+@register_composite('lxt_ext_vit_gamma')
+class ViTGamma(TransformerComposite):
+    """The published LXT recipe for Vision Transformers: fused gamma 0.25 on convolutions (the patch
+    embedding, which emits relevance), 0.05 on every Linear (attention projections included),
+    CP-LRP in attention."""
+
+    def __init__(self, conv_gamma=0.25, linear_gamma=0.05, stabilizer=1e-6, attention='cp', first_rule=None,
+                 layer_map=None, canonizers=None, strict=True):
+        super().__init__(Gamma(linear_gamma, stabilizer), conv_rule=Gamma(conv_gamma, stabilizer), attention=attention,
+                         explicit_first=True, first_rule=first_rule, layer_map=layer_map, canonizers=canonizers,
+                         strict=strict)
+
+
+@register_composite('lxt_ext_language_transformer')
+class LanguageTransformer(TransformerComposite):
+    """Text transformers explained w.r.t. their input embeddings (relevance ``x * g``): fused epsilon
+    (``linear_rule='epsilon'``) or gamma on every Linear, AttnLRP or CP-LRP in attention."""
+
+    def __init__(self, attention='attnlrp', linear_rule='epsilon', epsilon=1e-6, gamma=0.25, layer_map=None,
+                 strict=True):
+        rules = {'epsilon': lambda: Epsilon(epsilon), 'gamma': lambda: Gamma(gamma, epsilon)}
+        if linear_rule not in rules:
+            raise ValueError(f"linear_rule must be 'epsilon' or 'gamma', got {linear_rule!r}")
+        super().__init__(rules[linear_rule](), attention=attention, layer_map=layer_map, strict=strict)

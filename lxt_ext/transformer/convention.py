@@ -1,0 +1,230 @@
+"""The two conventions meeting in lxt_ext's transformer composites, in one place.
+
+Inside these composites the gradient slot carries relevance per unit of the tensor (Gradient x Input:
+``R_t = t * g_t``); zennit's rules and lxt_ext's explicit-only rules (ZBox, Flat, Norm) compute explicit
+relevance ``R``. ``gradient_x_input(rule)`` gives any rule its Gradient x Input form,
+``emitting_relevance(rule)`` the form of the first layer, whose backward emits explicit ``R_in`` so
+that zennit's attributors return relevance.
+
+- zennit's own rules (``BasicHook`` subclasses: Epsilon, Gamma, Flat, ZBox, WSquare, ...): zennit's
+  backward on ``R_out = y * g_out``, then ``g_in = R_in / stab(x)`` (``ZennitRule``);
+- lxt_ext's explicit-only rules the same way around their own backward (``ExplicitConvention``);
+- lxt_ext's fused rules by their ``convention`` flag; Pass becomes the identity rule (the same rule:
+  ``R_in = R_out``).
+
+``stab`` is ``zennit.core.stabilize`` with the composite's ``input_stabilizer``.
+"""
+import torch
+from torch.autograd.function import once_differentiable
+from zennit.core import BasicHook, Hook, stabilize
+from zennit.rules import Pass as ZennitPass
+
+from ..core import FusedRule, ProductRule, SwappedForward
+from ..deprecation import renamed_keyword
+from ..rules import Norm, Pass
+from .elementwise import ActivationIdentity
+
+__all__ = ['ZennitRule', 'ExplicitRelevance', 'ExplicitConvention', 'gradient_x_input', 'emitting_relevance',
+           'linear_rule_apply']
+
+
+class _ZennitBackward(torch.autograd.Function):
+    """The module's forward; in backward, zennit's rule on ``R_out = y * g_out``."""
+
+    @staticmethod
+    def forward(ctx, input, rule, module, original, args, kwargs):
+        output = original(input, *args, **kwargs)
+        ctx.save_for_backward(input, output)
+        ctx.rule, ctx.module, ctx.original, ctx.args, ctx.kwargs = rule, module, original, args, kwargs
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, output = ctx.saved_tensors
+        # linear_rule_apply passes a factory: the module is built only when a backward needs it
+        module = ctx.module if isinstance(ctx.module, torch.nn.Module) else ctx.module()
+        grad_input = ctx.rule.grad_input(module, ctx.original, x, output, grad, ctx.args, ctx.kwargs)
+        return grad_input, None, None, None, None, None
+
+
+class ZennitRule(SwappedForward):
+    """A zennit rule (a ``BasicHook``: Epsilon, Gamma, ZPlus, AlphaBeta, Flat, WSquare, ZBox, ...)
+    in the Gradient x Input convention, for this hook only (zennit is not patched): zennit's own
+    backward runs on ``R_out = y * g_out`` and gives ``R_in``; the gradient is ``R_in / stab(x)``,
+    or ``R_in`` itself with ``explicit_output`` (the first layer, so attributors return relevance)."""
+
+    def __init__(self, rule, explicit_output=False, input_stabilizer=1e-10, *, epsilon=None):
+        super().__init__()
+        if not isinstance(rule, BasicHook):
+            raise TypeError(f'ZennitRule adapts zennit BasicHook rules, not {type(rule).__name__}')
+        self.rule = rule
+        self.explicit_output = explicit_output
+        self.input_stabilizer = renamed_keyword(epsilon, 'epsilon', input_stabilizer, 'input_stabilizer', 1e-10)
+
+    def copy(self):
+        copy = super().copy()
+        copy.rule = self.rule.copy()
+        return copy
+
+    def apply(self, module, original, input, args, kwargs):
+        return _ZennitBackward.apply(input, self, module, original, args, kwargs)
+
+    def grad_input(self, module, original, x, output, grad, args, kwargs):
+        if not self.active:
+            with torch.enable_grad():
+                leaf = x.detach().requires_grad_()
+                return torch.autograd.grad(original(leaf, *args, **kwargs), leaf, grad)[0]
+        rule = self.rule
+        rule.stored_tensors['input'] = (x, *args)  # what zennit's forward hook would have kept
+        rule.stored_tensors['kwargs'] = kwargs     # (zennit 1.0 also keeps the keyword arguments)
+        # zennit re-runs module.forward, which is swapped to this rule while registered: make it plain
+        self.active = False
+        try:
+            (relevance, *_) = rule.backward(module, (x,), (grad * output,))
+        finally:
+            self.active = True
+            rule.stored_tensors.clear()
+        return relevance if self.explicit_output else relevance / stabilize(x, self.input_stabilizer)
+
+    def linear(self, x, weight, bias):
+        """``F.linear(x, weight, bias)`` with this rule in backward (a Linear map not called as a module)."""
+        def original(input):
+            return torch.nn.functional.linear(input, weight, bias)
+        return _ZennitBackward.apply(x, self, lambda: _LinearShell(weight, bias), original, (), {})
+
+
+class _TimesInput(torch.autograd.Function):
+    """Identity forward; backward ``g * x``: turns the gradient into explicit relevance."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.view_as(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * x
+
+
+class _ConventionWrapper(SwappedForward):
+    """A rule that runs another lxt_ext rule (``self.rule``) in a changed convention."""
+
+    def copy(self):
+        copy = super().copy()
+        copy.rule = self.rule.copy()
+        return copy
+
+    def prepare(self, module):
+        self.rule.prepare(module)
+
+
+class ExplicitRelevance(_ConventionWrapper):
+    """An lxt_ext rule (fused, or another ``SwappedForward`` Linear rule) on the first layer whose
+    backward emits ``R_in = x * g_in``, so that ``zennit.attribution.Gradient`` returns relevance.
+    (zennit rules: ``ZennitRule(rule, explicit_output=True)``.)"""
+
+    def __init__(self, rule):
+        super().__init__()
+        self.rule = gradient_x_input(rule)
+
+    def apply(self, module, original, input, args, kwargs):
+        return self.rule.apply(module, original, _TimesInput.apply(input), args, kwargs)
+
+
+class _OverStabilizedInput(torch.autograd.Function):
+    """Identity forward; backward ``g / stab(x)``: turns explicit relevance into a gradient."""
+
+    @staticmethod
+    def forward(ctx, x, stabilizer):
+        ctx.save_for_backward(x)
+        ctx.stabilizer = stabilizer
+        return x.view_as(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad / stabilize(x, ctx.stabilizer), None
+
+
+class ExplicitConvention(_ConventionWrapper):
+    """An lxt_ext rule of zennit's explicit convention only (``ZBox``, ``Flat``, ``Norm``) in a
+    Gradient x Input composite: it gets ``R_out = y * g_out`` and its ``R_in`` leaves as
+    ``R_in / stab(x)``, or as ``R_in`` itself with ``explicit_output`` (the first layer)."""
+
+    def __init__(self, rule, explicit_output=False, input_stabilizer=1e-10, *, epsilon=None):
+        super().__init__()
+        self.rule, self.explicit_output = rule, explicit_output
+        self.input_stabilizer = renamed_keyword(epsilon, 'epsilon', input_stabilizer, 'input_stabilizer', 1e-10)
+
+    def apply(self, module, original, input, args, kwargs):
+        x = input if self.explicit_output else _OverStabilizedInput.apply(input, self.input_stabilizer)
+        return _TimesInput.apply(self.rule.apply(module, original, x, args, kwargs))
+
+
+def gradient_x_input(rule, input_stabilizer=1e-10):
+    """``rule`` (a template) as it runs in a Gradient x Input composite: lxt_ext's fused rules get
+    ``convention='gradient_x_input'``, zennit's BasicHook rules are wrapped in ``ZennitRule``,
+    zennit's and lxt_ext's Pass become the identity rule (the same rule: ``R_in = R_out``), lxt_ext's
+    explicit-only rules (ZBox, Flat, Norm) are wrapped in ``ExplicitConvention``;
+    rules written for this convention (lxt_ext's SwappedForward rules, ``lxt_ext.models.KeepGradient``)
+    are returned as they are. Other zennit hooks have no Gradient x Input form: TypeError."""
+    if isinstance(rule, FusedRule):
+        if rule.convention == 'gradient_x_input':
+            return rule
+        copy = rule.copy()
+        copy.convention = 'gradient_x_input'
+        return copy
+    if isinstance(rule, (Pass, ZennitPass)):
+        return ActivationIdentity(input_stabilizer)
+    if isinstance(rule, (ProductRule, Norm)):
+        return ExplicitConvention(rule, input_stabilizer=input_stabilizer)
+    if isinstance(rule, SwappedForward) or not isinstance(rule, Hook) or type(rule).register is not Hook.register:
+        return rule
+    if isinstance(rule, BasicHook):
+        return ZennitRule(rule, input_stabilizer=input_stabilizer)
+    raise TypeError(f'{type(rule).__name__} is a zennit hook with no Gradient x Input form; lxt_ext\'s transformer '
+                    f'composites take zennit BasicHook rules (Epsilon, Gamma, Flat, ZBox, ...), Pass, and lxt_ext '
+                    f'rules')
+
+
+def emitting_relevance(rule):
+    """``rule`` (in Gradient x Input form) on the first layer: its backward emits explicit relevance
+    ``R_in`` instead of ``g_in``. Linear rules of this convention (those with a ``linear`` method: the
+    fused rules, ``OutputEpsilon``) get ``R_in = x * g_in``; zennit's and the explicit-only rules return
+    their own ``R_in``."""
+    if isinstance(rule, ZennitRule):
+        return ZennitRule(rule.rule, explicit_output=True, input_stabilizer=rule.input_stabilizer)
+    if isinstance(rule, ExplicitConvention):
+        return ExplicitConvention(rule.rule, explicit_output=True, input_stabilizer=rule.input_stabilizer)
+    if hasattr(rule, 'linear'):
+        return ExplicitRelevance(rule)
+    raise TypeError(f'the first layer needs an lxt_ext or zennit rule for Linear/convolutions, not '
+                    f'{type(rule).__name__}')
+
+
+def linear_rule_apply(rule, x, weight, bias=None):
+    """``F.linear(x, weight, bias)`` with ``rule`` (an lxt_ext Linear rule or a zennit rule template,
+    run in the Gradient x Input convention; None: the plain gradient) in backward: for linear maps
+    that are not called as ``nn.Linear`` modules, where zennit's hooks never fire."""
+    if rule is None or not (rule.active and torch.is_grad_enabled() and x.requires_grad):
+        return torch.nn.functional.linear(x, weight, bias)
+    rule = gradient_x_input(rule)
+    if not hasattr(rule, 'linear'):
+        raise TypeError(f'linear_rule_apply takes lxt_ext Linear rules and zennit BasicHook rules, not '
+                        f'{type(rule).__name__}')
+    return rule.linear(x, weight, bias)
+
+
+class _LinearShell(torch.nn.Linear):
+    """A Linear module over given weight and bias (no copies), for zennit rules, which modify and
+    re-run a module's parameters and forward."""
+
+    def __init__(self, weight, bias):
+        torch.nn.Module.__init__(self)
+        self.out_features, self.in_features = weight.shape
+        self.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)

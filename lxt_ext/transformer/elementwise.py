@@ -1,0 +1,113 @@
+"""Element-wise rules in the Gradient x Input convention (``lxt_ext.transformer``).
+
+- element-wise activations ``h = f(x)``: identity rule, ``g_in = g_out * f(x) / stab(x)``;
+- element-wise products ``p = a * b`` (gated MLPs): uniform rule, ``g_a = g_out * b / 2``, ``g_b = g_out * a / 2``;
+- dropout: off while registered.
+
+``stab(z) = z + eps * (sign(z) + [z == 0])`` is ``zennit.core.stabilize``; ``eps`` is the composite's
+``input_stabilizer``. Each rule saves only what its backward needs.
+"""
+import torch
+from torch.autograd.function import once_differentiable
+from zennit.core import stabilize
+
+from ..core import SHARED, SwappedForward
+from ..deprecation import renamed_keyword
+
+__all__ = ['ActivationIdentity', 'DropoutOff', 'identity_rule', 'uniform_product']
+
+
+class _IdentityRule(torch.autograd.Function):
+    """``h = f(x)``; backward ``g_in = g_out * f(x) / stab(x)`` with ``f(x)`` recomputed, so only
+    ``x`` is saved (LXT saves the ratio: the same memory, plus a division in every forward)."""
+
+    @staticmethod
+    def forward(ctx, x, fn, stabilizer):
+        output = fn(x)
+        if not isinstance(output, torch.Tensor) or output.shape != x.shape:
+            raise TypeError(f'the identity rule needs an element-wise function (output of the input\'s shape); '
+                            f'{fn} is not')
+        ctx.save_for_backward(x)
+        ctx.fn, ctx.stabilizer = fn, stabilizer
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        ratio = ctx.fn(x)
+        ratio /= stabilize(x, ctx.stabilizer)
+        return ratio.mul_(grad), None, None
+
+
+def identity_rule(fn, x, input_stabilizer=1e-10):
+    """``fn(x)`` for an element-wise ``fn``, with the identity rule in backward (``input_stabilizer``
+    stabilises the division by ``x``).
+
+    The output is marked recomputable (``lxt_ext.core.SharedTensors``): a fused rule consuming it
+    unchanged (the next Linear of an MLP) keeps ``x``, which this rule keeps anyway, and recomputes
+    ``fn(x)`` in backward instead of keeping a second activation-sized tensor."""
+    output = _IdentityRule.apply(x, fn, input_stabilizer)
+    SHARED.mark_recomputable(output, x, fn)
+    return output
+
+
+class ActivationIdentity(SwappedForward):
+    """The identity rule on an element-wise activation module (``nn.GELU``, ``nn.SiLU``, ``nn.ReLU``,
+    ``nn.Tanh``, ``nn.Sigmoid``, timm's and transformers' activation modules): the relevance of
+    each output goes to the input it was computed from."""
+
+    def __init__(self, input_stabilizer=1e-10, *, epsilon=None):
+        super().__init__()
+        self.input_stabilizer = renamed_keyword(epsilon, 'epsilon', input_stabilizer, 'input_stabilizer', 1e-10)
+
+    def apply(self, module, original, input, args, kwargs):
+        if getattr(module, 'inplace', False):
+            # an in-place activation would overwrite the input the backward needs
+            def fn(x):
+                return original(x.clone(), *args, **kwargs)
+        else:
+            def fn(x):
+                return original(x, *args, **kwargs)
+        return identity_rule(fn, input, self.input_stabilizer)
+
+
+class _UniformProduct(torch.autograd.Function):
+    """``p = a * b``; backward ``g_a = g b / 2``, ``g_b = g a / 2`` (half the relevance to each)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a * b
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        grad_a = (grad * b / 2).sum_to_size(a.shape) if ctx.needs_input_grad[0] else None
+        grad_b = (grad * a / 2).sum_to_size(b.shape) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b
+
+
+def uniform_product(a, b):
+    """``a * b`` (broadcasting) with the uniform rule in backward."""
+    return _UniformProduct.apply(a, b)
+
+
+class DropoutOff(SwappedForward):
+    """Dropout modules return their input while registered (also in ``train()`` mode, which
+    gradient checkpointing in transformers requires)."""
+
+    def register(self, module):
+        handles = super().register(module)
+        swapped, hook = module.forward, self
+
+        def forward(input, *args, **kwargs):
+            return input if hook.active else swapped.__wrapped__(input, *args, **kwargs)
+
+        forward.__wrapped__ = swapped.__wrapped__
+        module.forward = forward
+        return handles
+
+    def apply(self, module, original, input, args, kwargs):
+        return input

@@ -1,0 +1,54 @@
+"""LRP-epsilon on Linear layers from the kept output, in the Gradient x Input convention
+(``lxt_ext.transformer``; ViTEpsilon's Linear rule)."""
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..core import LOW_PRECISION, SwappedForward
+from ..layers import UnsupportedLayerError
+
+__all__ = ['OutputEpsilon']
+
+
+class _EpsilonFromOutput(torch.autograd.Function):
+    """``y = x W^T + b``; backward ``g_in = W^T (g y / stab(y)) = (g |y| / (|y| + eps)) W``.
+    Keeps only ``y`` (and W): no product is recomputed, and the next rule often keeps ``y`` anyway."""
+
+    @staticmethod
+    def forward(ctx, x, weight, epsilon, original):
+        output = original(x)
+        ctx.save_for_backward(output, weight)
+        ctx.epsilon = epsilon
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        output, weight = ctx.saved_tensors
+        magnitude = output.float().abs() if output.dtype in LOW_PRECISION else output.abs()
+        ratio = magnitude.div_(magnitude + ctx.epsilon).mul_(grad)
+        return ratio.to(weight.dtype) @ weight, None, None, None
+
+
+class OutputEpsilon(SwappedForward):
+    """LRP-epsilon on ``nn.Linear`` in the Gradient x Input convention, computed from the layer's
+    output: ``g_in = W^T (g_out * y / stab(y))`` needs ``y`` only, not the input. Same relevance as
+    ``lxt_ext.rules.Epsilon(epsilon, convention='gradient_x_input')``, which keeps the input and
+    recomputes ``y`` in backward; this keeps ``y``, which in a ViT the next rule keeps anyway
+    (GELU's input, the attention's q, k, v), and is smaller than the input of the MLP's second layer.
+    An in-place change of ``y`` after the layer makes the backward raise (autograd's version check)."""
+
+    def __init__(self, epsilon=1e-6):
+        super().__init__()
+        self.epsilon = float(epsilon)
+
+    def prepare(self, module):
+        if not isinstance(module, torch.nn.Linear):
+            raise UnsupportedLayerError(f'OutputEpsilon takes nn.Linear modules, not {type(module).__name__}')
+
+    def apply(self, module, original, input, args, kwargs):
+        return _EpsilonFromOutput.apply(input, module.weight, self.epsilon, lambda x: original(x, *args, **kwargs))
+
+    def linear(self, x, weight, bias):
+        """``F.linear(x, weight, bias)`` with this rule in backward (a Linear map not called as a module)."""
+        return _EpsilonFromOutput.apply(x, weight, self.epsilon,
+                                        lambda input: torch.nn.functional.linear(input, weight, bias))
