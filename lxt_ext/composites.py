@@ -5,13 +5,14 @@ ZBox and Flat on the first layer and Norm on sums (ResNetCanonizer's residual ``
 pooling keep only their inputs, and activations and BatchNorm get lxt_ext's Pass, which keeps nothing;
 no zennit hook is left. BatchNorms that zennit's canonizers merge into a layer are folded into the
 layer's rule rather than kept as a merged weight copy (``BatchNormFolding``). Each is also registered in
-zennit's composite registry as ``lxt_ext_<name>``.
+zennit's composite registry as ``lxt_ext_<name>``; ``use_in_zennit_registry()`` points zennit's own names at
+them.
 
 The attention-aware composites for transformers (``ViTEpsilon``, ``ViTGamma``, ``LanguageTransformer``,
 ``TransformerComposite``) live in ``lxt_ext.transformer.composites`` and are importable from here too.
 """
 import torch
-from zennit.composites import LayerMapComposite, SpecialFirstLayerMapComposite, register_composite
+from zennit.composites import COMPOSITES, LayerMapComposite, SpecialFirstLayerMapComposite, register_composite
 from zennit.layer import Sum
 from zennit.types import Activation, AvgPool, BatchNorm, Convolution, Linear
 
@@ -19,7 +20,7 @@ from .batch_norm_fold import fold_merged_batch_norms
 from .rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ZBox, ZPlus
 from .transformer.composites import LanguageTransformer, TransformerComposite, ViTEpsilon, ViTGamma
 
-__all__ = ['BatchNormFolding', 'EpsilonGammaBox', 'EpsilonPlus', 'EpsilonAlpha2Beta1', 'EpsilonPlusFlat',
+__all__ = ['use_in_zennit_registry', 'BatchNormFolding', 'EpsilonGammaBox', 'EpsilonPlus', 'EpsilonAlpha2Beta1', 'EpsilonPlusFlat',
            'EpsilonAlpha2Beta1Flat', 'ViTEpsilon', 'ViTGamma', 'LanguageTransformer', 'TransformerComposite']
 
 
@@ -119,3 +120,58 @@ class EpsilonAlpha2Beta1Flat(BatchNormFolding, SpecialFirstLayerMapComposite):
         first_map = list(first_map or []) + [(Linear, Flat(stabilizer=stabilizer, zero_params=zero_params))]
         super().__init__(layer_map=_layer_map(layer_map, stabilizer, conv_rule, epsilon, zero_params),
                          first_map=first_map, canonizers=canonizers)
+
+
+# zennit's registry names of the composites lxt_ext has under the same name.
+ZENNIT_NAMES = {
+    'epsilon_gamma_box': EpsilonGammaBox,
+    'epsilon_plus': EpsilonPlus,
+    'epsilon_alpha2_beta1': EpsilonAlpha2Beta1,
+    'epsilon_plus_flat': EpsilonPlusFlat,
+    'epsilon_alpha2_beta1_flat': EpsilonAlpha2Beta1Flat,
+}
+
+
+class ZennitRegistryOverride:
+    """zennit's registry names (``zennit.composites.COMPOSITES['epsilon_gamma_box']``, ...) pointing at
+    lxt_ext's composites while in effect: from ``apply()`` (or entering a ``with`` block) to
+    ``restore()`` (or leaving it), which puts back what the names pointed at before."""
+
+    def __init__(self):
+        self._previous = None
+
+    def apply(self):
+        if self._previous is None:
+            self._previous = {name: COMPOSITES.get(name) for name in ZENNIT_NAMES}
+            COMPOSITES.update(ZENNIT_NAMES)
+        return self
+
+    def restore(self):
+        if self._previous is None:
+            return
+        for name, composite in self._previous.items():
+            if composite is None:
+                COMPOSITES.pop(name, None)
+            else:
+                COMPOSITES[name] = composite
+        self._previous = None
+
+    def __enter__(self):
+        return self.apply()
+
+    def __exit__(self, *exc):
+        self.restore()
+        return False
+
+
+def use_in_zennit_registry():
+    """Point zennit's own registry names at lxt_ext's composites, for code that picks composites by name
+    (zennit's example scripts: ``COMPOSITES[args.composite](...)``): one added line gives it the fused
+    rules, with zennit's names, and so zennit's arguments (``low``/``high`` for ``epsilon_gamma_box``)::
+
+        lxt_ext.composites.use_in_zennit_registry()            # until .restore()
+        with lxt_ext.composites.use_in_zennit_registry(): ...  # or for a block
+
+    Returns the ``ZennitRegistryOverride`` in effect."""
+    return ZennitRegistryOverride().apply()
+

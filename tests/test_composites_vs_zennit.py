@@ -115,3 +115,33 @@ def test_composite_signature_matches_zennit(name):
     ours = inspect.signature(getattr(lxt_ext.composites, name)).parameters
     theirs = inspect.signature(getattr(zennit.composites, name)).parameters
     assert {key: p.default for key, p in ours.items()} == {key: p.default for key, p in theirs.items()}
+
+
+def _by_zennit_name(name, net, x, one_hot):
+    """What zennit's example script (share/example/feed_forward.py) does with ``--composite name``: look the
+    composite up in zennit's registry, pass ``low``/``high`` only for exactly 'epsilon_gamma_box'."""
+    kwargs = {'low': -3., 'high': 3.} if name == 'epsilon_gamma_box' else {}
+    composite = zennit.composites.COMPOSITES[name](canonizers=[VGGCanonizer()], **kwargs)
+    return type(composite), relevance(net, x, lambda y: one_hot * y.detach(), composite)
+
+
+@pytest.mark.parametrize('name', ['epsilon_gamma_box', 'epsilon_alpha2_beta1_flat'])
+def test_zennit_registry_names_opt_in(data, name):
+    torch.manual_seed(0)
+    net = randomize_batch_norms(torchvision.models.vgg11_bn(weights=None), seed=4)
+    x, one_hot = data
+    cls = getattr(zennit.composites, REGISTERED[f'lxt_ext_{name}'])
+    zennit_type, expected = _by_zennit_name(name, net, x, one_hot)
+    assert zennit_type is cls
+    with lxt_ext.composites.use_in_zennit_registry():
+        fused_type, actual = _by_zennit_name(name, net, x, one_hot)
+    assert fused_type is getattr(lxt_ext.composites, cls.__name__)
+    assert_rel_close(actual, expected, 1e-4)
+    # restored on leaving the block; the call form holds until restore()
+    assert zennit.composites.COMPOSITES[name] is cls
+    override = lxt_ext.composites.use_in_zennit_registry()
+    try:
+        assert zennit.composites.COMPOSITES[name] is getattr(lxt_ext.composites, cls.__name__)
+    finally:
+        override.restore()
+    assert zennit.composites.COMPOSITES[name] is cls
