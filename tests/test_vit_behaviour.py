@@ -180,3 +180,36 @@ def test_mlp_keeps_the_activation_input_once(generator):
         handle.remove()
     assert gelu_outputs and not {o.data_ptr() for o in gelu_outputs} & set(saved)
     assert y.grad_fn is not None
+
+
+def test_timm_attention_takes_sdpa_bool_masks(generator):
+    """timm passes SDPA's masks (bool: True = attend) to attention_lrp unchanged: the forward is timm's own,
+    the relevance that of the equivalent additive mask (-inf where attention is not allowed)."""
+    torch.manual_seed(0)
+    attention = timm.layers.Attention(16, num_heads=4).eval()
+    x = torch.randn(2, 5, 16, generator=generator)
+    allowed = torch.rand(2, 1, 5, 5, generator=generator) > 0.3
+    allowed[..., 0] = True  # every query sees a key
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, float('-inf'))
+    with torch.no_grad():
+        expected = attention(x, attn_mask=allowed)
+    results = []
+    for mask in (allowed, additive):
+        with ViTEpsilon().context(attention) as modified:
+            xg = x.clone().requires_grad_()
+            output = modified(xg, attn_mask=mask)
+            (grad,) = torch.autograd.grad(output, xg, torch.ones_like(output))
+        results.append((output.detach(), grad))
+    torch.testing.assert_close(results[0][0], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-7)
+    assert results[0][1].abs().sum() > 0
+
+
+def test_renamed_input_stabilizer_keyword_still_works():
+    with pytest.warns(DeprecationWarning, match="'epsilon' is now called 'input_stabilizer'"):
+        composite = TransformerComposite(Epsilon(), epsilon=1e-7)
+    assert composite.options.input_stabilizer == 1e-7
+    with pytest.warns(DeprecationWarning):
+        assert ActivationIdentity(epsilon=1e-7).input_stabilizer == 1e-7
+    with pytest.raises(TypeError, match='old name'):
+        TransformerComposite(Epsilon(), epsilon=1e-7, input_stabilizer=1e-8)
