@@ -24,6 +24,14 @@ def _codes():
     return RULES, ATTENTION_MODES
 
 
+def _check_one_device(op, **tensors):
+    """The C++ ops' device check. Needed here too: a mix of real and meta tensors dispatches to the Meta
+    key, so this kernel, not the op, is what such a call runs."""
+    devices = {t.device for t in tensors.values()}
+    torch._check(len(devices) == 1, lambda: f'lxt_ext::{op}: ' + ', '.join(
+        f'{name} ({t.device})' for name, t in tensors.items()) + ' must be on one device')
+
+
 def _acc_dtype(dtype):
     """The accumulation dtype of the C++ kernels: float64 stays, every other float becomes float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -34,6 +42,7 @@ def _output_terms(wx, ax, grad, bias, bias1, bias2, channel_dim, groups, rule, e
                   explicit_relevance):
     """``[s]`` of ``wx``'s shape (epsilon; or a two-term rule given the stacked pair as ``wx``), or
     ``[s, d]`` when ``ax`` is given; contiguous, in ``wx``'s dtype."""
+    _check_one_device('output_terms', relevance=grad, layer_output=wx)
     torch._check(rule != _codes()[0]['gradient'], lambda: 'lxt_ext::output_terms: the gradient rule has no terms')
     # The C++ op allocates d whenever ax is given (even for epsilon, which leaves it unwritten).
     return [wx.new_empty(wx.shape) for _ in range(1 if ax is None else 2)]
@@ -42,6 +51,7 @@ def _output_terms(wx, ax, grad, bias, bias1, bias2, channel_dim, groups, rule, e
 @torch.library.register_fake('lxt_ext::input_terms')
 def _input_terms(x, t, a, explicit_relevance, mixed):
     """The input's shape and dtype, contiguous."""
+    _check_one_device('input_terms', input=x, product=t)
     return x.new_empty(x.shape)
 
 
@@ -51,6 +61,7 @@ def _lrp_backward(x, weight, grad, bias, bias1, bias2, rule, epsilon, gamma, alp
     """The input's shape and dtype. Rules that end in ``input_terms`` return it contiguous; the gradient
     rule and epsilon in the Gradient x Input convention return the transposed product itself, whose
     strides (a convolution's memory format) ATen's own fake kernel gives."""
+    _check_one_device('lrp_backward', input=x, weight=weight, relevance=grad)
     rules = _codes()[0]
     if rule != rules['gradient'] and (rule != rules['epsilon'] or explicit_relevance):
         return x.new_empty(x.shape)
@@ -66,6 +77,7 @@ def _lrp_backward(x, weight, grad, bias, bias1, bias2, rule, epsilon, gamma, alp
 def _attention_forward(query, key, value, attn_mask, scale, is_causal):
     """``(O, stats)``: O ``(B, Hq, Nq, D)`` in the query's dtype, stats ``(B, Hq, Nq, 2)`` (row max, log
     row sum) in the accumulation dtype (float32 for half types); both contiguous."""
+    _check_one_device('attention_forward', query=query, key=key, value=value)
     B, Hq, Nq, D = query.shape
     return query.new_empty((B, Hq, Nq, D)), query.new_empty((B, Hq, Nq, 2), dtype=_acc_dtype(query.dtype))
 
@@ -74,6 +86,8 @@ def _attention_forward(query, key, value, attn_mask, scale, is_causal):
 def _attention_backward(grad_out, query, key, value, attn_mask, out, stats, scale, is_causal, mode):
     """``[dQ, dK, dV]`` (mode 0, AttnLRP) or ``[dV]`` (mode 1, CP-LRP), of the query's, key's and value's
     shapes, in the query's dtype, contiguous."""
+    _check_one_device('attention_backward', query=query, key=key, value=value, grad_out=grad_out, out=out,
+                      stats=stats)
     modes = _codes()[1]
     torch._check(mode in modes.values(), lambda: f'lxt_ext::attention_backward: mode must be in {modes}, got {mode}')
     dv = query.new_empty(value.shape)
