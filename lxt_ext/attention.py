@@ -16,8 +16,8 @@ length, the N x N attention matrix is never stored.
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
+from .checks import first_order
 from . import ops
 
 
@@ -33,7 +33,7 @@ class _AttentionLRP(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_out):
         query, key, value, attn_mask, out, stats = ctx.saved_tensors
         grads = ops.lib.attention_backward(grad_out, query, key, value, attn_mask, out, stats, ctx.scale,

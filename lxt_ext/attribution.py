@@ -20,6 +20,8 @@ class (at the last token). With a one-hot seed the input relevance sums to the e
 """
 import torch
 
+from . import checks
+
 
 def _first_tensor(value):
     if isinstance(value, torch.Tensor):
@@ -86,11 +88,7 @@ class GradientXInput:
         return hook
 
     def __call__(self, input, target=None):
-        if not isinstance(input, torch.Tensor) or not input.is_floating_point():
-            raise TypeError(f'GradientXInput explains a floating tensor input (e.g. input embeddings), '
-                            f'got {type(input).__name__ if not isinstance(input, torch.Tensor) else input.dtype}')
-        if torch.isnan(input).any():
-            raise ValueError('the input holds NaN')
+        self._check_input(input)
         self._outputs = {}
         handles = [module.register_forward_hook(self._capture(name)) for name, module in self._modules.items()]
         try:
@@ -102,7 +100,8 @@ class GradientXInput:
                 names = list(self._outputs)
                 tensors = [input] + [self._outputs[name] for name in names]
                 try:
-                    grads = torch.autograd.grad(output, tensors, seed(output, target), allow_unused=True)
+                    grad_output = _finite(seed(output, target), 'the output relevance seed (target)')
+                    grads = torch.autograd.grad(output, tensors, grad_output, allow_unused=True)
                 except RuntimeError as error:
                     if 'use_reentrant' not in str(error):
                         raise
@@ -121,6 +120,24 @@ class GradientXInput:
             relevance = torch.zeros_like(input)
         else:
             relevance = grads[0] if getattr(self.composite, 'explicit_first', False) else input.detach() * grads[0]
-        if torch.isnan(relevance).any():
-            raise FloatingPointError('the relevance holds NaN; check the model and the stabilizers of the composite')
+        _finite(relevance, 'the input relevance (check the model and the stabilizers of the composite)')
         return output.detach(), relevance.detach()
+
+    def _check_input(self, input):
+        if not isinstance(input, torch.Tensor) or not input.is_floating_point():
+            raise TypeError(f'GradientXInput explains a floating tensor input (e.g. input embeddings), '
+                            f'got {type(input).__name__ if not isinstance(input, torch.Tensor) else input.dtype}')
+        parameter = next((p for p in self.model.parameters() if p.is_floating_point()), None)
+        if parameter is not None and input.device != parameter.device:
+            raise ValueError(f'the input is on {input.device} but {type(self.model).__name__} is on {parameter.device}')
+        if parameter is not None and input.dtype != parameter.dtype:
+            raise TypeError(f'the input dtype {input.dtype} differs from the dtype {parameter.dtype} of '
+                            f'{type(self.model).__name__}\'s parameters')
+        _finite(input, 'the input')
+
+
+def _finite(tensor, what):
+    """The attribution's boundaries are checked on every device (one sync per attribution)."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise checks.NonFiniteError(f'{what} holds {"NaN" if bool(torch.isnan(tensor).any()) else "Inf"}')
+    return tensor

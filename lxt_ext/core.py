@@ -21,11 +21,11 @@ import threading
 import weakref
 
 import torch
-from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakTensorKeyDictionary
 from zennit.core import Hook, RemovableHandle, RemovableHandleList, Stabilizer
 
-from . import ops
+from . import checks, ops
+from .checks import first_order
 from .layers import LayerSpec, check_input
 
 CONVENTIONS = ('explicit', 'gradient_x_input')
@@ -40,6 +40,9 @@ class SharedTensors:
     - ``recompute``: ``output -> (x, fn, version)`` for outputs ``fn(x)`` of identity-rule activations,
       whose rule keeps ``x`` anyway. A product rule consuming such an output unmodified since (same
       version) keeps ``x`` and recomputes ``fn(x)`` in backward: one activation-sized tensor less per MLP.
+
+    Both only save memory, so under ``torch.compile`` they are off: dynamo cannot trace the weak
+    containers (each rule would break the graph), and the relevance is the same either way.
     """
 
     def __init__(self, size=8):
@@ -54,10 +57,13 @@ class SharedTensors:
         return state
 
     def keep(self, tensor):
-        self._state().kept.append(weakref.ref(tensor))
+        if not torch.compiler.is_compiling():
+            self._state().kept.append(weakref.ref(tensor))
 
     def kept_equal(self, tensor):
         """A tensor a product rule keeps anyway that is bitwise equal to ``tensor``, or None."""
+        if torch.compiler.is_compiling():
+            return None
         for ref in reversed(self._state().kept):
             kept = ref()
             if (kept is not None and kept.shape == tensor.shape and kept.dtype == tensor.dtype
@@ -66,10 +72,13 @@ class SharedTensors:
         return None
 
     def mark_recomputable(self, output, x, fn):
-        self._state().recompute[output] = (x, fn, output._version)
+        if not torch.compiler.is_compiling():
+            self._state().recompute[output] = (x, fn, output._version)
 
     def recomputable(self, tensor):
         """``(x, fn)`` if ``tensor`` is ``fn(x)`` of an identity-rule activation, unmodified since; else None."""
+        if torch.compiler.is_compiling():
+            return None
         entry = self._state().recompute.get(tensor)
         if entry is None or entry[2] != tensor._version:
             return None
@@ -148,7 +157,14 @@ class SwappedForward(Hook):
         self.prepare(module)
         if self._module is not None:
             raise RuntimeError(f'this {type(self).__name__} is already registered to {self._module}; use .copy()')
+        if getattr(module, '_lxt_ext_rule', None) is not None:
+            raise RuntimeError(
+                f'{checks.where(self, module)} already has the lxt_ext rule {type(module._lxt_ext_rule).__name__} '
+                f'registered (a composite registered twice, or two composites on one model); remove it first')
+        for name, parameter in module.named_parameters(recurse=False):
+            checks.finite(parameter.detach(), f'the {name} of {checks.where(self, module)}')
         self._module = module
+        module._lxt_ext_rule = self
         self._previous_forward = module.__dict__.get('forward')
         original = self.plain_forward(module, module.forward)
         hook = self
@@ -159,7 +175,10 @@ class SwappedForward(Hook):
             if not (hook.active and torch.is_grad_enabled() and isinstance(input, torch.Tensor)
                     and input.requires_grad):
                 return original(input, *args, **kwargs)
-            return hook.apply(module, original, input, args, kwargs)
+            checks.finite(input, f'the input of {checks.where(hook, module)}')
+            output = hook.apply(module, original, input, args, kwargs)
+            _check_arriving_relevance(output, hook, module)
+            return output
 
         forward.__wrapped__ = module.forward
         module.forward = forward
@@ -170,11 +189,22 @@ class SwappedForward(Hook):
         module, self._module = self._module, None
         if module is None:
             return
+        module.__dict__.pop('_lxt_ext_rule', None)
         if self._previous_forward is not None:
             module.forward = self._previous_forward
         else:
             module.__dict__.pop('forward', None)
         self._previous_forward = None
+
+
+def _check_arriving_relevance(output, hook, module):
+    """Check the relevance (gradient) arriving at the layer's output in backward, where checks apply."""
+    tensor = output[0] if isinstance(output, tuple) and output else output
+    if isinstance(tensor, torch.Tensor) and tensor.requires_grad and checks.applies(tensor):
+        def check(grad):
+            checks.finite(grad, f'the relevance arriving at {checks.where(hook, module)} (from the output seed or a '
+                                f'later layer)')
+        tensor.register_hook(check)
 
 
 class ProductRule(SwappedForward):
@@ -273,7 +303,7 @@ class _FusedLayer(torch.autograd.Function):
         return output
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad):
         x, weight, bias = ctx.saved_tensors
         if ctx.fold is not None:

@@ -89,9 +89,10 @@ def _explicit_padding(module):
     return tuple(module.padding)
 
 
-def check_input(module, input):
-    """Clear errors for inputs the layer's own forward would reject with less helpful messages."""
-    weight = module.weight
+def check_input(module, input, weight=None):
+    """Clear errors for inputs the layer's own forward would reject with less helpful messages
+    (``weight``: the parameter the input meets, default ``module.weight``)."""
+    weight = module.weight if weight is None else weight
     if not isinstance(input, torch.Tensor):
         raise TypeError(f'{type(module).__name__}: lxt_ext rules need a tensor input, got {type(input).__name__}')
     if not input.is_floating_point():

@@ -12,10 +12,10 @@ parameters and how the bias enters the rule's two denominators. ``ZBox``, ``Flat
 in backward instead of the op; like the fused rules they keep at most the input.
 """
 import torch
-from torch.autograd.function import once_differentiable
 from zennit.core import Stabilizer, expand
 from zennit.layer import Sum
 
+from .checks import first_order
 from .core import SHARED, FusedRule, ProductRule, SwappedForward, _FusedLayer, zeroes_bias
 from .layers import check_input
 
@@ -195,7 +195,7 @@ class _NormLayer(torch.autograd.Function):
         return original(input, *args, **kwargs)
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad):
         saved = ctx.saved_tensors
         x = saved[0] if ctx.sum_dim is None else torch.stack(saved, ctx.sum_dim)

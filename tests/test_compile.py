@@ -10,26 +10,7 @@ import torchvision
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
-import lxt_ext.core
 from lxt_ext.composites import ViTEpsilon, ViTGamma
-
-
-@pytest.fixture
-def compile_aware_shared_tensors(monkeypatch):
-    """The change lxt_ext.core.SharedTensors needs (until it has it): under dynamo, skip the memory-only
-    sharing of tensors between rules (``kept``, ``recompute``). Its weak dictionaries are on dynamo's skip
-    list, so every ``_FusedLayer`` and identity rule would otherwise break the graph and run eagerly. The
-    relevance is the same either way: a recomputed ``fn(x)`` is the tensor it replaces."""
-    shared = lxt_ext.core.SharedTensors
-    keep, mark, recomputable = shared.keep, shared.mark_recomputable, shared.recomputable
-
-    def compiling():
-        return torch.compiler.is_compiling()
-
-    monkeypatch.setattr(shared, 'keep', lambda self, t: None if compiling() else keep(self, t))
-    monkeypatch.setattr(shared, 'mark_recomputable', lambda self, out, x, fn: None if compiling() else mark(
-        self, out, x, fn))
-    monkeypatch.setattr(shared, 'recomputable', lambda self, t: None if compiling() else recomputable(self, t))
 
 
 class CountingBackend:
@@ -77,7 +58,7 @@ CASES = [(ViTEpsilon, torch.float64, 1e-12), (ViTGamma, torch.float64, 1e-12), (
 
 
 @pytest.mark.parametrize('composite,dtype,rtol', CASES, ids=[f'{c.__name__}-{str(d)[6:]}' for c, d, _ in CASES])
-def test_compiled_vit_gives_the_eager_relevance(composite, dtype, rtol, compile_aware_shared_tensors):
+def test_compiled_vit_gives_the_eager_relevance(composite, dtype, rtol):
     torch._dynamo.reset()
     model = small_vit(dtype)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=dtype)

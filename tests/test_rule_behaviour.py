@@ -61,12 +61,13 @@ def test_nan_is_reported_not_propagated_silently(rule, where):
     if where == 'input':
         x[0, 1, 2, 2] = float('nan')
     x.requires_grad_()
+    message = {'input': r'the input of Conv2d holds NaN', 'relevance': r'the relevance arriving at Conv2d .* holds NaN'}
     with LayerMapComposite([(Convolution, rule)]).context(layer):
-        y = layer(x)
-        upstream = torch.ones_like(y)
-        if where == 'relevance':
-            upstream[1, 0, 0, 0] = float('nan')
-        with pytest.raises(RuntimeError, match='NaN'):
+        with pytest.raises(RuntimeError, match=message[where]):  # the input: in forward, where it enters
+            y = layer(x)
+            upstream = torch.ones_like(y)
+            if where == 'relevance':
+                upstream[1, 0, 0, 0] = float('nan')
             torch.autograd.grad(y, x, upstream)
 
 

@@ -11,6 +11,7 @@ from zennit.types import Convolution
 
 from ..attention import attention_lrp
 from ..core import SwappedForward, call_arguments
+from ..layers import check_input
 from ..ops import ATTENTION_MODES
 from ..transformer.convention import gradient_x_input, linear_rule_apply
 from ..transformer.elementwise import ActivationIdentity, DropoutOff
@@ -98,6 +99,7 @@ class MultiheadAttentionRule(SwappedForward):
                                                    ('key', 'value', 'key_padding_mask', 'attn_mask'))
         need_weights, average, is_causal = (arguments[name] for name in
                                             ('need_weights', 'average_attn_weights', 'is_causal'))
+        check_input(module, query, module.out_proj.weight)
         unbatched = query.dim() == 2
         same_kv, self_attention = key is value, query is key and key is value
         if unbatched:

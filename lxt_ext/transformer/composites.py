@@ -54,7 +54,11 @@ class TransformerComposite(Composite):
 
     def register(self, module):
         self._unmapped = []
-        super().register(module)
+        try:
+            super().register(module)
+        except BaseException:
+            self.remove()  # nothing of a failed registration stays on the model
+            raise
         if self._unmapped:
             listing = ', '.join(f'{name} ({type(child).__module__}.{type(child).__qualname__})'
                                 for name, child in self._unmapped)
@@ -78,7 +82,11 @@ class TransformerComposite(Composite):
             ctx.setdefault('covered', []).append(f'{name}.')
         if rule is None and next(module.children(), None) is None:
             self._unmapped.append((name, module))
-        return emitting_relevance(rule) if first else rule
+        rule = emitting_relevance(rule) if first else rule
+        if rule is not None:
+            rule = rule.copy()  # zennit copies it again; this copy only carries the name for error messages
+            rule.module_name = name
+        return rule
 
     def _rule(self, module):
         rule = next((rule for types, rule in self.layer_map if isinstance(module, types)), None)

@@ -15,10 +15,10 @@ that zennit's attributors return relevance.
 ``stab`` is ``zennit.core.stabilize`` with the composite's ``input_stabilizer``.
 """
 import torch
-from torch.autograd.function import once_differentiable
 from zennit.core import BasicHook, Hook, stabilize
 from zennit.rules import Pass as ZennitPass
 
+from ..checks import first_order
 from ..core import FusedRule, ProductRule, SwappedForward
 from ..deprecation import renamed_keyword
 from ..rules import Norm, Pass
@@ -39,7 +39,7 @@ class _ZennitBackward(torch.autograd.Function):
         return output
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad):
         x, output = ctx.saved_tensors
         # linear_rule_apply passes a factory: the module is built only when a backward needs it
@@ -103,7 +103,7 @@ class _TimesInput(torch.autograd.Function):
         return x.view_as(x)
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         return grad * x
@@ -144,7 +144,7 @@ class _OverStabilizedInput(torch.autograd.Function):
         return x.view_as(x)
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         return grad / stabilize(x, ctx.stabilizer), None

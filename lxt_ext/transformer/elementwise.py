@@ -8,9 +8,9 @@
 ``input_stabilizer``. Each rule saves only what its backward needs.
 """
 import torch
-from torch.autograd.function import once_differentiable
 from zennit.core import stabilize
 
+from ..checks import first_order
 from ..core import SHARED, SwappedForward
 from ..deprecation import renamed_keyword
 
@@ -32,7 +32,7 @@ class _IdentityRule(torch.autograd.Function):
         return output
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         ratio = ctx.fn(x)
@@ -81,7 +81,7 @@ class _UniformProduct(torch.autograd.Function):
         return a * b
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad):
         a, b = ctx.saved_tensors
         grad_a = (grad * b / 2).sum_to_size(a.shape) if ctx.needs_input_grad[0] else None

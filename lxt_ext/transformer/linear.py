@@ -1,8 +1,8 @@
 """LRP-epsilon on Linear layers from the kept output, in the Gradient x Input convention
 (``lxt_ext.transformer``; ViTEpsilon's Linear rule)."""
 import torch
-from torch.autograd.function import once_differentiable
 
+from ..checks import first_order
 from ..core import LOW_PRECISION, SwappedForward
 from ..layers import UnsupportedLayerError
 
@@ -21,7 +21,7 @@ class _EpsilonFromOutput(torch.autograd.Function):
         return output
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad):
         output, weight = ctx.saved_tensors
         magnitude = output.float().abs() if output.dtype in LOW_PRECISION else output.abs()

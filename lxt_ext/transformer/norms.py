@@ -1,8 +1,8 @@
 """Identity rule on the normalisation of LayerNorm and RMSNorm (``lxt_ext.transformer``): the backward
 with the std (``rstd``, one number per row) held constant. Saves ``rstd`` and the weight only."""
 import torch
-from torch.autograd.function import once_differentiable
 
+from ..checks import first_order
 from ..core import LOW_PRECISION, SwappedForward
 from ..layers import UnsupportedLayerError
 
@@ -31,7 +31,7 @@ class _LayerNormIdentity(torch.autograd.Function):
         return output
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad):
         rstd, weight = ctx.saved_tensors
         gw = grad.float() if weight is None else grad.float() * weight.float()
@@ -66,7 +66,7 @@ class _RMSNormIdentity(torch.autograd.Function):
         return output
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad):
         rstd, weight = ctx.saved_tensors
         grad_input = grad.float() * rstd

@@ -1,0 +1,70 @@
+"""Checks of what flows through lxt_ext's rules: finite inputs, relevance and weights, named by layer.
+
+A NaN or Inf anywhere in an attribution poisons every relevance value computed after it, so rules
+stop at the first layer where one appears and say where it came from: the layer's input (forward),
+the relevance arriving at the layer (backward: the output seed, or a later layer), or its weights
+(checked when the rule is registered).
+
+On the CPU the checks run always (one pass over each tensor, no synchronisation). On CUDA reading a
+check's result synchronises the device once per tensor, so there they are opt-in:
+``lxt_ext.checks.cuda_checks(True)`` or the environment variable ``LXT_EXT_CUDA_CHECKS=1``.
+(The fused C++ rules check their own results on every device.) Under ``torch.compile`` they are off.
+"""
+import functools
+import os
+
+import torch
+from torch.autograd.function import once_differentiable
+
+__all__ = ['NonFiniteError', 'applies', 'cuda_checks', 'finite', 'first_order', 'where']
+
+_CUDA = {'enabled': os.environ.get('LXT_EXT_CUDA_CHECKS', '') not in ('', '0')}
+
+
+class NonFiniteError(FloatingPointError, RuntimeError):
+    """A tensor of the attribution holds NaN or Inf (a RuntimeError too, as the fused ops' own check)."""
+
+
+def cuda_checks(enabled=None):
+    """Whether the per-layer checks run on CUDA tensors (they cost a device sync each); sets it if given."""
+    if enabled is not None:
+        _CUDA['enabled'] = bool(enabled)
+    return _CUDA['enabled']
+
+
+def applies(tensor):
+    """Whether the checks run on ``tensor`` (floating; on the CPU, or on CUDA when enabled; not compiling)."""
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or torch.compiler.is_compiling():
+        return False
+    return tensor.device.type == 'cpu' or (tensor.device.type == 'cuda' and _CUDA['enabled'])
+
+
+def finite(tensor, what):
+    """Raise ``NonFiniteError`` naming ``what`` if ``tensor`` holds NaN or Inf; return the tensor."""
+    if applies(tensor) and not bool(torch.isfinite(tensor).all()):
+        kind = 'NaN' if bool(torch.isnan(tensor).any()) else 'Inf'
+        raise NonFiniteError(f'{what} holds {kind}')
+    return tensor
+
+
+def where(hook, module):
+    """How errors name the layer of ``hook``: its name in the model where the composite recorded it."""
+    name = getattr(hook, 'module_name', None)
+    kind = type(module).__name__
+    return f'{name!r} ({kind})' if name else kind
+
+
+def first_order(backward):
+    """``torch.autograd.function.once_differentiable`` for the rules' backward, with a clear error for
+    ``create_graph=True`` (autograd runs a backward with grad mode on exactly then): LRP relevance is not a
+    derivative, so there is no second-order relevance to give, and once_differentiable alone would return
+    a result that silently does not depend on anything."""
+    once = once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError('lxt_ext rules are once-differentiable: relevance cannot be taken with '
+                               'create_graph=True (second-order use); attribute without it')
+        return once(ctx, *grads)
+    return checked
