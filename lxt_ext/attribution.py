@@ -100,7 +100,7 @@ class GradientXInput:
                 names = list(self._outputs)
                 tensors = [input] + [self._outputs[name] for name in names]
                 try:
-                    grad_output = _finite(seed(output, target), 'the output relevance seed (target)')
+                    grad_output = checks.ensure_finite(seed(output, target), 'the output relevance seed (target)')
                     grads = torch.autograd.grad(output, tensors, grad_output, allow_unused=True)
                 except RuntimeError as error:
                     if 'use_reentrant' not in str(error):
@@ -120,7 +120,7 @@ class GradientXInput:
             relevance = torch.zeros_like(input)
         else:
             relevance = grads[0] if getattr(self.composite, 'explicit_first', False) else input.detach() * grads[0]
-        _finite(relevance, 'the input relevance (check the model and the stabilizers of the composite)')
+        checks.ensure_finite(relevance, 'the input relevance (check the model and the stabilizers of the composite)')
         return output.detach(), relevance.detach()
 
     def _check_input(self, input):
@@ -133,11 +133,5 @@ class GradientXInput:
         if parameter is not None and input.dtype != parameter.dtype:
             raise TypeError(f'the input dtype {input.dtype} differs from the dtype {parameter.dtype} of '
                             f'{type(self.model).__name__}\'s parameters')
-        _finite(input, 'the input')
+        checks.ensure_finite(input, 'the input')
 
-
-def _finite(tensor, what):
-    """The attribution's boundaries are checked on every device (one sync per attribution)."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        raise checks.NonFiniteError(f'{what} holds {"NaN" if bool(torch.isnan(tensor).any()) else "Inf"}')
-    return tensor

@@ -16,7 +16,7 @@ import os
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ['NonFiniteError', 'applies', 'cuda_checks', 'finite', 'first_order', 'where']
+__all__ = ['NonFiniteError', 'applies', 'cuda_checks', 'ensure_finite', 'finite', 'first_order', 'where']
 
 _CUDA = {'enabled': os.environ.get('LXT_EXT_CUDA_CHECKS', '') not in ('', '0')}
 
@@ -41,9 +41,21 @@ def applies(tensor):
 
 def finite(tensor, what):
     """Raise ``NonFiniteError`` naming ``what`` if ``tensor`` holds NaN or Inf; return the tensor."""
-    if applies(tensor) and not bool(torch.isfinite(tensor).all()):
-        kind = 'NaN' if bool(torch.isnan(tensor).any()) else 'Inf'
-        raise NonFiniteError(f'{what} holds {kind}')
+    if applies(tensor):
+        ensure_finite(tensor, what)
+    return tensor
+
+
+def ensure_finite(tensor, what):
+    """``finite`` on every device (the attribution's boundaries: one sync per attribution on CUDA)."""
+    if not tensor.is_floating_point():
+        return tensor
+    # A float64 sum is NaN/Inf exactly when an element is (finite float32/16 values cannot overflow it) and
+    # needs no tensor-sized temporary, unlike torch.isfinite; no_grad, or autograd would keep the tensor.
+    with torch.no_grad():
+        total = tensor.sum(dtype=torch.float64)
+        if not bool(torch.isfinite(total)) and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(f'{what} holds {"NaN" if bool(torch.isnan(tensor).any()) else "Inf"}')
     return tensor
 
 
