@@ -12,8 +12,9 @@ the layer's rule a ``BatchNormFold`` (``W -> W * s``) that its forward and backw
 (``ProductRule.fold``). ``W'`` is formed by zennit's own expression, so it is bitwise zennit's merged
 weight. The merged bias (one vector) and the identity BatchNorm stay as the canonizer set them, and
 removing the canonizer restores everything as before. A merged layer whose rule is not an lxt_ext
-product rule, a transposed convolution (its weight's channel axis differs), or a layer merged twice
-keeps zennit's merged copy.
+product rule, a transposed convolution (its weight's channel axis differs), a layer merged twice, or a
+layer with a forward of its own instance (a user's wrapper, accelerate's hooks: the fold forms the
+product itself and would bypass it) keeps zennit's merged copy.
 """
 import collections
 
@@ -42,7 +43,8 @@ def fold_merged_batch_norms(instances, rules):
     folds = {}
     for merge in merges:
         if not all(isinstance(rules.get(layer), ProductRule) and merged_count[layer] == 1
-                   and not isinstance(layer, ConvolutionTranspose) for layer in merge.linears):
+                   and not isinstance(layer, ConvolutionTranspose) and 'forward' not in vars(layer)
+                   for layer in merge.linears):
             continue
         scale = _scale(merge)
         for layer, (weight, _) in zip(merge.linears, merge.linear_params):
