@@ -32,7 +32,8 @@ def want_cuda():
 
 
 def extension():
-    sources = sorted(glob.glob(os.path.join('csrc', '*.cpp')))
+    sources = sorted(glob.glob(os.path.join('csrc', '**', '*.cpp'), recursive=True))
+    include_dirs = [os.path.join(ROOT, 'csrc')]  # sources include each other as "rules/math.h"
     # The C++ standard is the one torch's cpp_extension picks for its headers. -fno-trapping-math
     # lets GCC turn the rules' selects into vector blends (no FP exceptions are ever enabled).
     cxx = ['-O3', '-fno-trapping-math']
@@ -40,11 +41,12 @@ def extension():
         os.environ.setdefault('TORCH_CUDA_ARCH_LIST', '8.0;9.0')
         return cpp_extension.CUDAExtension(
             'lxt_ext._C',
-            sources + sorted(glob.glob(os.path.join('csrc', '*.cu'))),
+            sources + sorted(glob.glob(os.path.join('csrc', '**', '*.cu'), recursive=True)),
+            include_dirs=include_dirs,
             define_macros=[('LXT_EXT_WITH_CUDA', None)],
             extra_compile_args={'cxx': cxx, 'nvcc': ['-O3']},
         )
-    return cpp_extension.CppExtension('lxt_ext._C', sources, extra_compile_args={'cxx': cxx})
+    return cpp_extension.CppExtension('lxt_ext._C', sources, include_dirs=include_dirs, extra_compile_args={'cxx': cxx})
 
 
 os.environ.setdefault('MAX_JOBS', '2')

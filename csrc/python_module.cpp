@@ -1,6 +1,20 @@
 // The Python extension module lxt_ext._C: importing it loads the shared library, whose static
 // initialisers register the ops (registry.cpp); C++ users link the same sources without Python.
+// It also hands Python the op codes of constants.h, so they are defined in one place.
 #include <torch/extension.h>
+
+#include "constants.h"
+
+namespace {
+
+template <typename Code, size_t N>
+pybind11::dict as_dict(const lxt_ext::Named<Code> (&table)[N]) {
+  pybind11::dict d;
+  for (const auto& entry : table) d[entry.name] = static_cast<int>(entry.code);
+  return d;
+}
+
+}  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_built", [] {
@@ -10,4 +24,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   }, "Whether this build carries lxt_ext's CUDA kernels.");
+  m.def("rule_codes", [] { return as_dict(lxt_ext::kRuleNames); },
+        "Rule name -> code of lrp_backward's `rule` argument.");
+  m.def("attention_modes", [] { return as_dict(lxt_ext::kAttentionModeNames); },
+        "Attention mode name -> code of attention_backward's `mode` argument.");
 }

@@ -5,7 +5,7 @@
 TORCH_LIBRARY(lxt_ext, m) {
   // Element-wise output side of a rule: [S] (epsilon), [S, D] (gamma, alpha-beta), or, when a
   // two-term rule gets no ax, wx is the stacked pair of products and the result is [S D stacked]
-  // in the same layout (RowLayout in lrp_math.h).
+  // in the same layout (RowLayout in rules/math.h).
   m.def("output_terms(Tensor wx, Tensor? ax, Tensor grad, Tensor bias, Tensor bias1, Tensor bias2, "
         "int channel_dim, int groups, int rule, float epsilon, float gamma, float alpha, float beta, "
         "bool explicit_relevance) -> Tensor[]");
@@ -16,7 +16,7 @@ TORCH_LIBRARY(lxt_ext, m) {
   m.def("lrp_backward(Tensor x, Tensor weight, Tensor grad, Tensor bias, Tensor bias1, Tensor bias2, int rule, "
         "float epsilon, float gamma, float alpha, float beta, bool explicit_relevance, bool linear, "
         "bool transposed, int[] stride, int[] padding, int[] dilation, int[] output_padding, int groups) -> Tensor");
-  // Attention O = softmax(scale Q K^T + M) V whose backward is an LRP rule (attention_lrp.cpp):
+  // Attention O = softmax(scale Q K^T + M) V whose backward is an LRP rule (attention/attention.h):
   // forward returns (O, per-row softmax statistics [row max, log row sum]); backward returns
   // [dQ, dK, dV] (mode 0, AttnLRP) or [dV] (mode 1, CP-LRP).
   m.def("attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float scale, "

@@ -12,6 +12,5 @@ from . import fake  # noqa: F401  (registers the fake kernels)
 
 lib = torch.ops.lxt_ext
 cuda_built = _C.cuda_built
-# TODO(csrc layout): read from the extension (_C.rule_codes(), _C.attention_modes())
-RULES = {'gradient': 0, 'epsilon': 1, 'gamma': 2, 'alpha_beta': 3}
-ATTENTION_MODES = {'attnlrp': 0, 'cp': 1}
+RULES = _C.rule_codes()
+ATTENTION_MODES = _C.attention_modes()

@@ -7,7 +7,7 @@
 #include <functional>
 #include <string>
 
-#include "lrp_math.h"
+#include "rules/math.h"
 
 #include "checks.h"
 
@@ -100,6 +100,15 @@ void test_errors() {
     threw = std::string(e.what()).find("NaN") != std::string::npos;
   }
   check(threw, "NaN relevance is reported");
+  threw = false;
+  try {
+    const at::Device meta(at::kMeta);
+    lrp_backward(x.to(meta), w.to(meta), at::ones({2, 3}).to(meta), b.to(meta), b.to(meta), b.to(meta), 1, 0.25, true);
+  } catch (const c10::Error& e) {
+    threw = std::string(e.what()).find("lxt_ext::output_terms: CPU or CUDA tensors required, got meta") !=
+            std::string::npos;
+  }
+  check(threw, "a device without kernels names the op and the device");
 }
 
 }  // namespace

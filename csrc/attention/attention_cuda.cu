@@ -1,5 +1,6 @@
-// CUDA kernels of the fused LRP attention; the math, the checks and the CPU kernels are in
-// attention_lrp.cpp. One kernel family, three kernels, each a tile loop over recomputed scores:
+// CUDA kernels of the fused LRP attention (math in attention.h), registered under the CUDA dispatch
+// key; both entry points run the shared checks (attention.cpp) first. Three kernels, each a tile
+// loop over recomputed scores:
 //   forward:  a warp per query row, a lane per key of a 32-key tile; online softmax (running max m
 //             and sum l), O = P V accumulated with each lane owning head_dim / 32 output columns.
 //   dq:       the same loop with p = exp(s - m - log l) from the saved statistics,
@@ -10,11 +11,13 @@
 // Tiles of K and V (forward, dq) or Q and dO (dkv) go through shared memory as the accumulation
 // type, padded to head_dim + 1 columns where a lane walks a row, so lanes hit distinct banks.
 // Extra memory: O, the statistics (two numbers per query row) and delta = rowsum(dO * O).
-#include <ATen/ATen.h>
+#include "attention/attention.h"
+
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
 
 #include <tuple>
 #include <vector>
@@ -257,7 +260,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <int kD, int kKeys, bool kCP, typename scalar_t, typename acc_t>
+template <int kD, int kKeys, bool kDvOnly, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     dkv_kernel(const Params<scalar_t, acc_t> p, const acc_t* __restrict__ stats, const acc_t* __restrict__ delta,
                scalar_t* __restrict__ dk, scalar_t* __restrict__ dv) {
@@ -294,7 +297,7 @@ __global__ void __launch_bounds__(kThreads)
         // Rows past the end get shift +inf, so their p is 0.
         rowsm[3 * threadIdx.x] = i < p.Nq ? backward_shift(stats[2 * row]) : static_cast<acc_t>(INFINITY);
         rowsm[3 * threadIdx.x + 1] = i < p.Nq ? stats[2 * row + 1] : acc_t(0);
-        rowsm[3 * threadIdx.x + 2] = (!kCP && i < p.Nq) ? delta[row] : acc_t(0);
+        rowsm[3 * threadIdx.x + 2] = (!kDvOnly && i < p.Nq) ? delta[row] : acc_t(0);
       }
       __syncthreads();
       const int i = i0 + lane;
@@ -307,7 +310,7 @@ __global__ void __launch_bounds__(kThreads)
             acc_t dot = 0;
             for (int d = 0; d < p.D; ++d) dot += qsm[lane * (kD + 1) + d] * ksm[jl * kD + d];
             pi = dev_exp(masked_score(p, dot, b, h, i, j) - rowsm[3 * lane] - rowsm[3 * lane + 1]);
-            if (!kCP) {
+            if (!kDvOnly) {
               acc_t dp = 0;
               for (int d = 0; d < p.D; ++d) dp += dosm[lane * (kD + 1) + d] * vsm[jl * kD + d];
               ds = pi * (dp - rowsm[3 * lane + 2]);
@@ -318,7 +321,7 @@ __global__ void __launch_bounds__(kThreads)
             const acc_t pii = __shfl_sync(kFull, pi, ii);
 #pragma unroll
             for (int c = 0; c < kCols; ++c) dv_acc[kk][c] += pii * dosm[ii * (kD + 1) + lane + 32 * c];
-            if (!kCP) {
+            if (!kDvOnly) {
               const acc_t dsi = __shfl_sync(kFull, ds, ii);
 #pragma unroll
               for (int c = 0; c < kCols; ++c) dk_acc[kk][c] += dsi * qsm[ii * (kD + 1) + lane + 32 * c];
@@ -328,7 +331,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  const acc_t v_factor = kCP ? acc_t(1) : acc_t(0.5), k_factor = p.scale * acc_t(0.25);
+  const acc_t v_factor = kDvOnly ? acc_t(1) : acc_t(0.5), k_factor = p.scale * acc_t(0.25);
 #pragma unroll
   for (int kk = 0; kk < kKeys; ++kk) {
     const int j = key0 + warp * kKeys + kk;
@@ -339,7 +342,7 @@ __global__ void __launch_bounds__(kThreads)
         const int d = lane + 32 * c;
         if (d < p.D) {
           dv[row * p.D + d] = static_cast<scalar_t>(dv_acc[kk][c] * v_factor);
-          if (!kCP) dk[row * p.D + d] = static_cast<scalar_t>(dk_acc[kk][c] * k_factor);
+          if (!kDvOnly) dk[row * p.D + d] = static_cast<scalar_t>(dk_acc[kk][c] * k_factor);
         }
       }
     }
@@ -413,17 +416,17 @@ void dispatch_head_dim(int64_t d, F&& f) {
   }
 }
 
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& query, const at::Tensor& key,
-                                                          const at::Tensor& value, const at::Tensor& mask, double scale,
+                                                          const at::Tensor& value,
+                                                          const c10::optional<at::Tensor>& attn_mask, double scale,
                                                           bool is_causal) {
-  static const char* op = "lxt_ext::attention_forward";
+  const char* op = kForwardOp;
+  const at::Tensor mask = check_forward(query, key, value, attn_mask).mask;
   const c10::cuda::CUDAGuard guard(query.device());
   check_cuda_shapes(op, query, key);
   const at::Tensor q = rows_operand(query), k = rows_operand(key), v = rows_operand(value);
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3);
-  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_type(q);
   at::Tensor out = at::empty({B, Hq, Nq, D}, q.options());
   at::Tensor stats = at::empty({B, Hq, Nq, 2}, q.options().dtype(acc));
   if (out.numel() == 0 && stats.numel() == 0) return {out, stats};
@@ -443,10 +446,12 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& quer
 }
 
 std::vector<at::Tensor> attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& query,
-                                                const at::Tensor& key, const at::Tensor& value, const at::Tensor& mask,
-                                                const at::Tensor& out, const at::Tensor& stats, double scale,
-                                                bool is_causal, bool cp) {
-  static const char* op = "lxt_ext::attention_backward";
+                                                const at::Tensor& key, const at::Tensor& value,
+                                                const c10::optional<at::Tensor>& attn_mask, const at::Tensor& out,
+                                                const at::Tensor& stats, double scale, bool is_causal, int64_t mode) {
+  const char* op = kBackwardOp;
+  const at::Tensor mask = check_backward(grad_out, query, key, value, attn_mask, out, stats, mode).mask;
+  const bool cp = mode == kCP;
   const c10::cuda::CUDAGuard guard(query.device());
   check_cuda_shapes(op, query, key);
   const at::Tensor q = rows_operand(query), k = rows_operand(key), v = rows_operand(value);
@@ -486,6 +491,13 @@ std::vector<at::Tensor> attention_backward_cuda(const at::Tensor& grad_out, cons
   });
   if (cp) return {dv};
   return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lxt_ext, CUDA, m) {
+  m.impl("attention_forward", &attention_forward_cuda);
+  m.impl("attention_backward", &attention_backward_cuda);
 }
 
 }  // namespace lxt_ext

@@ -27,6 +27,8 @@
 #include <cmath>
 #include <type_traits>
 
+#include "constants.h"
+
 #if defined(__CUDACC__)
 #define LXT_HD __host__ __device__ __forceinline__
 #else
@@ -34,8 +36,6 @@
 #endif
 
 namespace lxt_ext {
-
-enum Rule : int { kGradient = 0, kEpsilon = 1, kGamma = 2, kAlphaBeta = 3 };
 
 struct RuleParams {
   int rule;

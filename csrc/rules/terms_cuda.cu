@@ -1,5 +1,6 @@
-// CUDA loops of the element-wise rule terms; planning and math are shared with the CPU file.
-#include "lrp_terms.h"
+// CUDA loops of the element-wise rule terms, registered under the CUDA dispatch key; the checks
+// and planning (terms.cpp) and the per-element math (math.h) are shared with the CPU loops.
+#include "rules/terms.h"
 
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>

@@ -1,13 +1,13 @@
-// The element-wise halves of every fused rule (see lrp_math.h for the math): one pass over the
-// output before the transposed product, one pass over the input after it. The argument checks
-// and the output allocation live here so the CPU and CUDA files only hold their loops.
+// The element-wise halves of every fused rule (see math.h for the math): one pass over the output
+// before the transposed product, one pass over the input after it. The plans carry what the
+// checks (terms.cpp) settled, so the CPU and CUDA files only hold their loops.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <vector>
 
-#include "lrp_math.h"
+#include "rules/math.h"
 
 namespace lxt_ext {
 

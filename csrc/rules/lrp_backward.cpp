@@ -7,10 +7,12 @@
 // zennit's BasicHook re-runs the layer once per modifier and back-propagates through each copy
 // (10 for gamma, 8 for alpha-beta). Nothing but the
 // layer input is kept from the forward pass, so an in-place activation after the layer is safe.
+// Registered once, as CompositeExplicitAutograd: it only calls ops, and the dispatcher picks each
+// one's backend.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "lrp_terms.h"
+#include "rules/terms.h"
 
 namespace lxt_ext {
 namespace {
@@ -63,11 +65,6 @@ at::Tensor lrp_backward(const at::Tensor& x, const at::Tensor& weight, const at:
                         double epsilon, double gamma, double alpha, double beta, bool explicit_relevance,
                         bool linear, bool transposed, at::IntArrayRef stride, at::IntArrayRef padding,
                         at::IntArrayRef dilation, at::IntArrayRef output_padding, int64_t groups) {
-#ifndef LXT_EXT_WITH_CUDA
-  TORCH_CHECK(!x.is_cuda(), "lxt_ext::lrp_backward got CUDA tensors, but this lxt_ext was built without its "
-              "CUDA kernels. Rebuild it where nvcc and a CUDA build of torch are present: "
-              "pip install --no-build-isolation --force-reinstall --no-deps .");
-#endif
   TORCH_CHECK(weight.device() == x.device() && grad.device() == x.device(),
               "lxt_ext::lrp_backward: input (", x.device(), "), weight (", weight.device(),
               ") and relevance (", grad.device(), ") must be on one device");
@@ -133,7 +130,7 @@ at::Tensor lrp_backward(const at::Tensor& x, const at::Tensor& weight, const at:
     return input_terms(t, a, true);
   }
 
-  // alpha-beta, w1 = W+, w2 = W-: p, n, P and Q as sums of one sign each (see lrp_math.h).
+  // alpha-beta, w1 = W+, w2 = W-: p, n, P and Q as sums of one sign each (see math.h).
   const at::Tensor x_pos = x.clamp_min(0), x_neg = x.clamp_max(0);
   auto terms = output_terms(product.forward(x_pos, w1).add_(product.forward(x_neg, w2)),
                             product.forward(x_pos, w2).add_(product.forward(x_neg, w1)));

@@ -1,23 +1,11 @@
-// Fused attention whose backward is AttnLRP or CP-LRP: the op entry points (checks once, then the
-// CPU or CUDA kernels) and the CPU kernels.
-//
-// Forward:  S = scale Q K^T + M,  P = softmax(S) (rows),  O = P V.
-// Saved:    O and, per query row, the softmax statistics (row max m, log l of the row sum of
-//           exp(S - m)), i.e. the log-sum-exp m + log l kept as two numbers: with HF's masks of
-//           torch.finfo.min, m is about -3.4e38 and m + log l would round back to m.
-// Backward, for the incoming g = dO (Gradient x Input convention, the gradient slot carries
-// relevance per unit of the tensor):
-//   AttnLRP: dV = 1/2 P^T dO;  dS = P * (dO V^T - rowsum(dO * O));  dQ = scale/4 dS K;  dK = scale/4 dS^T Q
-//            (the exact attention gradient with dV scaled by 1/2 and dQ, dK by 1/4).
-//   CP-LRP:  dV = P^T dO; dQ and dK are not computed (the op returns dV only).
-// With grouped-query attention (Hq = G Hkv) query head h reads key/value head h / G, and dK, dV sum
-// over the G query heads of a group. Causal masking is torch SDPA's: query i sees keys j <= i.
-// A row that sees no key (every entry masked by False or -inf) gives O = 0 and zero gradients.
+// CPU kernels of the fused LRP attention (math in attention.h), registered under the CPU dispatch
+// key; both entry points run the shared checks (attention.cpp) first.
 //
 // Memory: P is never kept. The CPU forward computes S for a tile of query rows over all keys (tile
 // rows x Nk <= kTileElements values per buffer); backward recomputes it per tile of query rows and
 // chunk of keys, P from the saved statistics. Extra memory grows linearly in the sequence length.
-#include <ATen/ATen.h>
+#include "attention/attention.h"
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -32,79 +20,11 @@
 
 namespace lxt_ext {
 
-#ifdef LXT_EXT_WITH_CUDA
-// attention_lrp_cuda.cu; the mask there is already broadcast (expanded) to (B, Hq, Nq, Nk).
-std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                          const at::Tensor& v, const at::Tensor& mask, double scale,
-                                                          bool is_causal);
-std::vector<at::Tensor> attention_backward_cuda(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                                                const at::Tensor& v, const at::Tensor& mask, const at::Tensor& out,
-                                                const at::Tensor& stats, double scale, bool is_causal, bool cp);
-#endif
-
 namespace {
 
-constexpr int64_t kAttnLRP = 0;
-constexpr int64_t kCP = 1;
 // Values of one score tile on the CPU (1 MiB in float32): large enough for efficient GEMMs, small
 // enough to stay in cache-sized chunks.
 constexpr int64_t kTileElements = int64_t{1} << 18;
-
-struct Shapes {
-  int64_t B, Hq, Hkv, Nq, Nk, D;
-  int64_t group() const { return Hq / Hkv; }
-};
-
-Shapes check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
-              ": query, key and value must be 4-D (batch, heads, tokens, head_dim), got shapes ", q.sizes(), ", ",
-              k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(at::isFloatingType(q.scalar_type()), op,
-              ": floating query required (float32, float64, float16 or bfloat16), got ", q.scalar_type());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op, ": query (",
-              q.scalar_type(), "), key (", k.scalar_type(), ") and value (", v.scalar_type(),
-              ") must share one dtype");
-  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), op, ": query (", q.device(), "), key (",
-              k.device(), ") and value (", v.device(), ") must be on one device");
-  TORCH_CHECK(q.is_cpu() || q.is_cuda(), op, ": CPU or CUDA tensors required, got ", q.device());
-#ifndef LXT_EXT_WITH_CUDA
-  TORCH_CHECK(!q.is_cuda(), op, " got CUDA tensors, but this lxt_ext was built without its CUDA kernels. "
-              "Rebuild it where nvcc and a CUDA build of torch are present: "
-              "pip install --no-build-isolation --force-reinstall --no-deps .");
-#endif
-  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), op, ": batch sizes differ: query ", q.sizes(),
-              ", key ", k.sizes(), ", value ", v.sizes());
-  TORCH_CHECK(k.size(1) == v.size(1) && k.size(2) == v.size(2), op, ": key ", k.sizes(), " and value ", v.sizes(),
-              " must have the same heads and tokens");
-  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": the ", q.size(1),
-              " query heads must be a multiple of the ", k.size(1), " key/value heads (grouped-query attention)");
-  TORCH_CHECK(k.size(3) == q.size(3) && v.size(3) == q.size(3), op,
-              ": query, key and value must share the head dimension, got ", q.size(3), ", ", k.size(3), " and ",
-              v.size(3));
-  return Shapes{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
-}
-
-// The mask as a (B, Hq, Nq, Nk) view (broadcast dimensions get stride 0, nothing is materialised);
-// a float mask in another float dtype than the query is converted at its own (unbroadcast) size.
-at::Tensor expand_mask(const char* op, const c10::optional<at::Tensor>& mask, const Shapes& s, const at::Tensor& q) {
-  if (!mask.has_value() || !mask->defined()) return at::Tensor();
-  const at::Tensor& m = *mask;
-  TORCH_CHECK(m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type()), op,
-              ": attn_mask must be bool (True = attend) or floating (added to the scores), got ", m.scalar_type());
-  TORCH_CHECK(m.device() == q.device(), op, ": attn_mask is on ", m.device(), ", the query on ", q.device());
-  const std::vector<int64_t> target{s.B, s.Hq, s.Nq, s.Nk};
-  bool ok = m.dim() <= 4;
-  for (int64_t i = 1; ok && i <= m.dim(); ++i) {
-    const int64_t size = m.size(-i);
-    ok = size == 1 || size == target[4 - i];
-  }
-  TORCH_CHECK(ok, op, ": attn_mask of shape ", m.sizes(), " is not broadcastable to (batch, query heads, ",
-              "query tokens, key tokens) = ", at::IntArrayRef(target));
-  const at::Tensor typed = m.scalar_type() == at::kBool ? m : m.to(q.scalar_type());
-  return typed.expand(target);
-}
-
-at::ScalarType acc_type(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 // A (.., tokens, D) operand the BLAS can read in place: unit stride along D, rows not overlapping.
 at::Tensor gemm_operand(const at::Tensor& t, at::ScalarType acc) {
@@ -301,15 +221,10 @@ CpuAttention make_cpu(const Shapes& s, const at::Tensor& q, const at::Tensor& k,
                       tile_rows(s.Nq, s.Nk)};
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                     const c10::optional<at::Tensor>& attn_mask, double scale,
-                                                     bool is_causal) {
-  static const char* op = "lxt_ext::attention_forward";
-  const Shapes s = check_inputs(op, q, k, v);
-  const at::Tensor mask = expand_mask(op, attn_mask, s, q);
-#ifdef LXT_EXT_WITH_CUDA
-  if (q.is_cuda()) return attention_forward_cuda(q, k, v, mask, scale, is_causal);
-#endif
+std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& v, const c10::optional<at::Tensor>& attn_mask,
+                                                         double scale, bool is_causal) {
+  const auto [s, mask] = check_forward(q, k, v, attn_mask);
   const CpuAttention a = make_cpu(s, q, k, v, mask, scale, is_causal);
   at::Tensor out = at::empty({s.B, s.Hq, s.Nq, s.D}, a.q.options());
   at::Tensor stats = at::empty({s.B, s.Hq, s.Nq, 2}, a.q.options());
@@ -319,31 +234,12 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const 
   return {out.to(q.scalar_type()), stats};
 }
 
-std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                                           const at::Tensor& v, const c10::optional<at::Tensor>& attn_mask,
-                                           const at::Tensor& out, const at::Tensor& stats, double scale,
-                                           bool is_causal, int64_t mode) {
-  static const char* op = "lxt_ext::attention_backward";
-  const Shapes s = check_inputs(op, q, k, v);
-  TORCH_CHECK(mode == kAttnLRP || mode == kCP, op, ": mode must be 0 (AttnLRP) or 1 (CP-LRP), got ", mode);
-  const std::vector<int64_t> o_shape{s.B, s.Hq, s.Nq, s.D}, st_shape{s.B, s.Hq, s.Nq, 2};
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(o_shape) && out.sizes() == at::IntArrayRef(o_shape), op,
-              ": grad_out ", grad_out.sizes(), " and out ", out.sizes(), " must have shape ", at::IntArrayRef(o_shape));
-  TORCH_CHECK(stats.sizes() == at::IntArrayRef(st_shape) && stats.scalar_type() == acc_type(q) && stats.is_contiguous(),
-              op, ": stats must be the contiguous ", acc_type(q), " tensor of shape ", at::IntArrayRef(st_shape),
-              " that attention_forward returned, got ", stats.scalar_type(), " ", stats.sizes());
-  for (const at::Tensor* t : {&grad_out, &out, &stats}) {
-    TORCH_CHECK(t->device() == q.device(), op, ": grad_out, out and stats must be on the query's device ", q.device(),
-                ", got ", t->device());
-  }
-  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), op,
-              ": grad_out (", grad_out.scalar_type(), ") and out (", out.scalar_type(), ") must have the query's dtype ",
-              q.scalar_type());
-  const at::Tensor mask = expand_mask(op, attn_mask, s, q);
+std::vector<at::Tensor> attention_backward_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                               const at::Tensor& v, const c10::optional<at::Tensor>& attn_mask,
+                                               const at::Tensor& out, const at::Tensor& stats, double scale,
+                                               bool is_causal, int64_t mode) {
+  const auto [s, mask] = check_backward(grad_out, q, k, v, attn_mask, out, stats, mode);
   const bool cp = mode == kCP;
-#ifdef LXT_EXT_WITH_CUDA
-  if (q.is_cuda()) return attention_backward_cuda(grad_out, q, k, v, mask, out, stats, scale, is_causal, cp);
-#endif
   const CpuAttention a = make_cpu(s, q, k, v, mask, scale, is_causal);
   const auto acc = a.q.scalar_type();
   const at::Tensor dout = gemm_operand(grad_out, acc);
@@ -361,9 +257,9 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lxt_ext, CompositeExplicitAutograd, m) {
-  m.impl("attention_forward", &attention_forward);
-  m.impl("attention_backward", &attention_backward);
+TORCH_LIBRARY_IMPL(lxt_ext, CPU, m) {
+  m.impl("attention_forward", &attention_forward_cpu);
+  m.impl("attention_backward", &attention_backward_cpu);
 }
 
 }  // namespace lxt_ext
