@@ -2,13 +2,9 @@
 
     python python/benchmark_attention.py [--lengths 1024 2048 ...] [--repeats 3]
 
-Methods (batch 1, D = 64, float32, torch.set_num_threads(2)):
-- ``lxt_ext``: ``lxt_ext.attention.attention_lrp(q, k, v, mode='attnlrp')``;
-- ``lxt_eager``: what LXT 2.1 runs (HF's eager_attention_forward after ``divide_gradient`` on q, k,
-  v): matmul, softmax, matmul, with the gradients of q and k divided by 4 and of v by 2 -- the
-  same AttnLRP relevance, through the N x N matrices;
-- ``sdpa``: plain ``torch.nn.functional.scaled_dot_product_attention`` forward+backward (the
-  exact gradient, no LRP), the floor.
+Methods (batch 1, D = 64, float32, torch.set_num_threads(2)): ``lxt_ext`` (its fused AttnLRP op),
+``lxt_eager`` (LXT 2.1's eager recipe with divided gradients), ``sdpa`` (plain SDPA forward+backward,
+the floor); see lxt_ext/benchmark/attention.py.
 
 Peak memory: each (method, N, heads) in its own process with MALLOC_MMAP_THRESHOLD_=65536
 MALLOC_TRIM_THRESHOLD_=0; VmRSS after making the inputs, the high-water mark reset through
@@ -19,65 +15,19 @@ heads * N^2 so it is skipped (shown as -) where that would not fit this machine'
 """
 import argparse
 import json
-import os
-import statistics
-import subprocess
 import sys
-import time
 
-from peak_memory import MEMORY_ENV, extra_peak_mb
+import torch
 
-METHODS = ('lxt_ext', 'lxt_eager', 'sdpa')
+from lxt_ext.benchmark.attention import METHODS, attention, make_inputs, run_once
+from lxt_ext.benchmark.memory import extra_peak_mb
+from lxt_ext.benchmark.process import last_line
+from lxt_ext.benchmark.timing import interleaved_medians
+
 EAGER_MAX_ELEMENTS = 4 * 8192 ** 2  # 1 GiB per N x N float32 matrix over all heads
-D = 64
-
-
-def attention(method):
-    """``f(q, k, v) -> output`` of a method; backward of the output gives its relevance gradient."""
-    import torch
-    import torch.nn.functional as F
-
-    if method == 'lxt_ext':
-        from lxt_ext.attention import attention_lrp
-        return lambda q, k, v: attention_lrp(q, k, v, mode='attnlrp')
-    if method == 'sdpa':
-        return F.scaled_dot_product_attention
-
-    class DivideGradient(torch.autograd.Function):
-        """LXT's divide_gradient: identity forward, gradient / factor backward."""
-
-        @staticmethod
-        def forward(ctx, x, factor):
-            ctx.factor = factor
-            return x.view_as(x)
-
-        @staticmethod
-        def backward(ctx, grad):
-            return grad / ctx.factor, None
-
-    def eager(q, k, v):
-        q, k, v = DivideGradient.apply(q, 4.0), DivideGradient.apply(k, 4.0), DivideGradient.apply(v, 2.0)
-        weights = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5
-        weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
-        return torch.matmul(weights, v)
-
-    return eager
-
-
-def make_inputs(n, heads):
-    import torch
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(1, heads, n, D, requires_grad=True) for _ in range(3))
-    return q, k, v, torch.randn(1, heads, n, D)
-
-
-def run_once(f, q, k, v, g):
-    q.grad = k.grad = v.grad = None
-    f(q, k, v).backward(g)
 
 
 def measure_memory(method, n, heads):
-    import torch
     torch.set_num_threads(2)
     f = attention(method)
     q, k, v, g = make_inputs(n, heads)
@@ -85,28 +35,10 @@ def measure_memory(method, n, heads):
 
 
 def measure_time(n, heads, repeats, methods):
-    import torch
     torch.set_num_threads(2)
     fs = {m: attention(m) for m in methods}
     q, k, v, g = make_inputs(n, heads)
-    times = {m: [] for m in methods}
-    for f in fs.values():
-        run_once(f, q, k, v, g)
-    for _ in range(repeats):
-        for m, f in fs.items():
-            start = time.perf_counter()
-            run_once(f, q, k, v, g)
-            times[m].append(time.perf_counter() - start)
-    return {m: statistics.median(t) for m, t in times.items()}
-
-
-def child(args):
-    """The last line a measurement printed in a fresh process (memory runs with the mmap allocator)."""
-    env = dict(os.environ)
-    if args[0] == '--memory':
-        env.update(MEMORY_ENV)
-    return subprocess.run([sys.executable, __file__] + [str(a) for a in args], check=True, capture_output=True,
-                          text=True, env=env).stdout.strip().splitlines()[-1]
+    return interleaved_medians({m: lambda f=f: run_once(f, q, k, v, g) for m, f in fs.items()}, repeats)
 
 
 def main():
@@ -131,8 +63,8 @@ def main():
     print('|---|---|---|---|---|---|---|---|---|---|')
     for n, heads in cases:
         methods = [m for m in METHODS if m != 'lxt_eager' or n * n * heads <= EAGER_MAX_ELEMENTS]
-        mb = {m: float(child(['--memory', m, n, heads])) for m in methods}
-        seconds = json.loads(child(['--time', n, heads, args.repeats, ','.join(methods)]))
+        mb = {m: float(last_line(__file__, ['--memory', m, n, heads], memory=True)) for m in methods}
+        seconds = json.loads(last_line(__file__, ['--time', n, heads, args.repeats, ','.join(methods)]))
         print(f'  N={n} heads={heads} MB={mb} s={seconds}', file=sys.stderr)
         cell = lambda d, m, fmt: format(d[m], fmt) if m in d else '-'  # noqa: E731
         ratio = lambda a, b: f'{seconds[a] / seconds[b]:.2f}' if a in seconds and b in seconds else '-'  # noqa: E731

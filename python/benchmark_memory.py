@@ -7,57 +7,41 @@ Each measurement runs in its own process with MALLOC_MMAP_THRESHOLD_=65536 MALLO
 (large blocks are mmapped and returned at once, so VmHWM is the peak of live memory): build the model
 and input, note VmRSS, reset the high-water mark (/proc/self/clear_refs), attribute once, read VmHWM.
 """
-import os
-import subprocess
+import argparse
 import sys
 
-from peak_memory import MEMORY_ENV, extra_peak_mb
+import torch
+
+from lxt_ext.benchmark.memory import extra_peak_mb
+from lxt_ext.benchmark.models import cnn, epsilon_gamma_box
+from lxt_ext.benchmark.process import last_line
 
 METHODS = ('plain', 'zennit', 'lxt_ext', 'canonizer')
 
 
 def measure(model_name, method):
-    import torch
-    import torchvision
-    from zennit.attribution import Gradient
-    from zennit.torchvision import ResNetCanonizer, VGGCanonizer
-
     torch.set_num_threads(2)
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, model_name)().eval()
+    model, canonizer = cnn(model_name)
     x = torch.randn(4, 3, 224, 224)
     target = torch.eye(1000)[[1, 2, 3, 4]]
-    canonizer = VGGCanonizer if model_name.startswith('vgg') else ResNetCanonizer
-    if method in ('zennit', 'lxt_ext'):
-        module = __import__('lxt_ext.composites' if method == 'lxt_ext' else 'zennit.composites', fromlist=['x'])
-        composite = module.EpsilonGammaBox(low=-3., high=3., canonizers=[canonizer()])
-
-    def run():
-        if method == 'plain':
-            xg = x.clone().requires_grad_()
-            torch.autograd.grad(model(xg), xg, target)
-        elif method == 'canonizer':
-            canonizer().apply(model)
-        else:
-            with Gradient(model, composite) as attributor:
-                attributor(x, target)
-    return extra_peak_mb(run)
+    if method == 'canonizer':
+        return extra_peak_mb(lambda: canonizer().apply(model))
+    return extra_peak_mb(epsilon_gamma_box(model, canonizer, x, target)[method])
 
 
 def main():
     if len(sys.argv) == 4 and sys.argv[1] == '--one':
         print(measure(sys.argv[2], sys.argv[3]))
         return
-    models = sys.argv[1:] or ['vgg16', 'resnet50']
-    env = dict(os.environ, **MEMORY_ENV)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('models', nargs='*', default=['vgg16', 'resnet50'])
+    models = parser.parse_args().models
     print('| model | plain MB | zennit MB | lxt_ext MB | canonizer alone MB | lxt_ext / plain | lxt_ext / zennit |')
     print('|---|---|---|---|---|---|---|')
     for model in models:
         mb = {}
         for method in METHODS:
-            out = subprocess.run([sys.executable, __file__, '--one', model, method], env=env, check=True,
-                                 capture_output=True, text=True).stdout
-            mb[method] = float(out.strip().splitlines()[-1])
+            mb[method] = float(last_line(__file__, ['--one', model, method], memory=True))
             print(f'  {model} {method}: {mb[method]:.1f} MB', file=sys.stderr)
         print(f"| {model} | {mb['plain']:.0f} | {mb['zennit']:.0f} | {mb['lxt_ext']:.0f} | {mb['canonizer']:.0f} | "
               f"{mb['lxt_ext'] / mb['plain']:.2f} | {mb['lxt_ext'] / mb['zennit']:.2f} |")

@@ -7,53 +7,18 @@ with the three methods interleaved, so that load from other processes hits all t
 markdown row per model (medians and their ratios).
 """
 import argparse
-import statistics
-import time
 
 import torch
-import torchvision
-import zennit.composites
-from zennit.attribution import Gradient
-from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 
-import lxt_ext.composites
-
-CANONIZERS = {'vgg': VGGCanonizer, 'resnet': ResNetCanonizer}
-
-
-def methods(model, canonizer):
-    x = torch.randn(4, 3, 224, 224)
-    target = torch.eye(1000)[[1, 2, 3, 4]]
-
-    def plain():
-        xg = x.clone().requires_grad_()
-        torch.autograd.grad(model(xg), xg, target)
-
-    def attribution(composites):
-        composite = composites.EpsilonGammaBox(low=-3., high=3., canonizers=[canonizer()])
-
-        def run():
-            with Gradient(model, composite) as attributor:
-                attributor(x, target)
-        return run
-
-    return {'plain': plain, 'zennit': attribution(zennit.composites), 'lxt_ext': attribution(lxt_ext.composites)}
+from lxt_ext.benchmark.models import cnn, epsilon_gamma_box
+from lxt_ext.benchmark.timing import interleaved_medians
 
 
 def median_times(name, repeats):
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, name)().eval()
-    canonizer = next(c for prefix, c in CANONIZERS.items() if name.startswith(prefix))
-    runs = methods(model, canonizer)
-    times = {method: [] for method in runs}
-    for run in runs.values():
-        run()
-    for _ in range(repeats):
-        for method, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[method].append(time.perf_counter() - start)
-    return {method: statistics.median(values) for method, values in times.items()}
+    model, canonizer = cnn(name)
+    x = torch.randn(4, 3, 224, 224)
+    target = torch.eye(1000)[[1, 2, 3, 4]]
+    return interleaved_medians(epsilon_gamma_box(model, canonizer, x, target), repeats)
 
 
 def main():

@@ -16,15 +16,18 @@ leave RSS at once): VmRSS after building model and input, reset the high-water m
 """
 import argparse
 import os
-import statistics
-import subprocess
 import sys
-import time
 
-from peak_memory import MEMORY_ENV, extra_peak_mb
+import torch
+
+from lxt_ext.benchmark.memory import extra_peak_mb
+from lxt_ext.benchmark.models import attribution as gradient_run, plain, vit
+from lxt_ext.benchmark.process import last_line
+from lxt_ext.benchmark.timing import interleaved_medians
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ('plain', 'lxt_ext_epsilon', 'lxt_ext_gamma', 'lxt_gamma', 'lxt_epsilon')
+LXT_METHODS = ('lxt_gamma', 'lxt_epsilon')
 LABELS = {
     'plain': 'plain forward+backward',
     'lxt_ext_epsilon': 'lxt_ext ViTEpsilon (AttnLRP)',
@@ -36,45 +39,34 @@ LABELS = {
 
 def attribution(method, batch):
     """A function running one attribution of ``method`` on vit_b_16 (random weights, head re-initialised)."""
-    import torch
     torch.set_num_threads(2)
-    torch.manual_seed(0)
-    from torchvision.models import vision_transformer
-    if method.startswith('lxt_') and not method.startswith('lxt_ext'):
+    if method in LXT_METHODS:
         from lxt.efficient import monkey_patch, monkey_patch_zennit
+        from torchvision.models import vision_transformer
         monkey_patch(vision_transformer)  # patches torch.nn classes of this process only
         monkey_patch_zennit()
-    model = vision_transformer.vit_b_16().eval()
-    torch.nn.init.normal_(model.heads.head.weight, std=0.03)
+    model = vit()
     x = torch.randn(batch, 3, 224, 224)
     target = torch.eye(1000)[list(range(batch))]
 
     if method == 'plain':
-        def run():
-            xg = x.clone().requires_grad_()
-            return torch.autograd.grad(model(xg), xg, target)[0]
-    elif method.startswith('lxt_ext'):
-        from zennit.attribution import Gradient
-        from lxt_ext.transformer_composites import ViTEpsilon, ViTGamma
-        composite = ViTEpsilon() if method == 'lxt_ext_epsilon' else ViTGamma()
-
-        def run():
-            with Gradient(model, composite) as attributor:
-                return attributor(x, target)[1]
+        return plain(model, x, target)
+    if method.startswith('lxt_ext'):
+        from lxt_ext.composites import ViTEpsilon, ViTGamma
+        return gradient_run(model, ViTEpsilon() if method == 'lxt_ext_epsilon' else ViTGamma(), x, target)
+    import zennit.rules as z
+    from zennit.composites import LayerMapComposite
+    if method == 'lxt_gamma':
+        rules = [(torch.nn.Conv2d, z.Gamma(0.25)), (torch.nn.Linear, z.Gamma(0.05))]
     else:
-        import zennit.rules as z
-        from zennit.composites import LayerMapComposite
-        if method == 'lxt_gamma':
-            rules = [(torch.nn.Conv2d, z.Gamma(0.25)), (torch.nn.Linear, z.Gamma(0.05))]
-        else:
-            rules = [(torch.nn.Conv2d, z.Epsilon(1e-6)), (torch.nn.Linear, z.Epsilon(1e-6))]
-        composite = LayerMapComposite(rules)
+        rules = [(torch.nn.Conv2d, z.Epsilon(1e-6)), (torch.nn.Linear, z.Epsilon(1e-6))]
+    composite = LayerMapComposite(rules)
 
-        def run():
-            xg = x.clone().requires_grad_()
-            with composite.context(model) as modified:
-                modified(xg).backward(target)
-            return xg * xg.grad
+    def run():
+        xg = x.clone().requires_grad_()
+        with composite.context(model) as modified:
+            modified(xg).backward(target)
+        return xg * xg.grad
     return run
 
 
@@ -82,24 +74,16 @@ def measure(method, kind, batch, repeats):
     run = attribution(method, batch)
     if kind == 'memory':
         return extra_peak_mb(run) / 1024
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return interleaved_medians({method: run}, repeats)[method]
 
 
 def child(method, kind, batch, repeats):
-    env = dict(os.environ)
-    if kind == 'memory':
-        env.update(MEMORY_ENV)
-    if method in ('lxt_gamma', 'lxt_epsilon'):
-        env['PYTHONPATH'] = os.pathsep.join(filter(None, [os.path.join(ROOT, '.oracle'), env.get('PYTHONPATH')]))
-    out = subprocess.run([sys.executable, __file__, '--one', method, kind, str(batch), str(repeats)], env=env,
-                         check=True, capture_output=True, text=True).stdout
-    return float(out.strip().splitlines()[-1])
+    """Seconds or GB from a fresh process; LXT's methods with the oracle environment first on PYTHONPATH."""
+    env = {}
+    if method in LXT_METHODS:
+        oracle = os.path.join(ROOT, '.oracle')
+        env['PYTHONPATH'] = os.pathsep.join(filter(None, [oracle, os.environ.get('PYTHONPATH')]))
+    return float(last_line(__file__, ['--one', method, kind, batch, repeats], memory=kind == 'memory', env=env))
 
 
 def main():

@@ -12,12 +12,11 @@ what is held.
 import argparse
 
 import torch
-import torchvision
 from zennit.attribution import Gradient
-from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 
 import lxt_ext.composites
-from peak_memory import status_kb
+from lxt_ext.benchmark.memory import reset_peak, status_kb
+from lxt_ext.benchmark.models import cnn
 
 
 def main():
@@ -26,19 +25,13 @@ def main():
     parser.add_argument('--top', type=int, default=12)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, args.model)().eval()
-    canonizer = VGGCanonizer if args.model.startswith('vgg') else ResNetCanonizer
+    model, canonizer = cnn(args.model)
     composite = lxt_ext.composites.EpsilonGammaBox(low=-3., high=3., canonizers=[canonizer()])
     x = torch.randn(4, 3, 224, 224)
     target = torch.eye(1000)[[1, 2, 3, 4]]
 
     start = status_kb('VmRSS')
     marks = []
-
-    def reset_peak():
-        with open('/proc/self/clear_refs', 'w') as refs:
-            refs.write('5')
 
     def mark(label):
         def hook(*_):

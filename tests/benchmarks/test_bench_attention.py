@@ -4,17 +4,12 @@
         --benchmark-group-by=param:n
 
 With the project's default (--benchmark-disable) each case runs once at a short length as a smoke
-test. The methods are the ones of python/benchmark_attention.py (the eager recipe is written there).
+test. The methods are python/benchmark_attention.py's, from lxt_ext.benchmark.attention.
 """
-import os
-import sys
-
 import pytest
 import torch
 
-# the benchmark scripts import their shared helper (python/peak_memory.py) from their own folder
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..', 'python'))
-import benchmark_attention  # noqa: E402
+from lxt_ext.benchmark import attention as benchmark_attention
 
 
 @pytest.mark.parametrize('n', [1024, 4096])

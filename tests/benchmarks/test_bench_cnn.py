@@ -8,22 +8,16 @@ With the project's default (--benchmark-disable) each case runs once on a small 
 """
 import pytest
 import torch
-import torchvision
-from zennit.attribution import Gradient
-from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 
-import lxt_ext.composites
-import zennit.composites
+from lxt_ext.benchmark.models import cnn, epsilon_gamma_box
 
-CANONIZERS = {'vgg16': VGGCanonizer, 'resnet50': ResNetCanonizer}
 METHODS = ['plain', 'zennit', 'lxt_ext']
 MEDIANS = {}  # (model, method) -> median seconds in this run
 
 
 @pytest.fixture(scope='module', params=['vgg16', 'resnet50'])
 def model(request):
-    torch.manual_seed(0)
-    return request.param, getattr(torchvision.models, request.param)().eval()
+    return request.param, cnn(request.param)
 
 
 def report_ratios(benchmark, name, capsys):
@@ -44,23 +38,13 @@ def report_ratios(benchmark, name, capsys):
 
 @pytest.mark.parametrize('method', METHODS)
 def test_epsilon_gamma_box(benchmark, model, method, capsys):
-    name, net = model
+    name, (net, canonizer) = model
     torch.set_num_threads(2)
     size, batch = (224, 4) if not benchmark.disabled else (64, 1)
     x = torch.randn(batch, 3, size, size)
     target = torch.eye(1000)[:batch]
 
-    if method == 'plain':
-        def run():
-            xg = x.clone().requires_grad_()
-            return torch.autograd.grad(net(xg), xg, target)[0]
-    else:
-        module = lxt_ext.composites if method == 'lxt_ext' else zennit.composites
-        composite = module.EpsilonGammaBox(low=-3., high=3., canonizers=[CANONIZERS[name]()])
-
-        def run():
-            with Gradient(net, composite) as attributor:
-                return attributor(x, target)[1]
+    run = epsilon_gamma_box(net, canonizer, x, target)[method]
 
     benchmark.extra_info['model'] = name
     result = benchmark.pedantic(run, rounds=3, warmup_rounds=1) if not benchmark.disabled else benchmark(run)

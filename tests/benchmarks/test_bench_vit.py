@@ -8,10 +8,9 @@ figures come from python/benchmark_vit.py.
 """
 import pytest
 import torch
-import torchvision
-from zennit.attribution import Gradient
 
-from lxt_ext.transformer_composites import ViTEpsilon, ViTGamma
+from lxt_ext.benchmark.models import attribution, plain, vit
+from lxt_ext.composites import ViTEpsilon, ViTGamma
 
 COMPOSITES = {'lxt_ext_epsilon': ViTEpsilon, 'lxt_ext_gamma': ViTGamma}
 
@@ -19,26 +18,11 @@ COMPOSITES = {'lxt_ext_epsilon': ViTEpsilon, 'lxt_ext_gamma': ViTGamma}
 @pytest.mark.parametrize('method', ['plain', 'lxt_ext_epsilon', 'lxt_ext_gamma'])
 def test_vit_b_16(benchmark, method):
     torch.set_num_threads(2)
-    torch.manual_seed(0)
-    if benchmark.disabled:
-        model, size, batch = torchvision.models.VisionTransformer(32, 8, 2, 4, 32, 64), 32, 1
-    else:
-        model, size, batch = torchvision.models.vit_b_16(), 224, 4
-    model.eval()
-    torch.nn.init.normal_(model.heads.head.weight, std=0.03)  # torchvision zero-initialises the head
+    model = vit(small=benchmark.disabled)
+    size, batch = (32, 1) if benchmark.disabled else (224, 4)
     x = torch.randn(batch, 3, size, size)
     target = torch.eye(1000)[:batch]
-
-    if method == 'plain':
-        def run():
-            xg = x.clone().requires_grad_()
-            return torch.autograd.grad(model(xg), xg, target)[0]
-    else:
-        composite = COMPOSITES[method]()
-
-        def run():
-            with Gradient(model, composite) as attributor:
-                return attributor(x, target)[1]
+    run = plain(model, x, target) if method == 'plain' else attribution(model, COMPOSITES[method](), x, target)
 
     result = benchmark.pedantic(run, rounds=3, warmup_rounds=1) if not benchmark.disabled else benchmark(run)
     assert torch.isfinite(result).all() and result.abs().sum() > 0

@@ -1,0 +1,29 @@
+"""lxt_ext.benchmark's measurement helpers, checked on calls whose cost is known in advance."""
+from lxt_ext.benchmark.process import last_line
+from lxt_ext.benchmark.timing import interleaved_medians
+
+ALLOCATE = '''
+import sys
+import torch
+from lxt_ext.benchmark.memory import extra_peak_mb
+
+def run():
+    x = torch.ones(int(sys.argv[1]) * 2 ** 18)  # float32: 1 MB per 2^18 elements, freed on return
+    x.add_(1)
+run()  # the first call also brings in torch's thread pool and kernels, as a benchmark's warm-up does
+print(extra_peak_mb(run))
+'''
+
+
+def test_extra_peak_memory_of_a_known_allocation(tmp_path):
+    """64 MB live for a moment read as 64 MB, in a process of its own under the mmap allocator."""
+    script = tmp_path / 'allocate.py'
+    script.write_text(ALLOCATE)
+    assert 63.5 < float(last_line(script, [64], memory=True)) < 64.5
+
+
+def test_interleaved_medians_warm_up_then_alternate():
+    calls = []
+    medians = interleaved_medians({'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')}, repeats=3)
+    assert calls == ['a', 'b'] * 4
+    assert set(medians) == {'a', 'b'} and all(m >= 0 for m in medians.values())
