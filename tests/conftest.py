@@ -1,10 +1,55 @@
-"""Shared helpers for the zennit-oracle tests (lxt_ext rules/composites vs zennit's own)."""
+"""Shared helpers for the oracle tests (lxt_ext rules/composites vs zennit's own, LXT 2.1), the
+missing-oracle/dependency policy (``require``) and the hypothesis profiles."""
+import importlib
+import importlib.util
+import os
+
 import pytest
 import torch
+from hypothesis import settings
 from zennit.composites import LayerMapComposite
 
 import lxt_ext.rules
+import lxt_oracle
 import zennit.rules
+
+IN_CI = os.environ.get('CI') == 'true'
+
+# hypothesis: in CI a fixed, derandomized search (a failure reproduces on rerun and on any machine);
+# per-test @settings (max_examples, deadline) still apply on top of the loaded profile.
+settings.register_profile('ci', derandomize=True, database=None, print_blob=True)
+if IN_CI:
+    settings.load_profile('ci')
+
+
+def require(condition, reason):
+    """A test's oracle or pinned dependency must be there: without it the test is skipped locally
+    and fails in CI (``CI=true``), never passes green by accident. Usable at module level."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f'{reason} (CI=true: a missing oracle or pinned dependency is a failure, not a skip)',
+                    pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def require_module(name):
+    """``import name`` under the ``require`` policy. Only a module that is not installed at all is a
+    skip (locally); an installed but broken one raises its import error (unlike ``importorskip``)."""
+    require(importlib.util.find_spec(name) is not None, f'{name} is not installed')
+    return importlib.import_module(name)
+
+
+def require_oracle():
+    """The LXT 2.1 oracle environment (``.oracle``, or ``LXT_ORACLE_PATH``) under the ``require`` policy."""
+    require(lxt_oracle.available(), f'LXT 2.1 oracle environment missing at {lxt_oracle.ORACLE_PATH}')
+    return lxt_oracle
+
+
+@pytest.fixture
+def oracle():
+    """``lxt_oracle`` once its environment is known to be there (``require_oracle``)."""
+    return require_oracle()
 
 RULE_NAMES = ('Epsilon', 'Gamma', 'ZPlus', 'AlphaBeta')
 

@@ -15,7 +15,9 @@ import textwrap
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ORACLE_PATH = os.path.join(ROOT, '.oracle')
+# LXT_ORACLE_PATH points the tests at another oracle environment (or, to check the missing-oracle
+# policy of tests/conftest.py, at none)
+ORACLE_PATH = os.environ.get('LXT_ORACLE_PATH') or os.path.join(ROOT, '.oracle')
 
 _PRELUDE = '''
 import sys, torch

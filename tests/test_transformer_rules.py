@@ -279,22 +279,37 @@ def test_multihead_attention_rule(batch_first, inputs, mode, generator):
                 assert_rel_close(a, e, 1e-5)
 
 
-def test_multihead_attention_masks_and_unbatched(generator):
+@pytest.mark.parametrize('mode', ['attnlrp', 'cp'])
+def test_multihead_attention_masks_and_unbatched(mode, generator):
+    """Unbatched (L, E) self-attention with a boolean causal, a float and an is_causal mask: the forward
+    and attention weights are nn.MultiheadAttention's, the relevance (gradient) is ``dense_mha``'s with
+    the same mask written out additively, with the plain and the epsilon projections."""
     module = _mha(batch_first=False)
     x = torch.randn(6, 16, generator=generator)  # unbatched (L, E)
+    g = torch.randn(6, 16, generator=generator)
     causal = torch.triu(torch.ones(6, 6, dtype=torch.bool), 1)
+    causal_additive = torch.zeros(6, 6).masked_fill(causal, float('-inf'))
     float_mask = torch.randn(6, 6, generator=generator)
-    with LayerMapComposite([(torch.nn.MultiheadAttention, MultiheadAttentionRule('attnlrp'))]).context(module) as mod:
-        xg = x.clone().requires_grad_()
-        for kwargs in (dict(attn_mask=causal), dict(attn_mask=float_mask, average_attn_weights=False),
-                       dict(attn_mask=causal, is_causal=True, need_weights=False)):
-            out, weights = mod(xg, xg, xg, **kwargs)
+    cases = ((dict(attn_mask=causal), causal_additive),
+             (dict(attn_mask=float_mask, average_attn_weights=False), float_mask),
+             (dict(attn_mask=causal, is_causal=True, need_weights=False), causal_additive))
+    for rule, linear in ((None, F.linear), (lxt_ext.rules.Epsilon(1e-6), epsilon_linear_reference)):
+        composite = LayerMapComposite([(torch.nn.MultiheadAttention, MultiheadAttentionRule(mode, rule))])
+        for kwargs, additive in cases:
+            leaf = x.clone().requires_grad_()
+            (expected,) = torch.autograd.grad(dense_mha(module, *[leaf[None]] * 3, mode, linear, additive)[0],
+                                              leaf, g)
+            with composite.context(module) as modified:
+                xg = x.clone().requires_grad_()
+                out, weights = modified(xg, xg, xg, **kwargs)
+                (actual,) = torch.autograd.grad(out, xg, g)
             plain, plain_weights = module(x, x, x, **kwargs)
             torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
             if plain_weights is None:
                 assert weights is None
             else:
                 torch.testing.assert_close(weights, plain_weights, rtol=1e-5, atol=1e-6)
+            assert_rel_close(actual, expected, 1e-5)
 
 
 def test_multihead_attention_unsupported_is_refused():

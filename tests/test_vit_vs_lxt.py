@@ -18,12 +18,13 @@ import torchvision
 import zennit.rules
 from zennit.attribution import Gradient
 
+import conftest
 import lxt_oracle
 from conftest import assert_rel_close
 from lxt_ext.transformer_composites import ViTEpsilon, ViTGamma
 from lxt_ext.transformer_rules import MultiheadAttentionRule
 
-pytestmark = pytest.mark.skipif(not lxt_oracle.available(), reason='LXT 2.1 oracle environment (.oracle) missing')
+# every test takes the ``oracle`` fixture: without .oracle a skip locally, a failure in CI (conftest.require)
 
 # LXT's monkey_patch(vision_transformer) patches torch.nn's GELU, LayerNorm and MultiheadAttention
 # classes in the oracle process; CP-LRP there detaches query and key of every attention.
@@ -100,11 +101,11 @@ def _attribute(model, composite, x, target):
     return output.detach(), relevance
 
 
-def test_vit_b_16_gamma_recipe_matches_lxt():
+def test_vit_b_16_gamma_recipe_matches_lxt(oracle):
     model = _torchvision_model(_VIT_B_16)
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     target = torch.eye(1000)[[3]]
-    lxt = lxt_oracle.run(_TORCHVISION_ORACLE, mode='gamma', name=_VIT_B_16[0], kwargs=_VIT_B_16[1],
+    lxt = oracle.run(_TORCHVISION_ORACLE, mode='gamma', name=_VIT_B_16[0], kwargs=_VIT_B_16[1],
                          state=model.state_dict(), x=x, target=target)
     plain_projections = [(torch.nn.MultiheadAttention, MultiheadAttentionRule('cp', linear_rule=None))]
     output, relevance = _attribute(model, ViTGamma(layer_map=plain_projections), x, target)
@@ -112,11 +113,11 @@ def test_vit_b_16_gamma_recipe_matches_lxt():
     assert_rel_close(relevance, lxt['relevance'], 1e-3)
 
 
-def test_small_torchvision_vit_epsilon_attnlrp_matches_lxt_pieces():
+def test_small_torchvision_vit_epsilon_attnlrp_matches_lxt_pieces(oracle):
     model = _torchvision_model(_SMALL_VIT)
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     target = torch.eye(10)[[1, 4, 7]]
-    lxt = lxt_oracle.run(_TORCHVISION_ORACLE, mode='epsilon', name=_SMALL_VIT[0], kwargs=_SMALL_VIT[1],
+    lxt = oracle.run(_TORCHVISION_ORACLE, mode='epsilon', name=_SMALL_VIT[0], kwargs=_SMALL_VIT[1],
                          state=model.state_dict(), x=x, target=target)
     plain_projections = [(torch.nn.MultiheadAttention, MultiheadAttentionRule('attnlrp', linear_rule=None))]
     output, relevance = _attribute(model, ViTEpsilon(layer_map=plain_projections), x, target)
@@ -125,13 +126,13 @@ def test_small_torchvision_vit_epsilon_attnlrp_matches_lxt_pieces():
 
 
 @pytest.mark.parametrize('first', ['flat', 'zbox'])
-def test_zennit_rules_in_the_composite_match_lxts_patched_zennit(first):
+def test_zennit_rules_in_the_composite_match_lxts_patched_zennit(first, oracle):
     """zennit's Flat/ZBox as ``first_rule`` and zennit's Epsilon on every Linear, adapted per hook,
     vs the same zennit rules under LXT's global ``monkey_patch_zennit``."""
     model = _torchvision_model(_SMALL_VIT)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4)).clamp(-3., 3.)
     target = torch.eye(10)[[0, 9]]
-    lxt = lxt_oracle.run(_TORCHVISION_ORACLE, mode='epsilon', first=first, name=_SMALL_VIT[0], kwargs=_SMALL_VIT[1],
+    lxt = oracle.run(_TORCHVISION_ORACLE, mode='epsilon', first=first, name=_SMALL_VIT[0], kwargs=_SMALL_VIT[1],
                          state=model.state_dict(), x=x, target=target)
     first_rule = zennit.rules.Flat() if first == 'flat' else zennit.rules.ZBox(low=-3., high=3.)
     layer_map = [(torch.nn.MultiheadAttention, MultiheadAttentionRule('attnlrp', linear_rule=None)),
@@ -195,7 +196,7 @@ _TIMM_SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4
                                   global_pool='avg')),
 ], ids=['vit_tiny', 'small_qk_norm_layerscale'])
 @pytest.mark.parametrize('mode', ['gamma', 'epsilon'])
-def test_timm_vit_matches_lxt_style_oracle(name, kwargs, mode):
+def test_timm_vit_matches_lxt_style_oracle(name, kwargs, mode, oracle):
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, **kwargs).eval()
     with torch.no_grad():  # timm zero-initialises the head as well
@@ -204,9 +205,31 @@ def test_timm_vit_matches_lxt_style_oracle(name, kwargs, mode):
     x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(3))
     target = torch.zeros(2, model.num_classes)
     target[[0, 1], [2, 5]] = 1.
-    lxt = lxt_oracle.run(_TIMM_ORACLE, mode=mode, name=name, kwargs=kwargs, state=model.state_dict(), x=x,
+    lxt = oracle.run(_TIMM_ORACLE, mode=mode, name=name, kwargs=kwargs, state=model.state_dict(), x=x,
                          target=target)
     composite = ViTGamma() if mode == 'gamma' else ViTEpsilon()
     output, relevance = _attribute(model, composite, x, target)
     torch.testing.assert_close(output, lxt['logits'], rtol=1e-5, atol=1e-5)
     assert_rel_close(relevance, lxt['relevance'], 1e-3)
+
+
+# --- the missing-oracle policy itself (conftest.require): no oracle needed -----------------------
+
+@pytest.mark.parametrize('ci', [False, True], ids=['local', 'ci'])
+def test_missing_oracle_is_a_skip_locally_and_a_failure_in_ci(ci, monkeypatch, tmp_path):
+    monkeypatch.setattr(lxt_oracle, 'ORACLE_PATH', str(tmp_path / 'no-oracle'))
+    monkeypatch.setattr(conftest, 'IN_CI', ci)
+    outcome = pytest.fail.Exception if ci else pytest.skip.Exception
+    with pytest.raises(outcome, match='oracle environment missing'):
+        conftest.require_oracle()
+    with pytest.raises(outcome, match='lxt_ext_no_such_module is not installed'):
+        conftest.require_module('lxt_ext_no_such_module')
+
+
+def test_a_broken_install_is_an_error_not_a_skip(monkeypatch, tmp_path):
+    (tmp_path / 'lxt_ext_broken_module').mkdir()
+    (tmp_path / 'lxt_ext_broken_module' / '__init__.py').write_text("raise ImportError('broken install')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(conftest, 'IN_CI', False)
+    with pytest.raises(ImportError, match='broken install'):
+        conftest.require_module('lxt_ext_broken_module')
