@@ -1,0 +1,288 @@
+"""Diagnostics of lxt_ext's transformer composites: operations on the relevance path that no rule covers.
+
+In the Gradient x Input convention (``lxt_ext.transformer``) the plain gradient is exact only through
+linear operations; every non-linear one needs a rule. A rule's autograd Function is one node of the
+autograd graph (its internals run without grad), so after a forward with the composite registered,
+every other node on a path from the explained input to the output must be linear in its
+relevance-carrying inputs. ``audit`` checks that, node by node:
+
+- lxt_ext's autograd Functions are rules: covered. Any other autograd Function is opaque: a finding.
+- node types of ``LINEAR`` (adds, views, concatenation, casts, sums, selections): covered;
+- element-wise products and matrix products with one relevance-carrying factor: covered, except a
+  matrix product (``F.linear``, ``matmul``, convolution) with a model parameter, whose Linear rule
+  was not applied (transformers 5's MoE experts keep 3-D weights and call ``F.linear``);
+- a product of two relevance-carrying tensors, a division by one, and every other node (softmax,
+  exp, ``F.silu``, ``tanh``, ...): findings.
+
+A ``TorchFunctionMode`` and module hooks record, during the audited forward, which module and which
+source line created each node, so findings name the module, the operation and the line. Nothing of
+this runs outside ``audit`` (or ``record``, for a forward the caller runs): off, it costs nothing.
+"""
+import contextlib
+import dataclasses
+import os
+import sys
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from .transformer.composites import UnmappedModuleError
+
+__all__ = ['LINEAR', 'Finding', 'AuditReport', 'UncoveredOperationError', 'audit', 'record']
+
+# Autograd node types linear in every input (which the plain gradient propagates exactly); the
+# others are judged by _uncovered. An allow-list: a node type missing here is reported, never passed.
+LINEAR = frozenset({
+    'AddBackward0', 'AddBackward1', 'SubBackward0', 'SubBackward1', 'RsubBackward0', 'RsubBackward1', 'NegBackward0',
+    'ViewBackward0', 'UnsafeViewBackward0', 'ReshapeAliasBackward0', 'AsStridedBackward0', 'AliasBackward0',
+    'TBackward0', 'TransposeBackward0', 'TransposeBackward1', 'PermuteBackward0', 'ExpandBackward0',
+    'SqueezeBackward0', 'SqueezeBackward1', 'SqueezeBackward2', 'UnsqueezeBackward0', 'SelectBackward0',
+    'SliceBackward0', 'IndexBackward0', 'IndexSelectBackward0', 'GatherBackward0', 'SplitBackward0',
+    'SplitWithSizesBackward0', 'UnbindBackward0', 'CatBackward0', 'StackBackward0', 'RepeatBackward0',
+    'ConstantPadNdBackward0', 'FlipBackward0', 'RollBackward0', 'TrilBackward0', 'TriuBackward0',
+    'CloneBackward0', 'ToCopyBackward0', 'SumBackward0', 'SumBackward1', 'MeanBackward0', 'MeanBackward1',
+    # selections by masks computed apart (masked_fill, where): linear in each selected tensor
+    'MaskedFillBackward0', 'MaskedFillBackward1', 'WhereBackward0',
+    # dropout in training mode: a constant (random) scaling
+    'NativeDropoutBackward0',
+    # positively homogeneous, f(x) = f'(x) x: the gradient is the identity rule
+    'ReluBackward0', 'LeakyReluBackward0',
+})
+# Element-wise products: linear in each factor.
+_ELEMENTWISE_PRODUCTS = frozenset({'MulBackward0'})
+# Matrix products and convolutions: linear in each factor, the layers the composite's Linear rule is for.
+_MATRIX_PRODUCTS = frozenset({
+    'MmBackward0', 'AddmmBackward0', 'BmmBackward0', 'BaddbmmBackward0', 'MvBackward0', 'AddmvBackward0',
+    'DotBackward0', 'LinearBackward0', 'ConvolutionBackward0', 'GroupedMmBackward0',
+})
+_TORCH = os.path.dirname(torch.__file__) + os.sep
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One uncovered operation: the module whose forward ran it (dotted name, ``''``: the model
+    itself), its class, the operation (the torch function called and its autograd node), the source
+    line (``file:line``) and why its plain gradient is wrong relevance."""
+    module: str
+    module_type: str
+    operation: str
+    source: str
+    reason: str
+
+    def __str__(self):
+        return f'{self.module or "(model)"} ({self.module_type}): {self.operation} at {self.source}: {self.reason}'
+
+
+class UncoveredOperationError(UnmappedModuleError):
+    """Operations on the relevance path that no rule covers (their plain gradient is wrong relevance)."""
+
+    def __init__(self, report):
+        super().__init__(str(report))
+        self.report = report
+
+
+@dataclasses.dataclass
+class AuditReport:
+    """What ``audit`` found (in forward order; one entry per module, operation and line) and how many
+    autograd nodes lie on the relevance path."""
+    findings: list
+    nodes: int
+
+    def __str__(self):
+        if not self.findings:
+            return f'every operation on the relevance path ({self.nodes} autograd nodes) is covered'
+        listing = '\n  '.join(str(finding) for finding in self.findings)
+        return (f'{len(self.findings)} operation(s) on the relevance path have no rule, so their plain gradient '
+                f'propagates wrong relevance:\n  {listing}\nGive the module a rule (layer_map=[(type, rule)], or an '
+                f'adapter in lxt_ext.models) or compute the operation through lxt_ext.transformer\'s rules.')
+
+    def check(self):
+        """Raise ``UncoveredOperationError`` if anything was found."""
+        if self.findings:
+            raise UncoveredOperationError(self)
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class _Origin:
+    module: str
+    function: str
+    source: str
+    order: int
+
+
+class _Recorder(TorchFunctionMode):
+    """Notes the module running, the torch function and the calling line of every autograd node a
+    forward creates (nodes a call creates inside C++, and those of autograd Functions, which no mode
+    sees, go to the call that first returns a tensor depending on them)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.modules = []
+        self.origins = {}
+        self._types = {}
+        self._handles = []
+
+    def __enter__(self):
+        for name, module in self.model.named_modules():
+            self._types[name] = type(module).__qualname__
+            self._handles.append(module.register_forward_pre_hook(self._entering(name)))
+            self._handles.append(module.register_forward_hook(self._leaving, always_call=True))
+        return super().__enter__()
+
+    def _entering(self, name):
+        def hook(module, args):
+            self.modules.append(name)
+        return hook
+
+    def _leaving(self, module, args, output):
+        self.modules.pop()
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        return super().__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if torch.is_grad_enabled():
+            new = [t.grad_fn for t in _tensors(result) if t.grad_fn is not None and t.grad_fn not in self.origins]
+            if new:
+                self._note(new, getattr(func, '__name__', repr(func)))
+        return result
+
+    def _note(self, nodes, function):
+        origin = _Origin(self.modules[-1] if self.modules else '', function, _caller(), len(self.origins))
+        while nodes:
+            node = nodes.pop()
+            if node is not None and node not in self.origins:
+                self.origins[node] = origin
+                nodes.extend(fn for fn, _ in node.next_functions)
+
+    def report(self, outputs, inputs):
+        """The ``AuditReport`` of the graph from ``outputs`` (tensors) back to ``inputs`` (tensors)."""
+        roots = [t.grad_fn for t in outputs if t.grad_fn is not None]
+        if not roots:
+            raise ValueError('the audited output does not require grad: run the forward with grad enabled on an '
+                             'input that requires grad')
+        targets = {torch.autograd.graph.get_gradient_edge(x).node for x in inputs}
+        reaches = _reaching(roots, targets)
+        if not any(reaches[root] for root in roots):
+            raise ValueError('the audited output does not depend on the explained input')
+        parameters = {p.untyped_storage().data_ptr(): name for name, p in self.model.named_parameters()
+                      if p.numel()}
+        unknown = _Origin('', '?', '?', len(self.origins))
+        findings = {}
+        path = [node for node, reached in reaches.items() if reached and node not in targets]
+        for node in path:
+            reason = _uncovered(node, reaches, parameters)
+            if reason is not None:
+                origin = self.origins.get(node, unknown)
+                finding = Finding(origin.module, self._types.get(origin.module, '?'),
+                                  f'{origin.function} ({node.name()})', origin.source, reason)
+                findings.setdefault(finding, origin.order)
+        return AuditReport(sorted(findings, key=findings.get), len(path))
+
+
+def record(model):
+    """A context manager recording a forward of ``model`` for an audit::
+
+        with lxt_ext.diagnostics.record(model) as recorder:
+            output = model(x)            # x requires grad; the composite is registered
+        recorder.report([output], [x]).check()
+    """
+    return _Recorder(model)
+
+
+def audit(model, input, forward=None, composite=None):
+    """Run ``forward(model, input)`` (default ``model(input)``; it may return a tensor, a tuple or a
+    transformers ``ModelOutput``: every tensor in it that requires grad is an output) with ``composite``
+    registered for the call (None: the one registered already) and return the ``AuditReport`` of
+    the graph from the output back to ``input``. ``.check()`` on it raises ``UncoveredOperationError``
+    for each uncovered operation (module, operation and source line)."""
+    forward = forward or (lambda model, x: model(x))
+    x = input.detach().requires_grad_()
+    registered = composite.context(model) if composite is not None else contextlib.nullcontext()
+    with registered, torch.enable_grad(), record(model) as recorder:
+        outputs = [t for t in _tensors(forward(model, x)) if t.requires_grad]
+    return recorder.report(outputs, [x])
+
+
+def _tensors(value):
+    """The tensors in a (nested) result: a tensor, tuples/lists, dicts (transformers' ModelOutput)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors(item)]
+    return []
+
+
+def _caller():
+    """``file:line`` of the innermost frame outside torch (and this module) that led to this call."""
+    frame = sys._getframe(1)
+    while frame is not None and (frame.f_code.co_filename.startswith(_TORCH) or frame.f_code.co_filename == __file__):
+        frame = frame.f_back
+    return '?' if frame is None else f'{frame.f_code.co_filename}:{frame.f_lineno}'
+
+
+def _reaching(roots, targets):
+    """``node -> whether a target is reachable from it`` for every node reachable from ``roots``
+    (iteratively, in post-order: graphs of deep models exceed Python's recursion limit)."""
+    reaches, stack = {}, [(root, False) for root in roots]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            reaches[node] = any(reaches[fn] for fn, _ in node.next_functions if fn is not None)
+        elif node not in reaches:
+            if node in targets:
+                reaches[node] = True
+                continue
+            stack.append((node, True))
+            stack.extend((fn, False) for fn, _ in node.next_functions if fn is not None and fn not in reaches)
+    return reaches
+
+
+def _uncovered(node, reaches, parameters):
+    """Why ``node``'s plain gradient is wrong relevance, or None where it is right (see the module doc)."""
+    forward_cls = getattr(node, '_forward_cls', None)
+    if forward_cls is not None:
+        if forward_cls.__module__.split('.')[0] == 'lxt_ext':
+            return None
+        return (f'the backward of the autograd Function {forward_cls.__module__}.{forward_cls.__qualname__}, '
+                f'which is no lxt_ext rule')
+    name = node.name().rsplit('::', 1)[-1]
+    carrying = [fn is not None and reaches.get(fn, False) for fn, _ in node.next_functions]
+    if name in LINEAR:
+        return None
+    if name in _ELEMENTWISE_PRODUCTS or name in _MATRIX_PRODUCTS:
+        if sum(carrying) > 1:
+            return 'a product of two relevance-carrying tensors'
+        parameter = _parameter_of(node, carrying, parameters) if name in _MATRIX_PRODUCTS else None
+        return None if parameter is None else f'a linear map with the parameter {parameter!r}, which no rule holds'
+    if name == 'DivBackward0':
+        return 'a division by a relevance-carrying tensor' if carrying[1] else None
+    if name == 'DivBackward1':  # by a number
+        return None
+    return 'a non-linear operation'
+
+
+def _parameter_of(node, carrying, parameters):
+    """The name of a model parameter that is a factor of the product ``node``, or None: a saved
+    factor sharing its storage (also for frozen parameters), or a parameter its gradient reaches."""
+    for attribute in dir(node):
+        if attribute.startswith('_saved_'):
+            saved = getattr(node, attribute)
+            if isinstance(saved, torch.Tensor) and saved.untyped_storage().data_ptr() in parameters:
+                return parameters[saved.untyped_storage().data_ptr()]
+    stack = [fn for (fn, _), on_path in zip(node.next_functions, carrying) if fn is not None and not on_path]
+    while stack:
+        fn = stack.pop()
+        variable = getattr(fn, 'variable', None)
+        if variable is not None and variable.untyped_storage().data_ptr() in parameters:
+            return parameters[variable.untyped_storage().data_ptr()]
+        stack.extend(next_fn for next_fn, _ in fn.next_functions if next_fn is not None)
+    return None
