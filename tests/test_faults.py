@@ -188,6 +188,7 @@ WAYS = {'Gradient': via_gradient, 'context': via_context, 'GradientXInput': via_
 # --------------------------------------------------------------------------------------- the oracle
 
 HOOK_DICTS = [name for name in vars(torch.nn.Module()) if name.endswith('_hooks') or 'hooks_' in name]
+IMMUTABLE = (bool, int, float, complex, str, bytes, tuple, frozenset, type(None), torch.dtype, torch.device)
 GLOBAL_HOOKS = [name for name in vars(nn_module) if name.startswith('_global_') and name.endswith('hooks')]
 
 
@@ -231,7 +232,9 @@ class Snapshot:
                     assert list(now[key]) == list(value) and all(now[key][k] is v for k, v in value.items()), \
                         f'{name!r}.{key} changed'
                 else:
-                    assert now[key] is value or (type(now[key]) is type(value) and now[key] == value), \
+                    # the same object; an equal one only for immutable values (a copied config is a change)
+                    assert now[key] is value or (isinstance(value, IMMUTABLE) and type(now[key]) is type(value)
+                                                 and now[key] == value), \
                         f'{name!r}.{key} changed: {now[key]!r} (was {value!r})'
             for key, before in hooks.items():
                 assert dict(getattr(module, key)) == before, f'{name!r}.{key} changed'
