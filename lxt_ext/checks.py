@@ -50,10 +50,11 @@ def ensure_finite(tensor, what):
     """``finite`` on every device (the attribution's boundaries: one sync per attribution on CUDA)."""
     if not tensor.is_floating_point():
         return tensor
-    # A float64 sum is NaN/Inf exactly when an element is (finite float32/16 values cannot overflow it) and
-    # needs no tensor-sized temporary, unlike torch.isfinite; no_grad, or autograd would keep the tensor.
+    # The sum is NaN/Inf when an element is, needs no tensor-sized temporary (torch.isfinite makes three)
+    # and is one vectorised pass; an overflowing sum of finite values is told apart by isfinite. Under
+    # no_grad, or autograd would keep the tensor for backward.
     with torch.no_grad():
-        total = tensor.sum(dtype=torch.float64)
+        total = tensor.sum(dtype=torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else None)
         if not bool(torch.isfinite(total)) and not bool(torch.isfinite(tensor).all()):
             raise NonFiniteError(f'{what} holds {"NaN" if bool(torch.isnan(tensor).any()) else "Inf"}')
     return tensor
