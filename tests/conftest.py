@@ -133,3 +133,15 @@ def randomize_batch_norms(model, seed):
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(0)
+
+
+class EmbedsToLogits(torch.nn.Module):
+    """A causal LM as ``inputs_embeds -> logits`` (zennit's attributors call ``model(input)``)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, x):
+        return self.lm(inputs_embeds=x).logits
+

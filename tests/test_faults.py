@@ -31,7 +31,7 @@ from zennit.attribution import Gradient
 from zennit.canonizers import Canonizer
 from zennit.torchvision import ResNetCanonizer
 
-from conftest import randomize_batch_norms, require_module
+from conftest import EmbedsToLogits, randomize_batch_norms, require_module
 from lxt_ext.attribution import GradientXInput
 from lxt_ext.composites import EpsilonGammaBox, LanguageTransformer, ViTEpsilon, ViTGamma
 
@@ -91,17 +91,6 @@ class Faults:
 
 
 # ---------------------------------------------------------------------------------------------- models
-
-class EmbedsToLogits(torch.nn.Module):
-    """A causal LM as ``inputs_embeds -> logits`` (zennit's attributors call ``model(input)``)."""
-
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, x):
-        return self.lm(inputs_embeds=x).logits
-
 
 def build_cnn():
     torch.manual_seed(0)

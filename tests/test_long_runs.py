@@ -35,6 +35,7 @@ import transformers
 from zennit.attribution import Gradient
 from zennit.canonizers import SequentialMergeBatchNorm
 
+from conftest import EmbedsToLogits
 import lxt_ext.core
 from lxt_ext.attribution import GradientXInput
 from lxt_ext.composites import EpsilonGammaBox, LanguageTransformer, ViTGamma
@@ -44,15 +45,6 @@ MALLOC = {'MALLOC_MMAP_THRESHOLD_': '65536', 'MALLOC_TRIM_THRESHOLD_': '0'}
 
 
 # ---------------------------------------------------------------------------------------------- models
-
-class EmbedsToLogits(torch.nn.Module):
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, x):
-        return self.lm(inputs_embeds=x).logits
-
 
 def vit():
     torch.manual_seed(0)
