@@ -68,3 +68,33 @@ def _restore_weight(layer, weight):
         object.__setattr__(layer, 'weight', weight)
     else:  # zennit 0.5 swaps the parameter's data
         layer.weight.data = weight
+
+
+class BatchNormFolding:
+    """A mixin for zennit composites: after the canonizers, BatchNorms merged into layers with lxt_ext
+    product rules are folded into those rules instead of kept as merged weight copies
+    (this module). Otherwise ``zennit.core.Composite.register`` as it is, except that each rule learns
+    its module's name (``module_name``, for error messages) and a failed registration leaves nothing
+    behind. All of lxt_ext's composites register this way."""
+
+    def register(self, module):
+        self.remove()
+        try:
+            for canonizer in self.canonizers:
+                self.handles += canonizer.apply(module)
+            ctx, rules = {}, {}
+            for name, child in module.named_modules():
+                template = self.module_map(ctx, name, child)
+                if template is not None:
+                    rules[child] = (name, template)
+            folds = fold_merged_batch_norms(self.handles, {child: template for child, (_, template) in rules.items()})
+            for child, (name, template) in rules.items():
+                hook = template.copy()
+                hook.module_name = name
+                if child in folds:
+                    hook.fold = folds[child]
+                self.hook_refs.add(hook)
+                self.handles.append(hook.register(child))
+        except BaseException:
+            self.remove()  # nothing of a failed registration stays on the model
+            raise

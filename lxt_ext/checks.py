@@ -16,7 +16,7 @@ import os
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ['NonFiniteError', 'applies', 'cuda_checks', 'ensure_finite', 'finite', 'first_order', 'where']
+__all__ = ['NonFiniteError', 'applies', 'cuda_checks', 'ensure_finite', 'finite', 'first_order', 'layer', 'where']
 
 _CUDA = {'enabled': os.environ.get('LXT_EXT_CUDA_CHECKS', '') not in ('', '0')}
 
@@ -40,14 +40,16 @@ def applies(tensor):
 
 
 def finite(tensor, what):
-    """Raise ``NonFiniteError`` naming ``what`` if ``tensor`` holds NaN or Inf; return the tensor."""
+    """Raise ``NonFiniteError`` naming ``what`` if ``tensor`` holds NaN or Inf, where checks apply (``applies``:
+    anything but a floating tensor passes); return the tensor."""
     if applies(tensor):
         ensure_finite(tensor, what)
     return tensor
 
 
 def ensure_finite(tensor, what):
-    """``finite`` on every device (the attribution's boundaries: one sync per attribution on CUDA)."""
+    """``finite`` on every device (the attribution's boundaries: one sync per attribution on CUDA);
+    ``what`` may be a callable giving the description."""
     if not tensor.is_floating_point():
         return tensor
     # The sum is NaN/Inf when an element is, needs no tensor-sized temporary (torch.isfinite makes three)
@@ -56,6 +58,7 @@ def ensure_finite(tensor, what):
     with torch.no_grad():
         total = tensor.sum(dtype=torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else None)
         if not bool(torch.isfinite(total)) and not bool(torch.isfinite(tensor).all()):
+            what = what() if callable(what) else what
             raise NonFiniteError(f'{what} holds {"NaN" if bool(torch.isnan(tensor).any()) else "Inf"}')
     return tensor
 
@@ -65,6 +68,19 @@ def where(hook, module):
     name = getattr(hook, 'module_name', None)
     kind = type(module).__name__
     return f'{name!r} ({kind})' if name else kind
+
+
+def layer(hook, module, input, output):
+    """The per-layer checks of a rule's forward call: its input now, the relevance arriving at its output
+    (the gradient of the first output tensor) in backward. Messages are formed only on failure."""
+    if applies(input):
+        ensure_finite(input, lambda: f'the input of {where(hook, module)}')
+    tensor = output[0] if isinstance(output, tuple) and output else output
+    if applies(tensor) and tensor.requires_grad:
+        def check(grad):  # autograd may call it with None (no gradient flows there)
+            finite(grad, lambda: f'the relevance arriving at {where(hook, module)} (from the output seed or a '
+                                        f'later layer)')
+        tensor.register_hook(check)
 
 
 def first_order(backward):

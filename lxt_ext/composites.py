@@ -16,41 +16,12 @@ from zennit.composites import COMPOSITES, LayerMapComposite, SpecialFirstLayerMa
 from zennit.layer import Sum
 from zennit.types import Activation, AvgPool, BatchNorm, Convolution, Linear
 
-from .batch_norm_fold import fold_merged_batch_norms
+from .batch_norm_fold import BatchNormFolding
 from .rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ZBox, ZPlus
 from .transformer.composites import LanguageTransformer, TransformerComposite, ViTEpsilon, ViTGamma
 
 __all__ = ['use_in_zennit_registry', 'BatchNormFolding', 'EpsilonGammaBox', 'EpsilonPlus', 'EpsilonAlpha2Beta1', 'EpsilonPlusFlat',
            'EpsilonAlpha2Beta1Flat', 'ViTEpsilon', 'ViTGamma', 'LanguageTransformer', 'TransformerComposite']
-
-
-class BatchNormFolding:
-    """A mixin for zennit composites: after the canonizers, BatchNorms merged into layers with lxt_ext
-    product rules are folded into those rules instead of kept as merged weight copies
-    (``lxt_ext.batch_norm_fold``). Otherwise ``zennit.core.Composite.register`` as it is, except that each
-    rule learns its module's name (for error messages) and a failed registration leaves nothing behind."""
-
-    def register(self, module):
-        self.remove()
-        try:
-            for canonizer in self.canonizers:
-                self.handles += canonizer.apply(module)
-            ctx, rules = {}, {}
-            for name, child in module.named_modules():
-                template = self.module_map(ctx, name, child)
-                if template is not None:
-                    rules[child] = (name, template)
-            folds = fold_merged_batch_norms(self.handles, {child: template for child, (_, template) in rules.items()})
-            for child, (name, template) in rules.items():
-                hook = template.copy()
-                hook.module_name = name
-                if child in folds:
-                    hook.fold = folds[child]
-                self.hook_refs.add(hook)
-                self.handles.append(hook.register(child))
-        except BaseException:
-            self.remove()  # nothing of a failed registration stays on the model
-            raise
 
 
 def layer_map_base(stabilizer=1e-6):

@@ -178,11 +178,9 @@ class SwappedForward(Hook):
             if not (hook.active and torch.is_grad_enabled() and isinstance(input, torch.Tensor)
                     and input.requires_grad):
                 return original(input, *args, **kwargs)
-            if not hook.checked:
-                return hook.apply(module, original, input, args, kwargs)
-            checks.finite(input, f'the input of {checks.where(hook, module)}')
             output = hook.apply(module, original, input, args, kwargs)
-            _check_arriving_relevance(output, hook, module)
+            if hook.checked:
+                checks.layer(hook, module, input, output)
             return output
 
         forward.__wrapped__ = module.forward
@@ -200,16 +198,6 @@ class SwappedForward(Hook):
         else:
             module.__dict__.pop('forward', None)
         self._previous_forward = None
-
-
-def _check_arriving_relevance(output, hook, module):
-    """Check the relevance (gradient) arriving at the layer's output in backward, where checks apply."""
-    tensor = output[0] if isinstance(output, tuple) and output else output
-    if isinstance(tensor, torch.Tensor) and tensor.requires_grad and checks.applies(tensor):
-        def check(grad):
-            checks.finite(grad, f'the relevance arriving at {checks.where(hook, module)} (from the output seed or a '
-                                f'later layer)')
-        tensor.register_hook(check)
 
 
 class ProductRule(SwappedForward):

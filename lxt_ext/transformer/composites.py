@@ -16,6 +16,7 @@ from zennit.core import Composite
 from zennit.types import Linear
 
 from .. import models
+from ..batch_norm_fold import BatchNormFolding
 from ..deprecation import renamed_keyword
 from ..models.torch_nn import MultiheadAttentionRule
 from ..rules import Epsilon, Gamma
@@ -29,7 +30,7 @@ class UnmappedModuleError(TypeError):
     """Leaf modules the composite has no rule for (their plain gradient would be wrong relevance)."""
 
 
-class TransformerComposite(Composite):
+class TransformerComposite(BatchNormFolding, Composite):
     """A zennit Composite of Gradient x Input rules for transformers.
 
     ``linear_rule`` (and ``conv_rule``, default: ``linear_rule``) are rule templates for Linear
@@ -54,11 +55,7 @@ class TransformerComposite(Composite):
 
     def register(self, module):
         self._unmapped = []
-        try:
-            super().register(module)
-        except BaseException:
-            self.remove()  # nothing of a failed registration stays on the model
-            raise
+        super().register(module)
         if self._unmapped:
             listing = ', '.join(f'{name} ({type(child).__module__}.{type(child).__qualname__})'
                                 for name, child in self._unmapped)
@@ -82,11 +79,7 @@ class TransformerComposite(Composite):
             ctx.setdefault('covered', []).append(f'{name}.')
         if rule is None and next(module.children(), None) is None:
             self._unmapped.append((name, module))
-        rule = emitting_relevance(rule) if first else rule
-        if rule is not None:
-            rule = rule.copy()  # zennit copies it again; this copy only carries the name for error messages
-            rule.module_name = name
-        return rule
+        return emitting_relevance(rule) if first else rule
 
     def _rule(self, module):
         rule = next((rule for types, rule in self.layer_map if isinstance(module, types)), None)
