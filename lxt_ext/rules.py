@@ -31,7 +31,7 @@ class Pass(SwappedForward):
     the forward pass (``with composite.inactive(): ...`` around both) is plain as in zennit.
 
     Its input and relevance are not checked for NaN/Inf: they pass unchanged to and from the rules
-    around it, which check them (a full pass over every activation and BatchNorm costs 10 % on resnet50)."""
+    around it, which check them (a full pass over every activation and BatchNorm: see docs/benchmarks.md)."""
     checked = False
 
     def apply(self, module, original, input, args, kwargs):
