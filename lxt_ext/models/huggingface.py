@@ -1,18 +1,33 @@
 """Hugging Face transformers in lxt_ext's transformer composites: the per-architecture table.
 
 Attention. transformers (4.48 and later, 5.x) routes every attention call of LLaMA, Qwen, Gemma,
-Mistral, GPT-2, BERT, ViT, ... through ``ALL_ATTENTION_FUNCTIONS[module.config._attn_implementation]``.
-lxt_ext registers two entries there (``lxt_ext_attnlrp``, ``lxt_ext_cp``), and the attention rule
-points one module, and only that module, at them by giving it a view of its config whose
-``_attn_implementation`` names lxt_ext's entry. Nothing global is patched; removing the rule
-gives the module its own config object back. The fused op then does the AttnLRP (or CP-LRP)
-backward without an N x N matrix.
+Mistral, GPT-2, BERT, T5, ViT, CLIP, SigLIP, DINOv2, ... through
+``ALL_ATTENTION_FUNCTIONS[module.config._attn_implementation]``. lxt_ext registers two entries there
+(``lxt_ext_attnlrp``, ``lxt_ext_cp``), and the attention rule points one module, and only that module,
+at them by giving it a view of its config whose ``_attn_implementation`` names lxt_ext's entry.
+Nothing global is patched; removing the rule gives the module its own config object back. The fused
+op then does the AttnLRP (or CP-LRP) backward without an N x N matrix. T5's relative position bias is
+a constant added to the scores (an additive mask of the fused op). Gemma 2's attention softcap
+``c tanh(s / c)`` gets the identity rule (a monotone element-wise map of the scores) in an eager
+attention that forms the N x N scores (the fused op has no softcap).
 
-MLPs. Gated MLPs (``down(act(gate(x)) * up(x))``, LLaMA/Qwen/Mistral/Gemma) get the uniform rule
-on the product (AttnLRP) or a gate held constant (CP-LRP, as LXT); activation modules get the
-identity rule; RMSNorms the identity rule on the normalisation; GPT-2's ``Conv1D`` (``x W + b``)
-the composite's Linear rule. Models are matched by class name (no modeling module is imported)
-with a structural fallback for attention modules of architectures not named here.
+Mixture of experts. transformers 5 keeps the experts of a block as one module with 3-D
+``gate_up_proj``/``down_proj`` parameters run through ``ALL_EXPERTS_FUNCTIONS[config._experts_implementation]``;
+the experts rule points the module at lxt_ext's entries there the same way, which run each expert's
+projections under the composite's Linear rule and its gated product under the gated-MLP rule. The
+router is held constant: it runs without grad, so its routing weights scale the experts' outputs as
+constants and the router gets no relevance. (A routing weight multiplies an expert's output, both
+computed from the same tokens: a product of two relevance-carrying factors, like a gate. Held
+constant, as CP-LRP holds the attention weights, all of the block's relevance flows through the
+experts, conservation holds, and the top-k selection, piecewise constant, has no gradient anyway.)
+
+MLPs. Gated MLPs (``down(act(gate(x)) * up(x))``: LLaMA/Qwen/Mistral/Gemma, DINOv2's SwiGLU, Flan-T5's
+gated-GELU; or fused ``gate_up_proj`` as in Phi-3) get the uniform rule on the product (AttnLRP) or a
+gate held constant (CP-LRP, as LXT); activation modules get the identity rule; RMSNorms (T5's
+included) the identity rule on the normalisation; GPT-2's ``Conv1D`` (``x W + b``) the composite's
+Linear rule; a final-logit softcap (Gemma 2) the identity rule. Models are matched by class name (no
+modeling module is imported) with structural fallbacks for attention and experts modules of
+architectures not named here.
 """
 import sys
 
@@ -21,24 +36,32 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 from zennit.core import Hook, RemovableHandle, RemovableHandleList
 
 from ..attention import attention_lrp
+from ..checks import first_order
 from ..core import SwappedForward
 from ..ops import ATTENTION_MODES
 from ..transformer.convention import linear_rule_apply
-from ..transformer.elementwise import ActivationIdentity, DropoutOff, uniform_product
+from ..transformer.elementwise import ActivationIdentity, DropoutOff, identity_rule, uniform_product
 from ..transformer.norms import NormIdentity
 from . import KeepGradient, matcher
 
-# The entries lxt_ext adds to transformers' attention-function registry, by attention mode.
+try:  # transformers 5: experts as one module with 3-D weights, dispatched through a registry
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface, _default_apply_gate
+except ImportError:  # pragma: no cover - transformers 4.x keeps experts as a ModuleList of MLPs
+    ALL_EXPERTS_FUNCTIONS = ExpertsInterface = _default_apply_gate = None
+
+# The entries lxt_ext adds to transformers' attention- and experts-function registries, by attention mode.
 _IMPLEMENTATIONS = {mode: f'lxt_ext_{mode}' for mode in ATTENTION_MODES}
 
 
 class _ConfigView:
-    """A module's config with lxt_ext's attention implementation; everything else reads through."""
+    """A module's config with some attributes replaced (lxt_ext's attention or experts implementation,
+    a softcap taken over by a rule); everything else reads and writes through."""
 
-    def __init__(self, config, implementation, hook):
+    def __init__(self, config, hook, **overrides):
         object.__setattr__(self, '_lxt_ext_config', config)
-        object.__setattr__(self, '_attn_implementation', implementation)
         object.__setattr__(self, '_lxt_ext_hook', hook)
+        for name, value in overrides.items():
+            object.__setattr__(self, name, value)
 
     def __getattr__(self, name):
         return getattr(self._lxt_ext_config, name)
@@ -47,10 +70,60 @@ class _ConfigView:
         setattr(self._lxt_ext_config, name, value)
 
 
+class _ConfigViewRule(Hook):
+    """A rule that gives its module a ``_ConfigView`` of its config while registered (``overrides``)."""
+
+    def __init__(self):
+        super().__init__()
+        self._module = None
+
+    def copy(self):
+        copy = type(self).__new__(type(self))
+        copy.__dict__.update(self.__dict__)
+        Hook.__init__(copy)
+        copy._module = None
+        return copy
+
+    def overrides(self, config):
+        raise NotImplementedError
+
+    def prepare(self, module):
+        """Raise for modules this rule cannot take."""
+
+    def register(self, module):
+        config = getattr(module, 'config', None)
+        if config is None:
+            raise TypeError(f'{type(module).__name__} has no config; it is not a transformers module this rule takes')
+        if isinstance(config, _ConfigView):
+            raise RuntimeError(f'{type(module).__name__} already has an lxt_ext rule registered')
+        self.prepare(module)
+        self._module = module
+        module.config = _ConfigView(config, self, **self.overrides(config))
+        return RemovableHandleList([RemovableHandle(self)])
+
+    def remove(self):
+        super().remove()
+        module, self._module = self._module, None
+        if module is not None and isinstance(module.config, _ConfigView):
+            module.config = module.config._lxt_ext_config
+
+
+def _wants_relevance(hook, *tensors):
+    """The same rule as SwappedForward: plain without a backward, or with the rule made inactive."""
+    return hook.active and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _original_attention(module, config):
     """The attention function the module would use without lxt_ext."""
     eager = getattr(sys.modules[type(module).__module__], 'eager_attention_forward', None)
     return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager)
+
+
+def _additive(mask, dtype):
+    """An attention mask (bool: True = attend, or additive) as an additive one."""
+    if mask is None or mask.is_floating_point():
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
 def _attention(mode):
@@ -59,16 +132,15 @@ def _attention(mode):
         sdpa_attention_forward, with the causal flag decided the same way."""
         view = module.config
         hook = view._lxt_ext_hook
-        wants_relevance = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-        if not (hook.active and wants_relevance):  # the same rule as SwappedForward: plain without a backward
+        if not _wants_relevance(hook, query, key, value):
             return _original_attention(module, view._lxt_ext_config)(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
                 **kwargs)
-        for unsupported in ('softcap', 'position_bias', 's_aux', 'sinks'):
+        for unsupported in ('s_aux', 'sinks'):
             if kwargs.get(unsupported) is not None:
                 raise NotImplementedError(
-                    f'{type(module).__name__}: lxt_ext attention does not support {unsupported!r} yet; '
-                    f'map this module to another rule or leave it out of the composite')
+                    f'{type(module).__name__}: lxt_ext attention does not support {unsupported!r} (attention sinks) '
+                    f'yet; map this module to another rule or leave it out of the composite')
         if kwargs.get('output_attentions'):
             raise NotImplementedError(
                 f'{type(module).__name__}: output_attentions=True would need the N x N attention matrix, which '
@@ -81,7 +153,18 @@ def _attention(mode):
             key, value = key[:, :, :q_length], value[:, :, :q_length]
         if attention_mask is not None and attention_mask.dim() == 4:
             attention_mask = attention_mask[:, :, :, :key.shape[2]]
-        output = attention_lrp(query, key, value, attention_mask, scale=scaling, is_causal=causal, mode=mode)
+        bias = kwargs.get('position_bias')
+        if bias is not None:
+            # T5's relative position bias: a function of the positions only, off the relevance path
+            bias = bias.detach()[:, :, :, :key.shape[2]]
+            mask = _additive(attention_mask, query.dtype)
+            attention_mask = bias if mask is None else bias + mask
+        if kwargs.get('softcap') is not None:
+            output = softcapped_attention(query, key, value, attention_mask, scale=scaling, is_causal=causal,
+                                          softcap=kwargs['softcap'], mode=mode,
+                                          input_stabilizer=hook.input_stabilizer)
+        else:
+            output = attention_lrp(query, key, value, attention_mask, scale=scaling, is_causal=causal, mode=mode)
         return output.transpose(1, 2).contiguous(), None
     attention.__name__ = f'lxt_ext_{mode}_attention'
     return attention
@@ -91,58 +174,366 @@ for _mode, _name in _IMPLEMENTATIONS.items():
     AttentionInterface.register(_name, _attention(_mode))
 
 
-class HFAttention(Hook):
+class _UniformMatmul(torch.autograd.Function):
+    """``a @ b``; backward the uniform rule: ``g_a = (g b^T) / 2``, ``g_b = (a^T g) / 2``."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a @ b
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        return (grad @ b.transpose(-2, -1)) / 2, (a.transpose(-2, -1) @ grad) / 2
+
+
+class _SoftmaxRule(torch.autograd.Function):
+    """``y = softmax(x)`` over the last dimension (in float32, as transformers' eager attention); backward
+    AttnLRP's softmax rule ``R_in = x (R_out - y sum(R_out))``, which in the Gradient x Input convention
+    (``R = t g_t``) is the softmax's own gradient: ``g_in = y (g_out - sum(y g_out))``."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.softmax(x, dim=-1, dtype=torch.float32)
+        ctx.save_for_backward(y)
+        ctx.dtype = x.dtype
+        return y
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        grad = grad.float()
+        return (y * (grad - (y * grad).sum(-1, keepdim=True))).to(ctx.dtype)
+
+
+def softcapped_attention(query, key, value, attn_mask=None, *, scale=None, is_causal=False, softcap, mode='attnlrp',
+                         input_stabilizer=1e-10):
+    """``softmax(c tanh(scale Q K^T / c) + M) V`` (Gemma 2's attention softcap ``c``) with an LRP backward,
+    eagerly (the N x N scores are formed and kept; the fused op has no softcap). AttnLRP: the uniform
+    rule on both matrix products, the identity rule on the monotone softcap, the softmax rule (in the
+    Gradient x Input convention, the softmax's plain gradient); CP-LRP: the attention weights constant.
+    Shapes and masks as ``lxt_ext.attention.attention_lrp``."""
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f'mode must be one of {tuple(ATTENTION_MODES)}, got {mode!r}')
+    groups = query.shape[1] // key.shape[1]
+    key, value = (t.repeat_interleave(groups, dim=1) for t in (key, value))
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    matmul = _UniformMatmul.apply if mode == 'attnlrp' else torch.matmul
+    scores = matmul(query, key.transpose(-2, -1)) * scale
+    cap = float(softcap)
+    scores = identity_rule(lambda s: torch.tanh(s / cap) * cap, scores, input_stabilizer)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float('-inf')) if attn_mask.dtype == torch.bool else scores + attn_mask
+    if is_causal:
+        causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores.masked_fill(causal, float('-inf'))
+    if mode == 'cp':
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        return weights.detach() @ value
+    return matmul(_SoftmaxRule.apply(scores).to(query.dtype), value)
+
+
+class HFAttention(_ConfigViewRule):
     """AttnLRP or CP-LRP on one transformers attention module (any module that dispatches through
     ``ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]``)."""
 
-    def __init__(self, mode='attnlrp'):
+    def __init__(self, mode='attnlrp', input_stabilizer=1e-10):
         super().__init__()
         if mode not in _IMPLEMENTATIONS:
             raise ValueError(f"mode must be one of {sorted(_IMPLEMENTATIONS)}, got {mode!r}")
         self.mode = mode
-        self._module = None
+        self.input_stabilizer = input_stabilizer
+
+    def overrides(self, config):
+        return {'_attn_implementation': _IMPLEMENTATIONS[self.mode]}
+
+
+def _experts(mode):
+    def experts(module, hidden_states, top_k_index, top_k_weights):
+        """transformers 5's experts forward ``(tokens, hidden)`` -> ``(tokens, hidden)`` with each
+        expert under the composite's rules and the routing weights as constants."""
+        view = module.config
+        hook = view._lxt_ext_hook
+        if not _wants_relevance(hook, hidden_states):
+            original = ALL_EXPERTS_FUNCTIONS.get_interface(view._lxt_ext_config._experts_implementation,
+                                                           type(module).forward.__wrapped__)
+            return original(module, hidden_states, top_k_index, top_k_weights)
+        return _experts_lrp(module, hook, hidden_states, top_k_index, top_k_weights.detach())
+    experts.__name__ = f'lxt_ext_{mode}_experts'
+    return experts
+
+
+def _expert_linear(module, rule, name, expert, x):
+    """``x`` through expert ``expert``'s projection ``name`` (3-D parameter, optional ``name + '_bias'``)."""
+    weight = getattr(module, name)[expert]
+    bias = getattr(module, f'{name}_bias')[expert] if module.has_bias else None
+    return linear_rule_apply(rule, x, weight.t() if module.is_transposed else weight, bias)
+
+
+def _experts_lrp(module, hook, hidden_states, top_k_index, top_k_weights):
+    """Token-expert pairs sorted by expert, each expert's MLP on its tokens, the outputs scaled by the
+    (constant) routing weights and summed per token. Only linear operations join the pieces (index,
+    cat, sum), so autograd carries relevance through them exactly."""
+    tokens, k = top_k_index.shape
+    expert_ids = top_k_index.reshape(-1)
+    order = torch.argsort(expert_ids, stable=True)
+    counts = torch.bincount(expert_ids, minlength=module.num_experts).tolist()
+    pieces = []
+    for expert, x in enumerate(hidden_states[order // k].split(counts)):
+        if not counts[expert]:
+            continue
+        if module.has_gate:
+            gate, up = _expert_linear(module, hook.linear, 'gate_up_proj', expert, x).chunk(2, dim=-1)
+            h = gated_product(module.act_fn(gate), up, hook.mode)
+        else:
+            h = module.act_fn(_expert_linear(module, hook.linear, 'up_proj', expert, x))
+        pieces.append(_expert_linear(module, hook.linear, 'down_proj', expert, h))
+    weighted = torch.cat(pieces) * top_k_weights.reshape(-1)[order, None].to(hidden_states.dtype)
+    return weighted[torch.argsort(order)].view(tokens, k, -1).sum(1).to(hidden_states.dtype)
+
+
+if ExpertsInterface is not None:
+    for _mode, _name in _IMPLEMENTATIONS.items():
+        ExpertsInterface.register(_name, _experts(_mode))
+
+
+class HFExperts(_ConfigViewRule):
+    """A transformers 5 experts module (``@use_experts_implementation``: 3-D ``gate_up_proj``/``down_proj``,
+    dispatched through ``ALL_EXPERTS_FUNCTIONS``): each expert's projections under the composite's
+    Linear rule (``linear_rule``), its gated product under the gated-MLP rule of ``mode``, its
+    activation module under its own rule; the routing weights are constants (see ``RouterConstant``).
+    Custom gates (``_apply_gate`` overridden: GPT-OSS, ...), interleaved gate/up weights, post-expert
+    norms and expert parallelism are refused by name."""
+
+    def __init__(self, mode='attnlrp', linear_rule=None):
+        super().__init__()
+        if mode not in _IMPLEMENTATIONS:
+            raise ValueError(f"mode must be one of {sorted(_IMPLEMENTATIONS)}, got {mode!r}")
+        if linear_rule is None:
+            raise ValueError('the experts rule needs the composite\'s Linear rule (Options.linear)')
+        self.mode = mode
+        self.linear = linear_rule
 
     def copy(self):
-        return type(self)(self.mode)
+        copy = super().copy()
+        copy.linear = self.linear.copy()
+        return copy
 
-    def register(self, module):
-        config = getattr(module, 'config', None)
-        if config is None:
-            raise TypeError(f'{type(module).__name__} has no config; it is not a transformers attention module')
-        if isinstance(config, _ConfigView):
-            raise RuntimeError(f'{type(module).__name__} already has an lxt_ext attention rule registered')
-        self._module = module
-        module.config = _ConfigView(config, _IMPLEMENTATIONS[self.mode], self)
-        return RemovableHandleList([RemovableHandle(self)])
+    def prepare(self, module):
+        cls = type(module)
+        refused = [reason for reason, present in (
+            ('its own _apply_gate (a custom gate)', getattr(cls, '_apply_gate', _default_apply_gate)
+             is not _default_apply_gate),
+            ('interleaved gate/up weights', module.has_gate and not module.is_concatenated),
+            ('a post-expert norm', module.has_post_expert_norm),
+            ('expert parallelism', module._is_expert_parallel)) if present]
+        if refused:
+            raise NotImplementedError(f'{cls.__module__}.{cls.__qualname__}: lxt_ext\'s experts rule does not cover '
+                                      f'{", ".join(refused)}; leave this model out of the composite')
 
-    def remove(self):
-        super().remove()
-        module, self._module = self._module, None
-        if module is not None and isinstance(module.config, _ConfigView):
-            module.config = module.config._lxt_ext_config
+    def overrides(self, config):
+        return {'_experts_implementation': _IMPLEMENTATIONS[self.mode]}
+
+
+class RouterConstant(SwappedForward):
+    """A mixture-of-experts router run without grad: its routing weights are constants for the
+    experts' outputs they scale, so the router gets no relevance (see the module doc)."""
+    checked = False  # its outputs carry no relevance
+
+    def apply(self, module, original, input, args, kwargs):
+        with torch.no_grad():
+            return original(input, *args, **kwargs)
+
+
+def gated_product(gate, up, mode):
+    """``gate * up`` of a gated MLP (``gate`` the activation's output): AttnLRP's uniform rule (half
+    of the relevance to each factor), or CP-LRP's gate held constant (all relevance through ``up``)."""
+    return uniform_product(gate, up) if mode == 'attnlrp' else gate.detach() * up
 
 
 class GatedMLP(SwappedForward):
-    """``down(act(gate(x)) * up(x))``. AttnLRP: the uniform rule on the product (half of the relevance
-    to each factor). CP-LRP (as LXT): the gate is held constant, all relevance goes through ``up``.
-    The projections and the activation stay modules, so their own rules apply."""
+    """``down(act(gate(x)) * up(x))`` (``names``: the attributes of gate, up, down and act; LLaMA's by
+    default). AttnLRP: the uniform rule on the product (half of the relevance to each factor). CP-LRP
+    (as LXT): the gate is held constant, all relevance goes through ``up``. The projections and the
+    activation stay modules, so their own rules apply; a ``dropout`` module after the product is run
+    (it is off under the composites)."""
 
-    def __init__(self, mode='attnlrp'):
+    NAMES = ('gate_proj', 'up_proj', 'down_proj', 'act_fn')
+
+    def __init__(self, mode='attnlrp', names=NAMES):
         super().__init__()
         self.mode = mode
+        self.names = tuple(names)
 
     def prepare(self, module):
-        missing = [name for name in ('gate_proj', 'up_proj', 'down_proj', 'act_fn') if not hasattr(module, name)]
+        missing = [name for name in self.names if not hasattr(module, name)]
         if missing:
             raise TypeError(f'{type(module).__name__} is not a gated MLP: it lacks {missing}')
 
     def apply(self, module, original, input, args, kwargs):
         if args or kwargs:
             raise TypeError(f'{type(module).__name__}: a gated MLP takes one input, got more')
-        gate = module.act_fn(module.gate_proj(input))
-        up = module.up_proj(input)
-        product = uniform_product(gate, up) if self.mode == 'attnlrp' else gate.detach() * up
-        return module.down_proj(product)
+        gate, up, down, act = (getattr(module, name) for name in self.names)
+        product = gated_product(act(gate(input)), up(input), self.mode)
+        if isinstance(getattr(module, 'dropout', None), torch.nn.Dropout):
+            product = module.dropout(product)
+        if down.weight.is_floating_point() and product.dtype != down.weight.dtype:
+            product = product.to(down.weight.dtype)  # T5 keeps its output projection in float32
+        return down(product)
+
+
+class FusedGatedMLP(SwappedForward):
+    """Phi-3's MLP: ``down(up * act(gate))`` with ``gate, up = gate_up_proj(x).chunk(2)``; the gated-MLP
+    rule on the product (see ``GatedMLP``), ``gate_up_proj`` and ``down_proj`` under their own rules."""
+
+    def __init__(self, mode='attnlrp'):
+        super().__init__()
+        self.mode = mode
+
+    def prepare(self, module):
+        missing = [name for name in ('gate_up_proj', 'down_proj', 'activation_fn') if not hasattr(module, name)]
+        if missing:
+            raise TypeError(f'{type(module).__name__} is not a fused gated MLP: it lacks {missing}')
+
+    def apply(self, module, original, input, args, kwargs):
+        if args or kwargs:
+            raise TypeError(f'{type(module).__name__}: a gated MLP takes one input, got more')
+        gate, up = module.gate_up_proj(input).chunk(2, dim=-1)
+        return module.down_proj(gated_product(module.activation_fn(gate), up, self.mode))
+
+
+class TanhClassificationHead(SwappedForward):
+    """RoBERTa's classification head ``out_proj(tanh(dense(x[:, 0])))``, whose ``tanh`` is functional:
+    the identity rule on it; ``dense`` and ``out_proj`` under their own rules, dropout off."""
+
+    def __init__(self, input_stabilizer=1e-10):
+        super().__init__()
+        self.input_stabilizer = input_stabilizer
+
+    def apply(self, module, original, features, args, kwargs):
+        x = module.dense(module.dropout(features[:, 0, :]))
+        return module.out_proj(module.dropout(identity_rule(torch.tanh, x, self.input_stabilizer)))
+
+
+class FinalLogitSoftcap(_ConfigViewRule):
+    """Gemma 2's (and Gemma 3's, when set) final-logit softcap ``c tanh(z / c)``, computed functionally
+    in the model's forward: the identity rule on it (a monotone element-wise map: the relevance of
+    each capped logit goes to the logit it was computed from). While registered the model computes
+    uncapped logits (its config view has no softcap) and a forward hook caps them with the rule.
+    A ``labels`` loss would then be of the uncapped logits: it is refused."""
+
+    def __init__(self, input_stabilizer=1e-10):
+        super().__init__()
+        self.input_stabilizer = input_stabilizer
+
+    def overrides(self, config):
+        return {'final_logit_softcapping': None}
+
+    def register(self, module):
+        handles = super().register(module)
+        cap = float(module.config._lxt_ext_config.final_logit_softcapping)
+        hook = self
+
+        def softcap(logits):  # transformers' own order of operations, so the forward is bitwise the same
+            return torch.tanh(logits / cap) * cap
+
+        def capped(module, args, output):
+            if not hasattr(output, 'logits'):
+                raise TypeError(f'{type(module).__name__}: lxt_ext\'s final-logit softcap rule needs return_dict=True')
+            if output.get('loss') is not None:
+                raise NotImplementedError(
+                    f'{type(module).__name__}: while lxt_ext holds its final-logit softcap the loss would be of the '
+                    f'uncapped logits; call the model without labels')
+            logits = output.logits
+            output.logits = (identity_rule(softcap, logits, hook.input_stabilizer)
+                             if _wants_relevance(hook, logits) else softcap(logits))
+            return output
+
+        handles.append(module.register_forward_hook(capped))
+        return handles
+
+
+# Classes by name, so that supporting an architecture imports nothing. Attention modules of
+# architectures not named here are found by _dispatches_attention below, experts modules by
+# _dispatches_experts.
+_ATTENTION = {
+    'LlamaAttention', 'MistralAttention', 'MixtralAttention', 'Qwen2Attention', 'Qwen3Attention', 'Qwen3MoeAttention',
+    'GemmaAttention', 'Gemma2Attention', 'Gemma3Attention', 'Phi3Attention', 'GPT2Attention', 'BertSelfAttention',
+    'RobertaSelfAttention', 'T5Attention', 'ViTSelfAttention', 'ViTAttention', 'DeiTAttention', 'Dinov2Attention',
+    'Dinov2WithRegistersAttention', 'CLIPAttention', 'SiglipAttention',
+}
+# Gated MLPs: attribute names of gate, up, down projections and the activation.
+_GATED_MLP = {name: GatedMLP.NAMES for name in (
+    'LlamaMLP', 'MistralMLP', 'Qwen2MLP', 'Qwen3MLP', 'Qwen3MoeMLP', 'GemmaMLP', 'Gemma2MLP', 'Gemma3MLP',
+    'Dinov2SwiGLUFFN', 'Dinov2WithRegistersSwiGLUFFN')}
+_GATED_MLP['T5DenseGatedActDense'] = ('wi_0', 'wi_1', 'wo', 'act')
+_FUSED_GATED_MLP = {'Phi3MLP'}
+_RMS_NORM = {'LlamaRMSNorm': 0., 'MistralRMSNorm': 0., 'MixtralRMSNorm': 0., 'Qwen2RMSNorm': 0., 'Qwen3RMSNorm': 0.,
+             'Qwen3MoeRMSNorm': 0., 'Phi3RMSNorm': 0., 'T5LayerNorm': 0.,
+             'GemmaRMSNorm': 1., 'Gemma2RMSNorm': 1., 'Gemma3RMSNorm': 1.}
+_ACTIVATIONS = {
+    'GELUActivation', 'NewGELUActivation', 'GELUTanh', 'PytorchGELUTanh', 'FastGELUActivation', 'QuickGELUActivation',
+    'AccurateGELUActivation', 'ClippedGELUActivation', 'SiLUActivation', 'MishActivation', 'ReLUSquaredActivation',
+    'LaplaceActivation',
+}
+_ROUTERS = {'MixtralTopKRouter', 'Qwen3MoeTopKRouter'}
+_FINAL_LOGIT_SOFTCAP = {'Gemma2ForCausalLM', 'Gemma3ForCausalLM'}
+# Off the relevance path (position tables; rotary embeddings, matched by suffix too) or linear in their
+# relevance-carrying input (LayerScale: a product with a parameter; drop path: off in eval mode).
+_KEEP_GRADIENT = {'LinearActivation', 'Gemma3TextScaledWordEmbedding', 'Dinov2LayerScale', 'Dinov2DropPath',
+                  'Dinov2WithRegistersLayerScale', 'Dinov2WithRegistersDropPath'}
+
+
+def _dispatches_attention(module):
+    """Whether the module's forward goes through transformers' attention-function registry."""
+    modeling = sys.modules.get(type(module).__module__)
+    return (hasattr(module, 'config') and getattr(modeling, 'ALL_ATTENTION_FUNCTIONS', None) is not None
+            and type(module).__name__.endswith('Attention') and 'attention_interface' in
+            type(module).forward.__code__.co_varnames)
+
+
+def _dispatches_experts(module):
+    """Whether the module is a transformers 5 experts module (``@use_experts_implementation``)."""
+    return (ALL_EXPERTS_FUNCTIONS is not None and hasattr(module, 'config') and hasattr(module, 'has_gate')
+            and hasattr(module, 'is_concatenated') and hasattr(type(module).forward, '__wrapped__'))
+
+
+@matcher
+def transformers_rule(module, options):
+    cls = type(module)
+    if not cls.__module__.startswith('transformers.'):
+        return None
+    name = cls.__name__
+    if name in _ATTENTION or (name not in _GATED_MLP and _dispatches_attention(module)):
+        return HFAttention(options.attention, options.input_stabilizer)
+    if _dispatches_experts(module):
+        return HFExperts(options.attention, None if options.linear is None else options.linear.copy())
+    if name in _ROUTERS:
+        return RouterConstant()
+    if name in _GATED_MLP:
+        return GatedMLP(options.attention, _GATED_MLP[name])
+    if name in _FUSED_GATED_MLP:
+        return FusedGatedMLP(options.attention)
+    if name in _RMS_NORM:
+        return NormIdentity(kind='rms_norm', weight_offset=_RMS_NORM[name])
+    if name in _ACTIVATIONS:
+        return ActivationIdentity(options.input_stabilizer)
+    if name == 'Conv1D':
+        if options.linear is None:
+            raise ValueError('transformers Conv1D layers need the composite\'s Linear rule (Options.linear)')
+        return Conv1DRule(options.linear.copy())
+    if name == 'RobertaClassificationHead':
+        return TanhClassificationHead(options.input_stabilizer)
+    if name in _FINAL_LOGIT_SOFTCAP and getattr(module.config, 'final_logit_softcapping', None) is not None:
+        return FinalLogitSoftcap(options.input_stabilizer)
+    if name in _KEEP_GRADIENT or name.endswith('RotaryEmbedding'):
+        return KeepGradient()
+    if isinstance(module, torch.nn.Dropout):
+        return DropoutOff()
+    return None
 
 
 class Conv1DRule(SwappedForward):
@@ -155,56 +546,3 @@ class Conv1DRule(SwappedForward):
 
     def apply(self, module, original, input, args, kwargs):
         return linear_rule_apply(self.linear_rule, input, module.weight.t(), module.bias)
-
-
-# Classes by name, so that supporting an architecture imports nothing. Attention modules of
-# architectures not named here are found by _dispatches_attention below.
-_ATTENTION = {
-    'LlamaAttention', 'MistralAttention', 'Qwen2Attention', 'Qwen3Attention', 'Gemma3Attention', 'GemmaAttention',
-    'Gemma2Attention', 'Phi3Attention', 'GPT2Attention', 'BertSelfAttention', 'ViTSelfAttention', 'ViTAttention',
-}
-_GATED_MLP = {'LlamaMLP', 'MistralMLP', 'Qwen2MLP', 'Qwen3MLP', 'GemmaMLP', 'Gemma2MLP', 'Gemma3MLP'}
-_RMS_NORM = {'LlamaRMSNorm': 0., 'MistralRMSNorm': 0., 'Qwen2RMSNorm': 0., 'Qwen3RMSNorm': 0., 'Phi3RMSNorm': 0.,
-             'GemmaRMSNorm': 1., 'Gemma2RMSNorm': 1., 'Gemma3RMSNorm': 1.}
-_ACTIVATIONS = {
-    'GELUActivation', 'NewGELUActivation', 'GELUTanh', 'PytorchGELUTanh', 'FastGELUActivation', 'QuickGELUActivation',
-    'AccurateGELUActivation', 'ClippedGELUActivation', 'SiLUActivation', 'MishActivation', 'ReLUSquaredActivation',
-    'LaplaceActivation',
-}
-# Off the relevance path (position tables) or linear in their relevance-carrying input.
-_KEEP_GRADIENT = {'LinearActivation', 'LlamaRotaryEmbedding', 'MistralRotaryEmbedding', 'Qwen2RotaryEmbedding',
-                  'Qwen3RotaryEmbedding', 'GemmaRotaryEmbedding', 'Gemma2RotaryEmbedding', 'Gemma3RotaryEmbedding',
-                  'Phi3RotaryEmbedding', 'Gemma3TextScaledWordEmbedding'}
-
-
-def _dispatches_attention(module):
-    """Whether the module's forward goes through transformers' attention-function registry."""
-    modeling = sys.modules.get(type(module).__module__)
-    return (hasattr(module, 'config') and getattr(modeling, 'ALL_ATTENTION_FUNCTIONS', None) is not None
-            and type(module).__name__.endswith('Attention') and 'attention_interface' in
-            type(module).forward.__code__.co_varnames)
-
-
-@matcher
-def transformers_rule(module, options):
-    cls = type(module)
-    if not cls.__module__.startswith('transformers.'):
-        return None
-    name = cls.__name__
-    if name in _ATTENTION or (name not in _GATED_MLP and _dispatches_attention(module)):
-        return HFAttention(options.attention)
-    if name in _GATED_MLP:
-        return GatedMLP(options.attention)
-    if name in _RMS_NORM:
-        return NormIdentity(kind='rms_norm', weight_offset=_RMS_NORM[name])
-    if name in _ACTIVATIONS:
-        return ActivationIdentity(options.input_stabilizer)
-    if name == 'Conv1D':
-        if options.linear is None:
-            raise ValueError('transformers Conv1D layers need the composite\'s Linear rule (Options.linear)')
-        return Conv1DRule(options.linear.copy())
-    if name in _KEEP_GRADIENT:
-        return KeepGradient()
-    if isinstance(module, torch.nn.Dropout):
-        return DropoutOff()
-    return None
