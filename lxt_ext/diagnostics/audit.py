@@ -26,7 +26,7 @@ import sys
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .transformer.composites import UnmappedModuleError
+from ..transformer.composites import UnmappedModuleError
 
 __all__ = ['LINEAR', 'Finding', 'AuditReport', 'UncoveredOperationError', 'audit', 'record']
 
