@@ -1,2 +1,2 @@
-"""Moved to :mod:`lxt_ext.data`; these names stay importable from here."""
-from .data import IMAGE_SUFFIXES, load_images, sample_image  # noqa: F401
+"""Old module path of ``lxt_ext.data.sample``."""
+from .data import sample_image  # noqa: F401

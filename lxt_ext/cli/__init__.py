@@ -1,50 +1,25 @@
-"""``python -m lxt_ext`` (console script ``lxt-ext``): attribute images with a CNN or a Vision
-Transformer and write heatmap PNGs, input and heatmap side by side.
+"""``lxt-ext <command>`` (also ``python -m lxt_ext <command>``). Each command is a module of this package
+with ``HELP``, ``add_arguments(parser)`` and ``run(args) -> exit status``; nothing is downloaded."""
+import argparse
+import importlib
 
-Offline by design: the model is built from torchvision with random weights (seeded) unless
-``--weights`` names a local state_dict file; without ``--input`` an embedded synthetic image is used.
-``arguments`` parses, ``models`` builds the model and its composite, ``loop`` attributes.
-"""
-import os
-
-import torch
-
-from ..data import load_images, sample_image
-from ..visualization import save_heatmap
-from .arguments import parser
-from .loop import attribute
-from .models import MEAN, STD, VITS, build_composite, build_model, default_composite
-
-__all__ = ['main', 'attribute', 'build_model', 'build_composite', 'MEAN', 'STD']
+COMMANDS = {
+    'explain': 'lxt_ext.cli.explain',
+}
 
 
-def output_paths(out, names):
-    """``out`` itself for one image; for several, ``out/<name>_heatmap.png`` each (folder made)."""
-    if len(names) == 1:
-        return [out]
-    os.makedirs(out, exist_ok=True)
-    return [os.path.join(out, f'{os.path.splitext(os.path.basename(n))[0]}_heatmap.png') for n in names]
+def parser():
+    parser = argparse.ArgumentParser(prog='lxt-ext', description='Layer-wise Relevance Propagation with lxt_ext')
+    commands = parser.add_subparsers(dest='command', required=True)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        command = commands.add_parser(name, help=module.HELP, description=module.HELP,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(command)
+        command.set_defaults(run=module.run)
+    return parser
 
 
 def main(argv=None):
-    arguments = parser()
-    args = arguments.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.input:
-        names, images = load_images(args.input, args.size)
-    else:
-        names, images = ['sample'], sample_image(args.size)[None]
-    if args.model in VITS and args.size != 224:
-        arguments.error(f'{args.model} takes 224 x 224 images (--size 224)')
-    model, canonizer = build_model(args.model, args.weights, args.seed)
-    try:
-        composite = build_composite(args.composite or default_composite(args.model), canonizer, args.model)
-    except ValueError as error:
-        arguments.error(str(error))
-    relevance, classes = attribute(model, composite, images, args.target, args.batch_size)
-    for rel, image, cls, path, name in zip(relevance, images, classes, output_paths(args.out, names), names):
-        save_heatmap(rel, path, image=image)
-        print(f'{name}: class {int(cls)}, total relevance {float(rel.sum()):.4g} -> {path}')
-    return 0
-
+    args = parser().parse_args(argv)
+    return args.run(args)

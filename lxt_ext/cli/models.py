@@ -1,13 +1,28 @@
-"""The models the command line explains and the composite fitting each: torchvision CNNs with zennit's
-LRP composites (lxt_ext's fused rules) and canonizers, torchvision ViTs with lxt_ext's attention-aware
-composites (``vit_gamma``: LXT's published recipe, CP-LRP with gamma; ``vit_epsilon``: AttnLRP)."""
+"""The models the command line explains, each with the input size and normalisation it expects, and the
+composites that fit them.
+
+Model specs: ``embedded`` (lxt_ext's trained default, offline); a torchvision classification model name
+(``vit_b_16``, ``resnet50``, ...; ``--weights`` a local state_dict file, else random weights with a
+warning); ``timm:<name>`` (``--weights`` a local checkpoint); or a local Hugging Face model folder (ViT,
+DeiT, ...: ``config.json`` and weights, read with ``local_files_only``). Nothing is ever downloaded.
+"""
+import inspect
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+
 import torch
 
-from .. import composites
+from .. import composites, rules
+from ..job.outputs import file_sha256
 
-CNNS = ('vgg16', 'vgg11', 'resnet18', 'resnet50')
-VITS = ('vit_b_16', 'vit_b_32')
-MODELS = CNNS + VITS
+# torchvision's ImageNet normalisation
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
 CNN_COMPOSITES = {
     'epsilon_gamma_box': composites.EpsilonGammaBox,
     'epsilon_plus': composites.EpsilonPlus,
@@ -20,43 +35,211 @@ VIT_COMPOSITES = {
     'vit_epsilon': composites.ViTEpsilon,
 }
 COMPOSITES = {**CNN_COMPOSITES, **VIT_COMPOSITES}
-# torchvision's ImageNet normalisation: pixel bounds 0..1 map to these per-channel bounds (ZBox).
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+# composite parameters the command line passes on (flag dest -> keyword); each composite takes a subset
+PARAMETERS = ('epsilon', 'gamma', 'conv_gamma', 'linear_gamma', 'stabilizer', 'attention', 'first_rule')
+FIRST_RULES = ('zbox', 'flat', 'wsquare', 'epsilon', 'gamma', 'zplus')
 
 
-def default_composite(model_name):
-    return 'vit_gamma' if model_name in VITS else 'epsilon_gamma_box'
+class ModelError(ValueError):
+    """A model spec or weights file that cannot give a model (named in the message)."""
 
 
-def build_model(name, weights=None, seed=0):
-    """``(model in eval mode, zennit canonizer class or None)``: torchvision's ``name`` with random
-    weights drawn after ``torch.manual_seed(seed)``, or the state_dict in the file ``weights``."""
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    size: int
+    mean: tuple
+    std: tuple
+    transformer: bool
+    identity: dict                       # what identifies it in the run settings
+    canonizer: object = None             # zennit canonizer class for CNN composites
+    forward: object = None               # forward(model, x) -> logits, if not model(x)
+    notes: list = field(default_factory=list)
+
+
+def is_transformer(model):
+    return any(isinstance(m, torch.nn.MultiheadAttention) or 'Attention' in type(m).__name__
+               for m in model.modules())
+
+
+def _weights_identity(weights):
+    if weights is None:
+        return None
+    if not os.path.isfile(weights):
+        raise ModelError(f'no such weights file: {weights}')
+    return file_sha256(weights)
+
+
+def _state_dict(weights):
+    try:
+        state = torch.load(weights, map_location='cpu', weights_only=True)
+    except Exception as error:  # noqa: BLE001 (any unpickling failure: a damaged or foreign file)
+        raise ModelError(f'cannot read the weights file {weights}: {error}') from None
+    if isinstance(state, dict) and 'state_dict' in state and isinstance(state['state_dict'], dict):
+        state = state['state_dict']
+    if not isinstance(state, dict):
+        raise ModelError(f'{weights} holds a {type(state).__name__}, not a state_dict')
+    return state
+
+
+def _load_state(model, weights, spec):
+    try:
+        model.load_state_dict(_state_dict(weights))
+    except RuntimeError as error:
+        raise ModelError(f'the weights in {weights} do not fit {spec}: {str(error).splitlines()[0]}') from None
+
+
+def load_embedded():
+    from ..data import embedded
+
+    model = embedded.load_model()
+    return LoadedModel(model, embedded.IMAGE_SIZE, tuple(embedded.MEAN), tuple(embedded.STD), True,
+                       {'model': 'embedded', 'weights': embedded.WEIGHTS_SHA256})
+
+
+def load_torchvision(name, weights=None, seed=0):
     import torchvision
     from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 
+    available = torchvision.models.list_models(module=torchvision.models)
+    if name not in available:
+        raise ModelError(f'unknown model {name!r}: give "embedded", a torchvision classification model '
+                         f'({", ".join(sorted(available)[:8])}, ...), "timm:<name>" or a local Hugging Face folder')
+    identity = {'model': f'torchvision:{name}', 'weights': _weights_identity(weights)}
     torch.manual_seed(seed)
-    model = getattr(torchvision.models, name)(weights=None)
+    model = torchvision.models.get_model(name, weights=None)
+    notes = []
     if weights is not None:
-        model.load_state_dict(torch.load(weights, map_location='cpu', weights_only=True))
-    elif name in VITS:
-        # torchvision zero-initialises the classification head: all logits and relevance would be 0
-        torch.nn.init.normal_(model.heads.head.weight, std=0.02)
-    if name in VITS:
-        return model.eval(), None
-    canonizer = VGGCanonizer if name.startswith('vgg') else ResNetCanonizer
-    return model.eval(), canonizer
+        _load_state(model, weights, name)
+    else:
+        identity['seed'] = seed
+        notes.append(f'{name} has random weights (seed {seed}): give --weights to explain a trained model')
+        heads = getattr(model, 'heads', None)
+        if heads is not None and hasattr(heads, 'head'):
+            # torchvision zero-initialises a ViT's head: every logit and relevance would be 0
+            torch.nn.init.normal_(heads.head.weight, std=0.02)
+    size = int(getattr(model, 'image_size', 224))
+    canonizer = VGGCanonizer if name.startswith('vgg') else ResNetCanonizer if name.startswith('resnet') else None
+    return LoadedModel(model.eval(), size, IMAGENET_MEAN, IMAGENET_STD, is_transformer(model), identity,
+                       canonizer=canonizer, notes=notes)
 
 
-def build_composite(name, canonizer, model_name='vgg16'):
-    """The composite ``name`` for ``model_name``; CNN composites get ``canonizer()``, and ZBox's
-    bounds are the normalised pixel bounds 0 and 1."""
-    fits = VIT_COMPOSITES if model_name in VITS else CNN_COMPOSITES
+def load_timm(name, weights=None):
+    try:
+        import timm
+    except ImportError:
+        raise ModelError('timm models need timm installed (pip install timm)') from None
+    identity = {'model': f'timm:{name}', 'weights': _weights_identity(weights)}
+    if name not in timm.list_models():
+        raise ModelError(f'timm has no model {name!r}')
+    model = timm.create_model(name, pretrained=False)
+    notes = []
+    if weights is not None:
+        _load_state(model, weights, f'timm:{name}')
+    else:
+        notes.append(f'timm:{name} has random weights: give --weights to explain a trained model')
+    config = model.pretrained_cfg
+    size = int(config.get('input_size', (3, 224, 224))[-1])
+    return LoadedModel(model.eval(), size, tuple(config.get('mean', IMAGENET_MEAN)),
+                       tuple(config.get('std', IMAGENET_STD)), is_transformer(model), identity, notes=notes)
+
+
+def load_huggingface(folder):
+    try:
+        from transformers import AutoModelForImageClassification
+    except ImportError:
+        raise ModelError('Hugging Face models need transformers installed (pip install transformers)') from None
+    if not os.path.isfile(os.path.join(folder, 'config.json')):
+        raise ModelError(f'{folder} is no Hugging Face model folder (no config.json)')
+    try:
+        model = AutoModelForImageClassification.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ModelError(f'cannot load the Hugging Face model in {folder}: {error}') from None
+    processor = {}
+    path = os.path.join(folder, 'preprocessor_config.json')
+    if os.path.isfile(path):
+        with open(path, encoding='utf-8') as file:
+            processor = json.load(file)
+    size = processor.get('size', model.config.image_size)
+    if isinstance(size, dict):
+        size = size.get('height', size.get('shortest_edge', model.config.image_size))
+    weights = sorted(f for f in os.listdir(folder) if f.endswith(('.safetensors', '.bin')))
+    identity = {'model': f'huggingface:{os.path.realpath(folder)}',
+                'weights': [file_sha256(os.path.join(folder, f)) for f in weights]}
+    return LoadedModel(model.eval(), int(size), tuple(processor.get('image_mean', (0.5, 0.5, 0.5))),
+                       tuple(processor.get('image_std', (0.5, 0.5, 0.5))), True, identity,
+                       forward=lambda model, x: model(pixel_values=x).logits)
+
+
+def load_model(spec, weights=None, seed=0):
+    """The :class:`LoadedModel` of a model spec (see the module doc); ModelError names what is wrong."""
+    if spec == 'embedded':
+        if weights is not None:
+            raise ModelError('the embedded model has its own weights; --weights is for the other models')
+        return load_embedded()
+    if spec.startswith('timm:'):
+        return load_timm(spec[len('timm:'):], weights)
+    if os.path.isdir(spec):
+        return load_huggingface(spec)
+    if os.sep in spec or spec.startswith('.'):
+        raise ModelError(f'no such model folder: {spec}')
+    return load_torchvision(spec, weights, seed)
+
+
+def default_composite(loaded):
+    return 'vit_gamma' if loaded.transformer else 'epsilon_gamma_box'
+
+
+def first_rule(name, loaded, gamma=None):
+    low = tuple((0. - m) / s for m, s in zip(loaded.mean, loaded.std))
+    high = tuple((1. - m) / s for m, s in zip(loaded.mean, loaded.std))
+    if name == 'zbox':
+        return rules.ZBox(low=torch.tensor(low).view(1, 3, 1, 1), high=torch.tensor(high).view(1, 3, 1, 1))
+    if name == 'flat':
+        return rules.Flat()
+    if name == 'wsquare':
+        from zennit.rules import WSquare
+        return WSquare()
+    if name == 'epsilon':
+        return rules.Epsilon()
+    if name == 'gamma':
+        return rules.Gamma(gamma=0.25 if gamma is None else gamma)
+    if name == 'zplus':
+        return rules.ZPlus()
+    raise ValueError(f'first rule must be one of {FIRST_RULES}, got {name!r}')
+
+
+def build_composite(name, loaded, parameters):
+    """``(composite, description)`` for the composite ``name`` on ``loaded`` with the given ``parameters``
+    (a dict of the PARAMETERS that were set). ValueError when the composite does not fit the model or
+    does not take a parameter."""
+    fits = VIT_COMPOSITES if loaded.transformer else CNN_COMPOSITES
+    kind = 'a transformer' if loaded.transformer else 'a CNN (no attention)'
+    if name not in COMPOSITES:
+        raise ValueError(f'unknown composite {name!r}; choose one of {sorted(COMPOSITES)}')
     if name not in fits:
-        raise ValueError(f'composite {name!r} does not fit {model_name}; choose one of {sorted(fits)}')
-    if name in VIT_COMPOSITES:
-        return VIT_COMPOSITES[name]()
-    kwargs = {'canonizers': [canonizer()]}
-    if name == 'epsilon_gamma_box':
-        kwargs.update(low=(0. - MEAN) / STD, high=(1. - MEAN) / STD)
-    return COMPOSITES[name](**kwargs)
+        raise ValueError(f'composite {name!r} does not fit {loaded.identity["model"]}, which is {kind}; '
+                         f'choose one of {sorted(fits)}')
+    cls = COMPOSITES[name]
+    accepted = inspect.signature(cls).parameters
+    given = {k: v for k, v in parameters.items() if v is not None}
+    refused = sorted(k for k in given if k not in accepted)
+    if refused:
+        takes = sorted(k for k in PARAMETERS if k in accepted)
+        raise ValueError(f'composite {name!r} takes no {", ".join("--" + k.replace("_", "-") for k in refused)}; '
+                         f'it takes {", ".join("--" + k.replace("_", "-") for k in takes) or "no parameters"}')
+    kwargs = dict(given)
+    if 'first_rule' in kwargs:
+        kwargs['first_rule'] = first_rule(kwargs['first_rule'], loaded, given.get('conv_gamma'))
+    if cls in CNN_COMPOSITES.values():
+        if loaded.canonizer is not None:
+            kwargs['canonizers'] = [loaded.canonizer()]
+        if name == 'epsilon_gamma_box':
+            bounds = first_rule('zbox', loaded)
+            kwargs.update(low=bounds.low, high=bounds.high)
+    return cls(**kwargs), {'composite': name, **given}
+
+
+def fit_warnings(loaded):
+    for note in loaded.notes:
+        warnings.warn(note)

@@ -1,5 +1,5 @@
-"""Input data for the command line and the examples: the embedded sample image, and images from disk."""
-from .images import IMAGE_SUFFIXES, load_images
+"""Input data for the command line and the examples: the embedded sample image (and, in ``embedded``, the
+embedded trained model with its sample images and masks)."""
 from .sample import sample_image
 
-__all__ = ['IMAGE_SUFFIXES', 'load_images', 'sample_image']
+__all__ = ['sample_image']

@@ -52,17 +52,37 @@ def imgify(relevance, cmap=DEFAULT_CMAP):
     return to_pil(colours(relevance, cmap))
 
 
-def save_heatmap(relevance, path, image=None, cmap=DEFAULT_CMAP):
-    """Write :func:`imgify` ``(relevance)`` to ``path`` (format from its suffix; PNG for ``.png``).
+def overlaid(relevance, image, cmap=DEFAULT_CMAP):
+    """``(H, W, 3)`` RGB: the heatmap laid over ``image`` ((3, H, W) in 0..1), each pixel's colour mixed
+    in by its share of the largest |relevance|, so irrelevant pixels show the image unchanged."""
+    heat = colours(relevance, cmap)
+    pixels = _pixels(image, heat.shape[:2]).transpose(1, 2, 0)
+    alpha = np.abs(normalise(relevance) * 2 - 1)[..., None]
+    return (1 - alpha) * pixels + alpha * heat
+
+
+def _pixels(image, size):
+    pixels = np.asarray(image.detach().float().cpu() if hasattr(image, 'detach') else image, dtype=np.float64)
+    if pixels.shape != (3,) + tuple(size):
+        raise ValueError(f'image must be (3, H, W) = {(3,) + tuple(size)} like the relevance, '
+                         f'got {tuple(pixels.shape)}')
+    return pixels
+
+
+def save_heatmap(relevance, path, image=None, cmap=DEFAULT_CMAP, overlay=False, format=None):
+    """Write :func:`imgify` ``(relevance)`` to ``path`` (a file name, format from its suffix, or a binary
+    file object with ``format``, e.g. ``'PNG'``).
 
     With ``image`` (the input, (3, H, W) in 0..1, the relevance's H x W), the PNG is 2W wide: the image
-    on the left, the heatmap on the right.
+    on the left, the heatmap on the right; with ``overlay=True`` it is the heatmap over the image
+    (:func:`overlaid`), W wide.
     """
-    heat = colours(relevance, cmap)
-    if image is not None:
-        pixels = np.asarray(image.detach().cpu() if hasattr(image, 'detach') else image, dtype=np.float64)
-        if pixels.shape != (3,) + heat.shape[:2]:
-            raise ValueError(f'image must be (3, H, W) = {(3,) + heat.shape[:2]} like the relevance, '
-                             f'got {tuple(pixels.shape)}')
-        heat = np.concatenate([pixels.transpose(1, 2, 0), heat], axis=1)
-    to_pil(heat).save(path)
+    if overlay:
+        if image is None:
+            raise ValueError('overlay=True needs the image')
+        heat = overlaid(relevance, image, cmap)
+    else:
+        heat = colours(relevance, cmap)
+        if image is not None:
+            heat = np.concatenate([_pixels(image, heat.shape[:2]).transpose(1, 2, 0), heat], axis=1)
+    to_pil(heat).save(path, format=format)

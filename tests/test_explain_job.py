@@ -1,0 +1,320 @@
+"""``lxt-ext explain`` end to end: outputs and index against a direct attribution (zennit's Gradient with
+the same composite), bad inputs reported by path, resume after SIGKILL equal to an uninterrupted run,
+refused resumes, out-of-memory halving, and torchrun (2 processes, 2 "nodes") equal to 1 process."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import require_module
+from lxt_ext import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def hf_vit(tmp_path_factory):
+    """A tiny random-weight Hugging Face ViT saved as a local model folder (5 classes, 32 x 32)."""
+    transformers = require_module('transformers')
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=4, intermediate_size=64, num_labels=5)
+    model = transformers.ViTForImageClassification(config).eval()
+    folder = tmp_path_factory.mktemp('hf_vit')
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def write_images(folder, count, size=32, seed=0, names=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for index in range(count):
+        path = folder / (names[index] if names else f'img{index:02d}.png')
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def read_index(out):
+    with open(os.path.join(out, 'index.jsonl')) as file:
+        return [json.loads(line) for line in file]
+
+
+def without_seconds(rows):
+    return [{k: v for k, v in row.items() if k != 'seconds'} for row in rows]
+
+
+def explain(*argv):
+    return cli.main(['explain', '--quiet', '--workers', '0', *map(str, argv)])
+
+
+def test_outputs_and_index_match_a_direct_attribution(tmp_path, hf_vit):
+    from transformers import ViTForImageClassification
+    from lxt_ext.composites import ViTEpsilon
+
+    images = tmp_path / 'images'
+    write_images(images / 'a', 3)
+    write_images(images / 'b', 2, seed=1)  # same file names in another folder: no collision
+    out = tmp_path / 'out'
+    assert explain(images, '--model', hf_vit, '--out', out, '--composite', 'vit_epsilon', '--attention', 'cp',
+                   '--relevance', 'npy', '--batch-size', 2) == 0
+    rows = read_index(out)
+    assert [r['path'] for r in rows] == ['a/img00.png', 'a/img01.png', 'a/img02.png', 'b/img00.png', 'b/img01.png']
+    model = ViTForImageClassification.from_pretrained(hf_vit, local_files_only=True).eval()
+    for row in rows:
+        with Image.open(images / row['path']) as image:
+            x = torch.from_numpy(np.array(image.convert('RGB'))).permute(2, 0, 1).float()[None] / 255
+        x = (x - 0.5) / 0.5
+        logits = model(pixel_values=x).logits
+        with ViTEpsilon(attention='cp').context(model) as modified:
+            xg = x.clone().requires_grad_()
+            (expected,) = torch.autograd.grad(modified(pixel_values=xg).logits, xg, torch.eye(5)[logits.argmax(1)])
+        stored = np.load(out / row['relevance'])
+        np.testing.assert_allclose(stored, expected[0].numpy(), rtol=1e-4, atol=1e-6)
+        assert row['predicted'] == row['explained'] == int(logits.argmax())
+        assert row['logit'] == pytest.approx(float(logits.max().detach()), rel=1e-5)
+        assert row['relevance_sum'] == pytest.approx(float(expected.sum()), rel=1e-4, abs=1e-6)
+        with Image.open(out / row['heatmap']) as heatmap:
+            assert heatmap.size == (32, 32)
+    assert (out / 'failures.jsonl').read_text() == ''
+
+
+def test_bad_images_are_reported_by_path_and_skipped(tmp_path, hf_vit, capsys):
+    images = tmp_path / 'images'
+    write_images(images, 3)
+    (images / 'empty.png').write_bytes(b'')
+    (images / 'corrupt.png').write_bytes(b'\x89PNG\r\n\x1a\n' + os.urandom(64))
+    (images / 'text.jpg').write_text('not an image')
+    (images / 'nothing_here').mkdir()
+    out = tmp_path / 'out'
+    assert explain(images, '--model', hf_vit, '--out', out) == 1
+    failures = [json.loads(line) for line in (out / 'failures.jsonl').read_text().splitlines()]
+    assert {f['path']: f['error'] for f in failures}.keys() == {'empty.png', 'corrupt.png', 'text.jpg'}
+    assert 'zero-byte' in next(f['error'] for f in failures if f['path'] == 'empty.png')
+    assert [r['path'] for r in read_index(out)] == ['img00.png', 'img01.png', 'img02.png']
+    captured = capsys.readouterr()
+    assert '3 images failed' in captured.out and str(images / 'corrupt.png') in captured.err
+
+
+def test_wrongly_sized_images_fail_without_resizing(tmp_path, hf_vit):
+    images = tmp_path / 'images'
+    write_images(images, 2)
+    write_images(images, 1, size=40, names=['large.png'])
+    out = tmp_path / 'out'
+    assert explain(images, '--model', hf_vit, '--out', out, '--resize', 'none') == 1
+    failures = (out / 'failures.jsonl').read_text()
+    assert 'large.png' in failures and '40 x 40' in failures
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--model', 'resnet18', '--weights', '/no/such/weights.pt'], 'no such weights file'),
+    (['--model', 'no_such_model'], "unknown model 'no_such_model'"),
+    (['--composite', 'epsilon_gamma_box'], 'does not fit'),
+    (['--composite', 'vit_epsilon', '--linear-gamma', '0.1'], 'takes no --linear-gamma'),
+])
+def test_bad_arguments_are_clear_errors(tmp_path, hf_vit, capsys, argv, message):
+    images = tmp_path / 'images'
+    write_images(images, 1)
+    model = [] if '--model' in argv else ['--model', hf_vit]
+    assert explain(images, *model, *argv, '--out', tmp_path / 'out') == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / 'out' / 'index.jsonl').exists()
+
+
+def test_empty_folder_and_missing_input_are_clear_errors(tmp_path, hf_vit, capsys):
+    (tmp_path / 'empty').mkdir()
+    assert explain(tmp_path / 'empty', '--model', hf_vit, '--out', tmp_path / 'out') == 2
+    assert 'no images' in capsys.readouterr().err
+    assert explain(tmp_path / 'missing', '--model', hf_vit, '--out', tmp_path / 'out') == 2
+    assert 'no such image file' in capsys.readouterr().err
+
+
+def test_a_corrupt_weights_file_is_a_clear_error(tmp_path, capsys):
+    weights = tmp_path / 'weights.pt'
+    weights.write_bytes(b'garbage')
+    images = tmp_path / 'images'
+    write_images(images, 1)
+    assert explain(images, '--model', 'resnet18', '--weights', weights, '--out', tmp_path / 'out') == 2
+    assert 'cannot read the weights file' in capsys.readouterr().err
+
+
+def test_list_files_and_globs(tmp_path, hf_vit):
+    images = tmp_path / 'images'
+    paths = write_images(images, 4)
+    listing = tmp_path / 'list.txt'
+    listing.write_text(f'# two of them\nimages/{paths[0].name}\n{paths[2]}\n')
+    out = tmp_path / 'out'
+    assert explain(listing, str(images / 'img03.*'), '--model', hf_vit, '--out', out) == 0
+    assert [r['path'] for r in read_index(out)] == ['img00.png', 'img02.png', 'img03.png']
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, hf_vit, capsys):
+    images = tmp_path / 'images'
+    write_images(images, 2)
+    out = tmp_path / 'out'
+    assert explain(images, '--model', hf_vit, '--out', out) == 0
+    before = {p: p.read_bytes() for p in out.rglob('*') if p.is_file()}
+    assert explain(images, '--model', hf_vit, '--out', out, '--attention', 'attnlrp') == 2
+    assert "attention: None -> 'attnlrp'" in capsys.readouterr().err
+    assert explain(images, '--model', hf_vit, '--out', out, '--no-resume') == 2
+    assert {p: p.read_bytes() for p in out.rglob('*') if p.is_file()} == before  # nothing lost or mixed
+
+
+def test_top_k_and_a_given_target(tmp_path, hf_vit):
+    images = tmp_path / 'images'
+    write_images(images, 3)
+    out = tmp_path / 'topk'
+    assert explain(images, '--model', hf_vit, '--out', out, '--top-k', 2, '--relevance', 'safetensors') == 0
+    rows = read_index(out)
+    assert [(r['path'], r['rank']) for r in rows] == [(f'img0{i}.png', j) for i in range(3) for j in range(2)]
+    given = tmp_path / 'given'
+    assert explain(images, '--model', hf_vit, '--out', given, '--relevance', 'npy', '--target', 3) == 0
+    from safetensors.torch import load_file
+    for row, other in zip(rows, read_index(given)):
+        assert other['explained'] == 3
+        if row['explained'] == 3:  # the same class explained both ways: the same relevance
+            file, key = row['relevance'].split(':')
+            np.testing.assert_allclose(load_file(out / file)[key].numpy(), np.load(given / other['relevance']),
+                                       rtol=1e-5, atol=1e-7)
+    assert all(rows[2 * i]['logit'] >= rows[2 * i + 1]['logit'] for i in range(3))
+
+
+def test_out_of_memory_halves_the_batch(tmp_path, hf_vit, monkeypatch):
+    from lxt_ext.explanation import Explainer
+
+    images = tmp_path / 'images'
+    write_images(images, 5)
+    reference = tmp_path / 'reference'
+    assert explain(images, '--model', hf_vit, '--out', reference, '--relevance', 'npy', '--batch-size', 4) == 0
+    call = Explainer.__call__
+
+    def small_memory(self, x, *args, **kwargs):
+        if x.shape[0] > 1:
+            raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB (injected)')
+        return call(self, x, *args, **kwargs)
+    monkeypatch.setattr(Explainer, '__call__', small_memory)
+    out = tmp_path / 'out'
+    with pytest.warns(UserWarning, match='out of memory: attributing in batches of 1'):
+        assert explain(images, '--model', hf_vit, '--out', out, '--relevance', 'npy', '--batch-size', 4) == 0
+    for row, expected in zip(read_index(out), read_index(reference), strict=True):
+        for key in ('logit', 'relevance_sum'):  # other batch shapes: other rounding
+            assert row.pop(key) == pytest.approx(expected.pop(key), rel=1e-5, abs=1e-7)
+        assert without_seconds([row]) == without_seconds([expected])
+    for row in read_index(out):
+        np.testing.assert_allclose(np.load(out / row['relevance']), np.load(reference / row['relevance']),
+                                   rtol=1e-5, atol=1e-7)
+
+
+KILLER = textwrap.dedent('''
+    import os, signal, sys
+    from lxt_ext.job.outputs import OutputFolder
+    write_part, parts = OutputFolder.write_part, [0]
+    def killing(self, *args):
+        write_part(self, *args)
+        parts[0] += 1
+        if parts[0] == int(os.environ['KILL_AFTER_PARTS']):
+            os.kill(os.getpid(), signal.SIGKILL)
+    OutputFolder.write_part = killing
+    from lxt_ext.cli import main
+    sys.exit(main(sys.argv[1:]))
+''')
+
+
+def run(argv, env=None, check=True):
+    process = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT,
+                             env={**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})}, timeout=600)
+    if check and process.returncode != 0:
+        raise AssertionError(f'{argv} exited {process.returncode}:\n{process.stdout}\n{process.stderr}')
+    return process
+
+
+def outputs(out):
+    """Every output file's bytes but the index's per-image seconds (and run.json, parts' seconds)."""
+    files = {}
+    for path in sorted(out.rglob('*')):
+        if path.is_file() and path.suffix in ('.npy', '.png', '.safetensors'):
+            files[str(path.relative_to(out))] = path.read_bytes()
+    return files
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, hf_vit):
+    images = tmp_path / 'images'
+    write_images(images, 7)
+    args = ['explain', str(images), '--model', hf_vit, '--relevance', 'npy', '--batch-size', '2', '--threads',
+            '1', '--workers', '1', '--quiet']
+    whole = tmp_path / 'whole'
+    run([sys.executable, '-m', 'lxt_ext', *args, '--out', str(whole)])
+    killed = tmp_path / 'killed'
+    process = run([sys.executable, '-c', KILLER, *args, '--out', str(killed)], env={'KILL_AFTER_PARTS': '2'},
+                  check=False)
+    assert process.returncode == -signal.SIGKILL
+    assert len(list((killed / 'parts').iterdir())) == 2 and not (killed / 'index.jsonl').exists()
+    resumed = run([sys.executable, '-m', 'lxt_ext', *args, '--out', str(killed)])
+    assert '4 skipped' in resumed.stdout
+    assert without_seconds(read_index(killed)) == without_seconds(read_index(whole))
+    assert outputs(killed) == outputs(whole)  # bitwise, nothing duplicated
+    assert not [p for p in killed.rglob('.tmp-*')]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args):
+    return [sys.executable, '-m', 'torch.distributed.run', *args]
+
+
+def test_torchrun_two_processes_and_two_nodes_equal_one_process(tmp_path, hf_vit):
+    images = tmp_path / 'images'
+    write_images(images, 9)
+    args = ['-m', 'lxt_ext', 'explain', str(images), '--model', hf_vit, '--relevance', 'npy', '--batch-size', '2',
+            '--threads', '1', '--workers', '0', '--quiet']
+    single = tmp_path / 'single'
+    run([sys.executable, *args, '--out', str(single)])
+    double = tmp_path / 'double'
+    run(torchrun('--nproc_per_node=2', f'--master_port={free_port()}', *args, '--out', str(double)))
+    assert without_seconds(read_index(double)) == without_seconds(read_index(single))
+    assert outputs(double) == outputs(single)
+    # two torchrun "nodes" of one process each on a loopback rendezvous
+    nodes = tmp_path / 'nodes'
+    port = free_port()
+    launched = [subprocess.Popen(torchrun('--nnodes=2', f'--node_rank={rank}', '--nproc_per_node=1',
+                                          '--master_addr=127.0.0.1', f'--master_port={port}', *args, '--out',
+                                          str(nodes)), cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'},
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for rank in range(2)]
+    for process in launched:
+        stdout, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr
+    assert without_seconds(read_index(nodes)) == without_seconds(read_index(single))
+    assert outputs(nodes) == outputs(single)
+
+
+def test_torchrun_killed_rank_then_resume_equals_one_process(tmp_path, hf_vit):
+    images = tmp_path / 'images'
+    write_images(images, 9)
+    args = ['explain', str(images), '--model', hf_vit, '--relevance', 'npy', '--batch-size', '2', '--threads', '1',
+            '--workers', '0', '--quiet']
+    single = tmp_path / 'single'
+    run([sys.executable, '-m', 'lxt_ext', *args, '--out', str(single)])
+    out = tmp_path / 'out'
+    script = tmp_path / 'killer.py'
+    script.write_text(KILLER)
+    # every rank dies after its first batch part; torchrun then stops the job
+    killed = run(torchrun('--nproc_per_node=2', f'--master_port={free_port()}', str(script), *args, '--out',
+                          str(out)), env={'KILL_AFTER_PARTS': '1'}, check=False)
+    assert killed.returncode != 0 and not (out / 'index.jsonl').exists()
+    run(torchrun('--nproc_per_node=2', f'--master_port={free_port()}', '-m', 'lxt_ext', *args, '--out', str(out)))
+    assert without_seconds(read_index(out)) == without_seconds(read_index(single))
+    assert outputs(out) == outputs(single)
