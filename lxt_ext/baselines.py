@@ -13,23 +13,13 @@ import math
 import torch
 from zennit.attribution import IntegratedGradients, SmoothGrad
 
-__all__ = ['gradient', 'gradient_x_input', 'integrated_gradients', 'smoothgrad', 'attention_rollout', 'METHODS',
-           'logits_of']
+from .explanation import _logits, explain_batch
 
-
-def logits_of(output):
-    """The logits tensor of a model output (a tensor, or an object with ``.logits``)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, 'logits', None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    raise TypeError(f'the model returned {type(output).__name__}, not a logits tensor nor an object with '
-                    f'.logits; pass forward=lambda model, x: <logits>')
+__all__ = ['gradient', 'gradient_x_input', 'integrated_gradients', 'smoothgrad', 'attention_rollout', 'METHODS']
 
 
 def _call(model, x, forward):
-    return logits_of(model(x) if forward is None else forward(model, x))
+    return _logits(model(x) if forward is None else forward(model, x))
 
 
 def _check(x, target):
@@ -42,17 +32,12 @@ def _check(x, target):
 
 def _one_hot(target):
     """zennit's ``attr_output``: the one-hot seed of each row's target class."""
-    return lambda output: torch.nn.functional.one_hot(target, logits_of(output).shape[-1]).to(logits_of(output).dtype)
+    return lambda logits: torch.nn.functional.one_hot(target, logits.shape[-1]).to(logits.dtype)
 
 
 def gradient(model, x, target, forward=None):
     """Saliency: ``d f_t(x) / d x``."""
-    target = _check(x, target)
-    x = x.detach().requires_grad_()
-    with torch.enable_grad():
-        logits = _call(model, x, forward)
-        (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), x)
-    return grad
+    return explain_batch(model, x, None, target=_check(x, target), forward=forward).relevance
 
 
 def gradient_x_input(model, x, target, forward=None):

@@ -189,5 +189,5 @@ def test_bad_input_is_named():
         gradient(model, x, 1)
     with pytest.raises(ValueError, match='found no attention module'):
         attention_rollout(model, x, torch.tensor([0, 1, 2]))
-    with pytest.raises(TypeError, match='not a logits tensor'):
+    with pytest.raises(TypeError, match='must return logits'):
         gradient(lambda inputs: {'scores': inputs}, x, torch.tensor([0, 1, 2]))

@@ -152,6 +152,31 @@ def test_tokens_with_baseline_tensor_and_max_steps():
                                                   units_per_step=2, max_steps=2, progress=False), curve)
 
 
+def test_tokens_of_a_transformer_by_hand():
+    """A small BERT classifier explained on its input embeddings: the MoRF deletion curve equals zeroing
+    the most relevant token embeddings one by one in a loop."""
+    transformers = require_module('transformers')
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, num_labels=3, max_position_embeddings=16)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).eval()
+    ids = torch.randint(50, (2, 7), generator=torch.Generator().manual_seed(1))
+    embeds = model.get_input_embeddings()(ids).detach()
+    forward = lambda m, e: m(inputs_embeds=e).logits  # noqa: E731
+    target = torch.tensor([2, 0])
+    relevance = torch.randn(2, 7, generator=torch.Generator().manual_seed(2))
+    curve = perturbation_curve(model, embeds, relevance, target, unit='token', forward=forward, progress=False)
+    for i in range(2):
+        order = sorted(range(7), key=lambda t: float(relevance[i, t]), reverse=True)
+        expected = []
+        for k in range(8):
+            e = embeds[i:i + 1].clone()
+            e[0, order[:k]] = 0
+            with torch.no_grad():
+                expected.append(float(forward(model, e)[0, target[i]]))
+        torch.testing.assert_close(curve[i], torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+
+
 def test_ties_go_in_position_order_in_both_orders():
     x = torch.arange(1., 10., dtype=torch.float64).view(1, 1, 3, 3)
     model = Linear(x.shape[1:], classes=1)

@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..baselines import logits_of as _logits
-from ..explanation import explain_batch
+from ..explanation import _logits, explain_batch
 from .localization import pointing_game, relevance_mass_accuracy
 from .perturbation import Faithfulness, faithfulness
 

@@ -39,7 +39,7 @@ import torch
 import torchvision.transforms.functional as TF
 from tqdm.auto import tqdm
 
-from ..baselines import logits_of
+from ..explanation import _logits
 
 __all__ = ['UNITS', 'MODES', 'ORDERS', 'FILLS', 'blur', 'unit_relevance', 'perturbation_curve', 'area',
            'Faithfulness', 'faithfulness']
@@ -173,7 +173,7 @@ def _curves(model, x, relevance, target, orders, mode, unit, patch_size, fill, u
         for k in tqdm(range(steps + 1), desc=f'{mode} by {unit}', disable=not progress, leave=False):
             mask = _spread(rank < min(k * units_per_step, units), x.shape, unit, patch_size)
             inputs = torch.where(mask, baseline_all, x_all) if mode == 'deletion' else torch.where(mask, x_all, baseline_all)
-            logits = logits_of(call(model, inputs))
+            logits = _logits(call(model, inputs))
             curve[:, k] = logits.gather(1, target_all[:, None])[:, 0].double()
     return curve.view(len(orders), n, steps + 1)
 
