@@ -58,6 +58,9 @@ setup(
     long_description=open(os.path.join(ROOT, 'README.md')).read() if os.path.exists(os.path.join(ROOT, 'README.md')) else '',
     long_description_content_type='text/markdown',
     packages=find_packages(include=['lxt_ext', 'lxt_ext.*']),
+    # the embedded default model (weights, model card) and its sample images and masks
+    package_data={'lxt_ext': ['data/embedded/*.pt', 'data/embedded/*.json', 'data/embedded/samples/*.png',
+                              'data/embedded/masks/*.png']},
     ext_modules=[extension()],
     cmdclass={'build_ext': cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires='>=3.10',
@@ -66,6 +69,7 @@ setup(
         'test': ['pytest', 'pytest-benchmark', 'hypothesis', 'torchvision'],
         'timm': ['timm'],
         'transformers': ['transformers'],
+        'safetensors': ['safetensors'],
     },
     entry_points={'console_scripts': ['lxt-ext=lxt_ext.cli:main']},
 )

@@ -318,3 +318,17 @@ def test_torchrun_killed_rank_then_resume_equals_one_process(tmp_path, hf_vit):
     run(torchrun('--nproc_per_node=2', f'--master_port={free_port()}', '-m', 'lxt_ext', *args, '--out', str(out)))
     assert without_seconds(read_index(out)) == without_seconds(read_index(single))
     assert outputs(out) == outputs(single)
+
+
+def test_bfloat16_relevance_follows_float32(tmp_path, hf_vit):
+    images = tmp_path / 'images'
+    write_images(images, 3)
+    for dtype in ('float32', 'bfloat16'):
+        assert explain(images, '--model', hf_vit, '--out', tmp_path / dtype, '--relevance', 'npy',
+                       '--target', 1, '--dtype', dtype) == 0
+    for row, half in zip(read_index(tmp_path / 'float32'), read_index(tmp_path / 'bfloat16'), strict=True):
+        full = np.load(tmp_path / 'float32' / row['relevance']).ravel()
+        low = np.load(tmp_path / 'bfloat16' / half['relevance']).ravel()
+        assert low.dtype == np.float32
+        assert np.dot(full, low) / (np.linalg.norm(full) * np.linalg.norm(low)) > 0.95
+        assert half['logit'] == pytest.approx(row['logit'], rel=0.05, abs=0.02)

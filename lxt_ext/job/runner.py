@@ -66,6 +66,12 @@ class ExplainJob:
                  writers=2):
         if relevance not in RELEVANCE_FORMATS:
             raise ValueError(f'relevance must be one of {RELEVANCE_FORMATS}, got {relevance!r}')
+        if relevance == 'safetensors':
+            try:
+                import safetensors  # noqa: F401
+            except ImportError:
+                raise ValueError('relevance shards in safetensors need the safetensors package '
+                                 '(pip install safetensors); or store .npy files') from None
         if dtype not in DTYPES:
             raise ValueError(f'dtype must be one of {tuple(DTYPES)}, got {dtype!r}')
         if batch_size < 1:
