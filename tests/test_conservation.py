@@ -298,3 +298,60 @@ def test_zeroed_restores_bitwise_and_bad_input_is_named():
         conservation(model, torch.ones(2, 3, 32, 32, dtype=torch.long))
     with pytest.raises(ValueError, match="convention must be"):
         conservation(model, torch.ones(2, 3, 32, 32), convention='gxi')
+
+
+def check_command(capsys, *argv):
+    """``lxt-ext check`` through its own parser: ``(exit status, stdout, stderr)``."""
+    import argparse
+
+    from lxt_ext.cli import check
+
+    parser = argparse.ArgumentParser()
+    check.add_arguments(parser)
+    status = check.run(parser.parse_args([str(a) for a in argv]))
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def test_check_command_on_local_hugging_face_folders(tmp_path, capsys):
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, head_dim=8))
+    llama.save_pretrained(tmp_path / 'llama')
+    status, out, err = check_command(capsys, tmp_path / 'llama', '--tokens', 6, '--batch-size', 2)
+    assert status == 0, err
+    assert 'model.layers.1.self_attn' in out and 'relevance is conserved in all' in out
+    # a config without weights (porting: random weights); GPT-2 adds position embeddings (wpe) to the
+    # input: kept, they take relevance in the module that adds them
+    transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                            architectures=['GPT2LMHeadModel']).save_pretrained(tmp_path / 'gpt2')
+    with pytest.warns(UserWarning, match='no weight files'):
+        status, out, err = check_command(capsys, tmp_path / 'gpt2', '--tokens', 6, '--keep-bias')
+    assert status == 1 and 'leaks first (in backward order, from the output towards the input) at transformer ' \
+        '(GPT2Model)' in out
+    with pytest.warns(UserWarning, match='no weight files'):
+        status, out, err = check_command(capsys, tmp_path / 'gpt2', '--tokens', 6)
+    assert status == 0 and 'transformer.wpe.weight' in out
+    # a vision transformer folder
+    vit = transformers.ViTForImageClassification(transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=48, num_labels=5))
+    vit.save_pretrained(tmp_path / 'vit')
+    status, out, err = check_command(capsys, tmp_path / 'vit', '--attention', 'attnlrp')
+    assert status == 0 and 'AttnLRP' in out and 'attnlrp' in out
+    status, out, err = check_command(capsys, tmp_path / 'vit', '--composite', 'language_transformer')
+    assert status == 2 and 'language_transformer does not fit' in err
+
+
+def test_check_command_on_the_embedded_model(capsys):
+    import os
+
+    import lxt_ext.data
+    from conftest import require
+
+    folder = os.path.join(os.path.dirname(lxt_ext.data.__file__), 'embedded')
+    require(os.path.isfile(os.path.join(folder, 'model.json')), f'the embedded model is not shipped yet ({folder})')
+    status, out, err = check_command(capsys, 'embedded', '--batch-size', 2)
+    assert status == 0, out + err
+    assert 'conv_proj' in out and 'relevance is conserved in all' in out
