@@ -115,7 +115,8 @@ def _probs_function(module):
     cls = type(module)
     if cls.__module__.startswith('timm.') and cls.__name__ == 'Attention' and hasattr(module, 'qkv'):
         return _timm_probs
-    if cls.__module__.startswith('transformers.') and all(hasattr(module, a) for a in ('q_proj', 'k_proj', 'head_dim', 'scaling')):
+    if cls.__module__.startswith('transformers.') and all(
+            hasattr(module, a) for a in ('q_proj', 'k_proj', 'head_dim', 'scaling')):
         return _hf_probs
     return None
 

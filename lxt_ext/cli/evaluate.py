@@ -50,7 +50,8 @@ def add_arguments(parser):
     group.add_argument('--mode', choices=MODES, default='deletion')
     group.add_argument('--unit', choices=[u for u in UNITS if u != 'token'], default='patch')
     group.add_argument('--patch-size', type=int, help='default: the model\'s patch size, else 16')
-    group.add_argument('--fill', choices=FILLS, default='zeros', help='on the normalised input (zeros: the mean colour)')
+    group.add_argument('--fill', choices=FILLS, default='zeros',
+                       help='on the normalised input (zeros: the mean colour)')
     group.add_argument('--units-per-step', type=int, default=1)
     group.add_argument('--max-steps', type=int, help='stop after this many steps')
     group = parser.add_argument_group('gamma search')

@@ -1,6 +1,7 @@
 """Several attribution methods on one data set, side by side: perturbation faithfulness (ABPC, MoRF and
 LeRF areas), localisation against masks (relevance mass accuracy, pointing game) and the attribution
-time per image (after one untimed warm-up call of each method), with a markdown table, a JSON record and a PNG of the curves and example heatmaps.
+time per image (after one untimed warm-up call of each method), with a markdown table, a JSON record
+and a PNG of the curves and example heatmaps.
 
 A method is ``method(model, x, target) -> relevance shaped like x`` (the baselines of
 ``lxt_ext.baselines`` are such functions; :func:`lrp_method` makes one of an LRP composite). Every

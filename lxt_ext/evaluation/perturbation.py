@@ -165,14 +165,16 @@ def _curves(model, x, relevance, target, orders, mode, unit, patch_size, fill, u
         steps = min(steps, int(max_steps))
     x = x.detach()
     baseline = _fill(x, fill, unit)
-    x_all, baseline_all = x.repeat(len(orders), *[1] * (x.dim() - 1)), baseline.repeat(len(orders), *[1] * (x.dim() - 1))
+    repeats = (len(orders),) + (1,) * (x.dim() - 1)
+    x_all, baseline_all = x.repeat(repeats), baseline.repeat(repeats)
     target_all = target.long().repeat(len(orders))
     curve = torch.empty(len(orders) * n, steps + 1, device=x.device, dtype=torch.float64)
     call = forward or (lambda model, inputs: model(inputs))
     with torch.no_grad():
         for k in tqdm(range(steps + 1), desc=f'{mode} by {unit}', disable=not progress, leave=False):
             mask = _spread(rank < min(k * units_per_step, units), x.shape, unit, patch_size)
-            inputs = torch.where(mask, baseline_all, x_all) if mode == 'deletion' else torch.where(mask, x_all, baseline_all)
+            gone, kept = (baseline_all, x_all) if mode == 'deletion' else (x_all, baseline_all)
+            inputs = torch.where(mask, gone, kept)
             logits = _logits(call(model, inputs))
             curve[:, k] = logits.gather(1, target_all[:, None])[:, 0].double()
     return curve.view(len(orders), n, steps + 1)
