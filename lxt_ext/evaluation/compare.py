@@ -56,11 +56,14 @@ class MethodResult:
         return self.abpc.shape[0]
 
     def summary(self):
-        """Means over the images (NaN-free means for the localisation scores)."""
+        """Means over the images (NaN-free means for the localisation scores), and the standard error of
+        the mean ABPC (sample standard deviation / sqrt(N); 0 for one image)."""
         mean = lambda t: None if t is None else float(t.nanmean())  # noqa: E731
-        return {'abpc': mean(self.abpc), 'morf_area': mean(self.morf_area), 'lerf_area': mean(self.lerf_area),
-                'relevance_mass': mean(self.relevance_mass), 'pointing_game': mean(self.pointing_game),
-                'seconds_per_image': self.seconds / self.images, 'images': self.images}
+        sem = float(self.abpc.std() / self.images ** 0.5) if self.images > 1 else 0.
+        return {'abpc': mean(self.abpc), 'abpc_sem': sem, 'morf_area': mean(self.morf_area),
+                'lerf_area': mean(self.lerf_area), 'relevance_mass': mean(self.relevance_mass),
+                'pointing_game': mean(self.pointing_game), 'seconds_per_image': self.seconds / self.images,
+                'images': self.images}
 
 
 def _sync(device):
@@ -139,12 +142,12 @@ def compare(model, images, methods, masks=None, target=None, preprocess=None, ba
 
 def markdown_table(results):
     """The results as a markdown table, one row per method (means over the images)."""
-    lines = ['| method | ABPC | MoRF area | LeRF area | relevance mass | pointing game | s / image |',
+    lines = ['| method | ABPC (± s.e.m.) | MoRF area | LeRF area | relevance mass | pointing game | s / image |',
              '|---|---:|---:|---:|---:|---:|---:|']
     fmt = lambda v, spec: 'n/a' if v is None else format(v, spec)  # noqa: E731
     for r in results:
         s = r.summary()
-        lines.append(f"| {r.name} | {fmt(s['abpc'], '.4g')} | {fmt(s['morf_area'], '.4g')} | "
+        lines.append(f"| {r.name} | {s['abpc']:.4g} ± {s['abpc_sem']:.2g} | {fmt(s['morf_area'], '.4g')} | "
                      f"{fmt(s['lerf_area'], '.4g')} | {fmt(s['relevance_mass'], '.3f')} | "
                      f"{fmt(s['pointing_game'], '.3f')} | {s['seconds_per_image']:.3g} |")
     return '\n'.join(lines)
