@@ -239,6 +239,8 @@ def test_bad_input_is_named():
         perturbation_curve(model, x, r.masked_fill(r > 0, float('nan')), t, unit='pixel', progress=False)
     with pytest.raises(ValueError, match='target must be'):
         perturbation_curve(model, x, r, torch.tensor([0, 1, 2]), unit='pixel', progress=False)
+    with pytest.raises(ValueError, match='fill must be one of'):
+        perturbation_curve(model, x, r, t, unit='pixel', fill='noise', progress=False)
     with pytest.raises(ValueError, match='does not broadcast'):
         perturbation_curve(model, x, r, t, unit='pixel', fill=torch.zeros(3), progress=False)
     with pytest.raises(ValueError, match="fill='blur' is for images"):

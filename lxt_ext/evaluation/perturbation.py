@@ -71,7 +71,8 @@ def _fill(x, fill, unit):
         except RuntimeError:
             raise ValueError(f'the fill tensor of shape {tuple(fill.shape)} does not broadcast to the input '
                              f'{tuple(x.shape)}') from None
-    _choice('fill', fill, FILLS + ('a tensor',))
+    if fill not in FILLS:
+        raise ValueError(f'fill must be one of {FILLS} or a tensor that broadcasts to the input, got {fill!r}')
     if fill == 'zeros':
         return torch.zeros_like(x)
     if fill == 'mean':
