@@ -60,8 +60,9 @@ PROBLEMS = ('nan in forward', 'nan', 'explodes', 'leaks')
 class ModuleRelevance:
     """One module's relevance, summed over its calls: ``r_out``/``r_in`` (signed sums), ``abs_out``/
     ``abs_in`` (sums of |r|), ``leak = r_in - r_out``, ``own`` (its leak less its children's), ``status``
-    (``'ok'``, ``'attnlrp'``, ``'nan received'``, or one of ``PROBLEMS``) and ``explicit`` (its input
-    relevance was read in zennit's explicit convention)."""
+    (``'ok'``, ``'attnlrp'``, ``'nan received'``, or one of ``PROBLEMS``), ``explicit`` (its input
+    relevance was read in zennit's explicit convention) and ``children`` (how many of the modules inside
+    it were called)."""
     name: str
     type: str
     calls: int = 0
@@ -78,6 +79,7 @@ class ModuleRelevance:
     finite_in: bool = True
     forward_nan: bool = False
     reached: bool = False
+    children: int = 0
     eps: float = 0.
     order: int = 0
     completed: int = -1
@@ -127,7 +129,11 @@ class ConservationReport:
                 'nan in forward': 'its output turned NaN/Inf in the forward pass from finite inputs',
                 'nan': 'the relevance it passes back holds NaN/Inf although the relevance arriving is finite',
                 'explodes': f'sum |R_in| = {m.abs_in:.4g} from sum |R_out| = {m.abs_out:.4g}',
-                'leaks': f'R_in = {m.r_in:.6g} vs R_out = {m.r_out:.6g}, {m.own:+.4g} not explained by its children',
+                'leaks': f'R_in = {m.r_in:.6g} vs R_out = {m.r_out:.6g}; ' + (
+                    f'{m.own:+.4g} not explained by its children: its own code leaks (a functional non-linear '
+                    f'operation, see lxt_ext.diagnostics.audit, or an added constant such as a bias or a position '
+                    f'embedding, see zero_bias)' if m.children else
+                    f'its rule (or, without one, its plain gradient) does not conserve'),
             }[m.status]
             head = (f'relevance {m.status} first (in backward order, from the output towards the input) at '
                     f'{m.label} ({m.type}): {what}')
@@ -359,6 +365,7 @@ class _Monitor:
         for m in sorted(modules, key=lambda m: m.completed):  # children complete before their parents
             m.leak = m.r_in - m.r_out
             m.own = m.leak - sum(c.leak for c in children[m.name])
+            m.children = len(children[m.name])
             mass[m.name] = m.abs_in + m.abs_out + sum(mass[c.name] for c in children[m.name])
             tolerance = rtol * max(abs(m.r_out), scale) + 64 * m.eps * mass[m.name]
             exploded_below = any(c.status == 'explodes' for c in children[m.name])
