@@ -241,7 +241,9 @@ def text_image(tokens, relevance, words=False, scheme='auto', width=800, font_si
 
 _LATEX_ESCAPES = {'\\': r'\textbackslash{}', '{': r'\{', '}': r'\}', '$': r'\$', '&': r'\&', '#': r'\#',
                   '^': r'\textasciicircum{}', '_': r'\_', '~': r'\textasciitilde{}', '%': r'\%',
-                  '<': r'\textless{}', '>': r'\textgreater{}', '|': r'\textbar{}', '↵': r'\ensuremath{\hookleftarrow}'}
+                  '<': r'\textless{}', '>': r'\textgreater{}', '|': r'\textbar{}', '↵': r'\ensuremath{\hookleftarrow}',
+                  # no ligatures: -- and --- would become dashes, '' and `` quotes
+                  '-': '-{}', "'": "'{}", '`': '`{}'}
 
 
 def _latex_text(text, unicode_engine, replaced):
