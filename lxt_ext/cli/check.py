@@ -38,7 +38,7 @@ def add_arguments(parser):
     parser.add_argument('--batch-size', type=int, default=1, help='inputs checked at once')
     parser.add_argument('--text', help='text models: the text to check (default: random tokens)')
     parser.add_argument('--tokens', type=int, default=16, help='text models: number of random tokens')
-    parser.add_argument('--rtol', type=float, default=1e-4,
+    parser.add_argument('--rtol', type=float, default=1e-3,
                         help='allowed leak per module, relative to max(|R_out|, |output relevance|)')
     parser.add_argument('--explode', type=float, default=1e3,
                         help='sum |R_in| above this many times sum |R_out| (or |output relevance|) explodes')
