@@ -286,3 +286,20 @@ def test_pdflatex_source_replaces_what_it_cannot_set():
     with pytest.warns(UserWarning, match='😀'):
         source = text_heatmap.text_latex(['Ġok', 'ĠðŁĺĢ'], [1., -1.])
     assert r'\colorbox[rgb]{0.000,0.000,1.000}{\strut ?}' in source
+
+
+def test_png_breaks_lines_between_words_not_inside_them():
+    """'abc' + 'def' is one word: where 'xxxxxxxx abc' fits a line but 'xxxxxxxx abcdef' does not, the whole
+    word moves to the next line (a break at the token boundary would leave 'abc' on the first)."""
+    from PIL import ImageFont
+
+    face = ImageFont.truetype(text_heatmap._font(None, 20).path, 20)
+    first, word = face.getlength('xxxxxxxx abc'), face.getlength('xxxxxxxx abcdef')
+    width = int((first + word) / 2) + 20  # the margins: 10 on each side
+    image = np.asarray(text_image(['▁xxxxxxxx', '▁abc', 'def'], [0., 1., -1.], width=width)).astype(int)
+    red, blue = boxes_in(image)
+    red_rows, blue_rows = np.nonzero(red)[0], np.nonzero(blue)[0]
+    assert red_rows.size and blue_rows.size
+    assert red_rows.min() == blue_rows.min()  # one line
+    dark_rows = np.nonzero((image.sum(-1) < 150)[:, :width // 2])[0]
+    assert red_rows.min() > dark_rows.min() + 10  # below the line of 'xxxxxxxx'

@@ -207,9 +207,9 @@ def _matplotlib_font():
 
 
 def text_image(tokens, relevance, words=False, scheme='auto', width=800, font_size=20, font=None, margin=10):
-    """The heatmap as a PIL RGB image ``width`` pixels wide (lines wrapped at word boundaries, or inside
-    a word longer than a line), each token's (or word's) box filled with its colour. ``font``: a TrueType
-    file (default DejaVu Sans; PIL's default font with a warning where it is missing)."""
+    """The heatmap as a PIL RGB image ``width`` pixels wide, each token's (or word's) box filled with its
+    colour; lines break between words (inside a word only where it is longer than a line). ``font``: a
+    TrueType file (default DejaVu Sans; PIL's default font with a warning where it is missing)."""
     from PIL import Image, ImageDraw
 
     units, relevance = _units(tokens, relevance, words, scheme)
@@ -218,16 +218,23 @@ def text_image(tokens, relevance, words=False, scheme='auto', width=800, font_si
     pad = max(1, font_size // 8)
     line = ascent + descent + 2 * pad + max(2, font_size // 4)
     space = face.getlength(' ')
+    shown = [body or ' ' for _, body, _, _ in units]
+    widths = [face.getlength(text) for text in shown]
+    # the width of the word each unit starts (a word: units up to the next leading space or line break)
+    word = [0.] * len(units)
+    for i in reversed(range(len(units))):
+        joined = i + 1 < len(units) and not units[i + 1][0] and not units[i][2]
+        word[i] = widths[i] + (word[i + 1] if joined else 0.)
     boxes, x, y = [], margin, margin
-    for lead, body, newline, _ in units:
-        shown = body or ' '
-        w = face.getlength(shown)
+    for i, (lead, _, newline, _) in enumerate(units):
+        starts = i == 0 or bool(lead) or units[i - 1][2]
         if x > margin:
             x += space * len(lead.expandtabs(1))
-        if x > margin and x + w > width - margin:
+        needed = word[i] if starts else widths[i]
+        if x > margin and x + needed > width - margin:
             x, y = margin, y + line
-        boxes.append((x, y, shown))
-        x += w
+        boxes.append((x, y, shown[i]))
+        x += widths[i]
         if newline:
             x, y = margin, y + line
     image = Image.new('RGB', (width, int(y + line + margin)), 'white')
