@@ -322,6 +322,17 @@ def test_check_command_on_local_hugging_face_folders(tmp_path, capsys):
     status, out, err = check_command(capsys, tmp_path / 'llama', '--tokens', 6, '--batch-size', 2)
     assert status == 0, err
     assert 'model.layers.1.self_attn' in out and 'relevance is conserved in all' in out
+    status, out, err = check_command(capsys, tmp_path / 'llama', '--text', 'hello world')
+    assert status == 2 and '--text needs a tokenizer' in err
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token='<unk>'))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(['hello world'] * 4, trainers.BpeTrainer(vocab_size=40, special_tokens=['<unk>'],
+                                                                          show_progress=False))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(tmp_path / 'llama')
+    status, out, err = check_command(capsys, tmp_path / 'llama', '--text', 'hello world')
+    assert status == 0 and 'relevance is conserved in all' in out, err
     # a config without weights (porting: random weights); GPT-2 adds position embeddings (wpe) to the
     # input: kept, they take relevance in the module that adds them
     transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32,
