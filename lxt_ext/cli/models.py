@@ -93,7 +93,8 @@ def load_embedded():
     from ..data import embedded
 
     model = embedded.load_model()
-    return LoadedModel(model, embedded.IMAGE_SIZE, tuple(embedded.MEAN), tuple(embedded.STD), True,
+    return LoadedModel(model, embedded.IMAGE_SIZE, tuple(embedded.MEAN.flatten().tolist()),
+                       tuple(embedded.STD.flatten().tolist()), True,
                        {'model': 'embedded', 'weights': embedded.WEIGHTS_SHA256})
 
 
