@@ -175,6 +175,8 @@ def test_nan_inf_and_explosions_are_located(module, status):
         assert not first.finite_in and first.finite_out
         # lxt_ext's own check stopped the backward at the next rule, after the report had the origin
         assert 'NonFiniteError' in report.stopped and 'blocks.0.mlp.up' in report.stopped
+        assert report['blocks.0.mlp.up'].status == 'nan received'
+        assert [report[name].status for name in ('blocks.0.mlp', 'blocks.0', '')] == ['not reached'] * 3
     if status == 'nan in forward':
         assert 'NonFiniteError' in report.stopped and "input of 'blocks.0.mlp.down'" in report.stopped
     if status == 'explodes':

@@ -60,7 +60,8 @@ PROBLEMS = ('nan in forward', 'nan', 'explodes', 'leaks')
 class ModuleRelevance:
     """One module's relevance, summed over its calls: ``r_out``/``r_in`` (signed sums), ``abs_out``/
     ``abs_in`` (sums of |r|), ``leak = r_in - r_out``, ``own`` (its leak less its children's), ``status``
-    (``'ok'``, ``'attnlrp'``, ``'nan received'``, or one of ``PROBLEMS``), ``explicit`` (its input
+    (``'ok'``, ``'attnlrp'``, ``'nan received'``, ``'not reached'`` (the pass stopped before), or one of
+    ``PROBLEMS``), ``explicit`` (its input
     relevance was read in zennit's explicit convention) and ``children`` (how many of the modules inside
     it were called)."""
     name: str
@@ -79,6 +80,7 @@ class ModuleRelevance:
     finite_in: bool = True
     forward_nan: bool = False
     reached: bool = False
+    reached_in: bool = False
     children: int = 0
     eps: float = 0.
     order: int = 0
@@ -217,6 +219,7 @@ class _Probe:
         entry.reached = True
         entry.eps = max(entry.eps, torch.finfo(grad.dtype).eps)
         if self.side == 'in':
+            entry.reached_in = True
             entry.r_in += total
             entry.abs_in += mass
             entry.finite_in &= finite
@@ -375,6 +378,8 @@ class _Monitor:
                 m.status = 'nan in forward'
             elif not m.finite_out:
                 m.status = 'nan received'
+            elif stopped and not m.reached_in:
+                m.status = 'not reached'
             elif not m.finite_in:
                 m.status = 'nan'
             elif m.abs_in > explode * max(m.abs_out, scale) and not exploded_below:
