@@ -267,3 +267,48 @@ def test_audit_finds_no_uncovered_operation(family, mode):
     case = FAMILIES[family]()
     composite = case.composite('cp', gamma=True) if mode == 'gamma' else case.composite(mode)
     audit(case.model, case.x, forward=case.forward, composite=composite).check()
+
+
+@pytest.mark.parametrize('mode', ['attnlrp', 'cp'])
+def test_softcapped_attention_follows_lxt_formulation(mode):
+    """Gemma 2's attention softcap ``c tanh(s / c)``: lxt_ext's eager attention against LXT's way of writing
+    the same rules with plain autograd (AttnLRP: query and key gradients / 4, value / 2, the identity rule
+    as ``s * stop_gradient(f(s) / s)``, the softmax's own gradient; CP-LRP: query and key stopped), with
+    grouped-query heads, a padding mask and the causal mask."""
+    from lxt_ext.models.huggingface import softcapped_attention
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 7, 8, generator=generator) * 3
+    k, v = (torch.randn(2, 2, 7, 8, generator=generator) * 3 for _ in range(2))
+    mask = torch.zeros(2, 1, 7, 7)
+    mask[1, :, :, :2] = torch.finfo(torch.float32).min  # the second sequence is left-padded
+    seed = torch.randn(2, 4, 7, 8, generator=generator)
+    cap, scale = 5.0, 8 ** -0.5
+
+    def scaled(t, factor):
+        t = t.clone()
+        t.register_hook(lambda g: g / factor)
+        return t
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    rq, rk, rv = leaves
+    if mode == 'attnlrp':
+        rq, rk, rv = scaled(rq, 4), scaled(rk, 4), scaled(rv, 2)
+    else:
+        rq, rk = rq.detach(), rk.detach()
+    rk, rv = rk.repeat_interleave(2, dim=1), rv.repeat_interleave(2, dim=1)
+    s = rq @ rk.transpose(-2, -1) * scale
+    s = s * (torch.tanh(s / cap) * cap / s).detach()
+    s = s + mask
+    s = s.masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), float('-inf'))
+    expected = torch.softmax(s, dim=-1) @ rv
+    expected_grads = torch.autograd.grad(expected, leaves, seed, allow_unused=True)
+
+    mine = [t.clone().requires_grad_() for t in (q, k, v)]
+    output = softcapped_attention(*mine, mask, scale=scale, is_causal=True, softcap=cap, mode=mode)
+    grads = torch.autograd.grad(output, mine, seed, allow_unused=True)
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
+    for name, grad, reference in zip('qkv', grads, expected_grads):
+        if reference is None:
+            assert grad is None or torch.count_nonzero(grad) == 0, name
+        else:
+            torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-6, msg=lambda m: f'{name}: {m}')
