@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# From nothing to a heatmap: make .venv, install the pinned dependencies, build lxt_ext's
-# C++ (and, where nvcc and a CUDA torch exist, CUDA) kernels, then attribute the embedded sample
-# image with a random-weight VGG-16 and lxt_ext's EpsilonGammaBox (heatmap.png), and with a
-# random-weight ViT-B/16 and lxt_ext's ViTGamma, LXT's published recipe (heatmap_vit.png).
-# Offline apart from the package registry; with arguments, one run of `python -m lxt_ext` with
-# them instead (see --help).
+# From nothing to explanations: make .venv, install the pinned dependencies, build lxt_ext's
+# C++ (and, where nvcc and a CUDA torch exist, CUDA) kernels, then run the main job on the embedded
+# default: `lxt-ext demo` (the embedded trained ViT explains its shipped samples by every method:
+# demo/grid.png and the localisation table) and `lxt-ext explain` on the same images (explained/).
+# Offline apart from the package registry; with arguments, one run of `lxt-ext` with them instead
+# (see --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -15,8 +15,8 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --target .oracle --no-deps --upgrade -r requirements-oracle.txt
 MAX_JOBS=${MAX_JOBS:-2} .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .
 if [ $# -gt 0 ]; then
-  .venv/bin/python -m lxt_ext "$@"
+  .venv/bin/lxt-ext "$@"
 else
-  .venv/bin/python -m lxt_ext --out heatmap.png
-  .venv/bin/python -m lxt_ext --model vit_b_16 --out heatmap_vit.png
+  .venv/bin/lxt-ext demo --out demo
+  .venv/bin/lxt-ext explain --out explained
 fi

@@ -332,3 +332,22 @@ def test_bfloat16_relevance_follows_float32(tmp_path, hf_vit):
         assert low.dtype == np.float32
         assert np.dot(full, low) / (np.linalg.norm(full) * np.linalg.norm(low)) > 0.95
         assert half['logit'] == pytest.approx(row['logit'], rel=0.05, abs=0.02)
+
+
+def test_readme_explain_snippet_runs(tmp_path, monkeypatch):
+    """The Python block after ``<!-- explain-snippet -->`` in README.md, as written there, on a small ViT."""
+    import re
+    import torchvision
+
+    text = open(os.path.join(ROOT, 'README.md')).read()
+    snippet = re.search(r'<!-- explain-snippet -->\n```python\n(.*?)```', text, re.S).group(1)
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(224, 32, 1, 2, 16, 32, num_classes=4).eval()
+    torch.nn.init.normal_(model.heads.head.weight, std=0.1)
+    write_images(tmp_path / 'photos', 3, size=224)
+    monkeypatch.chdir(tmp_path)
+    namespace = {'model': model, 'images': torch.rand(3, 3, 224, 224), 'x': torch.randn(2, 3, 224, 224),
+                 'normalise': lambda batch: (batch - 0.5) / 0.5, 'MEAN': (0.5,) * 3, 'STD': (0.5,) * 3}
+    exec(compile(snippet, 'README.md', 'exec'), namespace)
+    assert namespace['e'].relevance.shape == (2, 3, 3, 224, 224)
+    assert len(read_index(tmp_path / 'explained')) == 3
