@@ -26,8 +26,9 @@ def contrastive(target=None, position=-1):
 
     def seed(output):
         if not isinstance(output, torch.Tensor) or output.dim() not in (2, 3):
+            got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
             raise ValueError(f'a contrastive target needs a (batch, classes) or (batch, tokens, classes) output, '
-                             f'got {tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__}')
+                             f'got {got}')
         scores = output[:, position] if output.dim() == 3 else output
         batch, classes = scores.shape
         if classes < 2:

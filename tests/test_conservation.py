@@ -269,21 +269,23 @@ class OtherConv(torch.nn.Conv2d):
     pass
 
 
+BASE_MAP = [(torch.nn.ReLU, zennit.rules.Pass()), (torch.nn.AdaptiveAvgPool2d, zennit.rules.Norm())]
+
+
 def test_zennit_hooks_are_read_in_the_explicit_convention():
     """zennit's own rules (hooks, not swapped forwards) and lxt_ext's CNN composites: relevance is the
     gradient itself; the taps sit outside zennit's hooks."""
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    composite = LayerMapComposite([(torch.nn.ReLU, zennit.rules.Pass()), (torch.nn.AdaptiveAvgPool2d, zennit.rules.Norm()),
-                                   (Convolution, zennit.rules.Epsilon(1e-9)), (torch.nn.Linear, zennit.rules.Epsilon(1e-9))])
+    composite = LayerMapComposite([*BASE_MAP, (Convolution, zennit.rules.Epsilon(1e-9)),
+                                   (torch.nn.Linear, zennit.rules.Epsilon(1e-9))])
     report = conservation(SmallCNN(), x, composite, target=2, rtol=1e-4)
     assert_conserved(report)
     assert all(m.explicit for m in report.modules)
     assert report[''].r_in == pytest.approx(report.output_relevance, rel=1e-4) and report.output_relevance == 2.
     assert_conserved(conservation(SmallCNN(), x, EpsilonPlus(), target=2, rtol=1e-4))
     # one layer with a large epsilon: named
-    composite = LayerMapComposite([(torch.nn.ReLU, zennit.rules.Pass()), (torch.nn.AdaptiveAvgPool2d, zennit.rules.Norm()),
-                                   (OtherConv, zennit.rules.Epsilon(100.)), (Convolution, zennit.rules.Epsilon(1e-9)),
-                                   (torch.nn.Linear, zennit.rules.Epsilon(1e-9))])
+    composite = LayerMapComposite([*BASE_MAP, (OtherConv, zennit.rules.Epsilon(100.)), (Convolution,
+                                   zennit.rules.Epsilon(1e-9)), (torch.nn.Linear, zennit.rules.Epsilon(1e-9))])
     report = conservation(SmallCNN(OtherConv), x, composite, target=2)
     assert (report.first.name, report.first.status) == ('2', 'leaks')
 

@@ -48,8 +48,8 @@ def test_relevance_sums_to_the_contrast_of_the_logits():
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, head_dim=8)).eval().double()  # float64: the contrast is a small difference of logits
-    embeds = model.get_input_embeddings()(torch.randint(0, 64, (2, 6))).detach()
+        num_key_value_heads=2, max_position_embeddings=64, head_dim=8)).eval().double()
+    embeds = model.get_input_embeddings()(torch.randint(0, 64, (2, 6))).detach()  # float64: the contrast is small
     forward = lambda m, x: m(inputs_embeds=x).logits  # noqa: E731
     # epsilon's absorption (eps / |z|) kept below the tolerance: the random logits are small
     composite = LanguageTransformer(attention='cp', epsilon=1e-10)

@@ -141,11 +141,11 @@ class ConservationReport:
             }[m.status]
             head = (f'relevance {m.status} first (in backward order, from the output towards the input) at '
                     f'{m.label} ({m.type}): {what}')
-        attnlrp = [m.label for m in self.modules if m.status == 'attnlrp']
+        attnlrp = [m for m in self.modules if m.status == 'attnlrp']
         if attnlrp:
             head += (f'\n{len(attnlrp)} attention module(s) under AttnLRP, whose softmax rule does not conserve by '
-                     f'design, are not counted (own leak {sum(m.own for m in self.modules if m.status == "attnlrp"):+.4g}); '
-                     f"check with attention='cp' for a strict test")
+                     f'design, are not counted (own leak {sum(m.own for m in attnlrp):+.4g}); check with '
+                     f"attention='cp' for a strict test")
         if self.stopped:
             head += f'\nthe pass stopped early: {self.stopped}'
         return head

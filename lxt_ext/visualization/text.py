@@ -32,6 +32,7 @@ __all__ = ['clean_tokens', 'merge_words', 'token_colours', 'text_html', 'text_im
 
 SCHEMES = ('auto', 'byte_level', 'sentencepiece', 'wordpiece', 'plain')
 ENGINES = ('pdflatex', 'xelatex', 'lualatex')
+_DEBIAN = {'pdflatex': 'texlive-latex-base', 'xelatex': 'texlive-xetex', 'lualatex': 'texlive-luatex'}
 # Debian's fonts-dejavu-core; matplotlib ships the same font as package data.
 FONT = '/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf'
 _SPECIAL = re.compile(r'^(<[^<>\s]+>|\[[A-Za-z_]+\])$')  # <s>, </s>, <|endoftext|>, [CLS], [SEP], ...
@@ -248,7 +249,8 @@ def text_image(tokens, relevance, words=False, scheme='auto', width=800, font_si
 
 _LATEX_ESCAPES = {'\\': r'\textbackslash{}', '{': r'\{', '}': r'\}', '$': r'\$', '&': r'\&', '#': r'\#',
                   '^': r'\textasciicircum{}', '_': r'\_', '~': r'\textasciitilde{}', '%': r'\%',
-                  '<': r'\textless{}', '>': r'\textgreater{}', '|': r'\textbar{}', '↵': r'\ensuremath{\hookleftarrow}',
+                  '<': r'\textless{}', '>': r'\textgreater{}', '|': r'\textbar{}',
+                  '↵': r'\ensuremath{\hookleftarrow}',
                   # no ligatures: -- and --- would become dashes, '' and `` quotes
                   '-': '-{}', "'": "'{}", '`': '`{}'}
 
@@ -310,8 +312,7 @@ def _engine(engine):
             raise ValueError(f'engine must be one of {ENGINES}, got {engine!r}')
         if shutil.which(engine) is None:
             raise LatexEngineNotFound(f'the LaTeX engine {engine} is not installed (not on PATH); install it (Debian: '
-                                      f'{"texlive-latex-base" if engine == "pdflatex" else "texlive-" + engine[:-5] + "tex"}) '
-                                      f'or pass another engine')
+                                      f'{_DEBIAN[engine]}) or pass another engine')
         return engine
     for name in ENGINES:
         if shutil.which(name) is not None:
