@@ -254,17 +254,20 @@ def test_png_falls_back_to_pils_font_with_a_warning(monkeypatch):
         text_image(['a'], [1.], font='/nope.ttf')
 
 
-def test_pdf_through_pdflatex_has_the_words_and_the_colours(tmp_path, tokenizers):
-    require(shutil.which('pdflatex') is not None, 'pdflatex is not installed (Debian: texlive-latex-base)')
+@pytest.mark.parametrize('engine, package', [('pdflatex', 'texlive-latex-base'), ('lualatex', 'texlive-luatex')])
+def test_pdf_through_latex_has_the_words_and_the_colours(tmp_path, tokenizers, engine, package):
+    require(shutil.which(engine) is not None, f'{engine} is not installed (Debian: {package})')
     require(shutil.which('pdftotext') and shutil.which('pdftoppm'), 'poppler-utils is not installed')
-    tokens = tokenizers['byte_level'].encode('Hello café world. Costs 5% & $3 #1 {x} a_b ~ok <a|b> x--y c\\d').tokens
+    text = 'Hello café world. Costs 5% & $3 #1 {x} a_b ~ok <a|b> x--y c\\d' + (' 7€' if engine == 'lualatex' else '')
+    tokens = tokenizers['byte_level'].encode(text).tokens
     relevance = np.where(np.arange(len(tokens)) < len(tokens) // 2, 1., -1.)
-    path = text_pdf(tokens, relevance, tmp_path / 'heatmap.pdf', words=True, engine='pdflatex')
+    path = text_pdf(tokens, relevance, tmp_path / 'heatmap.pdf', words=True, engine=engine)
     words = subprocess.run(['pdftotext', str(path), '-'], capture_output=True, text=True, check=True).stdout
-    # pdftotext gives OT1's accents as combining characters, and its tilde as the accent's spacing form
-    words = unicodedata.normalize('NFC', words).replace('\u02dc', '~')
+    # pdftotext gives OT1's accents as combining characters, its tilde as the accent's spacing form, and
+    # its underscore (a rule) as a space
+    words = unicodedata.normalize('NFC', words).replace('\u02dc', '~').replace('_', ' ')
     for word in ['Hello', 'café', 'world.', 'Costs', '5%', '&', '$3', '#1', '{x}', 'a', 'b', '~ok', '<a|b>', 'x--y',
-                 'c\\d']:
+                 'c\\d'] + (['7€'] if engine == 'lualatex' else []):
         assert word in words.split(), (word, words)
     subprocess.run(['pdftoppm', '-r', '100', '-png', '-singlefile', str(path), str(tmp_path / 'page')], check=True)
     image = np.asarray(Image.open(tmp_path / 'page.png').convert('RGB')).astype(int)

@@ -251,8 +251,8 @@ _LATEX_ESCAPES = {'\\': r'\textbackslash{}', '{': r'\{', '}': r'\}', '$': r'\$',
                   '^': r'\textasciicircum{}', '_': r'\_', '~': r'\textasciitilde{}', '%': r'\%',
                   '<': r'\textless{}', '>': r'\textgreater{}', '|': r'\textbar{}',
                   '↵': r'\ensuremath{\hookleftarrow}',
-                  # no ligatures: -- and --- would become dashes, '' and `` quotes
-                  '-': '-{}', "'": "'{}", '`': '`{}'}
+                  # no ligatures: -- and --- would become dashes, '' and `` quotes (LuaTeX ligatures through {})
+                  '-': r'-\kern0pt ', "'": r"'\kern0pt ", '`': r'`\kern0pt '}
 
 
 def _latex_text(text, unicode_engine, replaced):
