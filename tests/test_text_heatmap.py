@@ -279,7 +279,7 @@ def test_pdf_through_latex_has_the_words_and_the_colours(tmp_path, tokenizers, e
 
 def test_pdf_names_the_missing_engine(monkeypatch, tmp_path):
     monkeypatch.setattr(text_heatmap.shutil, 'which', lambda name: None)
-    with pytest.raises(text_heatmap.LatexEngineNotFound, match='pdflatex, xelatex, lualatex'):
+    with pytest.raises(text_heatmap.LatexEngineNotFound, match='lualatex, xelatex, pdflatex'):
         text_pdf(['a'], [1.], tmp_path / 'x.pdf')
     with pytest.raises(text_heatmap.LatexEngineNotFound, match='xelatex is not installed'):
         text_pdf(['a'], [1.], tmp_path / 'x.pdf', engine='xelatex')

@@ -13,7 +13,8 @@ negative blue, zero white, normalised by the largest |R| of the sequence.
 
 LXT's ``lxt.utils.pdf_heatmap`` is the anchor of the LaTeX (a ``\\colorbox`` per token); this one needs
 only LaTeX's base packages (``color``), escapes LaTeX's special characters, and sizes the page to
-the text.
+the text. lualatex and xelatex (preferred when installed) set any character their font has; pdflatex
+sets ASCII and the Latin-1 letters, other characters become ``?`` with a warning.
 """
 import codecs
 import html
@@ -31,7 +32,7 @@ __all__ = ['clean_tokens', 'merge_words', 'token_colours', 'text_html', 'text_im
            'save_text_heatmap', 'LatexEngineNotFound', 'ENGINES', 'FONT']
 
 SCHEMES = ('auto', 'byte_level', 'sentencepiece', 'wordpiece', 'plain')
-ENGINES = ('pdflatex', 'xelatex', 'lualatex')
+ENGINES = ('lualatex', 'xelatex', 'pdflatex')  # the first installed is the default: Unicode engines first
 _DEBIAN = {'pdflatex': 'texlive-latex-base', 'xelatex': 'texlive-xetex', 'lualatex': 'texlive-luatex'}
 # Debian's fonts-dejavu-core; matplotlib ships the same font as package data.
 FONT = '/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf'
