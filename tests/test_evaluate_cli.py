@@ -202,7 +202,7 @@ def test_cli_on_the_embedded_samples(tmp_path, capsys):
 def test_cli_gamma_search(tmp_path):
     embedded_or_skip()
     out = tmp_path / 'gs'
-    status = main(['evaluate', '--gamma-search', '--conv-gammas', '0.25,100', '--linear-gammas', '0,1', '--limit', '1',
+    status = main(['evaluate', '--gamma-search', '--conv-gammas', '0.25', '--linear-gammas', '0,1', '--limit', '1',
                    '--units-per-step', '32', '--out', str(out), '--quiet'])
     assert status == 0
     record = json.loads((out / 'gamma_search.json').read_text())

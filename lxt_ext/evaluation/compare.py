@@ -170,8 +170,8 @@ def results_json(results, settings=None):
 
 def save_plot(results, path, image=None, title=None):
     """A PNG: the mean MoRF (solid) and LeRF (dashed) curves of every method over the fraction of units
-    perturbed, and below them each method's heatmap of the first image (over ``image`` (3, H, W) in 0..1,
-    if given, shown first)."""
+    perturbed, and below them each method's heatmap of the first image (``image`` (3, H, W) in 0..1, if
+    given, shown first)."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -197,8 +197,12 @@ def save_plot(results, path, image=None, title=None):
     axes.set_title(title or f'{mode} curves')
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc='best')
-    panels = ([('image', image.permute(1, 2, 0).clamp(0, 1).cpu().numpy())] if image is not None else []) + \
-             [(r.name, colours(r.example).clip(0, 1)) for r in results]
+    panels = [('image', image.permute(1, 2, 0).clamp(0, 1).cpu().numpy())] if image is not None else []
+    for r in results:
+        # a map without negative values (rollout) would be all hot: its minimum is taken off for contrast
+        shifted = r.example.min() >= 0
+        panels.append((r.name + (' (- min)' if shifted else ''),
+                       colours(r.example - r.example.min() if shifted else r.example).clip(0, 1)))
     for i, (name, picture) in enumerate(panels):
         ax = figure.add_subplot(grid[1, i])
         ax.imshow(picture)
