@@ -201,7 +201,8 @@ def run(args):
         else:
             results = compare(model, images, methods, **options)
             save_plot(results, os.path.join(args.out, f'{stem}.png'), image=images[0],
-                      title=f'{args.mode} by {args.unit} on {len(names)} image{"s" if len(names) != 1 else ""} ({loaded.identity["model"]})')
+                      title=f'{args.mode} by {args.unit} on {len(names)} image{"s" * (len(names) != 1)} '
+                            f'({loaded.identity["model"]})')
     except ValueError as error:
         return _error(str(error))
     table = markdown_table(results)
