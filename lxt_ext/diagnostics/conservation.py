@@ -13,7 +13,9 @@ identity autograd node of its own, so the other uses of a residual stream do not
 rule has ``R_in = R_out``. Leaks add up: relevance passes linear operations (adds, reshapes,
 concatenation) exactly in both conventions, so a module's ``leak = R_in - R_out`` is the sum of the
 leaks of the calls and operations inside it, and ``own = leak - sum(children's leaks)`` is what its own
-code (functional operations between its children, constants it adds) loses or creates.
+code (functional operations between its children, constants it adds) loses or creates. Modules run
+without their hooks (``module.forward(x)`` called directly, or the children a rule computes
+functionally, like ``nn.MultiheadAttention``'s projections) count as their caller's own code.
 
 Problems, in the order relevance meets them (``ConservationReport.modules``: backward order, the
 model's last module first and children before the module holding them):
