@@ -147,3 +147,10 @@ def test_peak_memory_holds_one_layer_in_full_precision_at_a_time():
                             capture_output=True, text=True, check=True)
     peak, full, largest = map(float, result.stdout.strip().splitlines()[-1].split())
     assert peak < full / 3, f'extra peak {peak:.1f} MB; float32 Linear weights {full:.1f} MB (largest {largest:.1f})'
+
+
+@pytest.mark.parametrize('mode', ['attnlrp', 'cp'])
+def test_audit_finds_no_uncovered_operation(mode):
+    from lxt_ext.diagnostics import audit
+    model, _, x = models('nf4')
+    audit(model, x, forward=logits, composite=LanguageTransformer(attention=mode)).check()
