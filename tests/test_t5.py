@@ -70,7 +70,8 @@ from functools import partial
 import transformers
 from torch.nn import Dropout
 from transformers.models.t5 import modeling_t5
-from lxt.efficient.patches import patch_method, rms_norm_forward, gated_mlp_forward, cp_gated_mlp_forward, dropout_forward
+from lxt.efficient.patches import (patch_method, rms_norm_forward, gated_mlp_forward, cp_gated_mlp_forward,
+                                   dropout_forward)
 from lxt.efficient.rules import divide_gradient, stop_gradient
 
 
@@ -108,12 +109,15 @@ for key, (mode, kwargs, state, x, mask, seed) in inputs.items():
 def lxt_results():
     oracle = require_oracle()
     results = {}
-    for name, mode in CASES:  # one process per case: LXT's patches are class-wide
-        model, x, mask = make(name)
-        with torch.no_grad():
-            logits = forward_with(mask)(model, x)
-        inputs = {'case': (mode, KWARGS[name], model.state_dict(), x, mask, seed(logits))}
-        results[name, mode] = oracle.run(ORACLE, **inputs)['case']
+    for mode in ('attnlrp', 'cp'):  # one process per mode: LXT's patches are class-wide
+        inputs = {}
+        for name in KWARGS:
+            model, x, mask = make(name)
+            with torch.no_grad():
+                logits = forward_with(mask)(model, x)
+            inputs[name] = (mode, KWARGS[name], model.state_dict(), x, mask, seed(logits))
+        for name, result in oracle.run(ORACLE, **inputs).items():
+            results[name, mode] = result
     return results
 
 
