@@ -136,15 +136,16 @@ def classifier(config_name, model_name, layer, **overrides):
 
 class LinearProbe(torch.nn.Module):
     """A vision tower and a linear probe on its pooled output (CLIP: the class token after the last
-    LayerNorm; SigLIP: its attention pooling head)."""
+    LayerNorm; SigLIP and SigLIP 2: their attention pooling heads); ``inputs``: the tower's other inputs."""
 
-    def __init__(self, tower, hidden_size, classes=8):
+    def __init__(self, tower, hidden_size, classes=8, **inputs):
         super().__init__()
         self.tower = tower
         self.probe = torch.nn.Linear(hidden_size, classes)
+        self.inputs = inputs
 
     def forward(self, pixel_values):
-        return self.probe(self.tower(pixel_values=pixel_values).pooler_output)
+        return self.probe(self.tower(pixel_values=pixel_values, **self.inputs).pooler_output)
 
 
 def probed(config_name, model_name, **overrides):
@@ -156,6 +157,22 @@ def probed(config_name, model_name, **overrides):
         return Case(model, pixels(), lambda model, x: model(x), ['tower.encoder.layers.0', 'tower.encoder'],
                     vision=True, zero=TOKEN_PARAMETERS)
     return build
+
+
+def siglip2():
+    """SigLIP 2's NaFlex tower: patches as rows of (channels x patch x patch) pixels, explained w.r.t. them;
+    the second image has 3 x 4 patches of the 4 x 4 the batch is padded to (a pixel attention mask)."""
+    torch.manual_seed(0)
+    config = transformers.Siglip2VisionConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                              intermediate_size=128, patch_size=8, num_patches=16)
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 12:] = 0
+    model = LinearProbe(transformers.Siglip2VisionModel(config), 64, pixel_attention_mask=mask,
+                        spatial_shapes=torch.tensor([[4, 4], [3, 4]])).eval()
+    torch.nn.init.normal_(model.probe.weight, std=0.2)
+    x = torch.randn(2, 16, 3 * 8 * 8, generator=torch.Generator().manual_seed(1)) * mask[..., None]
+    return Case(model, x, lambda model, x: model(x), ['tower.encoder.layers.0', 'tower.encoder'], vision=True,
+                zero=TOKEN_PARAMETERS)
 
 
 FAMILIES = {
@@ -177,6 +194,8 @@ FAMILIES = {
     'flan_t5': t5(gated=True),
     'bert': encoder('BertConfig', 'BertForSequenceClassification', 'bert'),
     'roberta': encoder('RobertaConfig', 'RobertaForSequenceClassification', 'roberta'),
+    'roberta_mlm': encoder('RobertaConfig', 'RobertaForMaskedLM', 'roberta'),
+    'xlm_roberta': encoder('XLMRobertaConfig', 'XLMRobertaForSequenceClassification', 'roberta'),
     'vit': classifier('ViTConfig', 'ViTForImageClassification', 'vit.layers.0'),
     'deit': classifier('DeiTConfig', 'DeiTForImageClassification', 'deit.layers.0'),
     'dinov2': classifier('Dinov2Config', 'Dinov2ForImageClassification', 'dinov2.encoder.layer.0', mlp_ratio=2,
@@ -188,6 +207,7 @@ FAMILIES = {
                                    layerscale_value=0.5),
     'clip_vision': probed('CLIPVisionConfig', 'CLIPVisionModel'),
     'siglip_vision': probed('SiglipVisionConfig', 'SiglipVisionModel'),
+    'siglip2_vision': siglip2,
 }
 
 

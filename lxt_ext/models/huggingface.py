@@ -29,6 +29,7 @@ Linear rule; a final-logit softcap (Gemma 2) the identity rule. Models are match
 modeling module is imported) with structural fallbacks for attention and experts modules of
 architectures not named here.
 """
+import inspect
 import sys
 
 import torch
@@ -406,7 +407,7 @@ class FusedGatedMLP(SwappedForward):
 
 
 class TanhClassificationHead(SwappedForward):
-    """RoBERTa's classification head ``out_proj(tanh(dense(x[:, 0])))``, whose ``tanh`` is functional:
+    """RoBERTa's (XLM-RoBERTa's, CamemBERT's, Data2VecText's) classification head ``out_proj(tanh(dense(x[:, 0])))``, whose ``tanh`` is functional:
     the identity rule on it; ``dense`` and ``out_proj`` under their own rules, dropout off."""
 
     def __init__(self, input_stabilizer=1e-10):
@@ -416,6 +417,21 @@ class TanhClassificationHead(SwappedForward):
     def apply(self, module, original, features, args, kwargs):
         x = module.dense(module.dropout(features[:, 0, :]))
         return module.out_proj(module.dropout(identity_rule(torch.tanh, x, self.input_stabilizer)))
+
+
+class GeluLMHead(SwappedForward):
+    """RoBERTa's (XLM-RoBERTa's, CamemBERT's, Data2VecText's) masked-LM head ``decoder(layer_norm(gelu(dense(x))))``,
+    whose ``gelu`` is a module-level function of its modeling file: the identity rule on it; ``dense``,
+    ``layer_norm`` and ``decoder`` under their own rules."""
+
+    def __init__(self, input_stabilizer=1e-10):
+        super().__init__()
+        self.input_stabilizer = input_stabilizer
+
+    def apply(self, module, original, features, args, kwargs):
+        gelu = sys.modules[type(module).__module__].gelu
+        x = identity_rule(gelu, module.dense(features), self.input_stabilizer)
+        return module.decoder(module.layer_norm(x))
 
 
 class FinalLogitSoftcap(_ConfigViewRule):
@@ -480,6 +496,10 @@ _ACTIVATIONS = {
     'LaplaceActivation',
 }
 _ROUTERS = {'MixtralTopKRouter', 'Qwen3MoeTopKRouter'}
+# RoBERTa-style heads with a functional tanh (classification) or gelu (masked LM)
+_ROBERTA_LIKE = ('Roberta', 'XLMRoberta', 'Camembert', 'Data2VecText')
+_TANH_HEADS = {f'{name}ClassificationHead' for name in _ROBERTA_LIKE}
+_GELU_LM_HEADS = {f'{name}LMHead' for name in _ROBERTA_LIKE}
 _FINAL_LOGIT_SOFTCAP = {'Gemma2ForCausalLM', 'Gemma3ForCausalLM'}
 # Off the relevance path (position tables; rotary embeddings, matched by suffix too) or linear in their
 # relevance-carrying input (LayerScale: a product with a parameter; drop path: off in eval mode).
@@ -490,9 +510,10 @@ _KEEP_GRADIENT = {'LinearActivation', 'Gemma3TextScaledWordEmbedding', 'Dinov2La
 def _dispatches_attention(module):
     """Whether the module's forward goes through transformers' attention-function registry."""
     modeling = sys.modules.get(type(module).__module__)
+    # the forward without its decorators (transformers wraps many in deprecate_kwarg)
+    forward = inspect.unwrap(type(module).forward)
     return (hasattr(module, 'config') and getattr(modeling, 'ALL_ATTENTION_FUNCTIONS', None) is not None
-            and type(module).__name__.endswith('Attention') and 'attention_interface' in
-            type(module).forward.__code__.co_varnames)
+            and type(module).__name__.endswith('Attention') and 'attention_interface' in forward.__code__.co_varnames)
 
 
 def _dispatches_experts(module):
@@ -525,8 +546,10 @@ def transformers_rule(module, options):
         if options.linear is None:
             raise ValueError('transformers Conv1D layers need the composite\'s Linear rule (Options.linear)')
         return Conv1DRule(options.linear.copy())
-    if name == 'RobertaClassificationHead':
+    if name in _TANH_HEADS:
         return TanhClassificationHead(options.input_stabilizer)
+    if name in _GELU_LM_HEADS:
+        return GeluLMHead(options.input_stabilizer)
     if name in _FINAL_LOGIT_SOFTCAP and getattr(module.config, 'final_logit_softcapping', None) is not None:
         return FinalLogitSoftcap(options.input_stabilizer)
     if name in _KEEP_GRADIENT or name.endswith('RotaryEmbedding'):
