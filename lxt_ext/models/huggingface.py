@@ -26,8 +26,11 @@ gated-GELU; or fused ``gate_up_proj`` as in Phi-3) get the uniform rule on the p
 gate held constant (CP-LRP, as LXT); activation modules get the identity rule; RMSNorms (T5's
 included) the identity rule on the normalisation; GPT-2's ``Conv1D`` (``x W + b``) the composite's
 Linear rule; a final-logit softcap (Gemma 2) the identity rule. Models are matched by class name (no
-modeling module is imported) with structural fallbacks for attention and experts modules of
-architectures not named here.
+modeling module is imported), with fallbacks for classes not named here: attention modules that
+dispatch through the registry, experts modules, ``*TopKRouter`` routers, ``*DropPath``, and ``*RMSNorm``
+/ ``*MLP`` modules whose output on a random probe at registration is LLaMA's or Gemma's RMSNorm / a
+gated MLP (checked numerically, so a module of another form is reported as unmapped, never given a
+wrong rule). Attention modules known to compute attention in their own forward are refused by name.
 """
 import inspect
 import sys
@@ -387,23 +390,49 @@ class GatedMLP(SwappedForward):
 
 
 class FusedGatedMLP(SwappedForward):
-    """Phi-3's MLP: ``down(up * act(gate))`` with ``gate, up = gate_up_proj(x).chunk(2)``; the gated-MLP
-    rule on the product (see ``GatedMLP``), ``gate_up_proj`` and ``down_proj`` under their own rules."""
+    """A gated MLP with one fused input projection: ``down(act(gate) * up)`` with
+    ``gate, up = fused(x).chunk(2)`` (``names``: fused, down, act; Phi-3's and GLM's by default,
+    ModernBERT's ``Wi``, ``Wo``, ``act``); the gated-MLP rule on the product (see ``GatedMLP``), the
+    projections and the activation under their own rules, a ``drop``/``dropout`` module run (off)."""
 
-    def __init__(self, mode='attnlrp'):
+    NAMES = ('gate_up_proj', 'down_proj', 'activation_fn')
+
+    def __init__(self, mode='attnlrp', names=NAMES):
         super().__init__()
         self.mode = mode
+        self.names = tuple(names)
 
     def prepare(self, module):
-        missing = [name for name in ('gate_up_proj', 'down_proj', 'activation_fn') if not hasattr(module, name)]
+        missing = [name for name in self.names if not hasattr(module, name)]
         if missing:
             raise TypeError(f'{type(module).__name__} is not a fused gated MLP: it lacks {missing}')
 
     def apply(self, module, original, input, args, kwargs):
         if args or kwargs:
             raise TypeError(f'{type(module).__name__}: a gated MLP takes one input, got more')
-        gate, up = module.gate_up_proj(input).chunk(2, dim=-1)
-        return module.down_proj(gated_product(module.activation_fn(gate), up, self.mode))
+        fused, down, act = (getattr(module, name) for name in self.names)
+        gate, up = fused(input).chunk(2, dim=-1)
+        product = gated_product(act(gate), up, self.mode)
+        dropout = getattr(module, 'drop', None) or getattr(module, 'dropout', None)
+        if isinstance(dropout, torch.nn.Dropout):
+            product = dropout(product)
+        return down(product)
+
+
+class SharedExpertMoE(SwappedForward):
+    """Qwen2-MoE's block: routed experts plus a shared expert scaled by ``sigmoid(shared_expert_gate(x))``.
+    The shared expert's gate is held constant like the routing weights (see the module doc); the router,
+    the experts and the shared expert run as modules under their own rules."""
+
+    def apply(self, module, original, input, args, kwargs):
+        batch, length, hidden = input.shape
+        x = input.reshape(-1, hidden)
+        shared = module.shared_expert(x)
+        _, routing_weights, selected = module.gate(x)
+        routed = module.experts(x, selected, routing_weights)
+        with torch.no_grad():
+            scale = torch.sigmoid(module.shared_expert_gate(x))
+        return (routed + scale * shared).reshape(batch, length, hidden)
 
 
 class TanhClassificationHead(SwappedForward):
@@ -432,6 +461,21 @@ class GeluLMHead(SwappedForward):
         gelu = sys.modules[type(module).__module__].gelu
         x = identity_rule(gelu, module.dense(features), self.input_stabilizer)
         return module.decoder(module.layer_norm(x))
+
+
+class Refused(KeepGradient):
+    """Refuses a module that no rule here covers, by name and reason (at registration)."""
+
+    def __init__(self, reason):
+        super().__init__()
+        self.reason = reason
+
+    def copy(self):
+        return type(self)(self.reason)
+
+    def register(self, module):
+        raise NotImplementedError(f'{type(module).__module__}.{type(module).__qualname__} {self.reason}; leave this '
+                                  f'model out of the composite or map the module with layer_map=[(type, rule)]')
 
 
 class FinalLogitSoftcap(_ConfigViewRule):
@@ -486,7 +530,10 @@ _GATED_MLP = {name: GatedMLP.NAMES for name in (
     'LlamaMLP', 'MistralMLP', 'Qwen2MLP', 'Qwen3MLP', 'Qwen3MoeMLP', 'GemmaMLP', 'Gemma2MLP', 'Gemma3MLP',
     'Dinov2SwiGLUFFN', 'Dinov2WithRegistersSwiGLUFFN')}
 _GATED_MLP['T5DenseGatedActDense'] = ('wi_0', 'wi_1', 'wo', 'act')
-_FUSED_GATED_MLP = {'Phi3MLP'}
+# Fused gated MLPs: attribute names of the fused gate/up projection, the down projection and the activation.
+_FUSED_GATED_MLP = {name: FusedGatedMLP.NAMES for name in ('Phi3MLP', 'GlmMLP', 'Glm4MLP')}
+_FUSED_GATED_MLP['ModernBertMLP'] = ('Wi', 'Wo', 'act')
+_SHARED_EXPERT_MOE = {'Qwen2MoeSparseMoeBlock'}
 _RMS_NORM = {'LlamaRMSNorm': 0., 'MistralRMSNorm': 0., 'MixtralRMSNorm': 0., 'Qwen2RMSNorm': 0., 'Qwen3RMSNorm': 0.,
              'Qwen3MoeRMSNorm': 0., 'Phi3RMSNorm': 0., 'T5LayerNorm': 0.,
              'GemmaRMSNorm': 1., 'Gemma2RMSNorm': 1., 'Gemma3RMSNorm': 1.}
@@ -501,6 +548,12 @@ _ROBERTA_LIKE = ('Roberta', 'XLMRoberta', 'Camembert', 'Data2VecText')
 _TANH_HEADS = {f'{name}ClassificationHead' for name in _ROBERTA_LIKE}
 _GELU_LM_HEADS = {f'{name}LMHead' for name in _ROBERTA_LIKE}
 _FINAL_LOGIT_SOFTCAP = {'Gemma2ForCausalLM', 'Gemma3ForCausalLM'}
+# Attention computed in the module's own forward (no registry), refused by name rather than left to the audit.
+_REFUSED = {name: 'computes attention in its own forward (' + why + '), which lxt_ext does not cover yet'
+            for name, why in (('GPTNeoSelfAttention', 'bmm and softmax'), ('BloomAttention', 'ALiBi, baddbmm'),
+                              ('DisentangledSelfAttention', "DeBERTa's disentangled position terms"),
+                              ('Data2VecVisionSelfAttention', 'matmul and softmax'),
+                              ('Data2VecVisionSdpaSelfAttention', 'SDPA with a relative position bias'))}
 # Off the relevance path (position tables; rotary embeddings, matched by suffix too) or linear in their
 # relevance-carrying input (LayerScale: a product with a parameter; drop path: off in eval mode).
 _KEEP_GRADIENT = {'LinearActivation', 'Gemma3TextScaledWordEmbedding', 'Dinov2LayerScale', 'Dinov2DropPath',
@@ -514,6 +567,98 @@ def _dispatches_attention(module):
     forward = inspect.unwrap(type(module).forward)
     return (hasattr(module, 'config') and getattr(modeling, 'ALL_ATTENTION_FUNCTIONS', None) is not None
             and type(module).__name__.endswith('Attention') and 'attention_interface' in forward.__code__.co_varnames)
+
+
+def _probe(module, features):
+    """A small random input for ``module`` (``features`` wide), in its parameters' dtype and device."""
+    parameter = next(module.parameters(), None)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, features, generator=generator)
+    return x if parameter is None else x.to(parameter.device, parameter.dtype)
+
+
+def _class_forward(module, x):
+    """The module's class forward on ``x``, without its hooks or an instance-level forward."""
+    return type(module).forward(module, x)
+
+
+def _rms_norm_offset(module):
+    """For an RMSNorm class no table names: the ``weight_offset`` (0: ``w * x * rstd``, LLaMA's; 1:
+    ``(1 + w) * x * rstd``, Gemma's) whose formula gives the module's own output on a random probe, or
+    None (then the module is left unmapped and reported). Checked numerically, so a norm of another
+    form is never given the identity rule of a wrong one."""
+    weight = getattr(module, 'weight', None)
+    eps = next((getattr(module, n) for n in ('variance_epsilon', 'eps') if isinstance(getattr(module, n, None), float)),
+               None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or eps is None:
+        return None
+    try:
+        with torch.no_grad():
+            x = _probe(module, weight.shape[0])
+            output = _class_forward(module, x)
+            normalised = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+            for offset in (0., 1.):
+                if torch.allclose(output.float(), normalised * (offset + weight.float()), rtol=1e-4, atol=1e-5):
+                    return offset
+    except Exception:  # noqa: BLE001 (a module that cannot run on the probe is no match)
+        return None
+    return None
+
+
+def _layer_norm_eps(module):
+    """For a LayerNorm class no table names (Cohere's, OLMo's, ...): the epsilon with which
+    ``F.layer_norm`` over the last dimension, with the module's ``weight`` and ``bias`` (either may be
+    absent), gives its output on a random probe, or None (checked numerically, see ``_rms_norm_offset``)."""
+    weight, bias = getattr(module, 'weight', None), getattr(module, 'bias', None)
+    shape = tuple(getattr(module, 'normalized_shape', ())) or (tuple(weight.shape) if weight is not None else ())
+    if len(shape) != 1 or any(t is not None and not isinstance(t, torch.Tensor) for t in (weight, bias)):
+        return None
+    own = [getattr(module, name) for name in ('eps', 'variance_epsilon') if isinstance(getattr(module, name, None), float)]
+    try:
+        with torch.no_grad():
+            x = _probe(module, shape[0])
+            output = _class_forward(module, x).float()
+            for eps in own + [1e-5, 1e-6, 1e-12]:
+                expected = torch.nn.functional.layer_norm(x.float(), shape, None if weight is None else weight.float(),
+                                                          None if bias is None else bias.float(), eps)
+                if torch.allclose(output, expected, rtol=1e-4, atol=1e-5):
+                    return eps
+    except Exception:  # noqa: BLE001
+        return None
+    return None
+
+
+def _is_fused_gated_mlp(module):
+    """For an MLP class no table names: whether it has Phi-3's ``gate_up_proj``/``down_proj``/``activation_fn``
+    and computes ``down(act(gate) * up)`` with ``gate, up = gate_up_proj(x).chunk(2)`` (checked numerically)."""
+    if not all(isinstance(getattr(module, name, None), torch.nn.Module) for name in FusedGatedMLP.NAMES):
+        return False
+    if not isinstance(module.gate_up_proj, torch.nn.Linear):
+        return False
+    try:
+        with torch.no_grad():
+            x = _probe(module, module.gate_up_proj.in_features)
+            gate, up = module.gate_up_proj(x).chunk(2, dim=-1)
+            expected = module.down_proj(module.activation_fn(gate) * up)
+            return torch.allclose(_class_forward(module, x), expected, rtol=1e-5, atol=1e-6)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _is_gated_mlp(module):
+    """For an MLP class no table names: whether it has LLaMA's ``gate_proj``/``up_proj``/``down_proj``/``act_fn``
+    and computes ``down(act(gate(x)) * up(x))`` (checked numerically on a random probe)."""
+    if not all(isinstance(getattr(module, name, None), torch.nn.Module) for name in GatedMLP.NAMES):
+        return False
+    if not isinstance(module.gate_proj, torch.nn.Linear):
+        return False
+    try:
+        with torch.no_grad():
+            x = _probe(module, module.gate_proj.in_features)
+            expected = module.down_proj(module.act_fn(module.gate_proj(x)) * module.up_proj(x))
+            return torch.allclose(_class_forward(module, x), expected, rtol=1e-5, atol=1e-6)
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def _dispatches_experts(module):
@@ -532,14 +677,30 @@ def transformers_rule(module, options):
         return HFAttention(options.attention, options.input_stabilizer)
     if _dispatches_experts(module):
         return HFExperts(options.attention, None if options.linear is None else options.linear.copy())
-    if name in _ROUTERS:
+    if name in _REFUSED:
+        return Refused(_REFUSED[name])
+    if name in _ROUTERS or (name.endswith('TopKRouter') and isinstance(getattr(module, 'weight', None), torch.Tensor)):
         return RouterConstant()
     if name in _GATED_MLP:
         return GatedMLP(options.attention, _GATED_MLP[name])
+    if name.endswith('MLP') and _is_gated_mlp(module):
+        return GatedMLP(options.attention)
     if name in _FUSED_GATED_MLP:
+        return FusedGatedMLP(options.attention, _FUSED_GATED_MLP[name])
+    if name.endswith('MLP') and _is_fused_gated_mlp(module):
         return FusedGatedMLP(options.attention)
+    if name in _SHARED_EXPERT_MOE:
+        return SharedExpertMoE()
     if name in _RMS_NORM:
         return NormIdentity(kind='rms_norm', weight_offset=_RMS_NORM[name])
+    if name.endswith('RMSNorm'):
+        offset = _rms_norm_offset(module)
+        if offset is not None:
+            return NormIdentity(kind='rms_norm', weight_offset=offset)
+    if name.endswith('LayerNorm') and not isinstance(module, torch.nn.LayerNorm):
+        eps = _layer_norm_eps(module)
+        if eps is not None:
+            return NormIdentity(kind='layer_norm', eps=eps)
     if name in _ACTIVATIONS:
         return ActivationIdentity(options.input_stabilizer)
     if name == 'Conv1D':
@@ -552,7 +713,7 @@ def transformers_rule(module, options):
         return GeluLMHead(options.input_stabilizer)
     if name in _FINAL_LOGIT_SOFTCAP and getattr(module.config, 'final_logit_softcapping', None) is not None:
         return FinalLogitSoftcap(options.input_stabilizer)
-    if name in _KEEP_GRADIENT or name.endswith('RotaryEmbedding'):
+    if name in _KEEP_GRADIENT or name.endswith(('RotaryEmbedding', 'DropPath')):
         return KeepGradient()
     if isinstance(module, torch.nn.Dropout):
         return DropoutOff()

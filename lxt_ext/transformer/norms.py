@@ -90,18 +90,20 @@ class NormIdentity(SwappedForward):
     ``kind`` (``'layer_norm'`` or ``'rms_norm'``) vouches that a module with a forward of its own
     still normalises the last dimensions (``normalized_shape``'s, or the last one if it has none) the
     same way: timm's LayerNorm and RmsNorm, transformers' ``LlamaRMSNorm`` family (epsilon in ``eps`` or
-    ``variance_epsilon``). Without it, only modules running torch's own forward are accepted (timm's
-    LayerNorm2d, which normalises channels, would be silently wrong). ``weight_offset`` is 1 for
-    Gemma's ``(1 + w)`` scaling (see ``rms_norm_identity``)."""
+    ``variance_epsilon``) and LayerNorms of model libraries (weight and bias optional). Without it, only
+    modules running torch's own forward are accepted (timm's LayerNorm2d, which normalises channels,
+    would be silently wrong). ``weight_offset`` is 1 for Gemma's ``(1 + w)`` scaling (see
+    ``rms_norm_identity``); ``eps`` replaces the module's epsilon (for norms that hard-code theirs)."""
 
     _KINDS = {torch.nn.LayerNorm: 'layer_norm', torch.nn.RMSNorm: 'rms_norm'}
 
-    def __init__(self, kind=None, weight_offset=0.):
+    def __init__(self, kind=None, weight_offset=0., eps=None):
         super().__init__()
         if kind not in (None, 'layer_norm', 'rms_norm'):
             raise ValueError(f"kind must be None, 'layer_norm' or 'rms_norm', got {kind!r}")
         self.kind = kind
         self.weight_offset = float(weight_offset)
+        self.eps = eps
 
     def prepare(self, module):
         if self.kind == 'rms_norm' and not hasattr(module, 'normalized_shape'):
@@ -121,8 +123,13 @@ class NormIdentity(SwappedForward):
         kind = self.kind or next(k for base, k in self._KINDS.items() if isinstance(module, base))
         shape = tuple(getattr(module, 'normalized_shape', (None,)))
         if kind == 'layer_norm':
-            return layer_norm_identity(input, shape, module.weight, module.bias, module.eps)
-        eps = _rms_epsilon(module)
+            # a model library's LayerNorm may lack a weight or bias (OLMo's, Cohere's) or keep eps elsewhere
+            weight, bias = getattr(module, 'weight', None), getattr(module, 'bias', None)
+            eps = self.eps if self.eps is not None else module.eps
+            if shape == (None,):
+                shape = (input.shape[-1],)
+            return layer_norm_identity(input, shape, weight, bias, eps)
+        eps = self.eps if self.eps is not None else _rms_epsilon(module)
         eps = eps if eps is not None else torch.finfo(input.dtype).eps
         return rms_norm_identity(input, module.weight, eps, self.weight_offset, normalized_ndim=len(shape))
 
