@@ -1,0 +1,121 @@
+"""Families lxt_ext maps by structure rather than by name (tests/test_model_coverage.py has the named ones).
+
+Their attention modules dispatch through transformers' attention registry; their ``*RMSNorm``,
+``*LayerNorm`` and ``*MLP`` classes are recognised by a numeric check at registration (the module's
+output on a random probe is LLaMA's or Gemma's RMSNorm, ``F.layer_norm``, or a gated MLP), routers by
+``*TopKRouter``. For each, on a tiny random-weight config: with the composite registered the model
+computes its plain output; ``lxt_ext.diagnostics.audit`` finds nothing uncovered under AttnLRP and
+CP-LRP; and CP-LRP with biases (and position embeddings) zeroed conserves the explained logit within
+1e-3 relative. Families whose attention no rule covers are refused by name at registration.
+"""
+import pytest
+import torch
+
+from conftest import require_module
+
+transformers = require_module('transformers')
+
+from lxt_ext.attribution import GradientXInput  # noqa: E402
+from lxt_ext.composites import LanguageTransformer, ViTEpsilon  # noqa: E402
+from lxt_ext.diagnostics import audit  # noqa: E402
+from lxt_ext.transformer.composites import UnmappedModuleError  # noqa: E402
+
+TARGET = 5
+COMMON = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2, head_dim=16, num_labels=8,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+MOE = dict(num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
+VISION = dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=128, num_labels=8, initializer_range=0.2)
+
+# family: (config class, model class, config overrides); vision families take pixels
+TEXT = {
+    'cohere': ('CohereConfig', 'CohereForCausalLM', {}),
+    'olmo': ('OlmoConfig', 'OlmoForCausalLM', {}),
+    'olmo2': ('Olmo2Config', 'Olmo2ForCausalLM', {}),
+    'granite': ('GraniteConfig', 'GraniteForCausalLM', {}),
+    'stablelm': ('StableLmConfig', 'StableLmForCausalLM', {}),
+    'gpt_neox': ('GPTNeoXConfig', 'GPTNeoXForCausalLM', {}),
+    'phi': ('PhiConfig', 'PhiForCausalLM', {}),
+    'starcoder2': ('Starcoder2Config', 'Starcoder2ForCausalLM', {}),
+    'gptj': ('GPTJConfig', 'GPTJForCausalLM', dict(n_embd=64, n_layer=2, n_head=4, n_positions=64, rotary_dim=8)),
+    'gpt_bigcode': ('GPTBigCodeConfig', 'GPTBigCodeForCausalLM', dict(n_embd=64, n_layer=2, n_head=4, n_positions=64)),
+    'opt': ('OPTConfig', 'OPTForCausalLM', dict(ffn_dim=96, word_embed_proj_dim=64)),
+    'helium': ('HeliumConfig', 'HeliumForCausalLM', {}),
+    'glm': ('GlmConfig', 'GlmForCausalLM', {}),
+    'glm4': ('Glm4Config', 'Glm4ForCausalLM', {}),
+    'exaone4': ('Exaone4Config', 'Exaone4ForCausalLM', dict(sliding_window=4)),
+    'ministral': ('MinistralConfig', 'MinistralForCausalLM', dict(sliding_window=4)),
+    'smollm3': ('SmolLM3Config', 'SmolLM3ForCausalLM', {}),
+    'qwen2_moe': ('Qwen2MoeConfig', 'Qwen2MoeForCausalLM', dict(MOE, shared_expert_intermediate_size=48)),
+    'olmoe': ('OlmoeConfig', 'OlmoeForCausalLM', MOE),
+    'granitemoe': ('GraniteMoeConfig', 'GraniteMoeForCausalLM', MOE),
+    'distilbert': ('DistilBertConfig', 'DistilBertForSequenceClassification', dict(dim=64, hidden_dim=96, n_heads=4,
+                                                                                   n_layers=2)),
+    'electra': ('ElectraConfig', 'ElectraForSequenceClassification', dict(embedding_size=64)),
+    'albert': ('AlbertConfig', 'AlbertForSequenceClassification', dict(embedding_size=64)),
+    'modernbert': ('ModernBertConfig', 'ModernBertForSequenceClassification', {}),
+    'camembert': ('CamembertConfig', 'CamembertForSequenceClassification', {}),
+}
+IMAGE = {
+    'beit': ('BeitConfig', 'BeitForImageClassification', {}),
+    'vit_msn': ('ViTMSNConfig', 'ViTMSNForImageClassification', {}),
+    'ijepa': ('IJepaConfig', 'IJepaForImageClassification', {}),
+}
+# the first module class that lxt_ext refuses, by name, when registering on the family
+REFUSED = {
+    'gpt_neo': ('GPTNeoConfig', 'GPTNeoForCausalLM', dict(attention_types=[[['global', 'local'], 1]], window_size=4),
+                'GPTNeoSelfAttention'),
+    'bloom': ('BloomConfig', 'BloomForCausalLM', dict(n_layer=2, n_head=4), 'BloomAttention'),
+    'deberta_v2': ('DebertaV2Config', 'DebertaV2ForSequenceClassification', {}, 'DisentangledSelfAttention'),
+    'jetmoe': ('JetMoeConfig', 'JetMoeForCausalLM', dict(MOE, kv_channels=16), 'JetMoeParallelExperts'),
+}
+# zeroed for conservation: biases and what is added to the input (positions, token types, class tokens)
+ADDED = ('position_embeddings.weight', 'embed_positions.weight', 'wpe.weight', 'token_type_embeddings.weight',
+         'cls_token', 'mask_token', 'position_embeddings')
+
+
+def build(config_name, model_name, overrides, vision=False):
+    torch.manual_seed(0)
+    kwargs = {**(VISION if vision else COMMON), **overrides}
+    model = getattr(transformers, model_name)(getattr(transformers, config_name)(**kwargs)).eval()
+    if vision:
+        return model, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return model, model.get_input_embeddings()(torch.randint(3, 64, (2, 10))).detach()
+
+
+def check(model, x, forward, composite):
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith('bias') or name.endswith(ADDED):
+                parameter.zero_()
+        plain = forward(model, x)
+    for mode in ('attnlrp', 'cp'):
+        audit(model, x, forward=forward, composite=composite(attention=mode)).check()
+    with GradientXInput(model, composite(attention='cp', epsilon=1e-9), forward=forward) as attributor:
+        output, relevance = attributor(x, TARGET)
+    torch.testing.assert_close(output, plain, rtol=1e-4, atol=1e-5)
+    logit = output[:, -1, TARGET] if output.dim() == 3 else output[:, TARGET]
+    assert logit.abs().min() > 1e-3
+    torch.testing.assert_close(relevance.flatten(1).sum(1), logit, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize('family', TEXT)
+def test_text_family(family):
+    model, x = build(*TEXT[family])
+    check(model, x, lambda model, x: model(inputs_embeds=x).logits, LanguageTransformer)
+
+
+@pytest.mark.parametrize('family', IMAGE)
+def test_vision_family(family):
+    model, x = build(*IMAGE[family], vision=True)
+    check(model, x, lambda model, x: model(pixel_values=x).logits, ViTEpsilon)
+
+
+@pytest.mark.parametrize('family', REFUSED)
+def test_uncovered_family_is_refused_by_name(family):
+    config_name, model_name, overrides, refused = REFUSED[family]
+    model, _ = build(config_name, model_name, overrides)
+    with pytest.raises((NotImplementedError, UnmappedModuleError), match=refused):
+        LanguageTransformer().register(model)
+    assert not any('_lxt_ext_rule' in vars(module) for module in model.modules())
