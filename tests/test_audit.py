@@ -194,10 +194,13 @@ FAMILIES = {
     'qwen2': (_causal_lm(transformers.Qwen2Config, transformers.Qwen2ForCausalLM), LanguageTransformer),
     'qwen3': (_causal_lm(transformers.Qwen3Config, transformers.Qwen3ForCausalLM), LanguageTransformer),
     'gemma': (_causal_lm(transformers.GemmaConfig, transformers.GemmaForCausalLM), LanguageTransformer),
-    # the attention softcap is refused by the attention rule (NotImplementedError); the final one is
-    # reported (test_gemma2_final_logit_softcap_is_reported)
     'gemma2': (_causal_lm(transformers.Gemma2Config, transformers.Gemma2ForCausalLM, attn_logit_softcapping=None,
                           final_logit_softcapping=None), LanguageTransformer),
+    # both softcaps (attention 50, final logits 30) get the identity rule of the model-coverage adapters
+    'gemma2-softcaps': (_causal_lm(transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
+                                   attn_logit_softcapping=50., final_logit_softcapping=30.), LanguageTransformer),
+    # the fused gate_up_proj MLP gets the gated-MLP rule (it was the audit's known gap)
+    'phi3': (_causal_lm(transformers.Phi3Config, transformers.Phi3ForCausalLM), LanguageTransformer),
     'gemma3': (_causal_lm(transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM), LanguageTransformer),
 }
 
@@ -214,26 +217,3 @@ def test_mapped_families_audit_clean(family, attention):
     assert audit(model, x, forward).findings
 
 
-def test_phi3_is_reported():
-    """The known gap (the model-coverage issue gives Phi-3 its adapter; this test then moves to the
-    families above): Phi3MLP's functional ``up * act(gate)`` in every layer, by module and line."""
-    report = audit(*_causal_lm(transformers.Phi3Config, transformers.Phi3ForCausalLM)(),
-                   composite=LanguageTransformer(attention='cp'))
-    assert [(f.module, f.module_type, f.operation) for f in report.findings] == [
-        (f'model.layers.{i}.mlp', 'Phi3MLP', 'mul (MulBackward0)') for i in range(2)]
-    path, line = report.findings[0].source.rsplit(':', 1)
-    assert path.endswith('modeling_phi3.py')
-    assert 'up_states * self.activation_fn(gate)' in linecache.getline(path, int(line))
-    with pytest.raises(UncoveredOperationError, match='Phi3MLP'):
-        report.check()
-
-
-def test_gemma2_final_logit_softcap_is_reported():
-    build = _causal_lm(transformers.Gemma2Config, transformers.Gemma2ForCausalLM, attn_logit_softcapping=None,
-                       final_logit_softcapping=30.)
-    report = audit(*build(), composite=LanguageTransformer())
-    (finding,) = report.findings
-    assert (finding.module, finding.module_type, finding.operation) == ('', 'Gemma2ForCausalLM',
-                                                                        'tanh (TanhBackward0)')
-    path, line = finding.source.rsplit(':', 1)
-    assert 'torch.tanh(logits)' in linecache.getline(path, int(line))
