@@ -1,7 +1,6 @@
 """lxt_ext.diagnostics.audit: operations on the relevance path that no rule covers are reported by
 module, operation and source line (functional products, activations, softcaps, F.linear with a
 parameter), and every mapped family audits clean under both attention modes."""
-import linecache
 
 import pytest
 import timm
