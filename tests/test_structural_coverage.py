@@ -47,6 +47,11 @@ TEXT = {
     'exaone4': ('Exaone4Config', 'Exaone4ForCausalLM', dict(sliding_window=4)),
     'ministral': ('MinistralConfig', 'MinistralForCausalLM', dict(sliding_window=4)),
     'smollm3': ('SmolLM3Config', 'SmolLM3ForCausalLM', {}),
+    'arcee': ('ArceeConfig', 'ArceeForCausalLM', {}),
+    'seed_oss': ('SeedOssConfig', 'SeedOssForCausalLM', {}),
+    'ernie4_5': ('Ernie4_5Config', 'Ernie4_5ForCausalLM', {}),
+    'hunyuan_dense': ('HunYuanDenseV1Config', 'HunYuanDenseV1ForCausalLM', {}),
+    'apertus': ('ApertusConfig', 'ApertusForCausalLM', {}),  # xIELU activation
     'qwen2_moe': ('Qwen2MoeConfig', 'Qwen2MoeForCausalLM', dict(MOE, shared_expert_intermediate_size=48)),
     'olmoe': ('OlmoeConfig', 'OlmoeForCausalLM', MOE),
     'granitemoe': ('GraniteMoeConfig', 'GraniteMoeForCausalLM', MOE),

@@ -27,7 +27,7 @@ gate held constant (CP-LRP, as LXT); activation modules get the identity rule; R
 included) the identity rule on the normalisation; GPT-2's ``Conv1D`` (``x W + b``) the composite's
 Linear rule; a final-logit softcap (Gemma 2) the identity rule. Models are matched by class name (no
 modeling module is imported), with fallbacks for classes not named here: attention modules that
-dispatch through the registry, experts modules, ``*TopKRouter`` routers, ``*DropPath``, and ``*RMSNorm``
+dispatch through the registry, experts modules, ``*TopKRouter``/``*TopkRouter`` routers, ``*DropPath``, and ``*RMSNorm``
 / ``*MLP`` modules whose output on a random probe at registration is LLaMA's or Gemma's RMSNorm / a
 gated MLP (checked numerically, so a module of another form is reported as unmapped, never given a
 wrong rule). Attention modules known to compute attention in their own forward are refused by name.
@@ -540,7 +540,7 @@ _RMS_NORM = {'LlamaRMSNorm': 0., 'MistralRMSNorm': 0., 'MixtralRMSNorm': 0., 'Qw
 _ACTIVATIONS = {
     'GELUActivation', 'NewGELUActivation', 'GELUTanh', 'PytorchGELUTanh', 'FastGELUActivation', 'QuickGELUActivation',
     'AccurateGELUActivation', 'ClippedGELUActivation', 'SiLUActivation', 'MishActivation', 'ReLUSquaredActivation',
-    'LaplaceActivation',
+    'LaplaceActivation', 'XIELUActivation',
 }
 _ROUTERS = {'MixtralTopKRouter', 'Qwen3MoeTopKRouter'}
 # RoBERTa-style heads with a functional tanh (classification) or gelu (masked LM)
@@ -679,7 +679,8 @@ def transformers_rule(module, options):
         return HFExperts(options.attention, None if options.linear is None else options.linear.copy())
     if name in _REFUSED:
         return Refused(_REFUSED[name])
-    if name in _ROUTERS or (name.endswith('TopKRouter') and isinstance(getattr(module, 'weight', None), torch.Tensor)):
+    if name in _ROUTERS or (name.endswith(('TopKRouter', 'TopkRouter'))
+                            and isinstance(getattr(module, 'weight', None), torch.Tensor)):
         return RouterConstant()
     if name in _GATED_MLP:
         return GatedMLP(options.attention, _GATED_MLP[name])
