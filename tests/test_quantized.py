@@ -154,3 +154,18 @@ def test_audit_finds_no_uncovered_operation(mode):
     from lxt_ext.diagnostics import audit
     model, _, x = models('nf4')
     audit(model, x, forward=logits, composite=LanguageTransformer(attention=mode)).check()
+
+
+def test_zennit_composites_refuse_a_4bit_layer_by_name():
+    """lxt_ext's CNN composites (zennit's layer maps) put the fused Linear rule on every ``nn.Linear``,
+    which a ``Linear4bit`` is by class; its packed weight must give an error naming the layer, never
+    relevance from the packed bytes."""
+    from zennit.attribution import Gradient
+    from lxt_ext.composites import EpsilonPlus
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(),
+                                to_4bit('nf4')(torch.nn.Linear(16, 4))).eval()
+    x = torch.randn(2, 16)
+    with pytest.raises(TypeError, match='Linear4bit'):
+        with Gradient(model, EpsilonPlus()) as attributor:
+            attributor(x, torch.eye(4)[[0, 1]])
