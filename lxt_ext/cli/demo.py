@@ -1,0 +1,149 @@
+"""``lxt-ext demo``: the embedded default model end to end on its shipped samples.
+
+Each sample is explained for its labelled class by every method of :data:`METHODS` (lxt_ext's ViT
+composites and two gradient baselines), one forward and one backward per method for the whole batch.
+Written to the output folder:
+
+- ``grid.png``: one row per sample; the image (the object's outline in green, the distractor bar
+  elsewhere), then one heatmap per method (zennit's ``coldnhot``: positive relevance hot, negative
+  cold, each map scaled to its own largest |relevance|) with the object's outline;
+- ``scores.md`` and ``scores.json``: per method the mean relevance mass accuracy (the share of positive
+  relevance on the object) and the pointing-game hit rate over the samples
+  (``lxt_ext.evaluation``); the JSON also holds the per-sample values and predictions.
+
+The table is printed too. Exit status 0.
+"""
+import json
+import os
+import sys
+
+import torch
+
+HELP = 'explain the embedded model\'s sample images with each method: heatmap grid and localisation scores'
+SCALE = 3          # grid cells are the 64 x 64 images enlarged 3 times (nearest neighbour)
+OUTLINE = (0.2, 1.0, 0.2)
+
+
+def _composite(name, **kwargs):
+    def method(model, x, target):
+        from .. import composites
+        from ..explanation import explain_batch
+
+        return explain_batch(model, x, getattr(composites, name)(**kwargs), target=target).relevance
+    return method
+
+
+def _baseline(name):
+    def method(model, x, target):
+        from .. import baselines
+
+        return getattr(baselines, name)(model, x, target)
+    return method
+
+
+# label -> method(model, x, target) -> relevance shaped like x; the composites come first
+METHODS = {
+    'ViTEpsilon AttnLRP': _composite('ViTEpsilon', attention='attnlrp'),
+    'ViTEpsilon CP-LRP': _composite('ViTEpsilon', attention='cp'),
+    'ViTGamma CP-LRP': _composite('ViTGamma', attention='cp'),
+    'ViTGamma AttnLRP': _composite('ViTGamma', attention='attnlrp'),
+    'gradient': _baseline('gradient'),
+    'gradient x input': _baseline('gradient_x_input'),
+}
+COMPOSITE_METHODS = tuple(name for name in METHODS if name.startswith('ViT'))
+
+
+def add_arguments(parser):
+    parser.add_argument('--out', default='demo', help='output folder (default: demo)')
+    parser.add_argument('--threads', type=int, help='torch CPU threads')
+
+
+def scores(model, images, masks, labels):
+    """``{method: {'relevance': (N, 3, H, W), 'rma': (N,), 'pointing': (N,)}}`` and the predicted
+    classes, for images in 0..1 explained for ``labels``."""
+    from ..data import embedded
+    from ..evaluation import pointing_game, relevance_mass_accuracy
+
+    x = (images - embedded.MEAN) / embedded.STD
+    with torch.no_grad():
+        predicted = model(x).argmax(1)
+    results = {}
+    for name, method in METHODS.items():
+        relevance = method(model, x, labels).detach()
+        results[name] = dict(relevance=relevance, rma=relevance_mass_accuracy(relevance, masks),
+                             pointing=pointing_game(relevance, masks))
+    return results, predicted
+
+
+def _outline(mask):
+    """(H, W) bool: mask pixels with a 4-neighbour outside the mask."""
+    padded = torch.nn.functional.pad(mask[None, None].float(), (1, 1, 1, 1))[0, 0]
+    inner = padded[:-2, 1:-1].bool() & padded[2:, 1:-1].bool() & padded[1:-1, :-2].bool() & padded[1:-1, 2:].bool()
+    return mask & ~inner
+
+
+def grid(images, masks, results):
+    """The grid as a PIL image: a header row of method names, then one row per sample."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from ..visualization.image import colours
+
+    rows = []
+    for index, (image, mask) in enumerate(zip(images, masks)):
+        outline = _outline(mask).numpy()
+        cells = [image.permute(1, 2, 0).numpy().astype(np.float64)]
+        cells += [colours(result['relevance'][index]) for result in results.values()]
+        for cell in cells:
+            cell[outline] = OUTLINE
+        rows.append(np.concatenate(cells, axis=1))
+    pixels = (np.concatenate(rows, axis=0).clip(0, 1) * 255).round().astype(np.uint8)
+    size = images.shape[-1] * SCALE
+    body = Image.fromarray(pixels).resize((pixels.shape[1] * SCALE, pixels.shape[0] * SCALE), Image.NEAREST)
+    header = 28
+    canvas = Image.new('RGB', (body.width, body.height + header), 'white')
+    canvas.paste(body, (0, header))
+    draw = ImageDraw.Draw(canvas)
+    for column, label in enumerate(['image (object outlined)'] + list(results)):
+        words = label.split(' ', 1)
+        for line, text in enumerate(words if len(label) > size // 7 else [label]):
+            draw.text((column * size + 4, 2 + 12 * line), text, fill='black')
+    return canvas
+
+
+def table(results):
+    """Markdown table: method, mean relevance mass accuracy, pointing-game hit rate."""
+    lines = ['| method | relevance mass accuracy (mean) | pointing game (hit rate) |', '|---|---|---|']
+    for name, result in results.items():
+        lines.append(f'| {name} | {result["rma"].nanmean().item():.3f} | {result["pointing"].mean().item():.3f} |')
+    return '\n'.join(lines)
+
+
+def run(args):
+    from ..data import embedded
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = embedded.load_model()
+    images, masks, labels, names = embedded.load_samples()
+    results, predicted = scores(model, images, masks, labels)
+    os.makedirs(args.out, exist_ok=True)
+    grid(images, masks, results).save(os.path.join(args.out, 'grid.png'))
+    text = table(results)
+    correct = int((predicted == labels).sum())
+    summary = (f'{len(names)} samples of the embedded model ({correct} classified correctly), each explained for '
+               f'its labelled class; relevance mass accuracy = share of positive relevance on the object')
+    with open(os.path.join(args.out, 'scores.md'), 'w') as file:
+        file.write(f'{summary}\n\n{text}\n')
+    with open(os.path.join(args.out, 'scores.json'), 'w') as file:
+        json.dump(dict(
+            samples=names, labels=[embedded.CLASSES[k] for k in labels],
+            predicted=[embedded.CLASSES[k] for k in predicted],
+            methods={name: dict(relevance_mass_accuracy=result['rma'].tolist(),
+                                pointing_game=result['pointing'].tolist(),
+                                mean_relevance_mass_accuracy=result['rma'].nanmean().item(),
+                                pointing_game_hit_rate=result['pointing'].mean().item())
+                     for name, result in results.items()}), file, indent=1)
+    print(f'{summary}\n\n{text}\n\nwrote {os.path.join(args.out, "grid.png")}, scores.md and scores.json',
+          file=sys.stdout)
+    return 0
