@@ -1,4 +1,5 @@
-"""Quantized Linear layers (bitsandbytes 4-bit, nf4 and fp4, on the CPU) in lxt_ext's transformer composites.
+"""Quantized Linear layers in lxt_ext's transformer composites, on the CPU: bitsandbytes 4-bit (nf4, fp4) and
+torchao's int8 weight-only (``Int8WeightOnlyConfig``: an ``nn.Linear`` whose weight is an ``Int8Tensor``).
 
 Oracle: the same model with its weights dequantized up front (each ``Linear4bit`` replaced by an
 ``nn.Linear`` holding bitsandbytes' own dequantization of its weight), explained with the same
@@ -49,21 +50,30 @@ def to_4bit(quant_type):
 
 
 def dequantized(layer):
+    """An ``nn.Linear`` with the library's own dequantization of ``layer``'s weight."""
     linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-    linear.weight = torch.nn.Parameter(bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state))
+    weight = layer.weight
+    weight = (bnb.functional.dequantize_4bit(weight.data, weight.quant_state) if isinstance(layer, bnb.nn.Linear4bit)
+              else weight.dequantize())
+    linear.weight = torch.nn.Parameter(weight.detach().clone())
     linear.bias = layer.bias
     return linear
 
 
 def models(quant_type):
-    """A LLaMA with 4-bit Linear layers, and the same model dequantized up front."""
+    """A LLaMA with quantized Linear layers (bitsandbytes 4-bit ``'nf4'``/``'fp4'``, or torchao's int8
+    weight-only ``'int8'``), and the same model dequantized up front."""
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).eval()
     x = model.get_input_embeddings()(torch.randint(0, 64, (2, 10))).detach()
     reference = copy.deepcopy(model)
-    replace_linear(model, to_4bit(quant_type))
+    if quant_type == 'int8':
+        torchao = require_module('torchao')
+        torchao.quantization.quantize_(model, torchao.quantization.Int8WeightOnlyConfig())
+    else:
+        replace_linear(model, to_4bit(quant_type))
     for name, layer in model.named_modules():
-        if isinstance(layer, bnb.nn.Linear4bit):
+        if isinstance(layer, torch.nn.Linear):
             parent, _, child = name.rpartition('.')
             setattr(reference.get_submodule(parent), child, dequantized(layer))
     return model, reference, x
@@ -75,10 +85,11 @@ def logits(model, x):
 
 @pytest.mark.parametrize('linear_rule', ['epsilon', 'gamma'])
 @pytest.mark.parametrize('mode', ['attnlrp', 'cp'])
-@pytest.mark.parametrize('quant_type', ['nf4', 'fp4'])
+@pytest.mark.parametrize('quant_type', ['nf4', 'fp4', 'int8'])
 def test_relevance_equals_the_model_dequantized_up_front(quant_type, mode, linear_rule):
     model, reference, x = models(quant_type)
-    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 15
+    quantized = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(quantized) == 15 and not any(type(m.weight) is torch.nn.Parameter for m in quantized)
     results = {}
     for key, m in (('quantized', model), ('reference', reference)):
         with GradientXInput(m, LanguageTransformer(attention=mode, linear_rule=linear_rule),
@@ -89,8 +100,8 @@ def test_relevance_equals_the_model_dequantized_up_front(quant_type, mode, linea
     assert expected.abs().max() > 0
     error = (relevance - expected).abs().max() / expected.abs().max()
     assert error <= 1e-5, f'max |difference| = {error:.2e} x max |relevance of the dequantized model|'
-    # the packed weights are what they were
-    assert all(m.weight.dtype == torch.uint8 for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    # the quantized weights are what they were
+    assert all(type(m.weight) is type(quantized[0].weight) for m in quantized)
 
 
 def test_8bit_layers_are_refused_by_name():

@@ -3,10 +3,11 @@
 A factory takes the module and the composite's ``Options`` and returns a zennit Hook (an lxt_ext
 rule) for it. Each library registers its classes in a module of its own: ``torch_nn`` (torch.nn's
 built-in layers, ``MultiheadAttention`` included; always loaded), ``huggingface`` (transformers),
-``timm``, ``quantized`` (bitsandbytes' quantized Linear layers); a library's table is imported the
-first time one of its modules is looked up, so lxt_ext never imports a model library the user does
-not use. Lookup walks the module's MRO, so a subclass inherits its parent's adapter unless it
-registers its own; classes no table names are then offered to the matchers (in registration order).
+``timm``, ``bitsandbytes`` (its quantized Linear layers; ``quantized`` holds their rule); a
+library's table is imported the first time one of its modules is looked up, so lxt_ext never imports
+a model library the user does not use. Lookup walks the module's MRO, so a subclass inherits its
+parent's adapter unless it registers its own; classes no table names are then offered to the matchers
+(in registration order).
 """
 import importlib
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ _TABLE = {}
 _MATCHERS = []
 # The package a module class comes from -> lxt_ext's module that registers its adapters.
 _FAMILIES = {'transformers': 'lxt_ext.models.huggingface', 'timm': 'lxt_ext.models.timm',
-             'bitsandbytes': 'lxt_ext.models.quantized'}
+             'bitsandbytes': 'lxt_ext.models.bitsandbytes'}
 
 
 @dataclass(frozen=True)

@@ -1,40 +1,50 @@
-"""Linear layers whose weight is stored quantized, in lxt_ext's transformer composites: bitsandbytes.
+"""Linear layers whose weight is stored quantized, in lxt_ext's transformer composites.
 
-bitsandbytes' ``Linear4bit`` (nf4 and fp4) subclasses ``nn.Linear`` but keeps its weight packed (uint8,
-two 4-bit codes a byte, with a ``quant_state`` of block scales), so a rule reading ``module.weight``
-would read the packed bytes. Its rule here (``DequantizedLinear``) runs bitsandbytes' own forward and
-keeps only the layer input; in backward it dequantizes the weight of this one layer, runs the
-composite's Linear rule on it (``linear_rule_apply``: the product recomputed, then the rule's backward)
-and drops it again. At most one layer's weight is ever held in full precision (never a full-precision
-copy of the model); the fused rules accumulate in float32 whatever the weight's dtype.
-
-``Linear8bitLt`` (LLM.int8: its forward also quantizes the input, so the dequantized weight does not
-give its output) is refused by name.
+A rule reading ``module.weight`` of such a layer would read packed bytes (bitsandbytes' ``Linear4bit``
+subclasses ``nn.Linear`` but keeps two 4-bit codes a byte) or a tensor subclass the fused ops cannot
+take (torchao's ``Int8Tensor`` and kin inside a plain ``nn.Linear``). ``DequantizedLinear`` runs the
+layer's own quantized forward and keeps only the layer input; in backward it dequantizes the weight of
+this one layer, runs the composite's Linear rule on it (``linear_rule_apply``: the product recomputed,
+then the rule's backward) and drops it again. At most one layer's weight is ever held in full
+precision, never a full-precision copy of the model; the fused rules accumulate in float32 whatever the
+weight's dtype. Tables: ``bitsandbytes.py`` (``Linear4bit``; ``Linear8bitLt`` refused) and ``torch_nn.py``
+(an ``nn.Linear`` whose weight is a tensor subclass with ``dequantize()``: torchao).
 """
-import bitsandbytes as bnb
 import torch
 
+from .. import checks
 from ..checks import first_order
 from ..core import SwappedForward
 from ..layers import UnsupportedLayerError
 from ..transformer.convention import linear_rule_apply
-from . import adapter
 
-__all__ = ['DequantizedLinear', 'dequantized_weight']
+__all__ = ['DequantizedLinear', 'dequantized_weight', 'is_quantized']
+
+
+def is_quantized(weight):
+    """Whether ``weight`` is a quantized tensor subclass that dequantizes itself (torchao's)."""
+    return (isinstance(weight, torch.Tensor) and type(weight) not in (torch.Tensor, torch.nn.Parameter)
+            and callable(getattr(weight, 'dequantize', None)))
 
 
 def dequantized_weight(module):
-    """The full-precision weight (out, in) of a bitsandbytes ``Linear4bit``, in its original dtype."""
+    """The full-precision weight (out, in) of a quantized Linear layer, in its original dtype."""
     weight = module.weight
-    if getattr(weight, 'quant_state', None) is None:
-        raise UnsupportedLayerError(
-            f'{type(module).__name__} holds no quantized weight yet (bitsandbytes quantizes when the layer is '
-            f'moved to a device, e.g. .to("cpu")); quantize it before registering a composite')
-    return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    if type(weight).__name__ == 'Params4bit':  # bitsandbytes
+        import bitsandbytes
+        if weight.quant_state is None:
+            raise UnsupportedLayerError(
+                f'{type(module).__name__} holds no quantized weight yet (bitsandbytes quantizes when the layer is '
+                f'moved to a device, e.g. .to("cpu")); quantize it before registering a composite')
+        return bitsandbytes.functional.dequantize_4bit(weight.data, weight.quant_state)
+    if is_quantized(weight):
+        return weight.dequantize()
+    raise UnsupportedLayerError(f'{type(module).__name__}: its weight ({type(weight).__name__}) is not one lxt_ext '
+                                f'can dequantize')
 
 
 class _DequantizedRule(torch.autograd.Function):
-    """bitsandbytes' forward; in backward, ``rule`` on this layer's dequantized weight (input kept only)."""
+    """The layer's quantized forward; in backward, ``rule`` on its dequantized weight (input kept only)."""
 
     @staticmethod
     def forward(ctx, x, rule, module, original):
@@ -56,7 +66,8 @@ class _DequantizedRule(torch.autograd.Function):
 
 class DequantizedLinear(SwappedForward):
     """The composite's Linear rule (``linear_rule``, a template in the Gradient x Input convention) on a
-    bitsandbytes ``Linear4bit``, applied to its weight dequantized one layer at a time in backward."""
+    quantized Linear layer, applied to its weight dequantized one layer at a time in backward."""
+    checked = False  # the layer's input and output are checked by the rules around it; its weight is not a float
 
     def __init__(self, linear_rule):
         super().__init__()
@@ -69,33 +80,17 @@ class DequantizedLinear(SwappedForward):
         copy.linear_rule = self.linear_rule.copy()
         return copy
 
-    def prepare(self, module):
-        if not isinstance(module, bnb.nn.Linear4bit):
-            raise UnsupportedLayerError(f'DequantizedLinear takes bitsandbytes Linear4bit, not {type(module).__name__}')
-        if getattr(module.weight, 'quant_state', None) is None:
-            dequantized_weight(module)  # raises the clear error
+    def register(self, module):
+        # a layer this rule cannot dequantize raises here, by name; the weight is checked for NaN/Inf
+        # dequantized, and hidden from SwappedForward's check of the parameters (a tensor subclass may not sum)
+        checks.finite(dequantized_weight(module), f'the dequantized weight of {checks.where(self, module)}')
+        parameters = dict(module._parameters)
+        module._parameters.pop('weight')
+        try:
+            return super().register(module)
+        finally:
+            module._parameters.clear()
+            module._parameters.update(parameters)  # the same objects in the same order
 
     def apply(self, module, original, input, args, kwargs):
         return _DequantizedRule.apply(input, self.linear_rule, module, lambda x: original(x, *args, **kwargs))
-
-
-class _Refused(SwappedForward):
-    """Refuses a quantized layer no rule here covers, by name."""
-
-    def __init__(self, reason):
-        super().__init__()
-        self.reason = reason
-
-    def prepare(self, module):
-        raise UnsupportedLayerError(f'{type(module).__module__}.{type(module).__qualname__}: {self.reason}')
-
-
-@adapter(bnb.nn.Linear4bit)
-def _linear_4bit(module, options):
-    return DequantizedLinear(None if options.linear is None else options.linear.copy())
-
-
-@adapter(bnb.nn.Linear8bitLt)
-def _linear_8bit(module, options):
-    return _Refused('LLM.int8 quantizes the layer input as well, so no rule on a dequantized weight gives its '
-                    'output; lxt_ext does not cover 8-bit bitsandbytes layers (use 4-bit, or dequantize the model)')

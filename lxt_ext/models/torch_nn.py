@@ -1,6 +1,7 @@
 """torch.nn's built-in layers in lxt_ext's transformer composites: the table every model starts from.
 
-Linear layers and convolutions (zennit's ``Linear`` types) get the composite's rule templates,
+Linear layers and convolutions (zennit's ``Linear`` types) get the composite's rule templates (a Linear
+layer whose weight is a quantized tensor subclass, torchao's, the rule on its dequantized weight),
 element-wise activations the identity rule, LayerNorm/RMSNorm the identity rule on the
 normalisation, dropout none (off), ``nn.MultiheadAttention`` AttnLRP or CP-LRP with its projections
 (which it calls functionally, out of zennit's reach) under the composite's Linear rule. Leaves that
@@ -17,6 +18,7 @@ from ..transformer.convention import gradient_x_input, linear_rule_apply
 from ..transformer.elementwise import ActivationIdentity, DropoutOff
 from ..transformer.norms import NormIdentity
 from . import KeepGradient, adapter, matcher
+from .quantized import DequantizedLinear, is_quantized
 
 __all__ = ['MultiheadAttentionRule', 'ELEMENTWISE_ACTIVATIONS']
 
@@ -30,6 +32,8 @@ ELEMENTWISE_ACTIVATIONS = (
 @matcher
 def _products(module, options):
     if isinstance(module, torch.nn.Linear):
+        if options.linear is not None and is_quantized(module.weight):  # torchao: a quantized tensor subclass
+            return DequantizedLinear(options.linear.copy())
         return options.linear
     if isinstance(module, Convolution):
         return options.conv
