@@ -4,7 +4,10 @@ import argparse
 import importlib
 
 COMMANDS = {
+    'demo': 'lxt_ext.cli.demo',
     'explain': 'lxt_ext.cli.explain',
+    'evaluate': 'lxt_ext.cli.evaluate',
+    'check': 'lxt_ext.cli.check',
 }
 
 
