@@ -15,10 +15,11 @@ Families: decoders LLaMA, Mistral (a sequence longer than its sliding window), Q
 Gemma 2 (attention softcap 50 and final-logit softcap 30, its defaults), Gemma 3 (sliding window),
 Phi-3 (fused ``gate_up_proj``), GPT-2; mixture of experts Mixtral and Qwen3-MoE; encoder-decoder T5
 and Flan-T5 (gated-GELU), explained for a decoder logit w.r.t. the encoder and the decoder input
-embeddings (concatenated); encoders BERT and RoBERTa (classification heads); vision towers HF ViT,
-DeiT, DINOv2 (with and without registers, LayerScale, SwiGLU), CLIP and SigLIP vision models (SigLIP's
-attention pooling head included) explained w.r.t. pixels with the ViT composites, for a linear
-probe's logit on the pooled output (DINOv2 and ViT/DeiT: their own linear classifiers).
+embeddings (concatenated); encoders BERT, RoBERTa (classification and masked-LM heads) and XLM-RoBERTa;
+vision towers HF ViT, DeiT, DINOv2 (with and without registers, LayerScale, SwiGLU), CLIP and SigLIP
+vision models (SigLIP's attention pooling head included) and SigLIP 2's NaFlex tower (a padded image)
+explained w.r.t. pixels with the ViT composites, for a linear probe's logit on the pooled output
+(DINOv2 and ViT/DeiT: their own linear classifiers).
 """
 import dataclasses
 from typing import Callable

@@ -124,3 +124,13 @@ def test_uncovered_family_is_refused_by_name(family):
     with pytest.raises((NotImplementedError, UnmappedModuleError), match=refused):
         LanguageTransformer().register(model)
     assert not any('_lxt_ext_rule' in vars(module) for module in model.modules())
+
+
+@pytest.mark.parametrize('family', ['olmo', 'olmo2', 'cohere', 'glm', 'stablelm'])
+def test_structural_matches_hold_in_bfloat16(family):
+    """The numeric checks at registration recognise the norms and MLPs of a bfloat16 model too."""
+    model, x = build(*TEXT[family])
+    model.to(torch.bfloat16)
+    for mode in ('attnlrp', 'cp'):
+        audit(model, x.to(torch.bfloat16), forward=lambda model, x: model(inputs_embeds=x).logits,
+              composite=LanguageTransformer(attention=mode)).check()

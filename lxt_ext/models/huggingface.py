@@ -569,12 +569,18 @@ def _dispatches_attention(module):
             and type(module).__name__.endswith('Attention') and 'attention_interface' in forward.__code__.co_varnames)
 
 
-def _probe(module, features):
-    """A small random input for ``module`` (``features`` wide), in its parameters' dtype and device."""
+def _probe(module, features, dtype=None):
+    """A small random input for ``module`` (``features`` wide) on its parameters' device, in ``dtype``
+    (default: its parameters' dtype)."""
     parameter = next(module.parameters(), None)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, features, generator=generator)
-    return x if parameter is None else x.to(parameter.device, parameter.dtype)
+    return x if parameter is None else x.to(parameter.device, dtype or parameter.dtype)
+
+
+def _tolerance(x):
+    """allclose's (rtol, atol) for two computations of the same function in ``x``'s dtype."""
+    return (1e-5, 1e-6) if x.dtype in (torch.float32, torch.float64) else (2e-2, 2e-2)
 
 
 def _class_forward(module, x):
@@ -594,7 +600,7 @@ def _rms_norm_offset(module):
         return None
     try:
         with torch.no_grad():
-            x = _probe(module, weight.shape[0])
+            x = _probe(module, weight.shape[0], torch.float32)
             output = _class_forward(module, x)
             normalised = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
             for offset in (0., 1.):
@@ -616,7 +622,7 @@ def _layer_norm_eps(module):
     own = [getattr(module, name) for name in ('eps', 'variance_epsilon') if isinstance(getattr(module, name, None), float)]
     try:
         with torch.no_grad():
-            x = _probe(module, shape[0])
+            x = _probe(module, shape[0], torch.float32)
             output = _class_forward(module, x).float()
             for eps in own + [1e-5, 1e-6, 1e-12]:
                 expected = torch.nn.functional.layer_norm(x.float(), shape, None if weight is None else weight.float(),
@@ -640,7 +646,8 @@ def _is_fused_gated_mlp(module):
             x = _probe(module, module.gate_up_proj.in_features)
             gate, up = module.gate_up_proj(x).chunk(2, dim=-1)
             expected = module.down_proj(module.activation_fn(gate) * up)
-            return torch.allclose(_class_forward(module, x), expected, rtol=1e-5, atol=1e-6)
+            rtol, atol = _tolerance(x)
+            return torch.allclose(_class_forward(module, x), expected, rtol=rtol, atol=atol)
     except Exception:  # noqa: BLE001
         return False
 
@@ -656,7 +663,8 @@ def _is_gated_mlp(module):
         with torch.no_grad():
             x = _probe(module, module.gate_proj.in_features)
             expected = module.down_proj(module.act_fn(module.gate_proj(x)) * module.up_proj(x))
-            return torch.allclose(_class_forward(module, x), expected, rtol=1e-5, atol=1e-6)
+            rtol, atol = _tolerance(x)
+            return torch.allclose(_class_forward(module, x), expected, rtol=rtol, atol=atol)
     except Exception:  # noqa: BLE001
         return False
 
