@@ -25,6 +25,9 @@ COMMON = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_la
               num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2, head_dim=16, num_labels=8,
               pad_token_id=0, bos_token_id=1, eos_token_id=2)
 MOE = dict(num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
+# DeepSeek-style: grouped routing (one group), the first layer dense
+DEEPSEEK_MOE = dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, first_k_dense_replace=1,
+                    n_group=1, topk_group=1)
 VISION = dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
               intermediate_size=128, num_labels=8, initializer_range=0.2)
 
@@ -55,6 +58,12 @@ TEXT = {
     'qwen2_moe': ('Qwen2MoeConfig', 'Qwen2MoeForCausalLM', dict(MOE, shared_expert_intermediate_size=48)),
     'olmoe': ('OlmoeConfig', 'OlmoeForCausalLM', MOE),
     'granitemoe': ('GraniteMoeConfig', 'GraniteMoeForCausalLM', MOE),
+    'glm4_moe': ('Glm4MoeConfig', 'Glm4MoeForCausalLM', dict(DEEPSEEK_MOE, n_shared_experts=1)),
+    'dots1': ('Dots1Config', 'Dots1ForCausalLM', dict(DEEPSEEK_MOE, n_shared_experts=1)),
+    'hunyuan_moe': ('HunYuanMoEV1Config', 'HunYuanMoEV1ForCausalLM', dict(MOE, moe_topk=2)),
+    'flex_olmo': ('FlexOlmoConfig', 'FlexOlmoForCausalLM', MOE),
+    'minimax': ('MiniMaxConfig', 'MiniMaxForCausalLM', dict(MOE, layer_types=['full_attention'] * 2)),
+    'exaone_moe': ('ExaoneMoeConfig', 'ExaoneMoeForCausalLM', MOE),
     'distilbert': ('DistilBertConfig', 'DistilBertForSequenceClassification', dict(dim=64, hidden_dim=96, n_heads=4,
                                                                                    n_layers=2)),
     'electra': ('ElectraConfig', 'ElectraForSequenceClassification', dict(embedding_size=64)),
