@@ -436,8 +436,9 @@ class SharedExpertMoE(SwappedForward):
 
 
 class TanhClassificationHead(SwappedForward):
-    """RoBERTa's (XLM-RoBERTa's, CamemBERT's, Data2VecText's) classification head ``out_proj(tanh(dense(x[:, 0])))``, whose ``tanh`` is functional:
-    the identity rule on it; ``dense`` and ``out_proj`` under their own rules, dropout off."""
+    """RoBERTa's (XLM-RoBERTa's, CamemBERT's, Data2VecText's) classification head
+    ``out_proj(tanh(dense(x[:, 0])))``, whose ``tanh`` is functional: the identity rule on it; ``dense``
+    and ``out_proj`` under their own rules, dropout off."""
 
     def __init__(self, input_stabilizer=1e-10):
         super().__init__()
@@ -619,7 +620,8 @@ def _layer_norm_eps(module):
     shape = tuple(getattr(module, 'normalized_shape', ())) or (tuple(weight.shape) if weight is not None else ())
     if len(shape) != 1 or any(t is not None and not isinstance(t, torch.Tensor) for t in (weight, bias)):
         return None
-    own = [getattr(module, name) for name in ('eps', 'variance_epsilon') if isinstance(getattr(module, name, None), float)]
+    own = [getattr(module, name) for name in ('eps', 'variance_epsilon')
+           if isinstance(getattr(module, name, None), float)]
     try:
         with torch.no_grad():
             x = _probe(module, shape[0], torch.float32)
