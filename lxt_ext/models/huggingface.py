@@ -342,6 +342,34 @@ class HFExperts(_ConfigViewRule):
         return {'_experts_implementation': _IMPLEMENTATIONS[self.mode]}
 
 
+class DenseExperts(SwappedForward):
+    """Llama 4's experts: every expert on every token, ``(E * T, H)`` inputs already scaled by the (constant)
+    router scores; per expert ``down(up * act(gate))`` with ``gate, up = x @ gate_up_proj[e]`` (3-D
+    parameters, ``(E, in, out)``): each projection under the composite's Linear rule, the product under
+    the gated-MLP rule, the activation module under its own rule."""
+
+    def __init__(self, mode='attnlrp', linear_rule=None):
+        super().__init__()
+        if linear_rule is None:
+            raise ValueError('the experts rule needs the composite\'s Linear rule (Options.linear)')
+        self.mode = mode
+        self.linear = linear_rule
+
+    def copy(self):
+        copy = super().copy()
+        copy.linear = self.linear.copy()
+        return copy
+
+    def apply(self, module, original, input, args, kwargs):
+        experts = input.view(module.gate_up_proj.shape[0], -1, input.shape[-1])
+        outputs = []
+        for expert, x in enumerate(experts):
+            gate, up = linear_rule_apply(self.linear, x, module.gate_up_proj[expert].t()).chunk(2, dim=-1)
+            h = gated_product(module.act_fn(gate), up, self.mode)
+            outputs.append(linear_rule_apply(self.linear, h, module.down_proj[expert].t()))
+        return torch.stack(outputs).view(-1, input.shape[-1])
+
+
 class RouterConstant(SwappedForward):
     """A mixture-of-experts router run without grad: its routing weights are constants for the
     experts' outputs they scale, so the router gets no relevance (see the module doc)."""
@@ -530,6 +558,7 @@ _ATTENTION = {
 _GATED_MLP = {name: GatedMLP.NAMES for name in (
     'LlamaMLP', 'MistralMLP', 'Qwen2MLP', 'Qwen3MLP', 'Qwen3MoeMLP', 'GemmaMLP', 'Gemma2MLP', 'Gemma3MLP',
     'Dinov2SwiGLUFFN', 'Dinov2WithRegistersSwiGLUFFN')}
+_GATED_MLP['Llama4TextMLP'] = ('gate_proj', 'up_proj', 'down_proj', 'activation_fn')
 _GATED_MLP['T5DenseGatedActDense'] = ('wi_0', 'wi_1', 'wo', 'act')
 # Fused gated MLPs: attribute names of the fused gate/up projection, the down projection and the activation.
 _FUSED_GATED_MLP = {name: FusedGatedMLP.NAMES for name in ('Phi3MLP', 'GlmMLP', 'Glm4MLP')}
@@ -537,13 +566,15 @@ _FUSED_GATED_MLP['ModernBertMLP'] = ('Wi', 'Wo', 'act')
 _SHARED_EXPERT_MOE = {'Qwen2MoeSparseMoeBlock'}
 _RMS_NORM = {'LlamaRMSNorm': 0., 'MistralRMSNorm': 0., 'MixtralRMSNorm': 0., 'Qwen2RMSNorm': 0., 'Qwen3RMSNorm': 0.,
              'Qwen3MoeRMSNorm': 0., 'Phi3RMSNorm': 0., 'T5LayerNorm': 0.,
-             'GemmaRMSNorm': 1., 'Gemma2RMSNorm': 1., 'Gemma3RMSNorm': 1.}
+             'GemmaRMSNorm': 1., 'Gemma2RMSNorm': 1., 'Gemma3RMSNorm': 1.,
+             'Llama4TextRMSNorm': 0., 'Llama4TextL2Norm': 0.}  # L2Norm: an RMSNorm without weight
 _ACTIVATIONS = {
     'GELUActivation', 'NewGELUActivation', 'GELUTanh', 'PytorchGELUTanh', 'FastGELUActivation', 'QuickGELUActivation',
     'AccurateGELUActivation', 'ClippedGELUActivation', 'SiLUActivation', 'MishActivation', 'ReLUSquaredActivation',
     'LaplaceActivation', 'XIELUActivation',
 }
-_ROUTERS = {'MixtralTopKRouter', 'Qwen3MoeTopKRouter'}
+_ROUTERS = {'MixtralTopKRouter', 'Qwen3MoeTopKRouter', 'Llama4Router'}
+_DENSE_EXPERTS = {'Llama4TextExperts'}
 # RoBERTa-style heads with a functional tanh (classification) or gelu (masked LM)
 _ROBERTA_LIKE = ('Roberta', 'XLMRoberta', 'Camembert', 'Data2VecText')
 _TANH_HEADS = {f'{name}ClassificationHead' for name in _ROBERTA_LIKE}
@@ -687,6 +718,8 @@ def transformers_rule(module, options):
         return HFAttention(options.attention, options.input_stabilizer)
     if _dispatches_experts(module):
         return HFExperts(options.attention, None if options.linear is None else options.linear.copy())
+    if name in _DENSE_EXPERTS:
+        return DenseExperts(options.attention, None if options.linear is None else options.linear.copy())
     if name in _REFUSED:
         return Refused(_REFUSED[name])
     if name in _ROUTERS or (name.endswith(('TopKRouter', 'TopkRouter'))

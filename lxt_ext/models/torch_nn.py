@@ -34,6 +34,8 @@ def _products(module, options):
     if isinstance(module, torch.nn.Linear):
         if options.linear is not None and is_quantized(module.weight):  # torchao: a quantized tensor subclass
             return DequantizedLinear(options.linear.copy())
+        if type(module).__module__.startswith('transformers.') and type(module).forward is not torch.nn.Linear.forward:
+            return None  # a transformers module that is a Linear with a forward of its own (Llama 4's router)
         return options.linear
     if isinstance(module, Convolution):
         return options.conv

@@ -107,8 +107,8 @@ class NormIdentity(SwappedForward):
 
     def prepare(self, module):
         if self.kind == 'rms_norm' and not hasattr(module, 'normalized_shape'):
-            if _rms_epsilon(module) is None or getattr(module, 'weight', None) is None:
-                raise UnsupportedLayerError(f'{type(module).__name__}: an RMSNorm with a weight and an eps is expected')
+            if _rms_epsilon(module) is None and self.eps is None:
+                raise UnsupportedLayerError(f'{type(module).__name__}: an RMSNorm with an eps is expected')
             return
         if self.kind is not None:
             return
@@ -131,7 +131,8 @@ class NormIdentity(SwappedForward):
             return layer_norm_identity(input, shape, weight, bias, eps)
         eps = self.eps if self.eps is not None else _rms_epsilon(module)
         eps = eps if eps is not None else torch.finfo(input.dtype).eps
-        return rms_norm_identity(input, module.weight, eps, self.weight_offset, normalized_ndim=len(shape))
+        return rms_norm_identity(input, getattr(module, 'weight', None), eps, self.weight_offset,
+                                 normalized_ndim=len(shape))
 
 
 def _rms_epsilon(module):
