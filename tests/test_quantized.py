@@ -180,3 +180,37 @@ def test_zennit_composites_refuse_a_4bit_layer_by_name():
     with pytest.raises(TypeError, match='Linear4bit'):
         with Gradient(model, EpsilonPlus()) as attributor:
             attributor(x, torch.eye(4)[[0, 1]])
+
+
+def test_removal_restores_the_quantized_model():
+    """After an attribution a 4-bit model is bitwise as before: outputs, plain gradients, the same packed
+    weight objects in the same parameter order, attributes and hooks (``test_faults.Snapshot``)."""
+    from test_faults import Snapshot, no_lxt_ext_left
+    from test_model_coverage import ForwardOf, freeze_unused
+    model, _, x = models('nf4')
+    wrapped = ForwardOf(model, logits)
+    freeze_unused(wrapped, x)
+    snapshot = Snapshot(wrapped, x)
+    with GradientXInput(wrapped, LanguageTransformer(), forward=lambda model, x: model(x)) as attributor:
+        attributor(x, 5)
+    snapshot.assert_same(wrapped, x)
+    no_lxt_ext_left(wrapped)
+
+
+def test_removal_restores_the_int8_model():
+    """torchao's tensors support no ``torch.equal`` (the snapshot's state comparison): the same weight
+    objects in the same order in every layer, the plain output bitwise, nothing of lxt_ext left."""
+    from test_faults import no_lxt_ext_left
+    model, _, x = models('int8')
+    def parameters():
+        return [(name, key, id(value)) for name, module in model.named_modules()
+                for key, value in module._parameters.items()]
+    before = parameters()
+    with torch.no_grad():
+        expected = logits(model, x)
+    with GradientXInput(model, LanguageTransformer(), forward=logits) as attributor:
+        attributor(x, 5)
+    assert parameters() == before
+    with torch.no_grad():
+        assert torch.equal(logits(model, x), expected)
+    no_lxt_ext_left(model)
