@@ -14,8 +14,8 @@ values (``lxt_ext.ops.fused_attention``, which documents the rule; ``backend=`` 
 ``$LXT_EXT_ATTENTION_BACKEND`` forces either): PyTorch's own fused attention kernels (ATen's flash
 attention on the CPU; flash, memory-efficient or cuDNN on CUDA) with the rescaling applied to dO,
 and lxt_ext's own tiled kernels (``torch.ops.lxt_ext.attention_forward/backward``, csrc/attention),
-which also serve CP-LRP on the CPU (a backward computing dV only), float64 and whatever ATen's
-kernels refuse. Either keeps only the inputs, O (not for CP-LRP on the own kernels) and one or two
+which serve float64 and whatever ATen's kernels refuse, and CP-LRP's backward on the CPU (dV only,
+after ATen's forward). Either keeps only the inputs, O (not for CP-LRP's own backward) and one or two
 numbers per query row for backward, which recomputes the scores tile by tile: extra memory grows
 linearly in the sequence length, the N x N attention matrix is never stored.
 """
@@ -30,18 +30,17 @@ from .ops import fused_attention
 
 class _AttentionLRP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, key, value, attn_mask, scale, is_causal, mode, aten):
-        cp = mode == ops.ATTENTION_MODES['cp']
-        if aten:
-            out, stats = fused_attention.forward(query, key, value, attn_mask, scale, is_causal)
-            kept = out
-        else:
+    def forward(ctx, query, key, value, attn_mask, scale, is_causal, mode, plan):
+        if plan == 'own':
             out, stats = ops.lib.attention_forward(query, key, value, attn_mask, scale, is_causal)
-            # CP-LRP's backward (dV = P^T dO) never reads O: keep a stride-0 stand-in of its shape, which
-            # is all the op checks, instead of an activation-sized tensor per attention layer.
-            kept = out if not cp else out.new_zeros(()).expand(out.shape)
+        else:
+            out, stats = fused_attention.forward(query, key, value, attn_mask, scale, is_causal)
+        # The own CP-LRP backward (dV = P^T dO) never reads O: keep a stride-0 stand-in of its shape, which
+        # is all the op checks, instead of an activation-sized tensor per attention layer.
+        own_cp = mode == ops.ATTENTION_MODES['cp'] and plan != 'aten'
+        kept = out.new_zeros(()).expand(out.shape) if own_cp else out
         ctx.save_for_backward(query, key, value, attn_mask, kept, stats)
-        ctx.scale, ctx.is_causal, ctx.mode, ctx.aten = scale, is_causal, mode, aten
+        ctx.scale, ctx.is_causal, ctx.mode, ctx.plan = scale, is_causal, mode, plan
         return out
 
     @staticmethod
@@ -49,11 +48,14 @@ class _AttentionLRP(torch.autograd.Function):
     def backward(ctx, grad_out):
         query, key, value, attn_mask, out, stats = ctx.saved_tensors
         cp = ctx.mode == ops.ATTENTION_MODES['cp']
-        if ctx.aten:
-            factor = fused_attention.row_factor(stats, attn_mask, query.shape, key.shape[2], ctx.is_causal)
+        rows = query.shape, key.shape[2], ctx.is_causal
+        if ctx.plan == 'aten':
+            factor = fused_attention.row_factor(stats, attn_mask, *rows)
             grads = fused_attention.backward(grad_out, query, key, value, attn_mask, out, stats, ctx.scale,
                                              ctx.is_causal, cp, factor)
         else:
+            if ctx.plan == 'aten_forward':
+                stats = fused_attention.own_statistics(stats, attn_mask, *rows)
             grads = ops.lib.attention_backward(grad_out, query, key, value, attn_mask, out, stats, ctx.scale,
                                                 ctx.is_causal, ctx.mode)
         if cp:
@@ -79,5 +81,5 @@ def attention_lrp(query, key, value, attn_mask=None, *, scale=None, is_causal=Fa
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     scale, is_causal, cp = float(scale), bool(is_causal), mode == 'cp'
-    aten = fused_attention.use_aten(query, key, value, attn_mask, scale, is_causal, cp, fused_attention.resolve(backend))
-    return _AttentionLRP.apply(query, key, value, attn_mask, scale, is_causal, ops.ATTENTION_MODES[mode], aten)
+    plan = fused_attention.plan(query, key, value, attn_mask, scale, is_causal, cp, fused_attention.resolve(backend))
+    return _AttentionLRP.apply(query, key, value, attn_mask, scale, is_causal, ops.ATTENTION_MODES[mode], plan)

@@ -140,7 +140,7 @@ def test_attnlrp_matches_dense_equations_and_sdpa(kind, shape, backend):
 
 
 @pytest.mark.parametrize('kind', MASK_KINDS)
-@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('backend', BACKENDS + ('auto',))  # auto: ATen's forward, the own dV-only backward
 def test_cp_lrp_matches_dense_equations(kind, backend):
     q, k, v, g = inputs()
     mask, causal = masks(kind, 2, 4, 9, 11)
@@ -170,7 +170,7 @@ def test_fully_masked_rows_give_zero_output_and_gradients(backend):
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
-@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('backend', BACKENDS + ('auto',))
 def test_finfo_min_mask_behaves_like_softmax(dtype, backend):
     """HF eager masks with torch.finfo(dtype).min: a row whose keys all carry it is uniform (on the ATen
     path its log-sum-exp rounds to the mask value, and the backward recovers the row from the mask)."""
@@ -192,6 +192,8 @@ def test_finfo_min_mask_behaves_like_softmax(dtype, backend):
     assert_close(out[0, :, 4], v[0, :, 3:].repeat_interleave(group, 0).mean(1), 1e-5)
     for a, e in zip((dq, dk, dv), (e_dq / 4, e_dk / 4, e_dv / 2)):
         assert_close(a, e, 1e-5)
+    cp_dv = lxt(q, k, v, g, mask, mode='cp', backend=backend)[3]  # CP-LRP: the exact dV
+    assert_close(cp_dv, e_dv, 1e-5)
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
@@ -430,13 +432,15 @@ def test_backends_agree(dtype, rtol, kind, mode, shape):
     b, hq, hkv, nq, nk, d = shape
     q, k, v, g = inputs(b, hq, hkv, nq, nk, d, dtype=dtype)
     mask, causal = masks(kind, b, hq, nq, nk, dtype=dtype)
-    aten, own = (lxt(q, k, v, g, mask, is_causal=causal, mode=mode, backend=be) for be in BACKENDS)
-    for a, o, e in zip(aten, own, dense_lrp(q, k, v, g, mask, causal, mode=mode)):
+    # auto: for CP-LRP ATen's forward with the own backward
+    aten, own, auto = (lxt(q, k, v, g, mask, is_causal=causal, mode=mode, backend=be) for be in BACKENDS + ('auto',))
+    for a, o, au, e in zip(aten, own, auto, dense_lrp(q, k, v, g, mask, causal, mode=mode)):
         if e is None:
-            assert a is None and o is None
+            assert a is None and o is None and au is None
             continue
-        assert a.dtype == o.dtype == dtype
+        assert a.dtype == o.dtype == au.dtype == dtype
         assert_close(a, o, rtol)
+        assert_close(au, o, rtol)
         assert_close(a, e, 2 * rtol if dtype == torch.bfloat16 else rtol)
 
 
@@ -458,23 +462,25 @@ def test_bert_padding_mask(dtype, backend):
 
 
 def test_rule_depends_on_kinds_and_shapes_only():
-    """The documented rule (lxt_ext.ops.fused_attention): ATen for AttnLRP in float32/bfloat16/float16,
-    the own kernels for CP-LRP on the CPU, float64, empty inputs, large masks that would need a copy."""
+    """The documented rule (lxt_ext.ops.fused_attention): ATen for AttnLRP in float32/bfloat16/float16, ATen's
+    forward and the own dV-only backward for CP-LRP on the CPU, the own kernels for float64, empty inputs
+    and large masks that would need a copy."""
     q, k, v, _ = inputs(b=1, hq=4, hkv=2, nq=64, nk=64, d=16)
 
-    def aten(q=q, k=k, v=v, mask=None, cp=False, backend='auto', causal=False):
-        return fused_attention.use_aten(q, k, v, mask, 0.25, causal, cp, backend)
+    def plan(q=q, k=k, v=v, mask=None, cp=False, backend='auto', causal=False):
+        return fused_attention.plan(q, k, v, mask, 0.25, causal, cp, backend)
 
-    assert aten() and aten(causal=True) and aten(q=q.bfloat16(), k=k.bfloat16(), v=v.bfloat16())
-    assert not aten(cp=True) and aten(cp=True, backend='aten')
-    assert not aten(q=q.double(), k=k.double(), v=v.double())
-    assert not aten(backend='lxt_ext')
-    assert not aten(k=k[:, :, :0], v=v[:, :, :0], backend='aten')
-    assert aten(mask=torch.zeros(1, 1, 64, 64))                   # additive mask in the query's dtype: taken
-    assert aten(mask=torch.ones(1, 1, 1, 64, dtype=torch.bool))   # small bool mask: a small copy
-    big = torch.ones(1, 4, 64, 64, dtype=torch.bool)              # 16k elements > q, k, v's 8k
-    assert not aten(mask=big) and aten(mask=big, backend='aten')
-    assert not aten(mask=torch.zeros(3, 64, 64), backend='aten')  # malformed: the own op names the cause
+    assert plan() == plan(causal=True) == plan(q=q.bfloat16(), k=k.bfloat16(), v=v.bfloat16()) == 'aten'
+    assert plan(cp=True) == 'aten_forward' and plan(cp=True, backend='aten') == 'aten'
+    assert plan(q=q.double(), k=k.double(), v=v.double()) == 'own'
+    assert plan(q=q.double(), k=k.double(), v=v.double(), backend='aten') == 'aten'
+    assert plan(backend='lxt_ext') == plan(cp=True, backend='lxt_ext') == 'own'
+    assert plan(k=k[:, :, :0], v=v[:, :, :0], backend='aten') == 'own'
+    assert plan(mask=torch.zeros(1, 1, 64, 64)) == 'aten'                   # additive, the query's dtype
+    assert plan(mask=torch.ones(1, 1, 1, 64, dtype=torch.bool)) == 'aten'   # small bool mask: a small copy
+    big = torch.ones(1, 4, 64, 64, dtype=torch.bool)                         # 16k elements > q, k, v's 8k
+    assert plan(mask=big) == 'own' and plan(mask=big, backend='aten') == 'aten'
+    assert plan(mask=torch.zeros(3, 64, 64), backend='aten') == 'own'       # malformed: the own op names it
 
 
 def test_backend_is_forced_by_argument_and_environment(monkeypatch):
@@ -484,8 +490,8 @@ def test_backend_is_forced_by_argument_and_environment(monkeypatch):
     def stats_shape(**kwargs):
         return tuple(attention_lrp(q, k, v, **kwargs).grad_fn.saved_tensors[-1].shape)
 
-    assert stats_shape() == (2, 4, 9)                      # auto: ATen's log-sum-exp
-    assert stats_shape(backend='lxt_ext') == (2, 4, 9, 2)  # own kernels' two numbers per row
+    assert stats_shape() == stats_shape(mode='cp') == (2, 4, 9)  # auto: ATen's log-sum-exp
+    assert stats_shape(backend='lxt_ext') == (2, 4, 9, 2)        # own kernels' two numbers per row
     monkeypatch.setenv(fused_attention.ENVIRONMENT, 'lxt_ext')
     assert stats_shape() == (2, 4, 9, 2)
     assert stats_shape(backend='aten') == (2, 4, 9)

@@ -13,14 +13,17 @@ The rule (``use_aten``) looks at devices, dtypes, shapes and the mask's kind onl
 (no device sync; fake tensors and ``torch.compile`` trace it):
 
 - ``backend='lxt_ext'`` (or ``LXT_EXT_ATTENTION_BACKEND=lxt_ext``): always lxt_ext's own kernels;
-- ``backend='aten'``: ATen wherever it can take the call (every case but empty inputs, float64 on
-  CUDA and what ``_fused_sdp_choice`` refuses there);
-- ``backend='auto'`` (default): ATen for AttnLRP on CPU and CUDA, and for CP-LRP on CUDA, in
-  float32, bfloat16 and float16, unless a bool mask or one of another dtype would have to be
-  copied at more elements than query, key and value hold together (the own kernels read such a
-  mask in place, keeping extra memory linear in the tokens); CP-LRP on the CPU stays on the own
-  kernels, whose dV-only backward beats ATen's full one (docs/benchmarks_transformers.md);
-  float64 too (the own kernels are exact there).
+- ``backend='aten'``: ATen's forward and backward wherever they can take the call (every case but
+  empty inputs, float64 on CUDA and what ``_fused_sdp_choice`` refuses there);
+- ``backend='auto'`` (default): ATen in float32, bfloat16 and float16, unless a bool mask or one
+  of another dtype would have to be copied at more elements than query, key and value hold
+  together (the own kernels read such a mask in place, keeping extra memory linear in the
+  tokens); float64 stays on the own kernels (exact there). CP-LRP on the CPU takes ATen's forward
+  and the own dV-only backward, which is faster than ATen's full backward computing dQ and dK
+  too (docs/benchmarks_transformers.md); on CUDA ATen's backward until a GPU measurement says
+  otherwise.
+
+``plan`` returns which (``PLANS``).
 
 Grouped-query attention (Hq = G Hkv) runs without copying K and V: the G query heads of a group
 become G batch entries reading one stride-0 K/V (per batch element when B > 1), and dK, dV sum
@@ -129,25 +132,25 @@ def _cuda_choice(query, key, value, attn_mask, scale, is_causal):
     return choice
 
 
-def use_aten(query, key, value, attn_mask, scale, is_causal, mode_cp, backend):
-    """Whether ATen's fused kernels run this call (module docstring); ``backend`` as ``resolve`` returns it."""
+PLANS = ('own', 'aten', 'aten_forward')
+"""Which kernels run a call: the own ones for both passes, ATen's for both, or ATen's forward with the own
+dV-only backward (CP-LRP: its backward needs the row statistics, which ATen's log-sum-exp gives)."""
+
+
+def plan(query, key, value, attn_mask, scale, is_causal, mode_cp, backend):
+    """The ``PLANS`` entry of this call by the rule of the module docstring; ``backend`` as ``resolve``
+    returns it."""
     if backend == 'lxt_ext' or not _well_formed(query, key, value, attn_mask):
-        return False
-    if query.device.type == 'cpu':
-        ok = _CPU_OK
-    elif query.device.type == 'cuda':
-        ok = bool(_CUDA_KERNELS) and query.dtype != torch.float64
-    else:
-        return False
-    if not ok:
-        return False
-    if backend == 'aten':
-        return query.device.type == 'cpu' or _cuda_choice(query, key, value, attn_mask, scale, is_causal) is not None
-    if query.dtype == torch.float64 or (mode_cp and query.device.type == 'cpu'):
-        return False
-    if _mask_copy_elements(attn_mask, query) > query.numel() + key.numel() + value.numel():
-        return False
-    return query.device.type == 'cpu' or _cuda_choice(query, key, value, attn_mask, scale, is_causal) is not None
+        return 'own'
+    cpu = query.device.type == 'cpu'
+    if not (_CPU_OK if cpu else query.device.type == 'cuda' and _CUDA_KERNELS and query.dtype != torch.float64):
+        return 'own'
+    if backend == 'auto' and (query.dtype == torch.float64 or _mask_copy_elements(attn_mask, query) >
+                              query.numel() + key.numel() + value.numel()):
+        return 'own'
+    if not cpu and _cuda_choice(query, key, value, attn_mask, scale, is_causal) is None:
+        return 'own'
+    return 'aten_forward' if backend == 'auto' and mode_cp and cpu else 'aten'
 
 
 def _well_formed(query, key, value, attn_mask):
@@ -231,10 +234,10 @@ def forward(query, key, value, attn_mask, scale, is_causal):
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def row_factor(lse, attn_mask, query_shape, nk, is_causal):
-    """(B, Hq, Nq) factors ``exp(lse - (max + log sum))`` by which ATen's backward, rebuilding P as
-    ``exp(S - lse)``, overestimates the rows whose log-sum-exp lost the log row sum to a huge finite mask
-    value (1 elsewhere); None without a float mask, whose rows never lose it.
+def _lost_rows(lse, attn_mask, query_shape, nk, is_causal):
+    """``(lse, lost, top, log_sum)``, (B, Hq, Nq)-broadcastable: ATen's log-sum-exp per row (in the
+    accumulation dtype), which rows lost the log row sum to a huge finite mask value, and those rows'
+    max and log sum, or None without a float mask (whose rows never lose it).
 
     Where that happens the scores are the mask's values (the mask absorbs ``q.k``), so the row's max
     and log sum come from the mask alone, in chunks of rows (at most 16 MB of temporaries)."""
@@ -257,8 +260,32 @@ def row_factor(lse, attn_mask, query_shape, nk, is_causal):
         tops.append(top[..., 0])
         log_sums.append((t - top.masked_fill(top == -float('inf'), 0)).exp_().sum(-1).log_())
     top, log_sum = torch.cat(tops, 2), torch.cat(log_sums, 2).nan_to_num_(0.0, 0.0, 0.0)
-    lost = (lse == top) & (top + log_sum == top) & (log_sum > 0)
+    return lse, (lse == top) & (top + log_sum == top) & (log_sum > 0), top, log_sum
+
+
+def row_factor(lse, attn_mask, query_shape, nk, is_causal):
+    """(B, Hq, Nq) factors ``exp(lse - (max + log sum))`` by which ATen's backward, rebuilding P as
+    ``exp(S - lse)``, overestimates a row: ``l`` where the row lost ``log l`` (``_lost_rows``), else 1;
+    None where no row can."""
+    rows = _lost_rows(lse, attn_mask, query_shape, nk, is_causal)
+    if rows is None:
+        return None
+    _, lost, _, log_sum = rows
     return torch.where(lost, log_sum.exp(), 1.0)
+
+
+def own_statistics(lse, attn_mask, query_shape, nk, is_causal):
+    """The (B, Hq, Nq, 2) statistics (row max, log row sum) of lxt_ext's own backward from ATen's
+    log-sum-exp: (lse, 0), and (max, log sum) where the row lost ``log l``."""
+    B, H, nq, _ = query_shape
+    rows = _lost_rows(lse, attn_mask, query_shape, nk, is_causal)
+    if rows is None:
+        lse = lse.flatten(2)[..., :nq].to(torch.promote_types(lse.dtype, torch.float32))
+        return torch.stack((lse, torch.zeros_like(lse)), -1)
+    lse, lost, top, log_sum = rows
+    zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
+    return torch.stack((torch.where(lost, top, lse), torch.where(lost, log_sum, zero)), -1).expand(B, H, nq, 2) \
+        .contiguous()
 
 
 def backward(grad_out, query, key, value, attn_mask, out, lse, scale, is_causal, mode_cp, factor):
