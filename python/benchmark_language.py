@@ -76,11 +76,11 @@ def attribution(method, tokens, weights=None):
                     -1, out.argmax(-1, keepdim=True), 1.0))[1]
         return run
 
-    def run():
+    def run():  # the gradient w.r.t. the embeddings only (no parameter gradients), as GradientXInput
         x = embeds.clone().requires_grad_()
         out = logits(x)
-        out.gather(-1, out.argmax(-1, keepdim=True)).sum().backward()
-        return (x * x.grad).detach()
+        grad, = torch.autograd.grad(out.gather(-1, out.argmax(-1, keepdim=True)).sum(), x)
+        return (x * grad).detach()
     return run
 
 

@@ -197,6 +197,17 @@ def test_finfo_min_mask_behaves_like_softmax(dtype, backend):
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
+def test_float32_mask_of_a_bfloat16_query(backend):
+    """finfo(float32).min would round to -inf in bfloat16: both paths read the mask as float32, so the row
+    whose keys all carry it stays uniform instead of becoming empty."""
+    q, k, v, g = inputs(b=1, hq=2, hkv=2, nq=5, nk=6, d=16, dtype=torch.bfloat16)
+    mask = torch.zeros(1, 1, 5, 6)
+    mask[..., 2, :] = torch.finfo(torch.float32).min
+    out = attention_lrp(q, k, v, mask, backend=backend)
+    assert_close(out[0, :, 2], v[0].double().mean(1), 3e-2)
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
 def test_scale_and_bool_mask_broadcast_from_2d(backend):
     q, k, v, g = inputs()
     mask = torch.rand(9, 11, generator=torch.Generator().manual_seed(3)) > 0.4
@@ -382,18 +393,28 @@ def test_peak_memory_grows_linearly():
     assert large < 2.5 * max(small, 1.0), f'{small:.1f} MB at N=2048 but {large:.1f} MB at N=4096'
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or not _ops.cuda_built(), reason='needs a GPU and the CUDA kernels')
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or not _ops.cuda_built(),
+                                reason='needs a GPU and the CUDA kernels')
+
+
+def on_cuda(*tensors):
+    return tuple(None if t is None else t.cuda() for t in tensors)
+
+
+@needs_cuda
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize('kind', MASK_KINDS)
 @pytest.mark.parametrize('d', [16, 64, 128, 200])
-def test_cuda_matches_cpu(dtype, kind, d):
+@pytest.mark.parametrize('backend', ['lxt_ext', 'auto'])
+def test_cuda_matches_cpu(dtype, kind, d, backend):
+    """Both CUDA paths (own kernels; the default rule: flash, memory-efficient or cuDNN where torch picks
+    one) against the CPU's own kernels."""
     q, k, v, g = inputs(b=2, hq=4, hkv=2, nq=70, nk=45, d=d, dtype=dtype)
     mask, causal = masks(kind, 2, 4, 70, 45, dtype=dtype)
     rtol = 1e-5 if dtype in (torch.float32, torch.float64) else 3e-2
     for mode in ('attnlrp', 'cp'):
-        cpu = lxt(q, k, v, g, mask, is_causal=causal, mode=mode)
-        gpu = lxt(*(t.cuda() for t in (q, k, v, g)), None if mask is None else mask.cuda(), is_causal=causal,
-                  mode=mode)
+        cpu = lxt(q, k, v, g, mask, is_causal=causal, mode=mode, backend='lxt_ext')
+        gpu = lxt(*on_cuda(q, k, v, g), *on_cuda(mask), is_causal=causal, mode=mode, backend=backend)
         for a, e in zip(gpu, cpu):
             if e is None:
                 assert a is None
@@ -402,8 +423,9 @@ def test_cuda_matches_cpu(dtype, kind, d):
                 assert_close(a.cpu(), e, rtol)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or not _ops.cuda_built(), reason='needs a GPU and the CUDA kernels')
-def test_cuda_non_contiguous_finfo_min_and_empty_rows():
+@needs_cuda
+@pytest.mark.parametrize('backend', ['lxt_ext', 'aten'])
+def test_cuda_non_contiguous_finfo_min_and_empty_rows(backend):
     gen = torch.Generator().manual_seed(7)
     q = torch.randn(2, 33, 4, 64, generator=gen).transpose(1, 2)
     k = torch.randn(2, 40, 2, 64, generator=gen).transpose(1, 2)
@@ -412,11 +434,99 @@ def test_cuda_non_contiguous_finfo_min_and_empty_rows():
     mask = torch.zeros(2, 1, 33, 40)
     mask[0, 0, 5] = torch.finfo(torch.float32).min
     mask[1, 0, 6] = -math.inf
-    cpu = lxt(q, k, v, g, mask)
-    gpu = lxt(*(t.cuda() for t in (q, k, v, g)), mask.cuda())
+    cpu = lxt(q, k, v, g, mask, backend='lxt_ext')
+    gpu = lxt(*on_cuda(q, k, v, g, mask), backend=backend)
     for a, e in zip(gpu, cpu):
         assert_close(a.cpu(), e, 1e-5)
     assert (gpu[0][1, :, 6] == 0).all()
+
+
+# What a first GPU run usually finds (issue 11, item 3): each case against the CPU's own kernels or the
+# dense equations.
+
+@needs_cuda
+@pytest.mark.parametrize('shape', [(0, 4, 2, 5, 7, 16), (2, 4, 2, 0, 7, 16), (2, 4, 2, 5, 0, 16)],
+                         ids=['no-batch', 'no-query', 'no-key'])
+@pytest.mark.parametrize('backend', ['lxt_ext', 'auto'])
+def test_cuda_zero_sized(shape, backend):
+    q, k, v, g = inputs(*shape)
+    for mode in ('attnlrp', 'cp'):
+        gpu = lxt(*on_cuda(q, k, v, g), mode=mode, backend=backend)
+        for a, e in zip(gpu, dense_lrp(q, k, v, g, mode=mode)):
+            if e is not None:
+                assert_close(a.cpu(), e, 1e-5)
+
+
+@needs_cuda
+@pytest.mark.parametrize('d', [1, 8, 96, 256])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.bfloat16])
+def test_cuda_head_dims_and_shared_memory(d, dtype):
+    """Every head-dim template of the own kernels, float64 included (the largest shared-memory need)."""
+    q, k, v, g = inputs(b=1, hq=2, hkv=1, nq=65, nk=97, d=d, dtype=dtype)
+    rtol = 3e-2 if dtype == torch.bfloat16 else 1e-5
+    for mode in ('attnlrp', 'cp'):
+        gpu = lxt(*on_cuda(q, k, v, g), is_causal=True, mode=mode, backend='lxt_ext')
+        for a, e in zip(gpu, dense_lrp(q, k, v, g, is_causal=True, mode=mode)):
+            if e is not None:
+                assert_close(a.cpu(), e, rtol, atol=1e-6)
+
+
+@needs_cuda
+def test_cuda_head_dim_beyond_the_own_kernels_is_a_clear_error():
+    q, k, v, g = on_cuda(*inputs(b=1, hq=1, hkv=1, nq=4, nk=4, d=264))
+    with pytest.raises(RuntimeError, match='head_dim <= 256'):
+        attention_lrp(q, k, v, backend='lxt_ext')
+
+
+@needs_cuda
+def test_cuda_grid_limits():
+    """Batch and heads map to grid dimensions y and z (at most 65535): more batches fail clearly on the own
+    kernels; the default rule (ATen) takes them."""
+    q, k, v, g = inputs(b=70000, hq=1, hkv=1, nq=2, nk=3, d=8)
+    with pytest.raises(RuntimeError, match='at most 65535 batches'):
+        attention_lrp(*on_cuda(q, k, v), backend='lxt_ext')
+    gpu = lxt(*on_cuda(q, k, v, g))
+    for a, e in zip(gpu, dense_lrp(q, k, v, g)):
+        assert_close(a.cpu(), e, 1e-5)
+
+
+@needs_cuda
+@pytest.mark.parametrize('backend', ['lxt_ext', 'aten'])
+def test_cuda_runs_on_the_current_stream(backend):
+    """Work queued on a side stream, inputs made there: the result matches without a device-wide sync in
+    between (a kernel on the default stream would race with the inputs' copies)."""
+    q, k, v, g = inputs(b=2, hq=4, hkv=2, nq=300, nk=300, d=64)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        gpu = lxt(*on_cuda(q, k, v, g), is_causal=True, backend=backend)
+        gpu = [t.cpu() for t in gpu]  # copies on the same stream
+    for a, e in zip(gpu, dense_lrp(q, k, v, g, is_causal=True)):
+        assert_close(a, e, 1e-5)
+
+
+@needs_cuda
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('backend', ['lxt_ext', 'aten'])
+def test_cuda_half_types_accumulate_in_float32(dtype, backend):
+    """4096 keys per row: with half-precision accumulation the row sums and dot products would drift far
+    beyond 3e-2; float32 accumulation keeps them to the rounding of the inputs and outputs."""
+    q, k, v, g = inputs(b=1, hq=2, hkv=1, nq=64, nk=4096, d=64, dtype=dtype)
+    for a, e in zip(lxt(*on_cuda(q, k, v, g), backend=backend), dense_lrp(q, k, v, g)):
+        assert a.dtype == dtype
+        assert_close(a.cpu(), e, 3e-2)
+
+
+@needs_cuda
+@pytest.mark.parametrize('backend', ['lxt_ext', 'aten'])
+def test_cuda_float32_mask_of_a_bfloat16_query(backend):
+    """finfo(float32).min would round to -inf in bfloat16: the mask is read as float32, the row stays uniform."""
+    q, k, v, g = inputs(b=1, hq=2, hkv=2, nq=5, nk=6, d=16, dtype=torch.bfloat16)
+    mask = torch.zeros(1, 1, 5, 6)
+    mask[..., 2, :] = torch.finfo(torch.float32).min
+    out = attention_lrp(*on_cuda(q, k, v, mask), backend=backend)
+    assert_close(out[0, :, 2].cpu(), v[0].double().mean(1), 3e-2)
+    cpu = attention_lrp(q, k, v, mask, backend='lxt_ext')
+    assert_close(out.cpu(), cpu, 3e-2)
 
 
 # --- the two backends ----------------------------------------------------------------------------------
