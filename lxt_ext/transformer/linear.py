@@ -2,7 +2,6 @@
 (``lxt_ext.transformer``; ViTEpsilon's Linear rule)."""
 import torch
 
-from .. import ops
 from ..checks import first_order
 from ..core import LOW_PRECISION, SwappedForward
 from ..layers import UnsupportedLayerError
@@ -25,20 +24,9 @@ class _EpsilonFromOutput(torch.autograd.Function):
     @first_order
     def backward(ctx, grad):
         output, weight = ctx.saved_tensors
-        return _ratio(output, grad, ctx.epsilon).to(weight.dtype) @ weight, None, None, None
-
-
-def _ratio(output, grad, epsilon):
-    """``g y / stab(y) = g |y| / (|y| + eps)``. On the CPU in one pass of the fused rules' own kernel
-    (``output_terms``, epsilon, Gradient x Input: it also checks the values are finite); on CUDA, where
-    that check costs a device sync, in plain tensor ops."""
-    if output.device.type == 'cpu' and grad.dtype == output.dtype:
-        zeros = output.new_zeros(output.shape[-1], dtype=torch.float64 if output.dtype == torch.float64
-                                 else torch.float32)
-        return ops.lib.output_terms(output, None, grad, zeros, zeros, zeros, -1, 1, ops.RULES['epsilon'], epsilon,
-                                    0.0, 0.0, 0.0, False)[0]
-    magnitude = output.float().abs() if output.dtype in LOW_PRECISION else output.abs()
-    return magnitude.div_(magnitude + epsilon).mul_(grad)
+        magnitude = output.float().abs() if output.dtype in LOW_PRECISION else output.abs()
+        ratio = magnitude.div_(magnitude + ctx.epsilon).mul_(grad)
+        return ratio.to(weight.dtype) @ weight, None, None, None
 
 
 class OutputEpsilon(SwappedForward):
