@@ -15,14 +15,20 @@ Steps (each timed, its status and the tail of its output in the report):
 Without a GPU it builds the CPU extension, runs the same test files (their CUDA cases skip) and says
 which GPU steps it skipped.
 
-Prepare the wheels where a package index is reachable (the lent GPU machines have none), for that
-machine's Python (3.12 there):
+Prepare what the machine lacks where a package index is reachable (the lent GPU machines have none:
+torch 2.11 + CUDA 13, Python 3.12, transformers 5, timm, pytest, hypothesis; no zennit, no
+torchvision), for that machine's Python and platform:
 
-    pip download --only-binary=:all: --python-version 3.12 --no-deps -d wheels zennit==0.5.1 hypothesis pytest-benchmark
-    # LXT 2.1 for the ViT comparison, in a directory of its own (it needs transformers 4.x):
-    pip install --target lxt-env --no-deps lxt==2.1.0 transformers==4.57.6 tokenizers==0.22.1 huggingface_hub==0.36.0
+    pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+        -d wheels zennit==0.5.1
+    pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+        -d wheels torchvision==0.26.0 --index-url https://download.pytorch.org/whl/cu130   # matches torch 2.11
+    # optional, LXT 2.1 for the ViT comparison, in a directory of its own (it needs transformers 4.x):
+    pip install --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+        --target lxt-env lxt==2.1 transformers==4.57.6 tokenizers==0.22.2 huggingface_hub==0.36.2
 
-and pass ``--wheels wheels --lxt-path lxt-env``. A run on one H100/H200 takes about 5 minutes.
+and pass ``--wheels wheels --lxt-path lxt-env``. Designed to finish on one H100/H200 in about
+5 minutes, build included (``--quick`` shortens the benchmarks); not yet run on a GPU.
 """
 import argparse
 import datetime
