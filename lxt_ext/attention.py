@@ -31,16 +31,17 @@ from .ops import fused_attention
 class _AttentionLRP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, attn_mask, scale, is_causal, mode, plan):
+        aux = None  # what ATen's CUDA kernels pass from forward to backward
         if plan == 'own':
             out, stats = ops.lib.attention_forward(query, key, value, attn_mask, scale, is_causal)
         else:
-            out, stats = fused_attention.forward(query, key, value, attn_mask, scale, is_causal)
+            out, stats, aux = fused_attention.forward(query, key, value, attn_mask, scale, is_causal)
         # The own CP-LRP backward (dV = P^T dO) never reads O: keep a stride-0 stand-in of its shape, which
         # is all the op checks, instead of an activation-sized tensor per attention layer.
         own_cp = mode == ops.ATTENTION_MODES['cp'] and plan != 'aten'
         kept = out.new_zeros(()).expand(out.shape) if own_cp else out
         ctx.save_for_backward(query, key, value, attn_mask, kept, stats)
-        ctx.scale, ctx.is_causal, ctx.mode, ctx.plan = scale, is_causal, mode, plan
+        ctx.scale, ctx.is_causal, ctx.mode, ctx.plan, ctx.aux = scale, is_causal, mode, plan, aux
         return out
 
     @staticmethod
@@ -51,7 +52,7 @@ class _AttentionLRP(torch.autograd.Function):
         rows = query.shape, key.shape[2], ctx.is_causal
         if ctx.plan == 'aten':
             factor = fused_attention.row_factor(stats, attn_mask, *rows)
-            grads = fused_attention.backward(grad_out, query, key, value, attn_mask, out, stats, ctx.scale,
+            grads = fused_attention.backward(grad_out, query, key, value, attn_mask, out, stats, ctx.aux, ctx.scale,
                                              ctx.is_causal, cp, factor)
         else:
             if ctx.plan == 'aten_forward':

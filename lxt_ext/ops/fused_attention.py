@@ -212,26 +212,29 @@ def _per_batch(query, key, fn):
 
 
 def forward(query, key, value, attn_mask, scale, is_causal):
-    """``(out, lse)``: ATen's output and log-sum-exp per row, both (B, Hq, ...)-shaped."""
+    """``(out, lse, aux)``: ATen's output and log-sum-exp per row, both (B, Hq, ...)-shaped, and what the
+    CUDA kernels' backward takes from their forward (per call; None on the CPU)."""
     mask = _additive(attn_mask, query)
     cuda = query.device.type == 'cuda'
     choice = _cuda_choice(query, key, value, attn_mask, scale, is_causal) if cuda else None
 
     def one(b):
         q, k, v, m = _fold(query, key, value, mask, b)
-        if not cuda:
+        if cuda:
+            out, lse, aux = _cuda_forward(choice, q, k, v, m, scale, is_causal)
+        else:
             out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, attn_mask=m,
                                                                            scale=scale)
-        else:
-            out, lse = _cuda_forward(choice, q, k, v, m, scale, is_causal)
+            aux = None
         if b is None:
-            return out, lse
-        return _unfold_heads(out), _unfold_heads(lse)
+            return out, lse, aux
+        return _unfold_heads(out), _unfold_heads(lse), aux
 
     parts = _per_batch(query, key, one)
+    aux = [p[2] for p in parts] if cuda else None
     if len(parts) == 1:
-        return parts[0]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return parts[0][0], parts[0][1], aux
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), aux
 
 
 def _lost_rows(lse, attn_mask, query_shape, nk, is_causal):
@@ -288,9 +291,9 @@ def own_statistics(lse, attn_mask, query_shape, nk, is_causal):
         .contiguous()
 
 
-def backward(grad_out, query, key, value, attn_mask, out, lse, scale, is_causal, mode_cp, factor):
+def backward(grad_out, query, key, value, attn_mask, out, lse, aux, scale, is_causal, mode_cp, factor):
     """ATen's exact gradients scaled to AttnLRP's (dQ, dK / 4, dV / 2), or CP-LRP's dV, of the call whose
-    forward gave ``out`` and ``lse``; ``factor`` from ``row_factor`` (None: every row exact)."""
+    forward gave ``out``, ``lse`` and ``aux``; ``factor`` from ``row_factor`` (None: every row exact)."""
     weight = 1.0 if mode_cp else 0.5
     scaled = grad_out * (weight if factor is None else (weight / factor)[..., None].to(grad_out.dtype))
     mask = _additive(attn_mask, query)
@@ -301,12 +304,12 @@ def backward(grad_out, query, key, value, attn_mask, out, lse, scale, is_causal,
     def one(b):
         q, k, v, m = _fold(query, key, value, mask, b)
         g, o = (_fold(t, key, value, None, b)[0] for t in (scaled, out))
-        lse_b = lse if b is None else lse[b].unflatten(0, (hkv, -1)).transpose(0, 1)
+        lse_b = lse if b is None else lse[b].unflatten(0, (hkv, -1)).transpose(0, 1).contiguous()
         if not cuda:
             dq, dk, dv = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 g, q, k, v, o, lse_b, 0.0, is_causal, attn_mask=m, scale=scale)
         else:
-            dq, dk, dv = _cuda_backward(choice, g, q, k, v, m, o, lse_b, scale, is_causal)
+            dq, dk, dv = _cuda_backward(choice, g, q, k, v, m, o, lse_b, aux[b or 0], scale, is_causal)
         if b is None:
             return dq, dk, dv
         return _unfold_heads(dq), dk.sum(0, keepdim=True), dv.sum(0, keepdim=True)
@@ -321,34 +324,35 @@ def backward(grad_out, query, key, value, attn_mask, out, lse, scale, is_causal,
 # CUDA: the three kernels behind SDPA, called as torch's own SDPA calls them (no dropout).
 
 def _cuda_forward(choice, q, k, v, mask, scale, is_causal):
+    """``(out, lse, aux)``; ``aux``: the forward's other results that its backward takes, passed on as torch's
+    own autograd formula passes them (undefined sequence lengths for dense inputs, the philox state)."""
     name = _CUDA_KERNELS[choice]
     if name.endswith('flash_attention'):
         result = _aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)
-    elif name.endswith('efficient_attention'):
+        return result[0], result[1], tuple(result[2:8])  # cum_seq_q, cum_seq_k, max_q, max_k, seed, offset
+    if name.endswith('efficient_attention'):
         result = _aten._scaled_dot_product_efficient_attention(q, k, v, _aligned(mask), True, 0.0, is_causal,
                                                                 scale=scale)
-    else:
-        result = _aten._scaled_dot_product_cudnn_attention(q, k, v, mask, True, 0.0, is_causal, False, scale=scale)
-    return result[0], result[1]
+        return result[0], result[1], tuple(result[2:4])  # philox seed, offset
+    result = _aten._scaled_dot_product_cudnn_attention(q, k, v, mask, True, 0.0, is_causal, False, scale=scale)
+    return result[0], result[1], tuple(result[2:8])  # cum_seq_q, cum_seq_k, max_q, max_k, seed, offset
 
 
-def _cuda_backward(choice, g, q, k, v, mask, out, lse, scale, is_causal):
+def _cuda_backward(choice, g, q, k, v, mask, out, lse, aux, scale, is_causal):
     name = _CUDA_KERNELS[choice]
-    nq, nk = q.shape[2], k.shape[2]
-    empty = torch.empty(0, device=q.device)
-    # No dropout: the philox seed and offset are never read; the cumulative lengths are for nested tensors.
-    seed, offset = torch.empty((), dtype=torch.int64, device=q.device), torch.empty((), dtype=torch.int64,
-                                                                                     device=q.device)
     if name.endswith('flash_attention'):
+        cum_q, cum_k, max_q, max_k, seed, offset = aux
         return _aten._scaled_dot_product_flash_attention_backward(
-            g, q, k, v, out, lse, empty, empty, nq, nk, 0.0, is_causal, seed, offset, scale=scale)
+            g, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, is_causal, seed, offset, scale=scale)
     if name.endswith('efficient_attention'):
+        seed, offset = aux
         dq, dk, dv, _ = _aten._scaled_dot_product_efficient_attention_backward(
             g, q, k, v, _aligned(mask), out, lse, seed, offset, 0.0, [True, True, True, False], is_causal,
             scale=scale)
         return dq, dk, dv
+    cum_q, cum_k, max_q, max_k, seed, offset = aux
     return _aten._scaled_dot_product_cudnn_attention_backward(
-        g, q, k, v, out, lse, seed, offset, mask, empty, empty, nq, nk, 0.0, is_causal, scale=scale)
+        g, q, k, v, out, lse, seed, offset, mask, cum_q, cum_k, max_q, max_k, 0.0, is_causal, scale=scale)
 
 
 def _aligned(mask):
