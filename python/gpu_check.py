@@ -52,7 +52,8 @@ for backend in ('lxt_ext', 'aten'):
         mask = torch.rand(2, 1, 37, 37, device='cuda') > 0.3
         attention_lrp(q, k, v, mask, backend=backend).sum().backward()
         attention_lrp(q, k, v, is_causal=True, mode='cp', backend=backend).sum().backward()
-model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 14 * 14, 5)).cuda()
+model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                            torch.nn.Linear(8 * 14 * 14, 5)).cuda()
 x = torch.randn(2, 3, 16, 16, device='cuda', requires_grad=True)
 with LayerMapComposite([(torch.nn.Conv2d, Gamma()), (torch.nn.Linear, Epsilon())]).context(model):
     model(x).sum().backward()

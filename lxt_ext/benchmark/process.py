@@ -29,8 +29,9 @@ def interleaved_processes(children, repeats):
     procs = {}
     try:
         for name, (script, args, env) in children.items():
-            procs[name] = subprocess.Popen([sys.executable, script, *map(str, args)], env=dict(os.environ, **(env or {})),
-                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            procs[name] = subprocess.Popen([sys.executable, script, *map(str, args)],
+                                           env=dict(os.environ, **(env or {})), stdin=subprocess.PIPE,
+                                           stdout=subprocess.PIPE, text=True)
             if procs[name].stdout.readline().strip() != 'ready':
                 raise RuntimeError(f'{name}: the benchmark process did not start (exit {procs[name].wait()})')
         times = {name: [] for name in children}
