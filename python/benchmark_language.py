@@ -16,8 +16,8 @@ PYTHONPATH, transformers 4.57; ``LXT_ORACLE_PATH`` overrides). Both build the sa
 Every method runs in a process of its own (``OMP_WAIT_POLICY=PASSIVE`` recommended on shared cores).
 Time: the processes take turns, one attribution each per round (``interleaved_processes``), so that
 load from other programs hits all alike; a warm-up round, then the median of ``--repeats`` rounds.
-Memory (``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0``): VmRSS after building model and input, reset the high-water mark, one
-attribution, VmHWM minus that VmRSS. ``--relevance`` also compares lxt_ext's relevance with LXT's
+Memory (``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0``): VmRSS after building model and
+input, reset the high-water mark, one attribution, VmHWM minus that VmRSS. ``--relevance`` also compares lxt_ext's relevance with LXT's
 (max |difference| / max |LXT relevance|).
 """
 import argparse
