@@ -331,10 +331,11 @@ def _cuda_forward(choice, q, k, v, mask, scale, is_causal):
         result = _aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)
         return result[0], result[1], tuple(result[2:8])  # cum_seq_q, cum_seq_k, max_q, max_k, seed, offset
     if name.endswith('efficient_attention'):
-        result = _aten._scaled_dot_product_efficient_attention(q, k, v, _aligned(mask), True, 0.0, is_causal,
+        result = _aten._scaled_dot_product_efficient_attention(q, k, v, _aligned(mask, q, k), True, 0.0, is_causal,
                                                                 scale=scale)
         return result[0], result[1], tuple(result[2:4])  # philox seed, offset
-    result = _aten._scaled_dot_product_cudnn_attention(q, k, v, mask, True, 0.0, is_causal, False, scale=scale)
+    bias = None if mask is None else mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    result = _aten._scaled_dot_product_cudnn_attention(q, k, v, bias, True, 0.0, is_causal, False, scale=scale)
     return result[0], result[1], tuple(result[2:8])  # cum_seq_q, cum_seq_k, max_q, max_k, seed, offset
 
 
@@ -347,20 +348,22 @@ def _cuda_backward(choice, g, q, k, v, mask, out, lse, aux, scale, is_causal):
     if name.endswith('efficient_attention'):
         seed, offset = aux
         dq, dk, dv, _ = _aten._scaled_dot_product_efficient_attention_backward(
-            g, q, k, v, _aligned(mask), out, lse, seed, offset, 0.0, [True, True, True, False], is_causal,
+            g, q, k, v, _aligned(mask, q, k), out, lse, seed, offset, 0.0, [True, True, True, False], is_causal,
             scale=scale)
         return dq, dk, dv
     cum_q, cum_k, max_q, max_k, seed, offset = aux
+    bias = None if mask is None else mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     return _aten._scaled_dot_product_cudnn_attention_backward(
-        g, q, k, v, out, lse, seed, offset, mask, cum_q, cum_k, max_q, max_k, 0.0, is_causal, scale=scale)
+        g, q, k, v, out, lse, seed, offset, bias, cum_q, cum_k, max_q, max_k, 0.0, is_causal, scale=scale)
 
 
-def _aligned(mask):
-    """The memory-efficient kernel reads the bias in 16-element aligned rows, as torch's SDPA pads it."""
+def _aligned(mask, q, k):
+    """The bias as torch's SDPA hands it to the memory-efficient kernel (``preprocess_mask``): rows
+    starting at multiples of 8 elements (padded, then sliced back), expanded to (B, H, Nq, Nk)."""
     if mask is None:
         return None
-    nk = mask.shape[-1]
-    if mask.stride(-1) == 1 and mask.stride(-2) % 16 == 0 and nk > 1:
-        return mask
-    padded = torch.nn.functional.pad(mask.expand(*mask.shape), (0, (-nk) % 16))
-    return padded[..., :nk]
+    if any(stride % 8 for size, stride in zip(mask.shape[:-1], mask.stride()[:-1]) if size > 1) \
+            or mask.stride(-1) != 1:
+        nk = mask.shape[-1]
+        mask = torch.nn.functional.pad(mask, (0, (-nk) % 8 or 8))[..., :nk]
+    return mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
