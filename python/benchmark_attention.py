@@ -1,10 +1,12 @@
 """Attention alone, forward+backward: lxt_ext's fused AttnLRP op vs LXT's recipe vs plain SDPA.
 
-    python python/benchmark_attention.py [--lengths 1024 2048 ...] [--repeats 3]
+    OMP_WAIT_POLICY=PASSIVE python python/benchmark_attention.py [--lengths 1024 2048 ...] [--repeats 5]
+        [--methods lxt_ext sdpa ...] [--no-memory]
 
-Methods (batch 1, D = 64, float32, torch.set_num_threads(2)): ``lxt_ext`` (its fused AttnLRP op),
-``lxt_eager`` (LXT 2.1's eager recipe with divided gradients), ``sdpa`` (plain SDPA forward+backward,
-the floor); see lxt_ext/benchmark/attention.py.
+Methods (batch 1, D = 64, float32, torch.set_num_threads(2)): ``lxt_ext`` (AttnLRP, default rule),
+``lxt_ext_own`` (AttnLRP on the own kernels), ``lxt_ext_cp`` / ``lxt_ext_cp_aten`` (CP-LRP, default rule /
+ATen's kernels), ``lxt_eager`` (LXT 2.1's eager recipe with divided gradients), ``sdpa`` (plain SDPA
+forward+backward, the floor); see lxt_ext/benchmark/attention.py.
 
 Peak memory: each (method, N, heads) in its own process with MALLOC_MMAP_THRESHOLD_=65536
 MALLOC_TRIM_THRESHOLD_=0; VmRSS after making the inputs, the high-water mark reset through
@@ -15,6 +17,7 @@ heads * N^2 so it is skipped (shown as -) where that would not fit this machine'
 """
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -52,26 +55,33 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--lengths', type=int, nargs='+', default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument('--heads', type=int, default=4)
-    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=METHODS)
+    parser.add_argument('--no-memory', action='store_true', help='times only')
     args = parser.parse_args()
+    print(f'load average before: {os.getloadavg()[0]:.1f}', file=sys.stderr)
     cases = [(n, args.heads) for n in args.lengths]
-    if any(n * n * args.heads > EAGER_MAX_ELEMENTS for n in args.lengths):
+    if 'lxt_eager' in args.methods and any(n * n * args.heads > EAGER_MAX_ELEMENTS for n in args.lengths):
         # The longest length once more with one head, where the eager recipe fits.
         cases.append((max(args.lengths), 1))
-    print('| N | heads | extra peak MB: lxt_ext | LXT eager | SDPA | fwd+bwd s: lxt_ext | LXT eager | SDPA '
-          '| lxt_ext / eager time | lxt_ext / SDPA time |')
-    print('|---|---|---|---|---|---|---|---|---|---|')
+    print('| N | heads | ' + ' | '.join(f'{m} s' for m in args.methods) + ' | '
+          + ' | '.join(f'{m} / sdpa' for m in args.methods if m != 'sdpa')
+          + ('' if args.no_memory else ' | ' + ' | '.join(f'{m} MB' for m in args.methods)) + ' | load |')
+    columns = 3 + len(args.methods) + (len(args.methods) - 1) + (0 if args.no_memory else len(args.methods))
+    print('|' + '---|' * columns)
     for n, heads in cases:
-        methods = [m for m in METHODS if m != 'lxt_eager' or n * n * heads <= EAGER_MAX_ELEMENTS]
-        mb = {m: float(last_line(__file__, ['--memory', m, n, heads], memory=True)) for m in methods}
+        methods = [m for m in args.methods if m != 'lxt_eager' or n * n * heads <= EAGER_MAX_ELEMENTS]
+        mb = {} if args.no_memory else {
+            m: float(last_line(__file__, ['--memory', m, n, heads], memory=True)) for m in methods}
         seconds = json.loads(last_line(__file__, ['--time', n, heads, args.repeats, ','.join(methods)]))
-        print(f'  N={n} heads={heads} MB={mb} s={seconds}', file=sys.stderr)
+        load = os.getloadavg()[0]
+        print(f'  N={n} heads={heads} MB={mb} s={seconds} load={load:.1f}', file=sys.stderr)
         cell = lambda d, m, fmt: format(d[m], fmt) if m in d else '-'  # noqa: E731
-        ratio = lambda a, b: f'{seconds[a] / seconds[b]:.2f}' if a in seconds and b in seconds else '-'  # noqa: E731
-        print(f"| {n} | {heads} | {cell(mb, 'lxt_ext', '.1f')} | {cell(mb, 'lxt_eager', '.1f')} | "
-              f"{cell(mb, 'sdpa', '.1f')} | {cell(seconds, 'lxt_ext', '.3f')} | {cell(seconds, 'lxt_eager', '.3f')} | "
-              f"{cell(seconds, 'sdpa', '.3f')} | {ratio('lxt_ext', 'lxt_eager')} | {ratio('lxt_ext', 'sdpa')} |",
-              flush=True)
+        ratio = lambda a: f'{seconds[a] / seconds["sdpa"]:.2f}' if a in seconds and 'sdpa' in seconds else '-'  # noqa: E731
+        row = [str(n), str(heads)] + [cell(seconds, m, '.3f') for m in args.methods]
+        row += [ratio(m) for m in args.methods if m != 'sdpa']
+        row += [] if args.no_memory else [cell(mb, m, '.1f') for m in args.methods]
+        print('| ' + ' | '.join(row + [f'{load:.1f}']) + ' |', flush=True)
 
 
 if __name__ == '__main__':

@@ -1,6 +1,6 @@
 """Time and extra peak memory of relevance for torchvision's vit_b_16 (batch 4, 224x224, 2 threads).
 
-    python python/benchmark_vit.py [--repeats 3]
+    python python/benchmark_vit.py [--repeats 3] [--interleaved]
 
 Methods: plain forward+backward (gradient w.r.t. the input); lxt_ext ViTEpsilon (fused epsilon on
 every Linear and the patch embedding, AttnLRP); lxt_ext ViTGamma (the published recipe, gamma on
@@ -86,6 +86,18 @@ def child(method, kind, batch, repeats):
     return float(last_line(__file__, ['--one', method, kind, batch, repeats], memory=kind == 'memory', env=env))
 
 
+def interleaved(methods, batch, repeats):
+    """Times of lxt_ext's methods and plain in this one process, interleaved (a ratio under shared load)."""
+    runs = {method: attribution(method, batch) for method in methods}
+    seconds = interleaved_medians(runs, repeats)
+    print('| method | time (s) | time / plain |')
+    print('|---|---|---|')
+    for method, value in seconds.items():
+        ratio = f'{value / seconds["plain"]:.3f}' if 'plain' in seconds else '-'
+        print(f'| {LABELS[method]} | {value:.2f} | {ratio} |')
+    print(f'load average after: {os.getloadavg()[0]:.1f}')
+
+
 def main():
     if len(sys.argv) == 6 and sys.argv[1] == '--one':
         print(measure(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])))
@@ -94,7 +106,12 @@ def main():
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--batch', type=int, default=4)
     parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=METHODS)
+    parser.add_argument('--interleaved', action='store_true',
+                        help="time plain and lxt_ext's methods interleaved in one process (no memory, no LXT)")
     args = parser.parse_args()
+    if args.interleaved:
+        interleaved([m for m in args.methods if m not in LXT_METHODS], args.batch, args.repeats)
+        return
     results = {}
     for method in args.methods:
         seconds = child(method, 'time', args.batch, args.repeats)

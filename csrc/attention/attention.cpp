@@ -49,7 +49,12 @@ at::Tensor expand_mask(const char* op, const c10::optional<at::Tensor>& mask, co
   }
   TORCH_CHECK(ok, op, ": attn_mask of shape ", m.sizes(), " is not broadcastable to (batch, query heads, ",
               "query tokens, key tokens) = ", at::IntArrayRef(target));
-  const at::Tensor typed = m.scalar_type() == at::kBool ? m : m.to(q.scalar_type());
+  // A float mask stays in its dtype when that is the query's or the accumulation dtype (a float32 mask
+  // of a bfloat16 query keeps finfo(float32).min, which bfloat16 would round to -inf); other float
+  // masks become the accumulation dtype, converted at their own (unbroadcast) size.
+  const at::ScalarType kind = m.scalar_type();
+  const bool kept = kind == at::kBool || kind == q.scalar_type() || kind == acc_type(q);
+  const at::Tensor typed = kept ? m : m.to(acc_type(q));
   return typed.expand(target);
 }
 

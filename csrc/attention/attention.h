@@ -32,7 +32,8 @@ struct Shapes {
 
 // What the checks settle for a backend: the shapes, and the mask as a (B, Hq, Nq, Nk) view
 // (broadcast dimensions get stride 0, nothing is materialised; undefined without a mask). A float
-// mask in another float dtype than the query is converted at its own (unbroadcast) size.
+// mask is in the query's dtype or the accumulation dtype (acc_type), others are converted to the
+// latter at their own (unbroadcast) size.
 struct AttentionArgs {
   Shapes s;
   at::Tensor mask;

@@ -30,7 +30,8 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kTile = 32;  // keys per tile (forward, dq) and query rows per tile (dkv): one per lane
 constexpr unsigned kFull = 0xffffffffu;
 
-enum MaskKind { kNoMask = 0, kBoolMask = 1, kAddMask = 2 };
+// kAddMask: additive in the query's dtype; kAccMask: additive in the accumulation dtype (half queries).
+enum MaskKind { kNoMask = 0, kBoolMask = 1, kAddMask = 2, kAccMask = 3 };
 
 template <typename scalar_t, typename acc_t>
 struct Params {
@@ -83,8 +84,10 @@ __device__ __forceinline__ acc_t masked_score(const Params<scalar_t, acc_t>& p, 
     const int64_t off = b * p.ms[0] + h * p.ms[1] + i * p.ms[2] + j * p.ms[3];
     if (p.mask_kind == kBoolMask) {
       if (!static_cast<const bool*>(p.mask)[off]) return neg_inf<acc_t>();
-    } else {
+    } else if (p.mask_kind == kAddMask) {
       s += static_cast<acc_t>(static_cast<const scalar_t*>(p.mask)[off]);
+    } else {
+      s += static_cast<const acc_t*>(p.mask)[off];
     }
   }
   return s;
@@ -370,7 +373,10 @@ Params<scalar_t, acc_t> make_params(const at::Tensor& q, const at::Tensor& k, co
     p.vs[i] = v.stride(i);
     p.ds[i] = dout.defined() ? dout.stride(i) : 0;
   }
-  p.mask_kind = !mask.defined() ? kNoMask : mask.scalar_type() == at::kBool ? kBoolMask : kAddMask;
+  p.mask_kind = !mask.defined()                          ? kNoMask
+                : mask.scalar_type() == at::kBool          ? kBoolMask
+                : mask.scalar_type() == q.scalar_type()    ? kAddMask
+                                                           : kAccMask;
   p.mask = mask.defined() ? mask.data_ptr() : nullptr;
   for (int i = 0; i < 4; ++i) p.ms[i] = mask.defined() ? mask.stride(i) : 0;
   p.Hq = static_cast<int>(q.size(1));

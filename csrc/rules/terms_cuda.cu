@@ -19,7 +19,7 @@ inline int blocks_for(int64_t n) {
 }
 
 template <int kRule, typename scalar_t, typename acc_t>
-__global__ void output_terms_kernel(RuleConstants<acc_t> p, RowLayout layout, const scalar_t* __restrict__ wx,
+__global__ void __launch_bounds__(kThreads) output_terms_kernel(RuleConstants<acc_t> p, RowLayout layout, const scalar_t* __restrict__ wx,
                                     const scalar_t* __restrict__ ax, const scalar_t* __restrict__ g,
                                     const acc_t* __restrict__ b, const acc_t* __restrict__ b1,
                                     const acc_t* __restrict__ b2, scalar_t* __restrict__ s,
@@ -42,7 +42,7 @@ __global__ void output_terms_kernel(RuleConstants<acc_t> p, RowLayout layout, co
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void input_terms_kernel(bool explicit_relevance, bool mixed, const scalar_t* __restrict__ x,
+__global__ void __launch_bounds__(kThreads) input_terms_kernel(bool explicit_relevance, bool mixed, const scalar_t* __restrict__ x,
                                    const scalar_t* __restrict__ t, const scalar_t* __restrict__ a,
                                    scalar_t* __restrict__ out, int64_t numel) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;

@@ -1,6 +1,9 @@
 """The attention benchmark's methods (batch 1, D = 64, float32), forward+backward of one attention:
 
-- ``lxt_ext``: ``lxt_ext.attention.attention_lrp(q, k, v, mode='attnlrp')``;
+- ``lxt_ext``: ``lxt_ext.attention.attention_lrp(q, k, v, mode='attnlrp')`` (its default rule: ATen's
+  fused kernels here); ``lxt_ext_own``: the same on lxt_ext's own kernels (``backend='lxt_ext'``);
+- ``lxt_ext_cp``: ``mode='cp'`` (its default rule: the own dV-only kernels on the CPU);
+  ``lxt_ext_cp_aten``: CP-LRP on ATen's kernels (``backend='aten'``);
 - ``lxt_eager``: what LXT 2.1 runs (HF's eager_attention_forward after ``divide_gradient`` on q, k,
   v): matmul, softmax, matmul, with the gradients of q and k divided by 4 and of v by 2 -- the
   same AttnLRP relevance, through the N x N matrices;
@@ -10,7 +13,9 @@
 import torch
 import torch.nn.functional as F
 
-METHODS = ('lxt_ext', 'lxt_eager', 'sdpa')
+METHODS = ('lxt_ext', 'lxt_ext_own', 'lxt_ext_cp', 'lxt_ext_cp_aten', 'lxt_eager', 'sdpa')
+_LXT_EXT = {'lxt_ext': ('attnlrp', None), 'lxt_ext_own': ('attnlrp', 'lxt_ext'), 'lxt_ext_cp': ('cp', None),
+            'lxt_ext_cp_aten': ('cp', 'aten')}
 D = 64
 
 
@@ -37,9 +42,10 @@ def lxt_eager(q, k, v):
 
 def attention(method):
     """``f(q, k, v) -> output`` of a method; backward of the output gives its relevance gradient."""
-    if method == 'lxt_ext':
+    if method in _LXT_EXT:
         from lxt_ext.attention import attention_lrp
-        return lambda q, k, v: attention_lrp(q, k, v, mode='attnlrp')
+        mode, backend = _LXT_EXT[method]
+        return lambda q, k, v: attention_lrp(q, k, v, mode=mode, backend=backend)
     if method == 'sdpa':
         return F.scaled_dot_product_attention
     if method == 'lxt_eager':

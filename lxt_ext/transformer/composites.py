@@ -117,12 +117,15 @@ class ViTGamma(TransformerComposite):
 
 @register_composite('lxt_ext_language_transformer')
 class LanguageTransformer(TransformerComposite):
-    """Text transformers explained w.r.t. their input embeddings (relevance ``x * g``): fused epsilon
-    (``linear_rule='epsilon'``) or gamma on every Linear, AttnLRP or CP-LRP in attention."""
+    """Text transformers explained w.r.t. their input embeddings (relevance ``x * g``): epsilon
+    (``linear_rule='epsilon'``: ``OutputEpsilon``, from the kept layer output, as in ViTEpsilon) or
+    fused gamma on every Linear, AttnLRP or CP-LRP in attention."""
 
     def __init__(self, attention='attnlrp', linear_rule='epsilon', epsilon=1e-6, gamma=0.25, layer_map=None,
                  strict=True):
-        rules = {'epsilon': lambda: Epsilon(epsilon), 'gamma': lambda: Gamma(gamma, epsilon)}
+        rules = {'epsilon': lambda: OutputEpsilon(epsilon), 'gamma': lambda: Gamma(gamma, epsilon)}
         if linear_rule not in rules:
             raise ValueError(f"linear_rule must be 'epsilon' or 'gamma', got {linear_rule!r}")
-        super().__init__(rules[linear_rule](), attention=attention, layer_map=layer_map, strict=strict)
+        conv = Epsilon(epsilon) if linear_rule == 'epsilon' else None  # OutputEpsilon takes Linear layers only
+        super().__init__(rules[linear_rule](), conv_rule=conv, attention=attention, layer_map=layer_map,
+                         strict=strict)

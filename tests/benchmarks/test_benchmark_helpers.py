@@ -1,5 +1,5 @@
 """lxt_ext.benchmark's measurement helpers, checked on calls whose cost is known in advance."""
-from lxt_ext.benchmark.process import last_line
+from lxt_ext.benchmark.process import interleaved_processes, last_line
 from lxt_ext.benchmark.timing import interleaved_medians
 
 ALLOCATE = '''
@@ -27,3 +27,19 @@ def test_interleaved_medians_warm_up_then_alternate():
     medians = interleaved_medians({'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')}, repeats=3)
     assert calls == ['a', 'b'] * 4
     assert set(medians) == {'a', 'b'} and all(m >= 0 for m in medians.values())
+
+
+SERVE = '''
+import sys, time
+from lxt_ext.benchmark.process import serve
+serve(lambda: time.sleep(float(sys.argv[1])))
+'''
+
+
+def test_interleaved_processes_take_turns_and_time_each_run(tmp_path):
+    """Two children sleeping 20 and 60 ms a run: their medians tell them apart, one process each."""
+    script = tmp_path / 'serve.py'
+    script.write_text(SERVE)
+    medians = interleaved_processes({'short': (script, [0.02], None), 'long': (script, [0.06], {'X': '1'})},
+                                    repeats=3)
+    assert 0.02 <= medians['short'] < 0.05 and 0.06 <= medians['long'] < 0.09
