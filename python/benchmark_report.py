@@ -1,0 +1,241 @@
+"""One benchmark report: runs the benchmark scripts and the pytest-benchmark suites and writes
+docs/benchmarks.md (generated: tables, PNG plots, machine, versions, threads, load, date).
+
+    python python/benchmark_report.py            # the full suite (about 45 minutes on 2 CPU cores)
+    python python/benchmark_report.py --quick --out /tmp/report.md   # small sizes, a smoke test
+    python python/benchmark_report.py --only cnn vit                  # some sections
+
+Sections (each a script of python/ run in its own processes, with its own method: interleaved medians for
+time, fresh processes with mmapped allocations for peak memory, see each script's doc):
+- ``cnn``: EpsilonGammaBox on vgg16 and resnet50, lxt_ext vs zennit vs plain forward+backward
+  (benchmark_time.py, benchmark_memory.py);
+- ``vit``: vit_b_16, ViTEpsilon and ViTGamma vs LXT 2.1's recipe and plain (benchmark_vit.py);
+- ``language``: a LLaMA-style decoder at 2,048 tokens, AttnLRP vs LXT 2.1 and plain (benchmark_language.py);
+- ``attention``: the attention op alone, 1k-16k tokens, vs LXT's eager recipe and SDPA (benchmark_attention.py);
+- ``explain``: ``lxt-ext explain`` images/s vs an in-process loop and LXT's recipe (benchmark_explain.py);
+- ``evaluation``: ``lxt-ext evaluate`` on the embedded model, seconds per image per method;
+- ``pytest``: the pytest-benchmark suites (tests/benchmarks), from their JSON.
+GPU results (docs/gpu_*.md, written by python/gpu_check) are included as they are.
+Hand-written reasoning about the figures lives in docs/benchmarks_notes.md.
+"""
+import argparse
+import datetime
+import glob
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+
+
+def script(name, *args):
+    return [PYTHON, os.path.join(ROOT, 'python', name), *map(str, args)]
+
+
+# name -> (title, full command(s), quick command(s), what it shows)
+SECTIONS = {
+    'cnn': ('CNN rules vs zennit (EpsilonGammaBox, batch 4, 224 x 224, 2 threads)',
+            [script('benchmark_time.py', 'vgg16', 'resnet50', '--repeats', 5),
+             script('benchmark_memory.py', 'vgg16', 'resnet50')],
+            [script('benchmark_time.py', 'resnet18', '--repeats', 1), script('benchmark_memory.py', 'resnet18')],
+            'time and extra peak memory of zennit and lxt_ext relative to plain forward+backward'),
+    'vit': ('Vision Transformer vs LXT 2.1 (torchvision vit_b_16, random weights, batch 4, 2 threads)',
+            [script('benchmark_vit.py', '--repeats', 5)],
+            [script('benchmark_vit.py', '--repeats', 1, '--batch', 1, '--methods', 'plain', 'lxt_ext_epsilon')],
+            'time and extra peak memory, each method in its own process'),
+    'language': ('Language model vs LXT 2.1 (LLaMA-style decoder, 8 layers, width 512, GQA 8/2, 2,048 tokens)',
+                 [script('benchmark_language.py')],
+                 [script('benchmark_language.py', '--tokens', 128, '--repeats', 1)],
+                 'AttnLRP relevance of the top logit at the last token, each method in its own process'),
+    'attention': ('Attention alone, 1k-16k tokens (4 heads, D = 64, forward+backward)',
+                  [script('benchmark_attention.py', '--lengths', 1024, 2048, 4096, 8192, 16384, '--repeats', 5)],
+                  [script('benchmark_attention.py', '--lengths', 256, 512, '--repeats', 1)],
+                  'extra peak memory grows linearly for lxt_ext, quadratically for the eager recipe'),
+    'explain': ('Command-line throughput: lxt-ext explain (vit_b_16, random weights, 2 threads)',
+                [script('benchmark_explain.py', '--images', 32, '--batches', 4, 16)],
+                [script('benchmark_explain.py', '--images', 2, '--batches', 2, '--methods', 'vit_epsilon')],
+                'images/s of the command (decoding, writing) against the same composite in a loop'),
+    'evaluation': ('Evaluation throughput: lxt-ext evaluate on the embedded model',
+                   [[PYTHON, '-m', 'lxt_ext', 'evaluate', '--out', '{tmp}/evaluate', '--threads', 2, '--quiet']],
+                   [[PYTHON, '-m', 'lxt_ext', 'evaluate', '--out', '{tmp}/evaluate', '--threads', 2, '--quiet',
+                     '--limit', 2, '--max-steps', 4]],
+                   'perturbation curves and localisation per method; seconds per image'),
+    'pytest': ('pytest-benchmark suites (tests/benchmarks)',
+               [[PYTHON, '-m', 'pytest', '-q', os.path.join(ROOT, 'tests', 'benchmarks'), '--benchmark-enable',
+                 '--benchmark-json={tmp}/pytest_benchmark.json', '-p', 'no:cacheprovider']],
+               [[PYTHON, '-m', 'pytest', '-q', os.path.join(ROOT, 'tests', 'benchmarks'), '-p', 'no:cacheprovider']],
+               'median seconds per case from pytest-benchmark\'s JSON'),
+}
+
+
+def markdown_tables(text):
+    """The markdown tables in ``text``: a list of (header cells, rows of cells)."""
+    tables, lines = [], text.splitlines()
+    i = 0
+    while i < len(lines):
+        if lines[i].startswith('|') and i + 1 < len(lines) and re.match(r'^\|[-| :]+\|$', lines[i + 1]):
+            header = [c.strip() for c in lines[i].strip('|').split('|')]
+            rows = []
+            i += 2
+            while i < len(lines) and lines[i].startswith('|'):
+                rows.append([c.strip() for c in lines[i].strip('|').split('|')])
+                i += 1
+            tables.append((header, rows))
+        else:
+            i += 1
+    return tables
+
+
+def number(cell):
+    match = re.search(r'-?\d+(\.\d+)?', cell)
+    return float(match.group()) if match else None
+
+
+def pytest_table(path):
+    with open(path) as file:
+        data = json.load(file)
+    lines = ['| case | median s | min s | rounds |', '|---|---|---|---|']
+    for bench in data['benchmarks']:
+        stats = bench['stats']
+        lines.append(f"| {bench['fullname'].split('::')[-1]} ({bench['fullname'].split('/')[-1].split('::')[0]}) | "
+                     f"{stats['median']:.4f} | {stats['min']:.4f} | {stats['rounds']} |")
+    return '\n'.join(lines)
+
+
+def evaluation_table(folder):
+    path = next(iter(glob.glob(os.path.join(folder, '*.md'))), None)
+    if path is None:
+        raise FileNotFoundError(f'lxt-ext evaluate wrote no markdown table into {folder}')
+    with open(path) as file:
+        return file.read().strip()
+
+
+def plot(name, tables, path):
+    """A PNG of the section's ratio columns (one bar group per row), or None when it has none."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    series = []
+    for header, rows in tables:
+        columns = [j for j, h in enumerate(header) if '/' in h or 'ratio' in h.lower() or 'images/s' in h]
+        for j in columns:
+            values = [(row[0] + (f' {row[1]}' if name in ('attention', 'explain') else ''), number(row[j]))
+                      for row in rows if j < len(row) and number(row[j]) is not None]
+            if values:
+                series.append((header[j], values))
+    if not series:
+        return None
+    labels = list(dict.fromkeys(label for _, values in series for label, _ in values))
+    figure, axis = plt.subplots(figsize=(max(6, 1.2 * len(labels) + 2), 3.6))
+    width = 0.8 / len(series)
+    for k, (title, values) in enumerate(series):
+        lookup = dict(values)
+        axis.bar([i + k * width for i in range(len(labels))], [lookup.get(label, 0) for label in labels], width,
+                 label=title)
+    axis.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(labels))])
+    axis.set_xticklabels(labels, rotation=20, ha='right', fontsize=8)
+    axis.axhline(1.0, color='grey', linewidth=0.8)
+    axis.legend(fontsize=7)
+    axis.set_title(name)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def header(args, load_before):
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    cpu = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')),
+               platform.processor())
+    versions = [f'Python {platform.python_version()}']
+    for package in ('torch', 'zennit', 'lxt_ext', 'transformers', 'timm'):
+        try:
+            versions.append(f'{package} {version(package)}')
+        except PackageNotFoundError:
+            pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'
+    return [
+        '# Benchmarks (generated)',
+        '',
+        f'Generated by `python python/benchmark_report.py{" --quick" if args.quick else ""}` on '
+        f'{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; do not edit by hand (the reasoning about '
+        f'these figures is in [benchmarks_notes.md](benchmarks_notes.md)).',
+        '',
+        f'- Machine: {cpu}, {os.cpu_count()} CPU cores, GPU: {gpu}',
+        f'- Versions: {", ".join(versions)}',
+        '- Threads: 2 torch threads per measured process (`torch.set_num_threads(2)`) unless a section says otherwise',
+        f'- Load average (1 min) at the start: {load_before:.2f}',
+        '- Quick mode: small sizes, a smoke test; the figures mean nothing.' if args.quick else '',
+    ]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--quick', action='store_true', help='small sizes: a smoke test of the whole report')
+    parser.add_argument('--only', nargs='+', choices=list(SECTIONS), help='run only these sections')
+    parser.add_argument('--out', default=os.path.join(ROOT, 'docs', 'benchmarks.md'))
+    args = parser.parse_args()
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    figures = os.path.join(out_dir, 'benchmarks')
+    os.makedirs(figures, exist_ok=True)
+    lines = header(args, os.getloadavg()[0])
+    failed = []
+    env = dict(os.environ, OMP_WAIT_POLICY='PASSIVE')
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.only or SECTIONS:
+            title, full, quick, what = SECTIONS[name]
+            commands = [[part.format(tmp=tmp) for part in map(str, command)] for command in (quick if args.quick else full)]
+            print(f'== {name}: {title}', file=sys.stderr, flush=True)
+            lines += ['', f'## {title}', '', f'{what}. Command{"s" if len(commands) > 1 else ""}:', '']
+            lines += ['    python ' + ' '.join('{tmp}' + p[len(tmp):] if p.startswith(tmp) else
+                                            os.path.relpath(p, ROOT) if p.startswith(ROOT) else p for p in command[1:])
+                      for command in commands]
+            outputs = []
+            start, load = time.perf_counter(), os.getloadavg()[0]
+            for command in commands:
+                process = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+                if process.returncode != 0:
+                    failed.append(name)
+                    outputs.append(f'**failed** (exit {process.returncode}):\n\n```\n{process.stderr[-2000:]}\n```')
+                    break
+                outputs.append(process.stdout.strip())
+            if name == 'pytest' and name not in failed:
+                # quick mode runs the suites once each as smoke tests (the project's --benchmark-disable): no JSON
+                outputs = [pytest_table(os.path.join(tmp, 'pytest_benchmark.json')) if not args.quick else
+                           f'smoke run, no timings: {outputs[0].splitlines()[-1]}']
+            if name == 'evaluation' and name not in failed:
+                outputs = [evaluation_table(os.path.join(tmp, 'evaluate'))]
+            lines += ['', f'Load average at the start of the section: {load:.2f}; '
+                      f'{time.perf_counter() - start:.0f} s in all.', '']
+            text = '\n\n'.join(outputs)
+            lines.append(text)
+            png = plot(name, markdown_tables(text), os.path.join(figures, f'{name}.png'))
+            if png is not None:
+                lines += ['', f'![{name}](benchmarks/{name}.png)']
+    gpu_files = sorted(glob.glob(os.path.join(ROOT, 'docs', 'gpu_*.md')))
+    lines += ['', '## GPU', '']
+    if gpu_files:
+        for path in gpu_files:
+            with open(path) as file:
+                lines += [f'From `{os.path.relpath(path, ROOT)}`, as written by the GPU check:', '', file.read().strip(), '']
+    else:
+        lines.append('No GPU results yet: no GPU was lent to this project\'s sessions so far (python/gpu_check runs them).')
+    lines += ['', f'Load average (1 min) at the end: {os.getloadavg()[0]:.2f}', '']
+    with open(args.out, 'w') as file:
+        file.write('\n'.join(lines))
+    print(f'wrote {args.out}' + (f'; failed sections: {", ".join(failed)}' if failed else ''), file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""python/benchmark_report.py --quick (the CI smoke test of the one benchmark report): every section runs its
+scripts and lands in the report as a table of measured numbers with a plot, with the machine and versions."""
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECTIONS = ['cnn', 'vit', 'language', 'attention', 'explain', 'evaluation']
+
+
+def test_quick_report_has_every_section(tmp_path):
+    out = tmp_path / 'benchmarks.md'
+    process = subprocess.run([sys.executable, os.path.join(ROOT, 'python', 'benchmark_report.py'), '--quick',
+                              '--only', *SECTIONS, '--out', str(out)], capture_output=True, text=True, timeout=1500)
+    assert process.returncode == 0, process.stderr[-3000:]
+    text = out.read_text()
+    assert 'Versions: Python' in text and 'Load average (1 min) at the end' in text
+    sections = re.split(r'^## ', text, flags=re.M)[1:]
+    assert len(sections) == len(SECTIONS) + 1  # and the GPU section
+    for section in sections[:-1]:
+        rows = [line for line in section.splitlines() if line.startswith('|') and not line.startswith('|---')]
+        numbers = [float(x) for row in rows[1:] for x in re.findall(r'(?<![\w.])\d+\.\d+', row)]
+        assert numbers and all(x == x for x in numbers), section[:400]
+    for name in ('cnn', 'vit', 'attention', 'explain'):
+        assert (tmp_path / 'benchmarks' / f'{name}.png').stat().st_size > 1000
