@@ -146,6 +146,8 @@ def _command_line(args):
     for key, value in vars(args).items():
         if key in ('inputs', 'run', 'command') or value is None or value is False:
             continue
+        if key in ('conv_gammas', 'linear_gammas', 'attention') and not args.gamma_search:
+            continue  # the search's settings, unused without it
         words.append('--' + key.replace('_', '-'))
         if value is not True:
             words.append(str(value))
