@@ -1,4 +1,5 @@
-"""pytest-benchmark: attention forward+backward, lxt_ext's AttnLRP op vs LXT's eager recipe vs SDPA.
+"""pytest-benchmark: attention forward+backward, lxt_ext's AttnLRP and CP-LRP (default rule and forced
+backends) vs LXT's eager recipe vs SDPA.
 
     .venv/bin/python -m pytest tests/benchmarks/test_bench_attention.py --benchmark-enable \
         --benchmark-group-by=param:n
@@ -27,4 +28,7 @@ def test_attention_forward_backward(benchmark, method, n):
 
     benchmark.extra_info.update(method=method, n=n, heads=heads)
     grads = benchmark.pedantic(run, rounds=3, warmup_rounds=1) if not benchmark.disabled else benchmark(run)
+    if '_cp' in method:  # CP-LRP: relevance flows through V only
+        assert grads[0] is None and grads[1] is None
+        grads = grads[2:]
     assert all(torch.isfinite(x).all() and x.abs().sum() > 0 for x in grads)
