@@ -29,7 +29,8 @@ def tiny_vit(seed=0):
 
 
 def patch_curve_by_hand(model, x, relevance, target, patch, steps):
-    """MoRF deletion written out: zero the `k` patches of largest relevance sum (ties: earlier first)."""
+    """MoRF deletion written out: zero the `k` patches of largest relevance sum (ties: earlier first),
+    for each k in ``steps``."""
     n, _, h, w = x.shape
     curves = []
     for i in range(n):
@@ -37,7 +38,7 @@ def patch_curve_by_hand(model, x, relevance, target, patch, steps):
                 for r in range(0, h, patch) for c in range(0, w, patch)]
         ranked = sorted(sums, reverse=True)
         curve = []
-        for k in range(steps + 1):
+        for k in steps:
             xi = x[i:i + 1].clone()
             for _, _, r, c in ranked[:k]:
                 xi[..., r:r + patch, c:c + patch] = 0
@@ -51,20 +52,20 @@ def test_compare_against_hand_written_curves():
     captum_attr = require_module('captum.attr')
     model = tiny_vit()
     g = torch.Generator().manual_seed(1)
-    images = torch.rand(3, 3, 16, 16, generator=g)
+    images = torch.rand(3, 3, 16, 16, generator=g)  # batch_size 2: two batches, the second of one image
     masks = torch.zeros(3, 16, 16, dtype=torch.bool)
     masks[:, 4:12, 4:12] = True
     from lxt_ext.baselines import gradient_x_input
     results = compare(model, images, {'gradient_x_input': gradient_x_input}, masks=masks, batch_size=2,
-                      patch_size=4, progress=False)
+                      patch_size=4, units_per_step=2, progress=False)
     (result,) = results
     with torch.no_grad():
         target = model(images).argmax(1)
     relevance = captum_attr.InputXGradient(model).attribute(images.clone().requires_grad_(), target=target).detach()
-    expected = patch_curve_by_hand(model, images, relevance, target, 4, 16)
+    expected = patch_curve_by_hand(model, images, relevance, target, 4, range(0, 17, 2))
     torch.testing.assert_close(result.morf, expected, rtol=1e-4, atol=1e-5)
-    # areas: trapezoid over 16 steps divided by 16
-    trapezoid = (expected.sum(1) - (expected[:, 0] + expected[:, -1]) / 2) / 16
+    # areas: trapezoid over 8 steps divided by 8
+    trapezoid = (expected.sum(1) - (expected[:, 0] + expected[:, -1]) / 2) / 8
     torch.testing.assert_close(result.morf_area, trapezoid, rtol=1e-4, atol=1e-5)
     pixel = relevance.sum(1).flatten(1)
     positive = pixel.clamp(min=0)
