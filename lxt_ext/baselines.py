@@ -13,13 +13,13 @@ import math
 import torch
 from zennit.attribution import IntegratedGradients, SmoothGrad
 
-from .explanation import _logits, explain_batch
+from .explanation import logits_of, explain_batch
 
 __all__ = ['gradient', 'gradient_x_input', 'integrated_gradients', 'smoothgrad', 'attention_rollout', 'METHODS']
 
 
 def _call(model, x, forward):
-    return _logits(model(x) if forward is None else forward(model, x))
+    return logits_of(model(x) if forward is None else forward(model, x))
 
 
 def _check(x, target):

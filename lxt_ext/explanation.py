@@ -28,7 +28,7 @@ import torch
 
 from . import checks
 
-__all__ = ['Explanation', 'Explainer', 'explain_batch', 'explain', 'emits_relevance']
+__all__ = ['Explanation', 'Explainer', 'explain_batch', 'explain', 'emits_relevance', 'logits_of']
 
 
 class Explanation(NamedTuple):
@@ -47,7 +47,8 @@ def emits_relevance(composite):
     return not isinstance(composite, TransformerComposite) or composite.explicit_first
 
 
-def _logits(output):
+def logits_of(output):
+    """The logits of a model output: a tensor, transformers' ModelOutput (``.logits``) or a tuple's first."""
     if isinstance(output, torch.Tensor):
         return output
     logits = getattr(output, 'logits', None)  # transformers' ModelOutput
@@ -115,7 +116,7 @@ class Explainer:
         inputs = x.detach().repeat_interleave(k, dim=0) if k > 1 else x.detach()
         with torch.enable_grad():
             inputs.requires_grad_()
-            logits = _logits(self.forward(self.model, inputs))
+            logits = logits_of(self.forward(self.model, inputs))
             if logits.dim() != 2 or logits.shape[0] != inputs.shape[0]:
                 raise ValueError(f'expected logits of shape ({inputs.shape[0]}, classes), got {tuple(logits.shape)}')
             target = _targets(logits.detach(), target, top_k)

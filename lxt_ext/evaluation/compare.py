@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..explanation import _logits, explain_batch
+from ..explanation import logits_of, explain_batch
 from .localization import pointing_game, relevance_mass_accuracy
 from .perturbation import Faithfulness, faithfulness
 
@@ -94,7 +94,7 @@ def compare(model, images, methods, masks=None, target=None, preprocess=None, ba
     warm = images[:1].to(device)
     warm = preprocess(warm) if preprocess is not None else warm
     with torch.no_grad():
-        warm_target = _logits(call(model, warm)).argmax(1)
+        warm_target = logits_of(call(model, warm)).argmax(1)
     for method in methods.values():  # first calls pay one-time costs (registration paths, allocator): untimed
         method(model, warm, warm_target)
     bar = tqdm(total=len(methods) * -(-n // batch_size), desc='evaluating', disable=not progress)
@@ -103,7 +103,7 @@ def compare(model, images, methods, masks=None, target=None, preprocess=None, ba
         x = preprocess(batch) if preprocess is not None else batch
         if target is None:
             with torch.no_grad():
-                batch_target = _logits(call(model, x)).argmax(1)
+                batch_target = logits_of(call(model, x)).argmax(1)
         else:
             batch_target = target[start:start + batch_size].to(device)
         for name, method in methods.items():

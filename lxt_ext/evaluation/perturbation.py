@@ -39,7 +39,7 @@ import torch
 import torchvision.transforms.functional as TF
 from tqdm.auto import tqdm
 
-from ..explanation import _logits
+from ..explanation import logits_of
 
 __all__ = ['UNITS', 'MODES', 'ORDERS', 'FILLS', 'blur', 'unit_relevance', 'perturbation_curve', 'area',
            'Faithfulness', 'faithfulness']
@@ -176,7 +176,7 @@ def _curves(model, x, relevance, target, orders, mode, unit, patch_size, fill, u
             mask = _spread(rank < min(k * units_per_step, units), x.shape, unit, patch_size)
             gone, kept = (baseline_all, x_all) if mode == 'deletion' else (x_all, baseline_all)
             inputs = torch.where(mask, gone, kept)
-            logits = _logits(call(model, inputs))
+            logits = logits_of(call(model, inputs))
             curve[:, k] = logits.gather(1, target_all[:, None])[:, 0].double()
     return curve.view(len(orders), n, steps + 1)
 
