@@ -2,8 +2,8 @@
 
 Each 64 x 64 RGB image holds one object of a class, a distractor and a textured background:
 
-- the object: one of :data:`CLASSES`, drawn at a random position and size (half-extent 10-15 px),
-  turned by a random quarter turn plus at most 10 degrees, in a random bright colour; its
+- the object: one of :data:`CLASSES`, drawn at a random position and size (half-extent 11-16 px),
+  turned by a random quarter turn, in a random bright colour; its
   ground-truth mask is the set of pixels whose centre lies inside the shape;
 - the distractor: a bar (a long thin rectangle, class-agnostic) of random length, rotation and
   bright colour, half the time the object's own colour, never overlapping the object;
@@ -25,8 +25,7 @@ import torch
 
 CLASSES = ('disk', 'square', 'triangle', 'cross', 'ring')
 IMAGE_SIZE = 64
-OBJECT_RADIUS = (10.0, 15.0)     # half-extent of the class object, pixels
-OBJECT_TILT = math.radians(10)   # objects turn by quarter turns and at most this much more
+OBJECT_RADIUS = (11.0, 16.0)     # half-extent of the class object, pixels
 BAR_HALF_LENGTH = (7.0, 11.0)
 BAR_HALF_WIDTH = (1.2, 2.2)
 BACKGROUND_VALUE = (0.15, 0.45)  # HSV value: the background is darker than every object and bar
@@ -148,7 +147,7 @@ def _draw(generator, n, size):
         torch.rand(n, generator=generator), _uniform(generator, n, 0.5, 1.0), _uniform(generator, n, *OBJECT_VALUE)))
 
     quarter_turns = torch.randint(4, (n,), generator=generator) * (math.pi / 2)
-    u, v = _local(ys, xs, centre, quarter_turns + _uniform(generator, n, -OBJECT_TILT, OBJECT_TILT))
+    u, v = _local(ys, xs, centre, quarter_turns)
     distance = torch.empty(n, size, size)
     for kind in range(len(CLASSES)):
         rows = labels == kind

@@ -200,7 +200,7 @@ def write(args, model, mean, std, held_accuracy, training, held_out):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--steps', type=int, default=1800)
+    parser.add_argument('--steps', type=int, default=1500)
     parser.add_argument('--batch-size', type=int, default=64)
     parser.add_argument('--train-size', type=int, default=30000)
     parser.add_argument('--held-out', type=int, default=2000)

@@ -15,7 +15,6 @@ The table is printed too. Exit status 0.
 """
 import json
 import os
-import sys
 
 import torch
 
@@ -41,16 +40,18 @@ def _baseline(name):
     return method
 
 
-# label -> method(model, x, target) -> relevance shaped like x; the composites come first
-METHODS = {
+# label -> method(model, x, target) -> relevance shaped like x
+COMPOSITES = {
     'ViTEpsilon AttnLRP': _composite('ViTEpsilon', attention='attnlrp'),
     'ViTEpsilon CP-LRP': _composite('ViTEpsilon', attention='cp'),
     'ViTGamma CP-LRP': _composite('ViTGamma', attention='cp'),
     'ViTGamma AttnLRP': _composite('ViTGamma', attention='attnlrp'),
+}
+BASELINES = {
     'gradient': _baseline('gradient'),
     'gradient x input': _baseline('gradient_x_input'),
 }
-COMPOSITE_METHODS = tuple(name for name in METHODS if name.startswith('ViT'))
+METHODS = {**COMPOSITES, **BASELINES}
 
 
 def add_arguments(parser):
@@ -100,14 +101,12 @@ def grid(images, masks, results):
     pixels = (np.concatenate(rows, axis=0).clip(0, 1) * 255).round().astype(np.uint8)
     size = images.shape[-1] * SCALE
     body = Image.fromarray(pixels).resize((pixels.shape[1] * SCALE, pixels.shape[0] * SCALE), Image.NEAREST)
-    header = 28
+    header = 16
     canvas = Image.new('RGB', (body.width, body.height + header), 'white')
     canvas.paste(body, (0, header))
     draw = ImageDraw.Draw(canvas)
     for column, label in enumerate(['image (object outlined)'] + list(results)):
-        words = label.split(' ', 1)
-        for line, text in enumerate(words if len(label) > size // 7 else [label]):
-            draw.text((column * size + 4, 2 + 12 * line), text, fill='black')
+        draw.text((column * size + 4, 2), label, fill='black')
     return canvas
 
 
@@ -144,6 +143,5 @@ def run(args):
                                 mean_relevance_mass_accuracy=result['rma'].nanmean().item(),
                                 pointing_game_hit_rate=result['pointing'].mean().item())
                      for name, result in results.items()}), file, indent=1)
-    print(f'{summary}\n\n{text}\n\nwrote {os.path.join(args.out, "grid.png")}, scores.md and scores.json',
-          file=sys.stdout)
+    print(f'{summary}\n\n{text}\n\nwrote {os.path.join(args.out, "grid.png")}, scores.md and scores.json')
     return 0

@@ -1,0 +1,72 @@
+"""The embedded default model as shipped: its checksum, its accuracy on freshly drawn held-out images
+(python/shapes_dataset.py with a seed the training never used), its samples, and clear errors for a
+corrupt or missing weights file."""
+import hashlib
+import importlib.util
+import os
+import shutil
+
+import pytest
+import torch
+
+from lxt_ext.data import embedded
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def shapes_dataset():
+    spec = importlib.util.spec_from_file_location('shapes_dataset', os.path.join(ROOT, 'python', 'shapes_dataset.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shipped_weights_match_the_checksum():
+    with open(embedded.WEIGHTS, 'rb') as file:
+        assert hashlib.sha256(file.read()).hexdigest() == embedded.WEIGHTS_SHA256
+    assert os.path.getsize(embedded.WEIGHTS) < 4e6
+
+
+def test_held_out_accuracy_is_at_least_95_percent():
+    torch.set_num_threads(2)
+    data = shapes_dataset()
+    assert tuple(embedded.CLASSES) == data.CLASSES and embedded.IMAGE_SIZE == data.IMAGE_SIZE
+    images, _, labels = data.generate(400, seed=20261202)  # training used seeds 0..2
+    model = embedded.load_model()
+    with torch.no_grad():
+        predicted = model((images - embedded.MEAN) / embedded.STD).argmax(1)
+    correct = int((predicted == labels).sum())
+    assert correct * 100 >= 95 * len(labels), f'held-out accuracy {correct} / {len(labels)}'
+
+
+def test_samples_are_images_with_masks_of_their_object():
+    images, masks, labels, names = embedded.load_samples()
+    n = len(names)
+    assert n >= 10 and images.shape == (n, 3, embedded.IMAGE_SIZE, embedded.IMAGE_SIZE)
+    assert masks.shape == (n, embedded.IMAGE_SIZE, embedded.IMAGE_SIZE) and masks.dtype == torch.bool
+    assert 0 <= images.min() and images.max() <= 1
+    assert set(labels.tolist()) == set(range(len(embedded.CLASSES)))  # every class among the samples
+    assert sorted(os.listdir(embedded.SAMPLES_DIR)) == sorted(names)  # the folder holds the images only
+    for name, label in zip(names, labels):
+        assert embedded.CLASSES[label] in name
+    # the mask is the object: its pixels are brighter than the (darker) background around it on average
+    brightness = images.max(1).values
+    for b, m in zip(brightness, masks):
+        assert 20 < m.sum() < 0.3 * m.numel()
+        assert b[m].mean() > b[~m].mean() + 0.2
+
+
+def test_corrupt_or_missing_weights_are_a_clear_error(tmp_path):
+    corrupt = tmp_path / 'model.pt'
+    shutil.copy(embedded.WEIGHTS, corrupt)
+    data = bytearray(corrupt.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    corrupt.write_bytes(bytes(data))
+    with pytest.raises(embedded.EmbeddedModelError, match='corrupt or not the shipped file'):
+        embedded.load_model(str(corrupt))
+    with pytest.raises(embedded.EmbeddedModelError, match='missing.*reinstall'):
+        embedded.load_model(str(tmp_path / 'absent.pt'))
+    truncated = tmp_path / 'truncated.pt'
+    truncated.write_bytes(bytes(data[:1000]))
+    with pytest.raises(embedded.EmbeddedModelError, match='corrupt'):
+        embedded.load_model(str(truncated))
