@@ -414,7 +414,9 @@ class GatedMLP(SwappedForward):
             product = module.dropout(product)
         if down.weight.is_floating_point() and product.dtype != down.weight.dtype:
             product = product.to(down.weight.dtype)  # T5 keeps its output projection in float32
-        return down(product)
+        # A fresh tensor (transient: the residual add keeps nothing): model code may add to the MLP's output
+        # in place (Llama 4's MoE: out.add_), which would change the output OutputEpsilon keeps for backward.
+        return down(product).clone()
 
 
 class FusedGatedMLP(SwappedForward):
