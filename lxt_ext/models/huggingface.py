@@ -394,24 +394,31 @@ class GatedMLP(SwappedForward):
     (it is off under the composites)."""
 
     NAMES = ('gate_proj', 'up_proj', 'down_proj', 'act_fn')
+    KIND = 'gated MLP'
 
-    def __init__(self, mode='attnlrp', names=NAMES):
+    def __init__(self, mode='attnlrp', names=None):
         super().__init__()
         self.mode = mode
-        self.names = tuple(names)
+        self.names = tuple(self.NAMES if names is None else names)
 
     def prepare(self, module):
         missing = [name for name in self.names if not hasattr(module, name)]
         if missing:
-            raise TypeError(f'{type(module).__name__} is not a gated MLP: it lacks {missing}')
+            raise TypeError(f'{type(module).__name__} is not a {self.KIND}: it lacks {missing}')
+
+    def factors(self, module, input):
+        """``(act(gate), up, down)`` of ``input``."""
+        gate, up, down, act = (getattr(module, name) for name in self.names)
+        return act(gate(input)), up(input), down
 
     def apply(self, module, original, input, args, kwargs):
         if args or kwargs:
             raise TypeError(f'{type(module).__name__}: a gated MLP takes one input, got more')
-        gate, up, down, act = (getattr(module, name) for name in self.names)
-        product = gated_product(act(gate(input)), up(input), self.mode)
-        if isinstance(getattr(module, 'dropout', None), torch.nn.Dropout):
-            product = module.dropout(product)
+        gate, up, down = self.factors(module, input)
+        product = gated_product(gate, up, self.mode)
+        dropout = getattr(module, 'drop', None) or getattr(module, 'dropout', None)
+        if isinstance(dropout, torch.nn.Dropout):
+            product = dropout(product)
         if down.weight.is_floating_point() and product.dtype != down.weight.dtype:
             product = product.to(down.weight.dtype)  # T5 keeps its output projection in float32
         # A fresh tensor (transient: the residual add keeps nothing): model code may add to the MLP's output
@@ -419,34 +426,18 @@ class GatedMLP(SwappedForward):
         return down(product).clone()
 
 
-class FusedGatedMLP(SwappedForward):
+class FusedGatedMLP(GatedMLP):
     """A gated MLP with one fused input projection: ``down(act(gate) * up)`` with
     ``gate, up = fused(x).chunk(2)`` (``names``: fused, down, act; Phi-3's and GLM's by default,
-    ModernBERT's ``Wi``, ``Wo``, ``act``); the gated-MLP rule on the product (see ``GatedMLP``), the
-    projections and the activation under their own rules, a ``drop``/``dropout`` module run (off)."""
+    ModernBERT's ``Wi``, ``Wo``, ``act``); otherwise ``GatedMLP``."""
 
     NAMES = ('gate_up_proj', 'down_proj', 'activation_fn')
+    KIND = 'fused gated MLP'
 
-    def __init__(self, mode='attnlrp', names=NAMES):
-        super().__init__()
-        self.mode = mode
-        self.names = tuple(names)
-
-    def prepare(self, module):
-        missing = [name for name in self.names if not hasattr(module, name)]
-        if missing:
-            raise TypeError(f'{type(module).__name__} is not a fused gated MLP: it lacks {missing}')
-
-    def apply(self, module, original, input, args, kwargs):
-        if args or kwargs:
-            raise TypeError(f'{type(module).__name__}: a gated MLP takes one input, got more')
+    def factors(self, module, input):
         fused, down, act = (getattr(module, name) for name in self.names)
         gate, up = fused(input).chunk(2, dim=-1)
-        product = gated_product(act(gate), up, self.mode)
-        dropout = getattr(module, 'drop', None) or getattr(module, 'dropout', None)
-        if isinstance(dropout, torch.nn.Dropout):
-            product = dropout(product)
-        return down(product)
+        return act(gate), up, down
 
 
 class SharedExpertMoE(SwappedForward):
