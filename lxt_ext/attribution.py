@@ -18,9 +18,26 @@ index (for a (batch, tokens, classes) output: the class at the last token), or N
 class (at the last token). With a one-hot seed the input relevance sums to the explained logit
 (up to what biases and stabilisers absorb).
 """
+import contextlib
+
 import torch
 
 from . import checks
+
+
+@contextlib.contextmanager
+def frozen_parameters(model):
+    """``model``'s parameters with ``requires_grad`` off inside, as they were after: relevance needs no
+    weight gradients, and without them autograd keeps no layer inputs for them (a plain Linear keeps
+    its weight only): less peak memory (docs/benchmarks_transformers.md, the language model)."""
+    thawed = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    for parameter in thawed:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in thawed:
+            parameter.requires_grad_(True)
 
 
 def _first_tensor(value):
@@ -92,7 +109,7 @@ class GradientXInput:
         self._outputs = {}
         handles = [module.register_forward_hook(self._capture(name)) for name, module in self._modules.items()]
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), frozen_parameters(self.model):
                 input = input.detach().requires_grad_()
                 output = _first_tensor(self.forward(self.model, input))
                 if output is None:

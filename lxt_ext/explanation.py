@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 
 from . import checks
+from .attribution import frozen_parameters
 
 __all__ = ['Explanation', 'Explainer', 'explain_batch', 'explain', 'emits_relevance', 'logits_of']
 
@@ -114,7 +115,7 @@ class Explainer:
         checks.ensure_finite(x, 'the input')
         k = 1 if top_k is None else int(top_k)
         inputs = x.detach().repeat_interleave(k, dim=0) if k > 1 else x.detach()
-        with torch.enable_grad():
+        with torch.enable_grad(), frozen_parameters(self.model):
             inputs.requires_grad_()
             logits = logits_of(self.forward(self.model, inputs))
             if logits.dim() != 2 or logits.shape[0] != inputs.shape[0]:

@@ -148,6 +148,7 @@ def explain(model, x, target=0):
     ('input', 'the input holds NaN'),
     ('seed', r'the output relevance seed \(target\) holds NaN'),
     ('weight', r"the in_proj_weight of '0.self_attn' \(MultiheadAttention\) holds NaN"),
+    ('linear weight', r"the weight of '1' \(Linear\) holds NaN"),  # no rule (epsilon 0: the plain gradient)
 ])
 def test_gradient_x_input_names_non_finite_values(where, message):
     model, x = language_model(), torch.randn(2, 4, 8)
@@ -156,9 +157,12 @@ def test_gradient_x_input_names_non_finite_values(where, message):
         x[0, 1, 2] = float('nan')
     elif where == 'seed':
         target = torch.full((2, 4, 3), float('nan'))
-    else:
+    elif where == 'weight':
         with torch.no_grad():
             model[0].self_attn.in_proj_weight[1, 1] = float('nan')
+    else:
+        with torch.no_grad():
+            model[1].weight[1, 1] = float('nan')
     with pytest.raises(NonFiniteError, match=message):
         explain(model, x, target)
 

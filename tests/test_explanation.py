@@ -105,3 +105,22 @@ def test_bad_inputs_are_clear_errors():
         x[0, 0, 0, 0] = float('nan')
         with pytest.raises(FloatingPointError, match='NaN'):
             explainer(x)
+
+
+def test_parameters_frozen_while_attributing_and_restored():
+    """Relevance needs no weight gradients: inside an attribution no parameter requires grad (so autograd
+    keeps no layer inputs for them), after it each has its own flag again, also after an error."""
+    from lxt_ext.attribution import GradientXInput
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    model[2].bias.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    seen = []
+    model[2].register_forward_pre_hook(lambda module, args: seen.append([p.requires_grad for p in model.parameters()]))
+    x = torch.randn(2, 6)
+    explain_batch(model, x, EpsilonPlus())
+    with GradientXInput(model, LanguageTransformer()) as attributor:
+        attributor(x, 0)
+        with pytest.raises(ValueError, match='does not match the output'):
+            attributor(x, torch.zeros(5))
+    assert seen and all(not any(row) for row in seen)
+    assert [p.requires_grad for p in model.parameters()] == flags

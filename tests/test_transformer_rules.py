@@ -182,6 +182,25 @@ def test_output_epsilon_module(generator):
     assert_rel_close(actual, expected, 1e-5)
 
 
+@pytest.mark.parametrize('epsilon', [0.0, 1e-3])
+def test_language_transformer_linear_rule(epsilon, generator):
+    """epsilon 0: Linear layers keep their plain gradient (no rule swaps their forward), which is the
+    epsilon formula's limit ``W^T g``; epsilon > 0: the epsilon formula."""
+    from lxt_ext.composites import LanguageTransformer
+    layer = torch.nn.Linear(12, 10)
+    x = torch.randn(5, 12, generator=generator)
+    g = torch.randn(5, 10, generator=generator)
+    w, b = layer.weight.detach(), layer.bias.detach()
+    with LanguageTransformer(epsilon=epsilon).context(layer) as modified:
+        assert ('forward' in vars(layer)) == (epsilon > 0)
+        (actual,) = grad_of(modified, x, grad_output=g)
+    expected = g @ w if epsilon == 0 else grad_of(lambda t: epsilon_linear_reference(t, w, b, epsilon), x,
+                                                   grad_output=g)[0]
+    assert_rel_close(actual, expected, 1e-5)
+    with pytest.raises(ValueError, match='epsilon must be >= 0'):
+        LanguageTransformer(epsilon=-1e-6)
+
+
 @pytest.mark.parametrize('library, name, kwargs, explicit', [
     (zennit.rules, 'Gamma', dict(gamma=0.25), False), (zennit.rules, 'ZPlus', {}, False),
     (zennit.rules, 'Flat', {}, True), (zennit.rules, 'WSquare', {}, True),

@@ -12,8 +12,10 @@ parent's adapter unless it registers its own; classes no table names are then of
 import importlib
 from dataclasses import dataclass
 
+import torch
 from zennit.core import Hook, RemovableHandleList
 
+from .. import checks
 from ..ops import ATTENTION_MODES
 
 __all__ = ['Options', 'KeepGradient', 'adapter', 'matcher', 'rule_for']
@@ -66,10 +68,17 @@ class KeepGradient(Hook):
     rotary-embedding tables): registering changes nothing, but the module counts as mapped."""
 
     def register(self, module):
+        for name, parameter in module.named_parameters(recurse=False):  # as every rule checks its weights
+            checks.finite(parameter.detach(), f'the {name} of {checks.where(self, module)}')
         return RemovableHandleList([])
 
     def copy(self):
         return type(self)()
+
+    def linear(self, x, weight, bias):
+        """``F.linear(x, weight, bias)`` with its plain gradient: as a composite's Linear rule, LRP-epsilon
+        with epsilon -> 0, which in this convention is the gradient (``y / stab(y) = 1``)."""
+        return torch.nn.functional.linear(x, weight, bias)
 
 
 def _load_family(cls):

@@ -117,15 +117,21 @@ class ViTGamma(TransformerComposite):
 
 @register_composite('lxt_ext_language_transformer')
 class LanguageTransformer(TransformerComposite):
-    """Text transformers explained w.r.t. their input embeddings (relevance ``x * g``): epsilon
-    (``linear_rule='epsilon'``: ``OutputEpsilon``, from the kept layer output, as in ViTEpsilon) or
-    fused gamma on every Linear, AttnLRP or CP-LRP in attention."""
+    """Text transformers explained w.r.t. their input embeddings (relevance ``x * g``): AttnLRP or
+    CP-LRP in attention; on every Linear layer epsilon (``linear_rule='epsilon'``) or fused gamma
+    (``'gamma'``, stabilised by ``stabilizer``). ``epsilon=0`` (the default, LXT's efficient recipe):
+    LRP-epsilon with epsilon -> 0 is the plain gradient in this convention (``y / stab(y) = 1``), so
+    Linear layers and convolutions get no rule and cost nothing beyond plain backward; ``epsilon > 0``:
+    ``OutputEpsilon`` (from the kept layer output, as in ViTEpsilon) and fused epsilon on convolutions."""
 
-    def __init__(self, attention='attnlrp', linear_rule='epsilon', epsilon=1e-6, gamma=0.25, layer_map=None,
-                 strict=True):
-        rules = {'epsilon': lambda: OutputEpsilon(epsilon), 'gamma': lambda: Gamma(gamma, epsilon)}
-        if linear_rule not in rules:
+    def __init__(self, attention='attnlrp', linear_rule='epsilon', epsilon=0.0, gamma=0.25, stabilizer=1e-6,
+                 layer_map=None, strict=True):
+        if linear_rule == 'epsilon':
+            if epsilon < 0:
+                raise ValueError(f'epsilon must be >= 0, got {epsilon}')
+            linear, conv = (OutputEpsilon(epsilon), Epsilon(epsilon)) if epsilon > 0 else (models.KeepGradient(), None)
+        elif linear_rule == 'gamma':
+            linear, conv = Gamma(gamma, stabilizer), None
+        else:
             raise ValueError(f"linear_rule must be 'epsilon' or 'gamma', got {linear_rule!r}")
-        conv = Epsilon(epsilon) if linear_rule == 'epsilon' else None  # OutputEpsilon takes Linear layers only
-        super().__init__(rules[linear_rule](), conv_rule=conv, attention=attention, layer_map=layer_map,
-                         strict=strict)
+        super().__init__(linear, conv_rule=conv, attention=attention, layer_map=layer_map, strict=strict)
