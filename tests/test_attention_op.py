@@ -555,6 +555,25 @@ def test_backends_agree(dtype, rtol, kind, mode, shape):
         assert_close(a, e, 2 * rtol if dtype == torch.bfloat16 else rtol)
 
 
+@pytest.mark.parametrize('kind', MASK_KINDS)
+@pytest.mark.parametrize('mode', ['attnlrp', 'cp'])
+@pytest.mark.parametrize('grouped', [True, False], ids=['kernel-groups-heads', 'folded'])
+def test_grouped_query_attention_with_and_without_folding(kind, mode, grouped, monkeypatch):
+    """Grouped-query attention on ATen's CPU kernel, which takes the groups itself where torch's does, and
+    folded into stride-0 batch entries (torch releases whose kernel does not): both equal the dense equations."""
+    from lxt_ext.ops import fused_attention
+    if grouped and not fused_attention._CPU_GROUPS_HEADS:
+        pytest.skip("this torch's CPU flash kernel does not take grouped heads")
+    monkeypatch.setattr(fused_attention, '_CPU_GROUPS_HEADS', grouped)
+    q, k, v, g = inputs(2, 4, 2, 33, 33, 16)
+    mask, causal = masks(kind, 2, 4, 33, 33)
+    result = lxt(q, k, v, g, mask, is_causal=causal, mode=mode, backend='aten')
+    for a, e in zip(result, dense_lrp(q, k, v, g, mask, causal, mode=mode)):
+        assert (a is None) == (e is None)
+        if e is not None:
+            assert_close(a, e, 1e-5)
+
+
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize('backend', BACKENDS)
 def test_bert_padding_mask(dtype, backend):

@@ -25,9 +25,11 @@ The rule (``use_aten``) looks at devices, dtypes, shapes and the mask's kind onl
 
 ``plan`` returns which (``PLANS``).
 
-Grouped-query attention (Hq = G Hkv) runs without copying K and V: the G query heads of a group
-become G batch entries reading one stride-0 K/V (per batch element when B > 1), and dK, dV sum
-over them.
+Grouped-query attention (Hq = G Hkv) runs without copying K and V: the CPU kernel takes the groups
+itself where this torch's does (probed on import); elsewhere the G query heads of a group become G
+batch entries reading one stride-0 K/V (per batch element when B > 1), and dK, dV sum over them.
+(Folded, the CPU kernel reads the query at the stride of Hugging Face's (B, N, H, D) layout and took
+twice the time.)
 
 Precision: ATen keeps one log-sum-exp per row, lxt_ext's kernels two numbers (row max, log row
 sum). With Hugging Face's ``finfo.min`` masks, a row whose every key is masked that way has
@@ -186,9 +188,10 @@ def _additive(attn_mask, query):
 
 def _fold(query, key, value, mask, b):
     """Grouped-query attention as plain attention: the G query heads of a group become G batch entries
-    reading one stride-0 K/V (batch element ``b`` when B > 1; all of it when G = 1)."""
+    reading one stride-0 K/V (batch element ``b``); unchanged when G = 1 or ``b`` is None (the kernel
+    groups the heads itself)."""
     group = query.shape[1] // key.shape[1]
-    if group == 1:
+    if group == 1 or b is None:
         return query, key, value, mask
     q, k, v = query[b], key[b], value[b]
     q = q.unflatten(0, (key.shape[1], group)).transpose(0, 1)  # (G, Hkv, Nq, D), a view
@@ -204,9 +207,25 @@ def _unfold_heads(t):
     return t.transpose(0, 1).flatten(0, 1)[None]
 
 
+def _cpu_kernel_groups_heads():
+    """Whether this torch's CPU flash kernel takes grouped-query attention itself (fewer K/V heads than
+    query heads, forward and backward; torch 2.14 does): a property of the release, probed once."""
+    try:
+        q, kv = torch.zeros(1, 2, 1, 8), torch.zeros(1, 1, 1, 8)
+        out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(q, kv, kv, 0.0, False)
+        grads = _aten._scaled_dot_product_flash_attention_for_cpu_backward(out, q, kv, kv, out, lse, 0.0, False)
+        return [tuple(t.shape) for t in grads] == [tuple(q.shape), tuple(kv.shape), tuple(kv.shape)]
+    except (RuntimeError, TypeError):
+        return False
+
+
+_CPU_GROUPS_HEADS = _cpu_kernel_groups_heads()
+
+
 def _per_batch(query, key, fn):
-    """``fn(b)`` for each batch element when the heads are grouped (a list), else ``[fn(None)]``."""
-    if query.shape[1] == key.shape[1]:
+    """``fn(b)`` for each batch element when the heads are grouped and the kernel does not take groups
+    itself (a list), else ``[fn(None)]``."""
+    if query.shape[1] == key.shape[1] or (query.device.type == 'cpu' and _CPU_GROUPS_HEADS):
         return [fn(None)]
     return [fn(b) for b in range(query.shape[0])]
 
