@@ -12,6 +12,9 @@ TORCH_LIBRARY(lxt_ext, m) {
   // Element-wise input side: relevance (explicit) or gradient (Gradient x Input) from the
   // transposed products (mixed: t = W^T S, a = |W|^T D; else the positive/negative weights P, Q).
   m.def("input_terms(Tensor x, Tensor t, Tensor? a, bool explicit_relevance, bool mixed) -> Tensor");
+  // Identity rule of an element-wise activation h = f(x) in the Gradient x Input convention: the gradient
+  // grad * h / stab(x) in one pass (h = f(x), recomputed by the caller).
+  m.def("identity_backward(Tensor output, Tensor input, Tensor grad, float stabilizer) -> Tensor");
   // Whole rule backward of a Linear (linear=True) or convolution layer.
   m.def("lrp_backward(Tensor x, Tensor weight, Tensor grad, Tensor bias, Tensor bias1, Tensor bias2, int rule, "
         "float epsilon, float gamma, float alpha, float beta, bool explicit_relevance, bool linear, "

@@ -3,7 +3,8 @@ docs/benchmarks.md (generated: tables, PNG plots, machine, versions, threads, lo
 
     python python/benchmark_report.py            # the full suite (about 45 minutes on 2 CPU cores)
     python python/benchmark_report.py --quick --out /tmp/report.md   # small sizes, a smoke test
-    python python/benchmark_report.py --only cnn vit                  # some sections
+    python python/benchmark_report.py --only cnn vit                  # some sections (an existing report
+                                                                      # keeps the others, its header notes the re-run)
 
 Sections (each a script of python/ run in its own processes, with its own method: interleaved medians for
 time, fresh processes with mmapped allocations for peak memory, see each script's doc):
@@ -182,16 +183,42 @@ def header(args, load_before):
     ]
 
 
+def split_sections(text):
+    """``(preamble lines, [(heading, lines), ...])`` of a report: a block per ``## `` heading."""
+    preamble, blocks = [], []
+    for line in text.splitlines():
+        if line.startswith('## '):
+            blocks.append((line, [line]))
+        elif blocks:
+            blocks[-1][1].append(line)
+        else:
+            preamble.append(line)
+    return preamble, blocks
+
+
+def merge(previous, blocks, gpu, note):
+    """The previous report with the re-run sections' blocks (``blocks``: heading -> lines) in place of theirs
+    (new ones before the GPU section), the GPU section ``gpu`` anew and ``note`` added to the header."""
+    preamble, old = split_sections(previous)
+    while preamble and not preamble[-1].strip():
+        preamble.pop()
+    kept = [(heading, blocks.pop(heading, lines)) for heading, lines in old if heading != '## GPU']
+    sections = kept + list(blocks.items())
+    return '\n'.join(preamble + [note, ''] + [line for _, lines in sections for line in lines] + gpu)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--quick', action='store_true', help='small sizes: a smoke test of the whole report')
-    parser.add_argument('--only', nargs='+', choices=list(SECTIONS), help='run only these sections')
+    parser.add_argument('--only', nargs='+', choices=list(SECTIONS),
+                        help='run only these sections; an existing report keeps its other sections')
     parser.add_argument('--out', default=os.path.join(ROOT, 'docs', 'benchmarks.md'))
     args = parser.parse_args()
     out_dir = os.path.dirname(os.path.abspath(args.out))
     figures = os.path.join(out_dir, 'benchmarks')
     os.makedirs(figures, exist_ok=True)
-    lines = header(args, os.getloadavg()[0])
+    load_before = os.getloadavg()[0]
+    blocks = {}
     failed = []
     env = dict(os.environ, OMP_WAIT_POLICY='PASSIVE')
     with tempfile.TemporaryDirectory() as tmp:
@@ -199,7 +226,7 @@ def main():
             title, full, quick, what = SECTIONS[name]
             commands = [[part.format(tmp=tmp) for part in map(str, command)] for command in (quick if args.quick else full)]
             print(f'== {name}: {title}', file=sys.stderr, flush=True)
-            lines += ['', f'## {title}', '', f'{what}. Command{"s" if len(commands) > 1 else ""}:', '']
+            lines = [f'## {title}', '', f'{what}. Command{"s" if len(commands) > 1 else ""}:', '']
             lines += ['    python ' + ' '.join('{tmp}' + p[len(tmp):] if p.startswith(tmp) else
                                             os.path.relpath(p, ROOT) if p.startswith(ROOT) else p for p in command[1:])
                       for command in commands]
@@ -225,17 +252,26 @@ def main():
             png = plot(name, markdown_tables(text), os.path.join(figures, f'{name}.png'))
             if png is not None:
                 lines += ['', f'![{name}](benchmarks/{name}.png)']
+            blocks[f'## {title}'] = lines + ['']
     gpu_files = sorted(glob.glob(os.path.join(ROOT, 'docs', 'gpu_*.md')))
-    lines += ['', '## GPU', '']
+    gpu = ['## GPU', '']
     if gpu_files:
         for path in gpu_files:
             with open(path) as file:
-                lines += [f'From `{os.path.relpath(path, ROOT)}`, as written by the GPU check:', '', file.read().strip(), '']
+                gpu += [f'From `{os.path.relpath(path, ROOT)}`, as written by the GPU check:', '', file.read().strip(), '']
     else:
-        lines.append('No GPU results yet: no GPU was lent to this project\'s sessions so far (python/gpu_check runs them).')
-    lines += ['', f'Load average (1 min) at the end: {os.getloadavg()[0]:.2f}', '']
+        gpu.append('No GPU results yet: no GPU was lent to this project\'s sessions so far (python/gpu_check runs them).')
+    gpu += ['', f'Load average (1 min) at the end: {os.getloadavg()[0]:.2f}', '']
+    if args.only and os.path.exists(args.out):
+        with open(args.out) as file:
+            previous = file.read()
+        note = (f'- Re-run on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC (load average '
+                f'{load_before:.2f} at the start): {", ".join(args.only)}')
+        text = merge(previous, blocks, gpu, note)
+    else:
+        text = '\n'.join(header(args, load_before) + [''] + [line for lines in blocks.values() for line in lines] + gpu)
     with open(args.out, 'w') as file:
-        file.write('\n'.join(lines))
+        file.write(text)
     print(f'wrote {args.out}' + (f'; failed sections: {", ".join(failed)}' if failed else ''), file=sys.stderr)
     return 1 if failed else 0
 

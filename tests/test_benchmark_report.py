@@ -24,3 +24,19 @@ def test_quick_report_has_every_section(tmp_path):
         assert numbers and all(x == x for x in numbers), section[:400]
     for name in ('cnn', 'vit', 'attention', 'explain'):
         assert (tmp_path / 'benchmarks' / f'{name}.png').stat().st_size > 1000
+
+
+def test_rerunning_some_sections_keeps_the_others():
+    """``--only`` on an existing report: the re-run sections replace theirs in place, a new one goes before the
+    GPU section, the other sections stay as they were, the header says what was re-run."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('benchmark_report', os.path.join(ROOT, 'python', 'benchmark_report.py'))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    previous = '\n'.join(['# Benchmarks (generated)', '', '- Load average: 1.00', '', '## A', '', 'old a', '',
+                          '## B', '', 'old b', '', '## GPU', '', 'none', '', 'Load average (1 min) at the end: 1.00', ''])
+    blocks = {'## B': ['## B', '', 'new b', ''], '## C': ['## C', '', 'new c', '']}
+    merged = report.merge(previous, blocks, ['## GPU', '', 'none yet', ''], '- Re-run: b, c')
+    assert merged == '\n'.join(['# Benchmarks (generated)', '', '- Load average: 1.00', '- Re-run: b, c', '',
+                                '## A', '', 'old a', '', '## B', '', 'new b', '', '## C', '', 'new c', '',
+                                '## GPU', '', 'none yet', ''])

@@ -77,4 +77,5 @@ def test_compiled_vit_gives_the_eager_relevance(composite, dtype, rtol):
     assert len(backend.graphs['dynamo']) == 1, f"{len(backend.graphs['dynamo'])} graphs: dynamo broke the graph"
     # float32: ATen's fused attention forward (lxt_ext.ops.fused_attention); CP-LRP's backward stays lxt_ext's
     assert backend.lxt_ext_ops('forward') == (set() if dtype == torch.float32 else {'lxt_ext::attention_forward'})
-    assert backend.lxt_ext_ops('backward') == {'lxt_ext::attention_backward', 'lxt_ext::lrp_backward'}
+    assert backend.lxt_ext_ops('backward') == {'lxt_ext::attention_backward', 'lxt_ext::lrp_backward',
+                                               'lxt_ext::identity_backward'}  # GELU's identity rule

@@ -125,3 +125,16 @@ def test_cuda_rule_half_types_accumulate_in_float32(dtype):
     result = epsilon_relevance(layer, x, relevance)
     assert result.dtype == dtype
     assert_close_to(result, epsilon_reference(x, layer.weight, layer.bias, relevance), 5e-2)
+
+
+@needs_gpu
+@pytest.mark.parametrize('dtype, tol', [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_cuda_identity_backward_matches_cpu(dtype, tol):
+    """The identity rule's op on CUDA equals the CPU kernel, also non-contiguous and beyond one grid."""
+    torch.manual_seed(4)
+    for shape in ((3, 5, 7), (4, 65535 * 8 * 256 // 4 + 3)):
+        h, x, g = (torch.randn(shape, dtype=dtype) for _ in range(3))
+        expected = torch.ops.lxt_ext.identity_backward(h, x, g, 1e-6)
+        got = torch.ops.lxt_ext.identity_backward(*(t.cuda().mT.contiguous().mT for t in (h, x, g)), 1e-6)
+        assert got.dtype == dtype and got.is_contiguous()
+        assert ((got.cpu().float() - expected.float()).abs() / expected.float().abs().clamp(min=1e-6)).max() < tol

@@ -134,6 +134,17 @@ def test_input_terms(case, explicit, device):
           test_utils='test_autograd_registration')
 
 
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_identity_backward(dtype, device):
+    g = gen(5)
+    # non-contiguous inputs: the output is contiguous all the same
+    h, x, grad = (torch.randn(2, 5, 3, generator=g).to(device, dtype).transpose(1, 2) for _ in range(3))
+    check(LIB.identity_backward.default, (h, x, grad, 1e-10))
+    h, x, grad = (u.detach().requires_grad_() for u in (h, x, grad))
+    check(LIB.identity_backward.default, (h, x, grad, 1e-10), test_utils='test_autograd_registration')
+
+
 # --- attention ------------------------------------------------------------------------------------
 
 B, HQ, NQ, NK, D = 2, 4, 5, 6, 8

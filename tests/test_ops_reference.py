@@ -127,3 +127,39 @@ def test_shape_mismatch_is_an_error():
     with pytest.raises(RuntimeError, match='does not match'):
         OPS.lrp_backward(x, w, torch.randn(2, 5), b, b, b, EPSILON, 1e-6, 0.25, 2., 1., True, True, False,
                          [1], [0], [1], [0], 1)
+
+
+@pytest.mark.parametrize('dtype, tol', [(torch.float64, 1e-15), (torch.float32, 1e-6), (torch.bfloat16, 1e-2),
+                                        (torch.float16, 2e-3)])
+def test_identity_backward_is_the_identity_rule(dtype, tol):
+    """``grad * h / stab(x)``, zennit's stabilizer: exact zeros of x divide by +eps, negative x by x - eps; so
+    that x * g_in = h * g; non-contiguous inputs give a contiguous result."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 7, 5, generator=gen, dtype=torch.float64)
+    x[0, 0, :3] = torch.tensor([0.0, 1e-12, -1e-12], dtype=torch.float64)
+    h, g = F.silu(x), torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    eps = 1e-6
+    expected = g * h / stab(x, eps)
+    args = [t.to(dtype).transpose(1, 2).contiguous().transpose(1, 2) for t in (h, x, g)]
+    assert not args[1].is_contiguous()
+    got = OPS.identity_backward(*args, eps)
+    assert got.dtype == dtype and got.is_contiguous()
+    reference_in_dtype = args[2].double() * args[0].double() / stab(args[1].double(), eps)
+    assert ((got.double() - reference_in_dtype).abs() / reference_in_dtype.abs().clamp(min=1e-30)).max() < tol
+    if dtype == torch.float64:
+        # the rule's point: with a small stabilizer the relevance x * g_in is the output's h * g (away from x = 0)
+        away = x.abs() > 1e-6
+        conserved = x * OPS.identity_backward(h, x, g, 1e-15)
+        torch.testing.assert_close(conserved[away], (h * g)[away], rtol=1e-8, atol=0)
+        assert got[0, 0, 0] == g[0, 0, 0] * h[0, 0, 0] / eps
+    assert OPS.identity_backward(*(t[:0] for t in args), eps).shape == (0, 7, 5)
+
+
+def test_identity_backward_names_mismatches():
+    x = torch.randn(2, 3)
+    with pytest.raises(RuntimeError, match='the incoming gradient .* must match the activation input'):
+        OPS.identity_backward(x, x, torch.randn(3, 2), 1e-10)
+    with pytest.raises(RuntimeError, match='the activation output .* must match the activation input'):
+        OPS.identity_backward(x.double(), x, x, 1e-10)
+    with pytest.raises(RuntimeError, match='floating'):
+        OPS.identity_backward(x.long(), x.long(), x.long(), 1e-10)

@@ -135,6 +135,13 @@ LXT_HD T input_terms(bool explicit_relevance, bool two_terms, bool mixed, T x, T
   return x > T(0) ? pos : (x < T(0) ? neg : T(0));
 }
 
+// Identity rule of an element-wise h = f(x), Gradient x Input: g_in = g * h / stab(x), so that
+// x * g_in = h * g (the relevance of each output goes to its input).
+template <typename T>
+LXT_HD T identity_backward(T h, T x, T g, T eps) {
+  return g * h / stabilize(x, eps);
+}
+
 template <typename T>
 LXT_HD bool is_finite(T v) {
   return (v == v) & (v - v == T(0));

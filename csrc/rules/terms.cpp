@@ -99,9 +99,27 @@ InputTermsPlan plan_input_terms(const at::Tensor& x, const at::Tensor& t,
   return plan;
 }
 
+IdentityPlan plan_identity_backward(const at::Tensor& output, const at::Tensor& input, const at::Tensor& grad) {
+  check_float(input, "the activation input");
+  const auto check_like_input = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.sizes() == input.sizes() && t.scalar_type() == input.scalar_type() && t.device() == input.device(),
+                "lxt_ext::identity_backward: the ", name, " (", t.sizes(), ", ", t.scalar_type(), ", ", t.device(),
+                ") must match the activation input (", input.sizes(), ", ", input.scalar_type(), ", ",
+                input.device(), ")");
+  };
+  check_like_input(output, "activation output");
+  check_like_input(grad, "incoming gradient");
+  IdentityPlan plan;
+  plan.h = output.contiguous();
+  plan.x = input.contiguous();
+  plan.g = grad.contiguous();
+  plan.out = at::empty_like(plan.x);
+  return plan;
+}
+
 namespace {
 
-// Stands in for output_terms and input_terms where this build has no kernels (backends.h). The
+// Stands in for output_terms, input_terms and identity_backward where this build has no kernels (backends.h). The
 // device that chose this kernel is that of the first tensor not on the CPU.
 void terms_unsupported(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   c10::Device device = c10::kCPU;
@@ -119,6 +137,7 @@ void terms_unsupported(const c10::OperatorHandle& op, torch::jit::Stack* stack) 
 TORCH_LIBRARY_IMPL(lxt_ext, CompositeExplicitAutograd, m) {
   m.impl("output_terms", torch::CppFunction::makeFromBoxedFunction<&terms_unsupported>());
   m.impl("input_terms", torch::CppFunction::makeFromBoxedFunction<&terms_unsupported>());
+  m.impl("identity_backward", torch::CppFunction::makeFromBoxedFunction<&terms_unsupported>());
 }
 
 }  // namespace lxt_ext

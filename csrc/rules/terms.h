@@ -35,6 +35,14 @@ struct InputTermsPlan {
 InputTermsPlan plan_input_terms(const at::Tensor& x, const at::Tensor& t,
                                 const c10::optional<at::Tensor>& a);
 
+// The identity rule's three same-shaped tensors (output h = f(x), input x, incoming gradient), contiguous.
+struct IdentityPlan {
+  at::Tensor h, x, g;
+  at::Tensor out;
+};
+
+IdentityPlan plan_identity_backward(const at::Tensor& output, const at::Tensor& input, const at::Tensor& grad);
+
 // Raised by both backends when a rule produced NaN or Inf.
 [[noreturn]] void fail_non_finite(const RuleParams& params);
 

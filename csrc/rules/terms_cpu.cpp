@@ -86,6 +86,21 @@ void input_terms_loop(InputTermsPlan& plan, bool explicit_relevance, bool mixed)
   });
 }
 
+template <typename scalar_t>
+void identity_backward_loop(IdentityPlan& plan, double stabilizer) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* h = plan.h.data_ptr<scalar_t>();
+  const scalar_t* x = plan.x.data_ptr<scalar_t>();
+  const scalar_t* g = plan.g.data_ptr<scalar_t>();
+  scalar_t* out = plan.out.data_ptr<scalar_t>();
+  const acc_t eps = static_cast<acc_t>(stabilizer);
+  at::parallel_for(0, plan.x.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      out[i] = identity_backward<acc_t>(h[i], x[i], g[i], eps);
+    }
+  });
+}
+
 std::vector<at::Tensor> output_terms_cpu(const at::Tensor& wx, const c10::optional<at::Tensor>& ax,
                                          const at::Tensor& grad, const at::Tensor& bias,
                                          const at::Tensor& bias1, const at::Tensor& bias2,
@@ -108,11 +123,20 @@ at::Tensor input_terms_cpu(const at::Tensor& x, const at::Tensor& t, const c10::
   return plan.out;
 }
 
+at::Tensor identity_backward_cpu(const at::Tensor& output, const at::Tensor& input, const at::Tensor& grad,
+                                 double stabilizer) {
+  auto plan = plan_identity_backward(output, input, grad);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.x.scalar_type(), "lxt_ext::identity_backward",
+                                  [&] { identity_backward_loop<scalar_t>(plan, stabilizer); });
+  return plan.out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lxt_ext, CPU, m) {
   m.impl("output_terms", &output_terms_cpu);
   m.impl("input_terms", &input_terms_cpu);
+  m.impl("identity_backward", &identity_backward_cpu);
 }
 
 }  // namespace lxt_ext

@@ -53,6 +53,17 @@ __global__ void __launch_bounds__(kThreads) input_terms_kernel(bool explicit_rel
   }
 }
 
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) identity_backward_kernel(const scalar_t* __restrict__ h,
+                                   const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
+                                   scalar_t* __restrict__ out, acc_t eps, int64_t numel) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[i] = static_cast<scalar_t>(identity_backward<acc_t>(static_cast<acc_t>(h[i]), static_cast<acc_t>(x[i]),
+                                                            static_cast<acc_t>(g[i]), eps));
+  }
+}
+
 std::vector<at::Tensor> output_terms_cuda(const at::Tensor& wx, const c10::optional<at::Tensor>& ax,
                                           const at::Tensor& grad, const at::Tensor& bias,
                                           const at::Tensor& bias1, const at::Tensor& bias2,
@@ -105,11 +116,29 @@ at::Tensor input_terms_cuda(const at::Tensor& x, const at::Tensor& t, const c10:
   return plan.out;
 }
 
+at::Tensor identity_backward_cuda(const at::Tensor& output, const at::Tensor& input, const at::Tensor& grad,
+                                  double stabilizer) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  auto plan = plan_identity_backward(output, input, grad);
+  const int64_t numel = plan.x.numel();
+  if (numel > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.x.scalar_type(), "lxt_ext::identity_backward", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      identity_backward_kernel<scalar_t, acc_t><<<blocks_for(numel), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          plan.h.data_ptr<scalar_t>(), plan.x.data_ptr<scalar_t>(), plan.g.data_ptr<scalar_t>(),
+          plan.out.data_ptr<scalar_t>(), static_cast<acc_t>(stabilizer), numel);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return plan.out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lxt_ext, CUDA, m) {
   m.impl("output_terms", &output_terms_cuda);
   m.impl("input_terms", &input_terms_cuda);
+  m.impl("identity_backward", &identity_backward_cuda);
 }
 
 }  // namespace lxt_ext

@@ -18,7 +18,7 @@ from zennit.core import Hook, RemovableHandleList
 from .. import checks
 from ..ops import ATTENTION_MODES
 
-__all__ = ['Options', 'KeepGradient', 'adapter', 'matcher', 'rule_for']
+__all__ = ['Options', 'KeepGradient', 'Refused', 'adapter', 'matcher', 'rule_for']
 
 _TABLE = {}
 # Fallbacks for classes the table does not name: matcher(module, options) -> Hook or None.
@@ -79,6 +79,22 @@ class KeepGradient(Hook):
         """``F.linear(x, weight, bias)`` with its plain gradient: as a composite's Linear rule, LRP-epsilon
         with epsilon -> 0, which in this convention is the gradient (``y / stab(y) = 1``)."""
         return torch.nn.functional.linear(x, weight, bias)
+
+
+class Refused(KeepGradient):
+    """Refuses a module no rule here covers, by name and ``reason``, when a composite registers (raising
+    ``error``)."""
+
+    def __init__(self, reason, error=NotImplementedError):
+        super().__init__()
+        self.reason, self.error = reason, error
+
+    def copy(self):
+        return type(self)(self.reason, self.error)
+
+    def register(self, module):
+        raise self.error(f'{type(module).__module__}.{type(module).__qualname__}: {self.reason}; leave this model out '
+                         f'of the composite or map the module with layer_map=[(type, rule)]')
 
 
 def _load_family(cls):

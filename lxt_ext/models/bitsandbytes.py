@@ -7,22 +7,8 @@ forward, so no rule on a dequantized weight gives its output: refused by name.
 import bitsandbytes
 
 from ..layers import UnsupportedLayerError
-from . import KeepGradient, adapter
+from . import Refused, adapter
 from .quantized import DequantizedLinear
-
-
-class _Refused(KeepGradient):
-    """Refuses a quantized layer no rule here covers, by name."""
-
-    def __init__(self, reason):
-        super().__init__()
-        self.reason = reason
-
-    def copy(self):
-        return type(self)(self.reason)
-
-    def register(self, module):
-        raise UnsupportedLayerError(f'{type(module).__module__}.{type(module).__qualname__}: {self.reason}')
 
 
 @adapter(bitsandbytes.nn.Linear4bit)
@@ -32,5 +18,6 @@ def _linear_4bit(module, options):
 
 @adapter(bitsandbytes.nn.Linear8bitLt)
 def _linear_8bit(module, options):
-    return _Refused('LLM.int8 quantizes the layer input as well, so no rule on a dequantized weight gives its '
-                    'output; lxt_ext does not cover 8-bit bitsandbytes layers (use 4-bit, or dequantize the model)')
+    return Refused('LLM.int8 quantizes the layer input as well, so no rule on a dequantized weight gives its '
+                   'output; lxt_ext does not cover 8-bit bitsandbytes layers (use 4-bit, or dequantize the model)',
+                   UnsupportedLayerError)

@@ -46,7 +46,7 @@ from ..ops import ATTENTION_MODES
 from ..transformer.convention import linear_rule_apply
 from ..transformer.elementwise import ActivationIdentity, DropoutOff, identity_rule, uniform_product
 from ..transformer.norms import NormIdentity
-from . import KeepGradient, matcher
+from . import KeepGradient, Refused, matcher
 
 try:  # transformers 5: experts as one module with 3-D weights, dispatched through a registry
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface, _default_apply_gate
@@ -483,21 +483,6 @@ class GeluLMHead(SwappedForward):
         gelu = sys.modules[type(module).__module__].gelu
         x = identity_rule(gelu, module.dense(features), self.input_stabilizer)
         return module.decoder(module.layer_norm(x))
-
-
-class Refused(KeepGradient):
-    """Refuses a module that no rule here covers, by name and reason (at registration)."""
-
-    def __init__(self, reason):
-        super().__init__()
-        self.reason = reason
-
-    def copy(self):
-        return type(self)(self.reason)
-
-    def register(self, module):
-        raise NotImplementedError(f'{type(module).__module__}.{type(module).__qualname__} {self.reason}; leave this '
-                                  f'model out of the composite or map the module with layer_map=[(type, rule)]')
 
 
 class FinalLogitSoftcap(_ConfigViewRule):

@@ -14,3 +14,10 @@ lib = torch.ops.lxt_ext
 cuda_built = _C.cuda_built
 RULES = _C.rule_codes()
 ATTENTION_MODES = _C.attention_modes()
+
+
+def has_kernels(tensor):
+    """Whether this build has kernels for ``tensor``'s device (the CPU; CUDA when built with it); meta and fake
+    tensors count as such, as the fake kernels cover them."""
+    kind = tensor.device.type
+    return kind in ('cpu', 'meta') or (kind == 'cuda' and cuda_built)

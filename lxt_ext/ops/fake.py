@@ -55,6 +55,13 @@ def _input_terms(x, t, a, explicit_relevance, mixed):
     return x.new_empty(x.shape)
 
 
+@torch.library.register_fake('lxt_ext::identity_backward')
+def _identity_backward(output, input, grad, stabilizer):
+    """The input's shape and dtype, contiguous."""
+    _check_one_device('identity_backward', output=output, input=input, grad=grad)
+    return input.new_empty(input.shape)
+
+
 @torch.library.register_fake('lxt_ext::lrp_backward')
 def _lrp_backward(x, weight, grad, bias, bias1, bias2, rule, epsilon, gamma, alpha, beta, explicit_relevance,
                   linear, transposed, stride, padding, dilation, output_padding, groups):

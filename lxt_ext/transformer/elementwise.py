@@ -9,6 +9,7 @@
 """
 import torch
 
+from .. import ops
 from ..checks import first_order
 from ..core import SHARED, SwappedForward
 from ..deprecation import renamed_keyword
@@ -18,7 +19,8 @@ __all__ = ['ActivationIdentity', 'DropoutOff', 'identity_rule', 'uniform_product
 
 class _IdentityRule(torch.autograd.Function):
     """``h = f(x)``; backward ``g_in = g_out * f(x) / stab(x)`` with ``f(x)`` recomputed, so only
-    ``x`` is saved (LXT saves the ratio: the same memory, plus a division in every forward)."""
+    ``x`` is saved (LXT saves the ratio: the same memory, plus a division in every forward); the rest
+    is one pass of the extension op ``identity_backward``."""
 
     @staticmethod
     def forward(ctx, x, fn, stabilizer):
@@ -34,11 +36,11 @@ class _IdentityRule(torch.autograd.Function):
     @first_order
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        # stabilize(x) built in place: zennit's x + (sign(x) + [x == 0]) * eps with one temporary instead of four
-        denominator = x.sign().add_(x == 0).mul_(ctx.stabilizer).add_(x)
-        ratio = ctx.fn(x)
-        ratio /= denominator
-        return ratio.mul_(grad), None, None
+        output = ctx.fn(x)
+        if ops.has_kernels(x):
+            return ops.lib.identity_backward(output, x, grad.to(x.dtype), ctx.stabilizer), None, None
+        # devices without lxt_ext's kernels: the same formula as tensor ops (zennit's stabilize, built in place)
+        return output.div_(x.sign().add_(x == 0).mul_(ctx.stabilizer).add_(x)).mul_(grad), None, None
 
 
 def identity_rule(fn, x, input_stabilizer=1e-10):

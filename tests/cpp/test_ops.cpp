@@ -82,6 +82,21 @@ void test_linear_rules() {
   check(close(lrp_backward(x, w, r, b, b, b, 0, g, true), at::matmul(r, w), 1e-14), "gradient rule on Linear");
 }
 
+void test_identity_rule() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("lxt_ext::identity_backward", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  at::manual_seed(1);
+  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor x = at::randn({4, 9}, opts);
+  x[0][0] = 0.0;
+  const at::Tensor h = at::gelu(x), g = at::randn({4, 9}, opts);
+  // the identity rule: g_in = g * f(x) / stab(x), so x * g_in = f(x) * g away from x = 0
+  check(close(op.call(h, x, g, 1e-6), g * h / stab(x, 1e-6), 1e-14), "identity rule: g h / stab(x)");
+  const at::Tensor xt = x.t(), ht = h.t(), gt = g.t();  // non-contiguous
+  check(close(op.call(ht, xt, gt, 1e-6), gt * ht / stab(xt, 1e-6), 1e-14), "identity rule on non-contiguous inputs");
+}
+
 void test_errors() {
   const at::Tensor x = at::randn({2, 4}), w = at::randn({3, 4}), b = at::zeros({3});
   bool threw = false;
@@ -116,6 +131,7 @@ void test_errors() {
 int main() {
   test_stabilizer();
   test_linear_rules();
+  test_identity_rule();
   test_errors();
   std::printf("%d failure(s)\n", failures);
   return failures == 0 ? 0 : 1;
