@@ -87,6 +87,15 @@ def test_zero_relevance_is_the_colour_maps_centre():
     assert pixels.max() <= 2  # coldnhot's centre: black, up to the 1/255 offset of its black node
 
 
+def test_compress_level_changes_the_encoding_not_the_pixels(tmp_path):
+    relevance = torch.randn(3, 40, 30, generator=torch.Generator().manual_seed(3))
+    save_heatmap(relevance, tmp_path / 'default.png')
+    save_heatmap(relevance, tmp_path / 'fast.png', compress_level=1)
+    default, fast = (np.asarray(Image.open(tmp_path / name)) for name in ('default.png', 'fast.png'))
+    assert np.array_equal(default, fast) and np.array_equal(fast, np.asarray(imgify(relevance)))
+    assert (tmp_path / 'fast.png').read_bytes() != (tmp_path / 'default.png').read_bytes()
+
+
 def test_save_heatmap_puts_the_input_beside_the_heatmap(tmp_path):
     torch.manual_seed(0)
     image, relevance = torch.rand(3, 6, 5), torch.randn(6, 5)
