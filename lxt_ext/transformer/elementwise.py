@@ -87,8 +87,9 @@ class _UniformProduct(torch.autograd.Function):
     @first_order
     def backward(ctx, grad):
         a, b = ctx.saved_tensors
-        grad_a = (grad * b / 2).sum_to_size(a.shape) if ctx.needs_input_grad[0] else None
-        grad_b = (grad * a / 2).sum_to_size(b.shape) if ctx.needs_input_grad[1] else None
+        half = grad * 0.5  # once for both: three passes instead of four
+        grad_a = (half * b).sum_to_size(a.shape) if ctx.needs_input_grad[0] else None
+        grad_b = (half * a).sum_to_size(b.shape) if ctx.needs_input_grad[1] else None
         return grad_a, grad_b
 
 
