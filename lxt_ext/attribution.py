@@ -30,7 +30,8 @@ def frozen_parameters(model):
     """``model``'s parameters with ``requires_grad`` off inside, as they were after: relevance needs no
     weight gradients, and without them autograd keeps no layer inputs for them (a plain Linear keeps
     its weight only): less peak memory (docs/benchmarks_transformers.md, the language model)."""
-    thawed = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    parameters = model.parameters() if isinstance(model, torch.nn.Module) else ()  # a plain function has none
+    thawed = [parameter for parameter in parameters if parameter.requires_grad]
     for parameter in thawed:
         parameter.requires_grad_(False)
     try:

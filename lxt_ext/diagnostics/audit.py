@@ -27,6 +27,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ..transformer.composites import UnmappedModuleError
+from ..models import PLAIN_GRADIENT
 
 __all__ = ['LINEAR', 'Finding', 'AuditReport', 'UncoveredOperationError', 'audit', 'record']
 
@@ -123,8 +124,15 @@ class _Recorder(TorchFunctionMode):
         self.origins = {}
         self._types = {}
         self._handles = []
+        self._held = set()
 
     def __enter__(self):
+        # parameters held by the registered rules: of modules whose rule is their plain gradient (KeepGradient),
+        # and of modules whose rule computes them (children included) itself, where the composite's Linear rule
+        # may be the plain gradient (epsilon 0: KeepGradient.linear)
+        self._held = {p.untyped_storage().data_ptr() for module in self.model.modules()
+                      if module.__dict__.get(PLAIN_GRADIENT) or module.__dict__.get('_lxt_ext_rule') is not None
+                      for p in module.parameters()}
         for name, module in self.model.named_modules():
             self._types[name] = type(module).__qualname__
             self._handles.append(module.register_forward_pre_hook(self._entering(name)))
@@ -171,8 +179,9 @@ class _Recorder(TorchFunctionMode):
         reaches = _reaching(roots, targets)
         if not any(reaches[root] for root in roots):
             raise ValueError('the audited output does not depend on the explained input')
+        held = self._held
         parameters = {p.untyped_storage().data_ptr(): name for name, p in self.model.named_parameters()
-                      if p.numel()}
+                      if p.numel() and p.untyped_storage().data_ptr() not in held}
         unknown = _Origin('', '?', '?', len(self.origins))
         findings = {}
         path = [node for node, reached in reaches.items() if reached and node not in targets]

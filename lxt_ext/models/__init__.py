@@ -13,16 +13,18 @@ import importlib
 from dataclasses import dataclass
 
 import torch
-from zennit.core import Hook, RemovableHandleList
+from zennit.core import Hook, RemovableHandle, RemovableHandleList
 
 from .. import checks
 from ..ops import ATTENTION_MODES
 
-__all__ = ['Options', 'KeepGradient', 'Refused', 'adapter', 'matcher', 'rule_for']
+__all__ = ['Options', 'KeepGradient', 'PLAIN_GRADIENT', 'Refused', 'adapter', 'matcher', 'rule_for']
 
 _TABLE = {}
 # Fallbacks for classes the table does not name: matcher(module, options) -> Hook or None.
 _MATCHERS = []
+# Set on modules whose rule is their plain gradient (KeepGradient) while it is registered.
+PLAIN_GRADIENT = '_lxt_ext_plain_gradient'
 # The package a module class comes from -> lxt_ext's module that registers its adapters.
 _FAMILIES = {'transformers': 'lxt_ext.models.huggingface', 'timm': 'lxt_ext.models.timm',
              'bitsandbytes': 'lxt_ext.models.bitsandbytes'}
@@ -70,7 +72,16 @@ class KeepGradient(Hook):
     def register(self, module):
         for name, parameter in module.named_parameters(recurse=False):  # as every rule checks its weights
             checks.finite(parameter.detach(), f'the {name} of {checks.where(self, module)}')
-        return RemovableHandleList([])
+        # marks the module's parameters as held by a rule (lxt_ext.diagnostics.audit reads it)
+        module.__dict__[PLAIN_GRADIENT] = True
+        self._marked = module
+        return RemovableHandleList([RemovableHandle(self)])
+
+    def remove(self):
+        super().remove()
+        module, self._marked = getattr(self, '_marked', None), None
+        if module is not None:
+            module.__dict__.pop(PLAIN_GRADIENT, None)
 
     def copy(self):
         return type(self)()
