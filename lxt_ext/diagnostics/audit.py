@@ -131,7 +131,7 @@ class _Recorder(TorchFunctionMode):
         # and of modules whose rule computes them (children included) itself, where the composite's Linear rule
         # may be the plain gradient (epsilon 0: KeepGradient.linear)
         self._held = {p.untyped_storage().data_ptr() for module in self.model.modules()
-                      if module.__dict__.get(PLAIN_GRADIENT) or module.__dict__.get('_lxt_ext_rule') is not None
+                      if module.__dict__.get(PLAIN_GRADIENT) is not None or module.__dict__.get('_lxt_ext_rule') is not None
                       for p in module.parameters()}
         for name, module in self.model.named_modules():
             self._types[name] = type(module).__qualname__
