@@ -175,8 +175,9 @@ class SwappedForward(Hook):
         def forward(input, *args, **kwargs):
             # zennit registers no backward hook where no gradient is asked for; neither do we. A rule
             # made inactive (zennit's Composite.inactive) before the forward pass leaves it plain.
-            if not (hook.active and torch.is_grad_enabled() and isinstance(input, torch.Tensor)
-                    and input.requires_grad):
+            # any tensor argument counts: attention pooling's query is a parameter (frozen while attributing)
+            if not (hook.active and torch.is_grad_enabled() and isinstance(input, torch.Tensor) and any(
+                    isinstance(t, torch.Tensor) and t.requires_grad for t in (input, *args, *kwargs.values()))):
                 return original(input, *args, **kwargs)
             output = hook.apply(module, original, input, args, kwargs)
             if hook.checked:

@@ -130,8 +130,7 @@ class _Recorder(TorchFunctionMode):
         # parameters held by the registered rules: of modules whose rule is their plain gradient (KeepGradient),
         # and of modules whose rule computes them (children included) itself, where the composite's Linear rule
         # may be the plain gradient (epsilon 0: KeepGradient.linear)
-        self._held = {p.untyped_storage().data_ptr() for module in self.model.modules()
-                      if module.__dict__.get(PLAIN_GRADIENT) is not None or module.__dict__.get('_lxt_ext_rule') is not None
+        self._held = {p.untyped_storage().data_ptr() for module in self.model.modules() if _ruled(module)
                       for p in module.parameters()}
         for name, module in self.model.named_modules():
             self._types[name] = type(module).__qualname__
@@ -217,6 +216,13 @@ def audit(model, input, forward=None, composite=None):
     with registered, torch.enable_grad(), record(model) as recorder:
         outputs = [t for t in _tensors(forward(model, x)) if t.requires_grad]
     return recorder.report(outputs, [x])
+
+
+def _ruled(module):
+    """Whether an lxt_ext rule is registered on ``module``: KeepGradient's mark, a swapped forward's rule, or a
+    transformers module's config view (attention and experts rules)."""
+    return (module.__dict__.get(PLAIN_GRADIENT) is not None or module.__dict__.get('_lxt_ext_rule') is not None
+            or hasattr(module.__dict__.get('config'), '_lxt_ext_hook'))
 
 
 def _tensors(value):
