@@ -110,7 +110,7 @@ class ExplainJob:
                     heatmap = os.path.join('heatmaps', output_name + '.png')
                     atomic_write(self.folder.path(heatmap), lambda f, r=per_image[i, j]: save_heatmap(
                         r, f, image=images[i] if self.overlay else None, cmap=self.cmap, overlay=self.overlay,
-                        format='PNG', compress_level=1))  # encoding at Pillow's level 6 took 6x longer
+                        format='PNG', compress_level=1))  # fast zlib level: docs/benchmarks_notes.md
                 stored = None
                 if self.relevance == 'npy':
                     stored = os.path.join('relevance', output_name + '.npy')

@@ -28,8 +28,8 @@ The rule (``use_aten``) looks at devices, dtypes, shapes and the mask's kind onl
 Grouped-query attention (Hq = G Hkv) runs without copying K and V: the CPU kernel takes the groups
 itself where this torch's does (probed on import); elsewhere the G query heads of a group become G
 batch entries reading one stride-0 K/V (per batch element when B > 1), and dK, dV sum over them.
-(Folded, the CPU kernel reads the query at the stride of Hugging Face's (B, N, H, D) layout and took
-twice the time.)
+(Folded, the CPU kernel reads the query at the stride of Hugging Face's (B, N, H, D) layout, which is
+slower: docs/benchmarks_transformers.md.)
 
 Precision: ATen keeps one log-sum-exp per row, lxt_ext's kernels two numbers (row max, log row
 sum). With Hugging Face's ``finfo.min`` masks, a row whose every key is masked that way has
@@ -204,8 +204,8 @@ def _fold(query, key, value, mask, b):
 
 def _dense(b, *tensors):
     """The CPU kernel's inputs contiguous, unless folded (``b`` not None: stride-0 K/V, which a copy would
-    expand): Hugging Face's (B, N, H, D) layout seen as (B, H, N, D) made its backward 8 % slower in the
-    LLaMA-style decoder of the benchmarks, the copies included."""
+    expand): Hugging Face's (B, N, H, D) layout seen as (B, H, N, D) slows the kernel more than the copies cost
+    (docs/benchmarks_transformers.md)."""
     return tensors if b is not None else tuple(t.contiguous() for t in tensors)
 
 
