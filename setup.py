@@ -6,8 +6,8 @@ TORCH_CUDA_ARCH_LIST says otherwise; MAX_JOBS bounds ninja's parallelism (defaul
 """
 import glob
 import os
-
 import shutil
+import sys
 
 from setuptools import find_packages, setup
 
@@ -37,6 +37,11 @@ def extension():
     # The C++ standard is the one torch's cpp_extension picks for its headers. -fno-trapping-math
     # lets GCC turn the rules' selects into vector blends (no FP exceptions are ever enabled).
     cxx = ['-O3', '-fno-trapping-math']
+    # ATen's header implements at::parallel_for inline with `#pragma omp parallel`: compiled without
+    # OpenMP, the CPU kernels would run every loop on one thread. The extension then shares the libgomp
+    # torch loaded (same soname), so torch.set_num_threads governs its loops as it does ATen's.
+    openmp = ['-fopenmp'] if torch.backends.openmp.is_available() and sys.platform.startswith('linux') else []
+    cxx += openmp
     if want_cuda():
         os.environ.setdefault('TORCH_CUDA_ARCH_LIST', '8.0;9.0')
         return cpp_extension.CUDAExtension(
@@ -45,8 +50,10 @@ def extension():
             include_dirs=include_dirs,
             define_macros=[('LXT_EXT_WITH_CUDA', None)],
             extra_compile_args={'cxx': cxx, 'nvcc': ['-O3']},
+            extra_link_args=openmp,
         )
-    return cpp_extension.CppExtension('lxt_ext._C', sources, include_dirs=include_dirs, extra_compile_args={'cxx': cxx})
+    return cpp_extension.CppExtension('lxt_ext._C', sources, include_dirs=include_dirs, extra_compile_args={'cxx': cxx},
+                                      extra_link_args=openmp)
 
 
 os.environ.setdefault('MAX_JOBS', '2')

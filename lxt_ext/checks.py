@@ -15,8 +15,10 @@ import os
 
 import torch
 from torch.autograd.function import once_differentiable
+from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ['NonFiniteError', 'applies', 'cuda_checks', 'ensure_finite', 'finite', 'first_order', 'layer', 'where']
+__all__ = ['NonFiniteError', 'applies', 'cuda_checks', 'ensure_finite', 'finite', 'first_order', 'layer', 'parameter',
+           'where']
 
 _CUDA = {'enabled': os.environ.get('LXT_EXT_CUDA_CHECKS', '') not in ('', '0')}
 
@@ -60,6 +62,24 @@ def ensure_finite(tensor, what):
         if not bool(torch.isfinite(total)) and not bool(torch.isfinite(tensor).all()):
             what = what() if callable(what) else what
             raise NonFiniteError(f'{what} holds {"NaN" if bool(torch.isnan(tensor).any()) else "Inf"}')
+    return tensor
+
+
+# parameter -> (version counter, storage address) when it was last found finite
+_FINITE_PARAMETERS = WeakIdKeyDictionary()
+
+
+def parameter(tensor, what):
+    """``finite`` for a module parameter at a rule's registration, read once per content: composites are
+    registered anew for every batch, and reading every weight each time would cost as much as the per-layer
+    checks of a whole attribution. A parameter is read again after any in-place write (optimiser steps,
+    ``load_state_dict``, ``copy_`` under no_grad: each bumps its version counter) or ``.data`` assignment."""
+    if not applies(tensor):
+        return tensor
+    state = (tensor._version, tensor.data_ptr())
+    if _FINITE_PARAMETERS.get(tensor) != state:
+        ensure_finite(tensor.detach(), what)
+        _FINITE_PARAMETERS[tensor] = state
     return tensor
 
 

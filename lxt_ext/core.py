@@ -165,7 +165,7 @@ class SwappedForward(Hook):
                 f'{checks.where(self, module)} already has the lxt_ext rule {type(module._lxt_ext_rule).__name__} '
                 f'registered (a composite registered twice, or two composites on one model); remove it first')
         for name, parameter in module.named_parameters(recurse=False):
-            checks.finite(parameter.detach(), f'the {name} of {checks.where(self, module)}')
+            checks.parameter(parameter, lambda: f'the {name} of {checks.where(self, module)}')
         self._module = module
         module._lxt_ext_rule = self
         self._previous_forward = module.__dict__.get('forward')

@@ -72,6 +72,37 @@ def test_non_finite_weight_is_named_at_registration(case):
     assert not any('forward' in vars(module) for module in model.modules()), 'a failed registration left rules'
 
 
+def test_a_weight_made_non_finite_after_an_attribution_is_named_at_the_next_registration(case, monkeypatch):
+    # registration reads a parameter again only when its content may have changed (lxt_ext.checks.parameter)
+    import lxt_ext.checks as checks
+    build, composite, x, first = case
+    model = build()
+    reads = []
+    ensure_finite = checks.ensure_finite
+
+    def recorded(tensor, what):
+        what = what() if callable(what) else what
+        if what.startswith(('the weight', 'the bias')):
+            reads.append(what)
+        return ensure_finite(tensor, what)
+    monkeypatch.setattr(checks, 'ensure_finite', recorded)
+    attribute(model, composite(), x)
+    assert f"the weight of '{first}' (Conv2d)" in reads
+    reads.clear()
+    attribute(model, composite(), x)
+    assert reads == [], 'unchanged parameters were read again'
+    weight = model.get_submodule(first).weight
+    with torch.no_grad():
+        weight[0, 0, 0, 0] = float('nan')
+    with pytest.raises(NonFiniteError, match=rf"the weight of '{first}' \(Conv2d\) holds NaN"):
+        attribute(model, composite(), x)
+    with torch.no_grad():
+        weight[0, 0, 0, 0] = 0.
+    model.get_submodule(first).weight = torch.nn.Parameter(torch.full_like(weight, float('inf')))
+    with pytest.raises(NonFiniteError, match=rf"the weight of '{first}' \(Conv2d\) holds Inf"):
+        attribute(model, composite(), x)
+
+
 @pytest.mark.parametrize('dtype,message', [(torch.int64, 'floating'), (torch.complex64, 'floating'),
                                            (torch.float64, 'differs from the weight dtype')])
 def test_wrong_dtypes_are_named(case, dtype, message):

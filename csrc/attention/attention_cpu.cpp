@@ -7,6 +7,7 @@
 #include "attention/attention.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -45,7 +46,11 @@ int64_t tile_rows(int64_t nq, int64_t nk) {
 template <typename Init, typename Body>
 void for_each_item(int64_t items, bool parallel, const Init& init, const Body& body) {
   std::atomic<int64_t> next{0};
+  // The body calls ATen ops: intra-op threads run them under this thread's dispatcher state (below
+  // autograd, inside the op), not their own defaults.
+  const at::ThreadLocalState state;
   const auto worker = [&](int64_t, int64_t) {
+    at::ThreadLocalStateGuard guard(state);
     auto scratch = init();
     for (int64_t item = next++; item < items; item = next++) body(item, scratch);
   };

@@ -71,7 +71,7 @@ class KeepGradient(Hook):
 
     def register(self, module):
         for name, parameter in module.named_parameters(recurse=False):  # as every rule checks its weights
-            checks.finite(parameter.detach(), f'the {name} of {checks.where(self, module)}')
+            checks.parameter(parameter, lambda: f'the {name} of {checks.where(self, module)}')
         # marks the module's parameters as held by a rule (lxt_ext.diagnostics.audit reads it); the module holds
         # this hook, as zennit's handle only refers to it weakly
         module.__dict__[PLAIN_GRADIENT] = self
