@@ -1,7 +1,10 @@
 // The Python extension module lxt_ext._C: importing it loads the shared library, whose static
 // initialisers register the ops (registry.cpp); C++ users link the same sources without Python.
 // It also hands Python the op codes of constants.h, so they are defined in one place.
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
+
+#include <atomic>
 
 #include "constants.h"
 
@@ -24,6 +27,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   }, "Whether this build carries lxt_ext's CUDA kernels.");
+  m.def("kernel_threads", [] {
+    // as the CPU kernels split their loops (at::parallel_for); one thread if built without OpenMP
+    std::atomic<int> used{0};
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { ++used; });
+    return used.load();
+  }, "How many threads the CPU kernels' loops run on now (torch.get_num_threads() when built right).");
   m.def("rule_codes", [] { return as_dict(lxt_ext::kRuleNames); },
         "Rule name -> code of lrp_backward's `rule` argument.");
   m.def("attention_modes", [] { return as_dict(lxt_ext::kAttentionModeNames); },

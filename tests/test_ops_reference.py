@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-import lxt_ext  # noqa: F401  (registers the ops)
+import lxt_ext.ops  # registers the ops
 
 OPS = torch.ops.lxt_ext
 EPSILON, GAMMA, ALPHA_BETA = 1, 2, 3
@@ -163,3 +163,14 @@ def test_identity_backward_names_mismatches():
         OPS.identity_backward(x.double(), x, x, 1e-10)
     with pytest.raises(RuntimeError, match='floating'):
         OPS.identity_backward(x.long(), x.long(), x.long(), 1e-10)
+
+
+def test_cpu_kernels_split_their_loops_over_the_intra_op_threads():
+    # at::parallel_for is an inline OpenMP pragma: an extension built without -fopenmp runs every loop on one thread
+    threads = torch.get_num_threads()
+    try:
+        for wanted in (1, 2, 3):
+            torch.set_num_threads(wanted)
+            assert lxt_ext.ops.kernel_threads() == wanted, 'the CPU kernels ignore torch.set_num_threads (no OpenMP?)'
+    finally:
+        torch.set_num_threads(threads)

@@ -12,6 +12,7 @@ from . import fake  # noqa: F401  (registers the fake kernels)
 
 lib = torch.ops.lxt_ext
 cuda_built = _C.cuda_built
+kernel_threads = _C.kernel_threads
 RULES = _C.rule_codes()
 ATTENTION_MODES = _C.attention_modes()
 
