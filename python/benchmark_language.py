@@ -8,8 +8,8 @@ attention with 8 query and 2 key/value heads, MLP width 1536, vocabulary 32000, 
 input embeddings (relevance x * grad), float32. Methods: ``plain`` (forward+backward, the gradient
 w.r.t. the embeddings), ``lxt_ext`` (``LanguageTransformer(attention='attnlrp')`` with
 ``GradientXInput``), ``lxt`` (LXT 2.1's efficient recipe: ``monkey_patch(modeling_llama)``, the
-model's default attention, x * grad) and ``plain_oracle`` (plain forward+backward there, to tell the
-transformers versions apart), which run in LXT's oracle environment (``.oracle`` first on
+model's default attention, x * grad), ``plain_oracle`` and ``lxt_ext_oracle`` (plain forward+backward and
+lxt_ext there, to tell the transformers versions apart), which run in LXT's oracle environment (``.oracle`` first on
 PYTHONPATH, transformers 4.57; ``LXT_ORACLE_PATH`` overrides). Both build the same weights
 (``torch.manual_seed(0)``) and the same embeddings.
 
@@ -31,11 +31,12 @@ from lxt_ext.benchmark.memory import extra_peak_mb
 from lxt_ext.benchmark.process import interleaved_processes, last_line, serve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ('plain', 'lxt_ext', 'lxt', 'plain_oracle')
+METHODS = ('plain', 'lxt_ext', 'lxt', 'plain_oracle', 'lxt_ext_oracle')
 LABELS = {'plain': 'plain forward+backward', 'lxt_ext': 'lxt_ext LanguageTransformer (AttnLRP)',
           'lxt': 'LXT 2.1 efficient recipe (AttnLRP)',
-          'plain_oracle': "plain forward+backward in LXT's environment (transformers 4.57)"}
-ORACLE_METHODS = ('lxt', 'plain_oracle')
+          'plain_oracle': "plain forward+backward in LXT's environment (transformers 4.57)",
+          'lxt_ext_oracle': "lxt_ext LanguageTransformer in LXT's environment (transformers 4.57)"}
+ORACLE_METHODS = ('lxt', 'plain_oracle', 'lxt_ext_oracle')
 CONFIG = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
               num_key_value_heads=2, max_position_embeddings=16384)
 
@@ -68,7 +69,7 @@ def attribution(method, tokens, weights=None):
     def logits(x):
         return model(inputs_embeds=x, logits_to_keep=1).logits[:, -1]
 
-    if method == 'lxt_ext':
+    if method in ('lxt_ext', 'lxt_ext_oracle'):
         from lxt_ext.attribution import GradientXInput
         from lxt_ext.composites import LanguageTransformer
         composite = LanguageTransformer(attention='attnlrp')

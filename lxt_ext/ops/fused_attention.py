@@ -209,6 +209,15 @@ def _dense(b, *tensors):
     return tensors if b is not None else tuple(t.contiguous() for t in tensors)
 
 
+def kernel_inputs(query, key, value):
+    """``query``, ``key``, ``value`` as the kernels read them without copying: contiguous for ATen's CPU kernel
+    when the heads are not folded (``_dense``), else as given. ``attention_lrp`` keeps these for backward,
+    which then copies nothing again."""
+    if query.device.type == 'cpu' and _per_batch(query, key, lambda b: b) == [None]:
+        return _dense(None, query, key, value)
+    return query, key, value
+
+
 def _unfold_heads(t):
     """(G, Hkv, ...) of one batch element -> (1, Hq, ...)."""
     return t.transpose(0, 1).flatten(0, 1)[None]
@@ -320,9 +329,14 @@ def own_statistics(lse, attn_mask, query_shape, nk, is_causal):
 
 def backward(grad_out, query, key, value, attn_mask, out, lse, aux, scale, is_causal, mode_cp, factor):
     """ATen's exact gradients scaled to AttnLRP's (dQ, dK / 4, dV / 2), or CP-LRP's dV, of the call whose
-    forward gave ``out``, ``lse`` and ``aux``; ``factor`` from ``row_factor`` (None: every row exact)."""
-    weight = 1.0 if mode_cp else 0.5
-    scaled = grad_out * (weight if factor is None else (weight / factor)[..., None].to(grad_out.dtype))
+    forward gave ``out``, ``lse`` and ``aux``; ``factor`` from ``row_factor`` (None: every row exact).
+
+    AttnLRP scales dO by 1/4, which gives dQ and dK at once, and doubles dV, the smaller tensor under
+    grouped-query attention (powers of two: exact in every dtype)."""
+    weight = 1.0 if mode_cp else 0.25
+    weight = weight if factor is None else (weight / factor)[..., None].to(grad_out.dtype)
+    # one pass, into the layout the CPU kernel reads without another copy
+    scaled = torch.mul(grad_out, weight, out=torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device))
     mask = _additive(attn_mask, query)
     hkv = key.shape[1]
     cuda = query.device.type == 'cuda'
@@ -346,7 +360,7 @@ def backward(grad_out, query, key, value, attn_mask, out, lse, aux, scale, is_ca
     dq, dk, dv = parts[0] if len(parts) == 1 else (torch.cat([p[i] for p in parts]) for i in range(3))
     if mode_cp:
         return (dv,)
-    return dq.mul_(0.5), dk.mul_(0.5), dv
+    return dq, dk, dv.mul_(2.0)
 
 
 # CUDA: the three kernels behind SDPA, called as torch's own SDPA calls them (no dropout).

@@ -87,9 +87,10 @@ class _UniformProduct(torch.autograd.Function):
     @first_order
     def backward(ctx, grad):
         a, b = ctx.saved_tensors
-        half = grad * 0.5  # once for both: three passes instead of four
-        grad_a = (half * b).sum_to_size(a.shape) if ctx.needs_input_grad[0] else None
-        grad_b = (half * a).sum_to_size(b.shape) if ctx.needs_input_grad[1] else None
+        # addcmul onto a broadcast zero scales in the same pass as the product: one pass per gradient
+        zero = grad.new_zeros(())
+        grad_a = torch.addcmul(zero, grad, b, value=0.5).sum_to_size(a.shape) if ctx.needs_input_grad[0] else None
+        grad_b = torch.addcmul(zero, grad, a, value=0.5).sum_to_size(b.shape) if ctx.needs_input_grad[1] else None
         return grad_a, grad_b
 
 
