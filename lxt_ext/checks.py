@@ -5,10 +5,12 @@ stop at the first layer where one appears and say where it came from: the layer'
 the relevance arriving at the layer (backward: the output seed, or a later layer), or its weights
 (checked when the rule is registered).
 
-On the CPU the checks run always (one pass over each tensor, no synchronisation). On CUDA reading a
-check's result synchronises the device once per tensor, so there they are opt-in:
-``lxt_ext.checks.cuda_checks(True)`` or the environment variable ``LXT_EXT_CUDA_CHECKS=1``.
-(The fused C++ rules check their own results on every device.) Under ``torch.compile`` they are off.
+On the CPU the per-layer checks run by default (one pass over each tensor, no synchronisation);
+``lxt_ext.checks.cpu_checks(False)`` or ``LXT_EXT_CPU_CHECKS=0`` turns them off (measuring cost, say). On
+CUDA reading a check's result synchronises the device once per tensor, so there they are opt-in:
+``lxt_ext.checks.cuda_checks(True)`` or ``LXT_EXT_CUDA_CHECKS=1``. The attributors' checks of input, seed
+and result (``ensure_finite``) and the fused C++ rules' checks of their own results run on every device
+either way. Under ``torch.compile`` the per-layer checks are off.
 """
 import functools
 import os
@@ -17,28 +19,37 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ['NonFiniteError', 'applies', 'cuda_checks', 'ensure_finite', 'finite', 'first_order', 'layer', 'parameter',
+__all__ = ['NonFiniteError', 'applies', 'cpu_checks', 'cuda_checks', 'ensure_finite', 'finite', 'first_order', 'layer', 'parameter',
            'where']
 
-_CUDA = {'enabled': os.environ.get('LXT_EXT_CUDA_CHECKS', '') not in ('', '0')}
+_ENABLED = {'cpu': os.environ.get('LXT_EXT_CPU_CHECKS', '1') != '0',
+            'cuda': os.environ.get('LXT_EXT_CUDA_CHECKS', '') not in ('', '0')}
 
 
 class NonFiniteError(FloatingPointError, RuntimeError):
     """A tensor of the attribution holds NaN or Inf (a RuntimeError too, as the fused ops' own check)."""
 
 
+def cpu_checks(enabled=None):
+    """Whether the per-layer checks run on CPU tensors (default: on); sets it if given."""
+    if enabled is not None:
+        _ENABLED['cpu'] = bool(enabled)
+    return _ENABLED['cpu']
+
+
 def cuda_checks(enabled=None):
     """Whether the per-layer checks run on CUDA tensors (they cost a device sync each); sets it if given."""
     if enabled is not None:
-        _CUDA['enabled'] = bool(enabled)
-    return _CUDA['enabled']
+        _ENABLED['cuda'] = bool(enabled)
+    return _ENABLED['cuda']
 
 
 def applies(tensor):
-    """Whether the checks run on ``tensor`` (floating; on the CPU, or on CUDA when enabled; not compiling)."""
+    """Whether the per-layer checks run on ``tensor`` (floating, on a device whose checks are enabled, not
+    compiling)."""
     if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or torch.compiler.is_compiling():
         return False
-    return tensor.device.type == 'cpu' or (tensor.device.type == 'cuda' and _CUDA['enabled'])
+    return _ENABLED.get(tensor.device.type, False)
 
 
 def finite(tensor, what):

@@ -14,6 +14,7 @@ time, fresh processes with mmapped allocations for peak memory, see each script'
 - ``language``: a LLaMA-style decoder at 2,048 tokens, AttnLRP vs LXT 2.1 and plain (benchmark_language.py);
 - ``attention``: the attention op alone, 1k-16k tokens, vs LXT's eager recipe and SDPA (benchmark_attention.py);
 - ``explain``: ``lxt-ext explain`` images/s vs an in-process loop and LXT's recipe (benchmark_explain.py);
+- ``checks``: the per-layer NaN/Inf checks on and off (benchmark_checks.py, ViTEpsilon and the decoder);
 - ``evaluation``: ``lxt-ext evaluate`` on the embedded model, seconds per image per method;
 - ``pytest``: the pytest-benchmark suites (tests/benchmarks), from their JSON.
 GPU results (docs/gpu_*.md, written by python/gpu_check) are included as they are.
@@ -65,6 +66,11 @@ SECTIONS = {
                 [script('benchmark_explain.py', '--images', 32, '--batches', 4, 16)],
                 [script('benchmark_explain.py', '--images', 2, '--batches', 2, '--methods', 'vit_epsilon')],
                 'images/s of the command (decoding, writing) against the same composite in a loop'),
+    'checks': ("The per-layer NaN/Inf checks' share (lxt_ext.checks, CPU)",
+               [script('benchmark_checks.py', 'vit_b_16', 'decoder', '--repeats', 9)],
+               [script('benchmark_checks.py', 'vit_b_16', '--repeats', 1, '--batch', 1)],
+               'attribution time with the per-layer checks on (the default) and off, interleaved in one process '
+               '(ViTEpsilon, batch 4; the decoder of the language section)'),
     'evaluation': ('Evaluation throughput: lxt-ext evaluate on the embedded model',
                    [[PYTHON, '-m', 'lxt_ext', 'evaluate', '--out', '{tmp}/evaluate', '--threads', 2, '--quiet']],
                    [[PYTHON, '-m', 'lxt_ext', 'evaluate', '--out', '{tmp}/evaluate', '--threads', 2, '--quiet',

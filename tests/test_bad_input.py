@@ -222,3 +222,22 @@ def test_multihead_attention_names_a_dtype_mismatch():
     with pytest.raises(TypeError, match=r'MultiheadAttention: input dtype torch.float64 differs'):
         with composites.LanguageTransformer().context(model) as modified:
             modified[0].self_attn(*(torch.randn(2, 4, 8, dtype=torch.float64, requires_grad=True),) * 3)
+
+
+def test_cpu_checks_off_skip_the_per_layer_checks_not_the_attributors(monkeypatch):
+    import lxt_ext.checks as checks
+    model, x = vit(), torch.rand(2, 3, 16, 16)
+    seed = torch.eye(5)[[0, 0]]
+    seed[1, 0] = float('nan')
+    monkeypatch.setitem(checks._ENABLED, 'cpu', True)
+    with pytest.raises(NonFiniteError, match=r"the relevance arriving at 'heads.head' \(Linear\)"):
+        attribute(model, composites.ViTEpsilon(), x, seed)
+    checks.cpu_checks(False)
+    assert not checks.cpu_checks()
+    # zennit's attributor checks nothing: the first fused C++ rule on the way (the patch embedding) stops it
+    with pytest.raises(RuntimeError, match='the epsilon rule produced NaN or Inf') as error:
+        attribute(model, composites.ViTEpsilon(), x, seed)
+    assert not isinstance(error.value, NonFiniteError)
+    with GradientXInput(model, composites.ViTEpsilon()) as attributor:
+        with pytest.raises(NonFiniteError, match='the output relevance seed'):
+            attributor(x, seed)

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ['cnn', 'vit', 'language', 'attention', 'explain', 'evaluation']
+SECTIONS = ['cnn', 'vit', 'language', 'attention', 'explain', 'checks', 'evaluation']
 
 
 def test_quick_report_has_every_section(tmp_path):
