@@ -210,11 +210,13 @@ def _dense(b, *tensors):
 
 
 def kernel_inputs(query, key, value):
-    """``query``, ``key``, ``value`` as the kernels read them without copying: contiguous for ATen's CPU kernel
-    when the heads are not folded (``_dense``), else as given. ``attention_lrp`` keeps these for backward,
-    which then copies nothing again."""
+    """``query``, ``key``, ``value`` to compute with and keep for backward: on the CPU with the heads not
+    folded, a tensor that is not a view is made contiguous (``_dense``) once here, so that backward copies it
+    no more; it is freed when forward returns, so its copy costs no memory. A view stays as it is (copied for
+    each kernel call): its base lives on with whoever holds it (a fused projection's output), and keeping a
+    copy too would double it."""
     if query.device.type == 'cpu' and _per_batch(query, key, lambda b: b) == [None]:
-        return _dense(None, query, key, value)
+        return tuple(t if t._base is not None else t.contiguous() for t in (query, key, value))
     return query, key, value
 
 
