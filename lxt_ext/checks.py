@@ -19,8 +19,8 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ['NonFiniteError', 'applies', 'cpu_checks', 'cuda_checks', 'ensure_finite', 'finite', 'first_order', 'layer', 'parameter',
-           'where']
+__all__ = ['NonFiniteError', 'applies', 'cpu_checks', 'cuda_checks', 'ensure_finite', 'finite', 'first_order', 'layer',
+           'parameter', 'where']
 
 _ENABLED = {'cpu': os.environ.get('LXT_EXT_CPU_CHECKS', '1') != '0',
             'cuda': os.environ.get('LXT_EXT_CUDA_CHECKS', '') not in ('', '0')}

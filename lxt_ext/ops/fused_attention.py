@@ -215,7 +215,7 @@ def kernel_inputs(query, key, value):
     no more; it is freed when forward returns, so its copy costs no memory. A view stays as it is (copied for
     each kernel call): its base lives on with whoever holds it (a fused projection's output), and keeping a
     copy too would double it."""
-    if query.device.type == 'cpu' and _per_batch(query, key, lambda b: b) == [None]:
+    if query.device.type == 'cpu' and _unfolded(query, key):
         return tuple(t if t._base is not None else t.contiguous() for t in (query, key, value))
     return query, key, value
 
@@ -240,10 +240,15 @@ def _cpu_kernel_groups_heads():
 _CPU_GROUPS_HEADS = _cpu_kernel_groups_heads()
 
 
+def _unfolded(query, key):
+    """Whether the kernel takes the heads as they are: not grouped, or grouped where the kernel takes groups."""
+    return query.shape[1] == key.shape[1] or (query.device.type == 'cpu' and _CPU_GROUPS_HEADS)
+
+
 def _per_batch(query, key, fn):
     """``fn(b)`` for each batch element when the heads are grouped and the kernel does not take groups
     itself (a list), else ``[fn(None)]``."""
-    if query.shape[1] == key.shape[1] or (query.device.type == 'cpu' and _CPU_GROUPS_HEADS):
+    if _unfolded(query, key):
         return [fn(None)]
     return [fn(b) for b in range(query.shape[0])]
 
