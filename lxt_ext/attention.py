@@ -35,7 +35,6 @@ class _AttentionLRP(torch.autograd.Function):
         if plan == 'own':
             out, stats = ops.lib.attention_forward(query, key, value, attn_mask, scale, is_causal)
         else:
-            query, key, value = fused_attention.kernel_inputs(query, key, value)
             out, stats, aux = fused_attention.forward(query, key, value, attn_mask, scale, is_causal)
         # The own CP-LRP backward (dV = P^T dO) never reads O: keep a stride-0 stand-in of its shape, which
         # is all the op checks, instead of an activation-sized tensor per attention layer.

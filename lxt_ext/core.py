@@ -130,8 +130,11 @@ class SwappedForward(Hook):
     """A zennit Hook that, while registered, runs the module's forward through an autograd Function
     (``apply``) instead of hooks: nothing is cloned or kept beyond what that Function saves.
 
-    ``checked``: the layer's input and arriving relevance are checked for NaN/Inf (``lxt_ext.checks``)."""
+    ``checked``: the layer's input and arriving relevance are checked for NaN/Inf (``lxt_ext.checks``).
+    ``keeps_output``: backward reads the output this rule returns, so model code must not change it in place
+    (autograd's version check would raise)."""
     checked = True
+    keeps_output = False
 
     def __init__(self):
         super().__init__()

@@ -421,9 +421,10 @@ class GatedMLP(SwappedForward):
             product = dropout(product)
         if down.weight.is_floating_point() and product.dtype != down.weight.dtype:
             product = product.to(down.weight.dtype)  # T5 keeps its output projection in float32
-        # A fresh tensor (transient: the residual add keeps nothing): model code may add to the MLP's output
-        # in place (Llama 4's MoE: out.add_), which would change the output OutputEpsilon keeps for backward.
-        return down(product).clone()
+        output = down(product)
+        # Model code may add to the MLP's output in place (Llama 4's MoE: out.add_): where down's rule keeps its
+        # output for backward, return a fresh tensor (transient: the residual add keeps nothing)
+        return output.clone() if getattr(getattr(down, '_lxt_ext_rule', None), 'keeps_output', False) else output
 
 
 class FusedGatedMLP(GatedMLP):

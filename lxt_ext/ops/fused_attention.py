@@ -5,11 +5,12 @@ CP-LRP's dV is the exact dV, so ATen's fused kernels compute both: on the CPU
 ``_scaled_dot_product_flash_attention_for_cpu`` and its backward, on CUDA the flash,
 memory-efficient and cuDNN kernels behind ``scaled_dot_product_attention`` (whichever
 ``aten::_fused_sdp_choice`` picks for the call, i.e. what each accepts by dtype, head dimension,
-mask and strides, under torch's ``sdpa_kernel`` settings). The rescaling costs one pass over dO:
-``dO' = dO / 2`` gives dV / 2 and dQ / 2, dK / 2, which are then halved in place (powers of two:
-exact in every dtype).
+mask and strides, under torch's ``sdpa_kernel`` settings). The rescaling costs one pass over dO
+(``backward``). The kernels take Q, K, V, O and dO at their strides (Hugging Face's (B, N, H, D)
+layout seen as (B, H, N, D) too): copying them contiguous cost more than it saved
+(docs/benchmarks_transformers.md).
 
-The rule (``use_aten``) looks at devices, dtypes, shapes and the mask's kind only, never at values
+The rule (``plan``) looks at devices, dtypes, shapes and the mask's kind only, never at values
 (no device sync; fake tensors and ``torch.compile`` trace it):
 
 - ``backend='lxt_ext'`` (or ``LXT_EXT_ATTENTION_BACKEND=lxt_ext``): always lxt_ext's own kernels;
@@ -202,24 +203,6 @@ def _fold(query, key, value, mask, b):
     return q, k, v, mask
 
 
-def _dense(b, *tensors):
-    """The CPU kernel's inputs contiguous, unless folded (``b`` not None: stride-0 K/V, which a copy would
-    expand): Hugging Face's (B, N, H, D) layout seen as (B, H, N, D) slows the kernel more than the copies cost
-    (docs/benchmarks_transformers.md)."""
-    return tensors if b is not None else tuple(t.contiguous() for t in tensors)
-
-
-def kernel_inputs(query, key, value):
-    """``query``, ``key``, ``value`` to compute with and keep for backward: on the CPU with the heads not
-    folded, a tensor that is not a view is made contiguous (``_dense``) once here, so that backward copies it
-    no more; it is freed when forward returns, so its copy costs no memory. A view stays as it is (copied for
-    each kernel call): its base lives on with whoever holds it (a fused projection's output), and keeping a
-    copy too would double it."""
-    if query.device.type == 'cpu' and _unfolded(query, key):
-        return tuple(t if t._base is not None else t.contiguous() for t in (query, key, value))
-    return query, key, value
-
-
 def _unfold_heads(t):
     """(G, Hkv, ...) of one batch element -> (1, Hq, ...)."""
     return t.transpose(0, 1).flatten(0, 1)[None]
@@ -265,7 +248,6 @@ def forward(query, key, value, attn_mask, scale, is_causal):
         if cuda:
             out, lse, aux = _cuda_forward(choice, q, k, v, m, scale, is_causal)
         else:
-            q, k, v = _dense(b, q, k, v)
             out, lse = _aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, attn_mask=m,
                                                                            scale=scale)
             aux = None
@@ -342,8 +324,7 @@ def backward(grad_out, query, key, value, attn_mask, out, lse, aux, scale, is_ca
     grouped-query attention (powers of two: exact in every dtype)."""
     weight = 1.0 if mode_cp else 0.25
     weight = weight if factor is None else (weight / factor)[..., None].to(grad_out.dtype)
-    # one pass, into the layout the CPU kernel reads without another copy
-    scaled = torch.mul(grad_out, weight, out=torch.empty(grad_out.shape, dtype=grad_out.dtype, device=grad_out.device))
+    scaled = grad_out * weight  # in grad_out's layout, which the kernels read at its strides
     mask = _additive(attn_mask, query)
     hkv = key.shape[1]
     cuda = query.device.type == 'cuda'
@@ -354,7 +335,6 @@ def backward(grad_out, query, key, value, attn_mask, out, lse, aux, scale, is_ca
         g, o = (_fold(t, key, value, None, b)[0] for t in (scaled, out))
         lse_b = lse if b is None else lse[b].unflatten(0, (hkv, -1)).transpose(0, 1).contiguous()
         if not cuda:
-            g, q, k, v, o = _dense(b, g, q, k, v, o)
             dq, dk, dv = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 g, q, k, v, o, lse_b, 0.0, is_causal, attn_mask=m, scale=scale)
         else:

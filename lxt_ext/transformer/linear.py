@@ -41,6 +41,7 @@ class OutputEpsilon(SwappedForward):
     recomputes ``y`` in backward; this keeps ``y``, which in a ViT the next rule keeps anyway
     (GELU's input, the attention's q, k, v), and is smaller than the input of the MLP's second layer.
     An in-place change of ``y`` after the layer makes the backward raise (autograd's version check)."""
+    keeps_output = True
 
     def __init__(self, epsilon=1e-6):
         super().__init__()
