@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import zennit.rules
 from zennit.composites import LayerMapComposite
 
+import lxt_ext.ops
 import lxt_ext.rules
 from conftest import assert_rel_close
 from lxt_ext.transformer_composites import TransformerComposite
@@ -48,6 +49,28 @@ def test_activation_identity_rule(fn, generator):
     torch.testing.assert_close(actual[positive], lxt[positive])
     (functional,) = grad_of(lambda t: identity_rule(fn, t), x, grad_output=g)
     assert_rel_close(functional, expected, 1e-12)
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.bfloat16])
+def test_rules_without_kernels_for_the_device(dtype, generator, monkeypatch):
+    """Where the build has no kernels for a device (CUDA in a CPU-only build), the identity rule and
+    OutputEpsilon compute the same formulas in tensor ops."""
+    monkeypatch.setattr(lxt_ext.ops, 'has_kernels', lambda tensor: False)
+    x = torch.randn(4, 7, 9, dtype=torch.float64, generator=generator)
+    x[0, 0, :3] = 0.
+    g = torch.randn(x.shape, dtype=torch.float64, generator=generator)
+    fn = torch.nn.GELU()
+    (actual,) = grad_of(lambda t: identity_rule(fn, t), x.to(dtype), grad_output=g.to(dtype))
+    expected = g * fn(x) / zennit_stab(x, 1e-10)
+    assert actual.dtype == dtype
+    torch.testing.assert_close(actual.double(), expected, **({} if dtype == torch.float64 else dict(rtol=2e-2, atol=1e-2)))
+    layer = torch.nn.Linear(9, 6).to(dtype)
+    w, b = layer.weight.detach().double(), layer.bias.detach().double()
+    h = torch.randn(4, 7, 6, dtype=torch.float64, generator=generator)
+    with LayerMapComposite([(torch.nn.Linear, OutputEpsilon(1e-6))]).context(layer) as modified:
+        (actual,) = grad_of(modified, x.to(dtype), grad_output=h.to(dtype))
+    (expected,) = grad_of(lambda t: epsilon_linear_reference(t, w, b), x, grad_output=h)
+    torch.testing.assert_close(actual.double(), expected, **({} if dtype == torch.float64 else dict(rtol=2e-2, atol=2e-2)))
 
 
 def test_activation_identity_rejects_non_elementwise():

@@ -20,7 +20,7 @@ __all__ = ['ActivationIdentity', 'DropoutOff', 'identity_rule', 'uniform_product
 class _IdentityRule(torch.autograd.Function):
     """``h = f(x)``; backward ``g_in = g_out * f(x) / stab(x)`` with ``f(x)`` recomputed, so only
     ``x`` is saved (LXT saves the ratio: the same memory, plus a division in every forward); the rest
-    is one pass of the extension op ``identity_backward``."""
+    is ``lxt_ext.ops.identity_backward`` (one pass of the extension op)."""
 
     @staticmethod
     def forward(ctx, x, fn, stabilizer):
@@ -36,11 +36,7 @@ class _IdentityRule(torch.autograd.Function):
     @first_order
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        output = ctx.fn(x)
-        if ops.has_kernels(x):
-            return ops.lib.identity_backward(output, x, grad.to(x.dtype), ctx.stabilizer), None, None
-        # devices without lxt_ext's kernels: the same formula as tensor ops (zennit's stabilize, built in place)
-        return output.div_(x.sign().add_(x == 0).mul_(ctx.stabilizer).add_(x)).mul_(grad), None, None
+        return ops.identity_backward(ctx.fn(x), x, grad, ctx.stabilizer), None, None
 
 
 def identity_rule(fn, x, input_stabilizer=1e-10):

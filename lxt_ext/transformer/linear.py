@@ -4,7 +4,7 @@ import torch
 
 from .. import ops
 from ..checks import first_order
-from ..core import LOW_PRECISION, SwappedForward
+from ..core import SwappedForward
 from ..layers import UnsupportedLayerError
 
 __all__ = ['OutputEpsilon']
@@ -25,12 +25,7 @@ class _EpsilonFromOutput(torch.autograd.Function):
     @first_order
     def backward(ctx, grad):
         output, weight = ctx.saved_tensors
-        if ops.has_kernels(output):
-            # g y / stab(y) is the identity rule's ratio with h = x = y: one pass of its op
-            ratio = ops.lib.identity_backward(output, output, grad.to(output.dtype), ctx.epsilon)
-        else:
-            magnitude = output.float().abs() if output.dtype in LOW_PRECISION else output.abs()
-            ratio = magnitude.div_(magnitude + ctx.epsilon).mul_(grad)
+        ratio = ops.identity_backward(output, output, grad, ctx.epsilon)  # the identity rule's ratio with h = x = y
         return ratio.to(weight.dtype) @ weight, None, None, None
 
 
