@@ -106,7 +106,11 @@ class GradientXInput:
         return hook
 
     def __call__(self, input, target=None):
+        """``(output, relevance)``; per-layer NaN/Inf checks as ``lxt_ext.checks.located`` runs them."""
         self._check_input(input)
+        return checks.located(lambda: self._attribute(input, target))
+
+    def _attribute(self, input, target):
         self._outputs = {}
         handles = [module.register_forward_hook(self._capture(name)) for name, module in self._modules.items()]
         try:

@@ -11,19 +11,32 @@ CUDA reading a check's result synchronises the device once per tensor, so there 
 ``lxt_ext.checks.cuda_checks(True)`` or ``LXT_EXT_CUDA_CHECKS=1``. The attributors' checks of input, seed
 and result (``ensure_finite``) and the fused C++ rules' checks of their own results run on every device
 either way. Under ``torch.compile`` the per-layer checks are off.
+
+lxt_ext's attributors (``GradientXInput``, ``lxt_ext.explain``) run each attribution through ``located``: the
+per-layer checks wait until a NaN or Inf shows up in the seed or the result, and only then does the
+attribution run again with them, on every device, so that the error names the layer. While values are finite
+they cost nothing there, on CUDA included.
 """
 import functools
 import os
+import threading
 
 import torch
 from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ['NonFiniteError', 'applies', 'cpu_checks', 'cuda_checks', 'ensure_finite', 'finite', 'first_order', 'layer',
-           'parameter', 'where']
+           'located', 'parameter', 'where']
 
 _ENABLED = {'cpu': os.environ.get('LXT_EXT_CPU_CHECKS', '1') != '0',
             'cuda': os.environ.get('LXT_EXT_CUDA_CHECKS', '') not in ('', '0')}
+
+
+# this thread's mode of the per-layer checks inside ``located``: None (as ``_ENABLED`` says), 'deferred' (off) or
+# 'locating' (on for every device)
+_LOCAL = threading.local()
+# how the fused C++ rules' own check of their results begins its message (csrc/rules/terms.cpp, fail_non_finite)
+_FUSED_RULE_FAILURE = 'rule produced NaN or Inf'
 
 
 class NonFiniteError(FloatingPointError, RuntimeError):
@@ -47,9 +60,36 @@ def cuda_checks(enabled=None):
 def applies(tensor):
     """Whether the per-layer checks run on ``tensor`` (floating, on a device whose checks are enabled, not
     compiling)."""
-    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or torch.compiler.is_compiling():
+    mode = getattr(_LOCAL, 'mode', None)
+    if mode == 'deferred' or not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() \
+            or torch.compiler.is_compiling():
         return False
-    return _ENABLED.get(tensor.device.type, False)
+    return mode == 'locating' or _ENABLED.get(tensor.device.type, False)
+
+
+def located(attempt):
+    """``attempt()`` (one attribution, forward and backward) with the per-layer checks deferred: it runs without
+    them, and where a NaN or Inf stops it (``NonFiniteError`` from the attributor's checks of seed and result, or
+    a fused rule's own check), it runs once more with them on every device, so that the error names the layer
+    where the value appeared (that run's error is raised; the first one if it raises none). A NaN that reaches
+    neither the seed nor the result goes unreported. Inside another ``located``, ``attempt()`` runs as it is."""
+    if getattr(_LOCAL, 'mode', None) is not None:
+        return attempt()
+    _LOCAL.mode = 'deferred'
+    try:
+        return attempt()
+    except RuntimeError as error:
+        if not (isinstance(error, NonFiniteError) or _FUSED_RULE_FAILURE in str(error)):
+            raise
+        failure = error.with_traceback(None)  # its frames would keep the failed attribution's tensors alive
+    finally:
+        _LOCAL.mode = None
+    _LOCAL.mode = 'locating'
+    try:
+        attempt()
+    finally:
+        _LOCAL.mode = None
+    raise failure
 
 
 def finite(tensor, what):
@@ -103,14 +143,16 @@ def where(hook, module):
 
 def layer(hook, module, input, output):
     """The per-layer checks of a rule's forward call: its input now, the relevance arriving at its output
-    (the gradient of the first output tensor) in backward. Messages are formed only on failure."""
+    (the gradient of the first output tensor) in backward, decided now: autograd runs a CUDA backward in a
+    thread of its own, where ``located``'s mode is not set. Messages are formed only on failure."""
     if applies(input):
         ensure_finite(input, lambda: f'the input of {where(hook, module)}')
     tensor = output[0] if isinstance(output, tuple) and output else output
     if applies(tensor) and tensor.requires_grad:
         def check(grad):  # autograd may call it with None (no gradient flows there)
-            finite(grad, lambda: f'the relevance arriving at {where(hook, module)} (from the output seed or a '
-                                        f'later layer)')
+            if grad is not None:
+                ensure_finite(grad, lambda: f'the relevance arriving at {where(hook, module)} (from the output seed or '
+                                            f'a later layer)')
         tensor.register_hook(check)
 
 

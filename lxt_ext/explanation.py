@@ -89,7 +89,8 @@ def _targets(logits, target, top_k):
 
 class Explainer:
     """``composite`` registered on ``model`` while in the ``with`` block (so a data set is explained with
-    one registration); ``explainer(x, target=None, top_k=None)`` returns an :class:`Explanation`.
+    one registration); ``explainer(x, target=None, top_k=None)`` returns an :class:`Explanation` (per-layer
+    NaN/Inf checks as ``lxt_ext.checks.located`` runs them).
     ``forward(model, x)`` computes the logits (default ``model(x)``; transformers' outputs are unwrapped)."""
 
     def __init__(self, model, composite=None, forward=None):
@@ -113,6 +114,9 @@ class Explainer:
             raise TypeError(f'the input must be a floating-point tensor, got '
                             f'{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}')
         checks.ensure_finite(x, 'the input')
+        return checks.located(lambda: self._explain(x, target, top_k))
+
+    def _explain(self, x, target, top_k):
         k = 1 if top_k is None else int(top_k)
         inputs = x.detach().repeat_interleave(k, dim=0) if k > 1 else x.detach()
         with torch.enable_grad(), frozen_parameters(self.model):

@@ -3,7 +3,10 @@ on and off (``lxt_ext.checks.cpu_checks``), interleaved in one process, median o
 
     .venv/bin/python python/benchmark_checks.py resnet50 vit_b_16 decoder
 
-``decoder``: benchmark_language.py's workload (LLaMA-style, 2,048 tokens, ``LanguageTransformer``).
+Each attribution is zennit-style use (zennit's ``Gradient``, or ``composite.context`` and autograd), where the
+checks run in passing; lxt_ext's own attributors defer them (``lxt_ext.checks.located``: no cost while values
+are finite). ``decoder``: benchmark_language.py's workload (LLaMA-style, 2,048 tokens, ``LanguageTransformer``,
+the top logit at the last token, parameters frozen as the attributors freeze them).
 """
 import argparse
 import os
@@ -24,8 +27,19 @@ def attribution(name, batch):
     """A callable running one attribution of ``name`` (random weights)."""
     if name == 'decoder':
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from benchmark_language import attribution as decoder
-        return decoder('lxt_ext', 2048)
+        from benchmark_language import workload
+        from lxt_ext.attribution import frozen_parameters
+        model, embeds = workload(2048)
+        language = composites.LanguageTransformer(attention='attnlrp')
+
+        def run_decoder():
+            x = embeds.clone().requires_grad_()
+            with language.context(model) as modified, frozen_parameters(model):
+                out = modified(inputs_embeds=x, logits_to_keep=1).logits[:, -1]
+                seed = torch.zeros_like(out).scatter_(-1, out.argmax(-1, keepdim=True), 1.0)
+                (grad,) = torch.autograd.grad(out, x, seed)
+            return x * grad
+        return run_decoder
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None).eval()
     if name.startswith('vit'):

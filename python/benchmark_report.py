@@ -69,8 +69,9 @@ SECTIONS = {
     'checks': ("The per-layer NaN/Inf checks' share (lxt_ext.checks, CPU)",
                [script('benchmark_checks.py', 'vit_b_16', 'decoder', '--repeats', 9)],
                [script('benchmark_checks.py', 'vit_b_16', '--repeats', 1, '--batch', 1)],
-               'attribution time with the per-layer checks on (the default) and off, interleaved in one process '
-               '(ViTEpsilon, batch 4; the decoder of the language section)'),
+               'attribution time with the per-layer checks on (the default) and off, interleaved in one process, in '
+               "zennit-style use (ViTEpsilon, batch 4; the decoder of the language section); lxt_ext's attributors "
+               'defer them (no cost while values are finite)'),
     'evaluation': ('Evaluation throughput: lxt-ext evaluate on the embedded model',
                    [[PYTHON, '-m', 'lxt_ext', 'evaluate', '--out', '{tmp}/evaluate', '--threads', 2, '--quiet']],
                    [[PYTHON, '-m', 'lxt_ext', 'evaluate', '--out', '{tmp}/evaluate', '--threads', 2, '--quiet',

@@ -241,3 +241,46 @@ def test_cpu_checks_off_skip_the_per_layer_checks_not_the_attributors(monkeypatc
     with GradientXInput(model, composites.ViTEpsilon()) as attributor:
         with pytest.raises(NonFiniteError, match='the output relevance seed'):
             attributor(x, seed)
+
+
+def overflowing_vit():
+    """The ViT of CASES with finite weights whose MLP overflows float32: its first Linear's output holds Inf."""
+    model = vit()
+    mlp = model.encoder.layers[0].mlp
+    with torch.no_grad():
+        mlp[0].weight.uniform_(-1e38, 1e38, generator=torch.Generator().manual_seed(0))
+    return model, [name for name, module in model.named_modules() if module is mlp[1]][0]
+
+
+@pytest.mark.parametrize('checks_on', [True, False], ids=['checks_on', 'checks_off'])
+def test_attributors_name_the_layer_where_a_value_overflows(checks_on, monkeypatch):
+    """The attributors run without per-layer checks (lxt_ext.checks.located); the failed result is attributed
+    again with them, on every device (here: with the CPU's switched off too), to name the layer."""
+    import lxt_ext.checks as checks
+    from lxt_ext.explanation import explain_batch
+    monkeypatch.setitem(checks._ENABLED, 'cpu', checks_on)
+    model, activation = overflowing_vit()
+    x = torch.rand(2, 3, 16, 16)
+    message = rf"the input of '{activation}' \(GELU\) holds (Inf|NaN)"
+    with GradientXInput(model, composites.ViTEpsilon()) as attributor:
+        with pytest.raises(NonFiniteError, match=message):
+            attributor(x, 0)
+    with pytest.raises(NonFiniteError, match=message):
+        explain_batch(model, x, composites.ViTEpsilon(), target=0)
+    assert checks._ENABLED['cpu'] == checks_on and getattr(checks._LOCAL, 'mode', None) is None
+
+
+def test_attributors_run_the_per_layer_checks_only_after_a_failure(monkeypatch):
+    import lxt_ext.checks as checks
+    monkeypatch.setitem(checks._ENABLED, 'cpu', True)
+    calls = []
+    ensure_finite = checks.ensure_finite
+    monkeypatch.setattr(checks, 'ensure_finite', lambda tensor, what: calls.append(what) or ensure_finite(tensor, what))
+    model, x = vit(), torch.rand(2, 3, 16, 16)
+    with GradientXInput(model, composites.ViTEpsilon()) as attributor:
+        calls.clear()  # registration checked the weights
+        attributor(x, 0)
+    assert calls == ['the input', 'the output relevance seed (target)', calls[-1]] and 'input relevance' in calls[-1]
+    calls.clear()
+    attribute(model, composites.ViTEpsilon(), x)  # zennit's attributor: the per-layer checks, in passing
+    assert len(calls) > 10
