@@ -126,6 +126,14 @@ def zeroes_bias(zero_params):
     return 'bias' in names
 
 
+_RULE = '_lxt_ext_rule'  # the module attribute holding its registered SwappedForward
+
+
+def rule_of(module):
+    """The lxt_ext rule (a ``SwappedForward``) registered on ``module``, or None."""
+    return module.__dict__.get(_RULE)
+
+
 class SwappedForward(Hook):
     """A zennit Hook that, while registered, runs the module's forward through an autograd Function
     (``apply``) instead of hooks: nothing is cloned or kept beyond what that Function saves.
@@ -163,14 +171,14 @@ class SwappedForward(Hook):
         self.prepare(module)
         if self._module is not None:
             raise RuntimeError(f'this {type(self).__name__} is already registered to {self._module}; use .copy()')
-        if getattr(module, '_lxt_ext_rule', None) is not None:
+        if rule_of(module) is not None:
             raise RuntimeError(
-                f'{checks.where(self, module)} already has the lxt_ext rule {type(module._lxt_ext_rule).__name__} '
+                f'{checks.where(self, module)} already has the lxt_ext rule {type(rule_of(module)).__name__} '
                 f'registered (a composite registered twice, or two composites on one model); remove it first')
         for name, parameter in module.named_parameters(recurse=False):
             checks.parameter(parameter, lambda: f'the {name} of {checks.where(self, module)}')
         self._module = module
-        module._lxt_ext_rule = self
+        module.__dict__[_RULE] = self
         self._previous_forward = module.__dict__.get('forward')
         original = self.plain_forward(module, module.forward)
         hook = self
@@ -196,7 +204,7 @@ class SwappedForward(Hook):
         module, self._module = self._module, None
         if module is None:
             return
-        module.__dict__.pop('_lxt_ext_rule', None)
+        module.__dict__.pop(_RULE, None)
         if self._previous_forward is not None:
             module.forward = self._previous_forward
         else:

@@ -27,6 +27,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ..transformer.composites import UnmappedModuleError
+from ..core import rule_of
 from ..models import PLAIN_GRADIENT
 
 __all__ = ['LINEAR', 'Finding', 'AuditReport', 'UncoveredOperationError', 'audit', 'record']
@@ -221,7 +222,7 @@ def audit(model, input, forward=None, composite=None):
 def _ruled(module):
     """Whether an lxt_ext rule is registered on ``module``: KeepGradient's mark, a swapped forward's rule, or a
     transformers module's config view (attention and experts rules)."""
-    return (module.__dict__.get(PLAIN_GRADIENT) is not None or module.__dict__.get('_lxt_ext_rule') is not None
+    return (module.__dict__.get(PLAIN_GRADIENT) is not None or rule_of(module) is not None
             or hasattr(module.__dict__.get('config'), '_lxt_ext_hook'))
 
 

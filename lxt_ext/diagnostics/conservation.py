@@ -45,6 +45,7 @@ import torch
 
 from ..attribution import _first_tensor, seed
 from ..checks import NonFiniteError
+from ..core import rule_of
 from ..transformer.composites import TransformerComposite
 from ..transformer.convention import ExplicitRelevance
 
@@ -260,14 +261,14 @@ def _on_path(tensor):
 
 def _emits_relevance(module):
     """Whether the rule registered on ``module`` emits explicit relevance (a transformer composite's first layer)."""
-    rule = module.__dict__.get('_lxt_ext_rule')
+    rule = rule_of(module)
     return isinstance(rule, ExplicitRelevance) or bool(getattr(rule, 'explicit_output', False))
 
 
 def _attention_mode(module):
     """The attention mode of an lxt_ext attention rule on ``module`` (its swapped forward, or for transformers
     modules the config view holding the hook), or None."""
-    rule = module.__dict__.get('_lxt_ext_rule')
+    rule = rule_of(module)
     if rule is None:
         rule = getattr(module.__dict__.get('config'), '_lxt_ext_hook', None)
     return getattr(rule, 'attention', None) or getattr(rule, 'mode', None)

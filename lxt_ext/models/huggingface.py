@@ -41,7 +41,7 @@ from zennit.core import Hook, RemovableHandle, RemovableHandleList
 
 from ..attention import attention_lrp
 from ..checks import first_order
-from ..core import SwappedForward
+from ..core import SwappedForward, rule_of
 from ..ops import ATTENTION_MODES
 from ..transformer.convention import linear_rule_apply
 from ..transformer.elementwise import ActivationIdentity, DropoutOff, identity_rule, uniform_product
@@ -424,7 +424,7 @@ class GatedMLP(SwappedForward):
         output = down(product)
         # Model code may add to the MLP's output in place (Llama 4's MoE: out.add_): where down's rule keeps its
         # output for backward, return a fresh tensor (transient: the residual add keeps nothing)
-        return output.clone() if getattr(getattr(down, '_lxt_ext_rule', None), 'keeps_output', False) else output
+        return output.clone() if getattr(rule_of(down), 'keeps_output', False) else output
 
 
 class FusedGatedMLP(GatedMLP):

@@ -223,15 +223,10 @@ def _cpu_kernel_groups_heads():
 _CPU_GROUPS_HEADS = _cpu_kernel_groups_heads()
 
 
-def _unfolded(query, key):
-    """Whether the kernel takes the heads as they are: not grouped, or grouped where the kernel takes groups."""
-    return query.shape[1] == key.shape[1] or (query.device.type == 'cpu' and _CPU_GROUPS_HEADS)
-
-
 def _per_batch(query, key, fn):
     """``fn(b)`` for each batch element when the heads are grouped and the kernel does not take groups
     itself (a list), else ``[fn(None)]``."""
-    if _unfolded(query, key):
+    if query.shape[1] == key.shape[1] or (query.device.type == 'cpu' and _CPU_GROUPS_HEADS):
         return [fn(None)]
     return [fn(b) for b in range(query.shape[0])]
 
