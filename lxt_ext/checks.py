@@ -44,14 +44,37 @@ class NonFiniteError(FloatingPointError, RuntimeError):
 
 
 def cpu_checks(enabled=None):
-    """Whether the per-layer checks run on CPU tensors (default: on); sets it if given."""
+    """Whether the per-layer checks run on CPU tensors (default: on); sets it if given.
+
+    Parameters
+    ----------
+    enabled : bool, optional
+        Turn the checks on (True) or off (False) for every thread; None (default) only reads the setting.
+
+    Returns
+    -------
+    bool
+        Whether they run, after the change.
+    """
     if enabled is not None:
         _ENABLED['cpu'] = bool(enabled)
     return _ENABLED['cpu']
 
 
 def cuda_checks(enabled=None):
-    """Whether the per-layer checks run on CUDA tensors (they cost a device sync each); sets it if given."""
+    """Whether the per-layer checks run on CUDA tensors (they cost a device sync each); sets it if given.
+
+    Parameters
+    ----------
+    enabled : bool, optional
+        Turn the checks on (True) or off (False, the default unless ``LXT_EXT_CUDA_CHECKS=1``); None only
+        reads the setting.
+
+    Returns
+    -------
+    bool
+        Whether they run, after the change.
+    """
     if enabled is not None:
         _ENABLED['cuda'] = bool(enabled)
     return _ENABLED['cuda']
@@ -59,7 +82,19 @@ def cuda_checks(enabled=None):
 
 def applies(tensor):
     """Whether the per-layer checks run on ``tensor`` (floating, on a device whose checks are enabled, not
-    compiling)."""
+    compiling).
+
+    Parameters
+    ----------
+    tensor : object
+        What a rule is about to check; anything but a floating tensor is not checked.
+
+    Returns
+    -------
+    bool
+        False while ``located`` defers the checks, True while it locates a failure, else the setting of
+        the tensor's device (``cpu_checks``, ``cuda_checks``).
+    """
     mode = getattr(_LOCAL, 'mode', None)
     if mode == 'deferred' or not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() \
             or torch.compiler.is_compiling():
@@ -72,7 +107,23 @@ def located(attempt):
     them, and where a NaN or Inf stops it (``NonFiniteError`` from the attributor's checks of seed and result, or
     a fused rule's own check), it runs once more with them on every device, so that the error names the layer
     where the value appeared (that run's error is raised; the first one if it raises none). A NaN that reaches
-    neither the seed nor the result goes unreported. Inside another ``located``, ``attempt()`` runs as it is."""
+    neither the seed nor the result goes unreported. Inside another ``located``, ``attempt()`` runs as it is.
+
+    Parameters
+    ----------
+    attempt : callable
+        ``attempt()`` runs one whole attribution (forward and backward); it may run twice.
+
+    Returns
+    -------
+    object
+        What the first ``attempt()`` returned.
+
+    Raises
+    ------
+    NonFiniteError
+        From the second run, naming the layer (or the first run's error if the second raises none).
+    """
     if getattr(_LOCAL, 'mode', None) is not None:
         return attempt()
     _LOCAL.mode = 'deferred'
@@ -94,7 +145,20 @@ def located(attempt):
 
 def finite(tensor, what):
     """Raise ``NonFiniteError`` naming ``what`` if ``tensor`` holds NaN or Inf, where checks apply (``applies``:
-    anything but a floating tensor passes); return the tensor."""
+    anything but a floating tensor passes); return the tensor.
+
+    Parameters
+    ----------
+    tensor : object
+        The value to check.
+    what : str or callable
+        How the error names it (``'the input of ...'``), or a callable giving that text on failure.
+
+    Returns
+    -------
+    object
+        ``tensor`` itself.
+    """
     if applies(tensor):
         ensure_finite(tensor, what)
     return tensor
@@ -102,7 +166,20 @@ def finite(tensor, what):
 
 def ensure_finite(tensor, what):
     """``finite`` on every device (the attribution's boundaries: one sync per attribution on CUDA);
-    ``what`` may be a callable giving the description."""
+    ``what`` may be a callable giving the description.
+
+    Parameters
+    ----------
+    tensor : torch.Tensor
+        The value to check; a tensor of integers or bools passes.
+    what : str or callable
+        How the error names it, or a callable giving that text on failure.
+
+    Returns
+    -------
+    torch.Tensor
+        ``tensor`` itself.
+    """
     if not tensor.is_floating_point():
         return tensor
     # The sum is NaN/Inf when an element is, needs no tensor-sized temporary (torch.isfinite makes three)
@@ -124,7 +201,20 @@ def parameter(tensor, what):
     """``finite`` for a module parameter at a rule's registration, read once per content: composites are
     registered anew for every batch, and reading every weight each time would cost as much as the per-layer
     checks of a whole attribution. A parameter is read again after any in-place write (optimiser steps,
-    ``load_state_dict``, ``copy_`` under no_grad: each bumps its version counter) or ``.data`` assignment."""
+    ``load_state_dict``, ``copy_`` under no_grad: each bumps its version counter) or ``.data`` assignment.
+
+    Parameters
+    ----------
+    tensor : torch.Tensor
+        The parameter (a weight or bias).
+    what : str or callable
+        How the error names it (``'the weight of ...'``), or a callable giving that text on failure.
+
+    Returns
+    -------
+    torch.Tensor
+        ``tensor`` itself.
+    """
     if not applies(tensor):
         return tensor
     state = (tensor._version, tensor.data_ptr())
@@ -135,7 +225,20 @@ def parameter(tensor, what):
 
 
 def where(hook, module):
-    """How errors name the layer of ``hook``: its name in the model where the composite recorded it."""
+    """How errors name the layer of ``hook``: its name in the model where the composite recorded it.
+
+    Parameters
+    ----------
+    hook : zennit.core.Hook
+        The rule registered on the module (its ``module_name``, if the composite recorded one, is used).
+    module : torch.nn.Module
+        The module the rule is registered on.
+
+    Returns
+    -------
+    str
+        ``"'name' (Type)"``, or the type's name alone.
+    """
     name = getattr(hook, 'module_name', None)
     kind = type(module).__name__
     return f'{name!r} ({kind})' if name else kind
@@ -144,7 +247,19 @@ def where(hook, module):
 def layer(hook, module, input, output):
     """The per-layer checks of a rule's forward call: its input now, the relevance arriving at its output
     (the gradient of the first output tensor) in backward, decided now: autograd runs a CUDA backward in a
-    thread of its own, where ``located``'s mode is not set. Messages are formed only on failure."""
+    thread of its own, where ``located``'s mode is not set. Messages are formed only on failure.
+
+    Parameters
+    ----------
+    hook : zennit.core.Hook
+        The rule whose forward call is checked (names the layer).
+    module : torch.nn.Module
+        The module it is registered on.
+    input : torch.Tensor
+        The module's input, checked now.
+    output : torch.Tensor or tuple of torch.Tensor
+        The module's output: a hook on it (its first tensor) checks the relevance arriving in backward.
+    """
     if applies(input):
         ensure_finite(input, lambda: f'the input of {where(hook, module)}')
     tensor = output[0] if isinstance(output, tuple) and output else output
@@ -160,7 +275,18 @@ def first_order(backward):
     """``torch.autograd.function.once_differentiable`` for the rules' backward, with a clear error for
     ``create_graph=True`` (autograd runs a backward with grad mode on exactly then): LRP relevance is not a
     derivative, so there is no second-order relevance to give, and once_differentiable alone would return
-    a result that silently does not depend on anything."""
+    a result that silently does not depend on anything.
+
+    Parameters
+    ----------
+    backward : callable
+        An autograd Function's ``backward(ctx, *grads)``.
+
+    Returns
+    -------
+    callable
+        The wrapped backward: once differentiable, raising ``RuntimeError`` under ``create_graph=True``.
+    """
     once = once_differentiable(backward)
 
     @functools.wraps(backward)

@@ -54,7 +54,20 @@ class _PassThrough(torch.autograd.Function):
 
 
 class Epsilon(FusedRule):
-    """LRP-epsilon: ``R_in = x * W^T (R / stab(W x + b))``, as ``zennit.rules.Epsilon``."""
+    """LRP-epsilon: ``R_in = x * W^T (R / stab(W x + b))``, as ``zennit.rules.Epsilon``.
+
+    Parameters
+    ----------
+    epsilon : float or zennit.core.Stabilizer, optional
+        The stabilizer ``eps`` of ``stab(z) = z + eps * (sign(z) + [z == 0])`` (default 1e-6).
+    zero_params : str or list of str, optional
+        zennit's parameters to zero for the rule: only ``'bias'`` (the bias enters neither denominator);
+        another name raises ``NotImplementedError``.
+    convention : {'explicit', 'gradient_x_input'}, optional
+        Keyword only. ``'explicit'`` (default): the gradient slot carries relevance, as in zennit.
+        ``'gradient_x_input'``: it carries relevance per unit of the tensor (``R = y * g``), the form
+        lxt_ext's transformer composites register.
+    """
     rule_name = 'epsilon'
 
     def __init__(self, epsilon=1e-6, zero_params=None, *, convention='explicit'):
@@ -66,7 +79,24 @@ class Epsilon(FusedRule):
 
 class Gamma(FusedRule):
     """Generalized LRP-gamma, as ``zennit.rules.Gamma``: weights ``W + gamma W+`` for positive and
-    ``W + gamma W-`` for negative contributions, biases ``b + gamma b+`` and ``b + gamma b-``."""
+    ``W + gamma W-`` for negative contributions, biases ``b + gamma b+`` and ``b + gamma b-``.
+
+    Parameters
+    ----------
+    gamma : float, optional
+        How much the positive (for positive outputs) and negative (for negative outputs) contributions
+        are favoured (default 0.25; 0 is the epsilon rule with ``stabilizer`` as epsilon).
+    stabilizer : float or zennit.core.Stabilizer, optional
+        The stabilizer of the denominators, ``stab(z) = z + stabilizer * (sign(z) + [z == 0])`` as in
+        zennit (default 1e-6). A ``zennit.core.Stabilizer`` with ``clip`` or ``norm_scale`` is refused.
+    zero_params : str or list of str, optional
+        zennit's parameters to zero for the rule: only ``'bias'`` (the bias enters neither denominator);
+        another name raises ``NotImplementedError``.
+    convention : {'explicit', 'gradient_x_input'}, optional
+        Keyword only. ``'explicit'`` (default): the gradient slot carries relevance, as in zennit.
+        ``'gradient_x_input'``: it carries relevance per unit of the tensor (``R = y * g``), the form
+        lxt_ext's transformer composites register.
+    """
     rule_name = 'gamma'
 
     def __init__(self, gamma=0.25, stabilizer=1e-6, zero_params=None, *, convention='explicit'):
@@ -79,7 +109,26 @@ class Gamma(FusedRule):
 
 class AlphaBeta(FusedRule):
     """LRP-alpha-beta, as ``zennit.rules.AlphaBeta``: ``alpha`` times the positive minus ``beta``
-    times the negative contributions, each normalized by its own sum (biases ``b+`` and ``b-``)."""
+    times the negative contributions, each normalized by its own sum (biases ``b+`` and ``b-``).
+
+    Parameters
+    ----------
+    alpha : float, optional
+        Weight of the positive contributions (default 2).
+    beta : float, optional
+        Weight of the negative contributions (default 1); both must be non-negative and
+        ``alpha - beta`` must be 1 (``ValueError`` otherwise, zennit's messages).
+    stabilizer : float or zennit.core.Stabilizer, optional
+        The stabilizer of the denominators, ``stab(z) = z + stabilizer * (sign(z) + [z == 0])`` as in
+        zennit (default 1e-6). A ``zennit.core.Stabilizer`` with ``clip`` or ``norm_scale`` is refused.
+    zero_params : str or list of str, optional
+        zennit's parameters to zero for the rule: only ``'bias'`` (the bias enters neither denominator);
+        another name raises ``NotImplementedError``.
+    convention : {'explicit', 'gradient_x_input'}, optional
+        Keyword only. ``'explicit'`` (default): the gradient slot carries relevance, as in zennit.
+        ``'gradient_x_input'``: it carries relevance per unit of the tensor (``R = y * g``), the form
+        lxt_ext's transformer composites register.
+    """
     rule_name = 'alpha_beta'
 
     def __init__(self, alpha=2., beta=1., stabilizer=1e-6, zero_params=None, *, convention='explicit'):
@@ -95,7 +144,21 @@ class AlphaBeta(FusedRule):
 
 
 class ZPlus(AlphaBeta):
-    """LRP-z+, as ``zennit.rules.ZPlus``: alpha-beta with ``alpha=1, beta=0``."""
+    """LRP-z+, as ``zennit.rules.ZPlus``: alpha-beta with ``alpha=1, beta=0``.
+
+    Parameters
+    ----------
+    stabilizer : float or zennit.core.Stabilizer, optional
+        The stabilizer of the denominators, ``stab(z) = z + stabilizer * (sign(z) + [z == 0])`` as in
+        zennit (default 1e-6). A ``zennit.core.Stabilizer`` with ``clip`` or ``norm_scale`` is refused.
+    zero_params : str or list of str, optional
+        zennit's parameters to zero for the rule: only ``'bias'`` (the bias enters neither denominator);
+        another name raises ``NotImplementedError``.
+    convention : {'explicit', 'gradient_x_input'}, optional
+        Keyword only. ``'explicit'`` (default): the gradient slot carries relevance, as in zennit.
+        ``'gradient_x_input'``: it carries relevance per unit of the tensor (``R = y * g``), the form
+        lxt_ext's transformer composites register.
+    """
 
     def __init__(self, stabilizer=1e-6, zero_params=None, *, convention='explicit'):
         super().__init__(alpha=1., beta=0., stabilizer=stabilizer, zero_params=zero_params, convention=convention)
@@ -105,7 +168,21 @@ class ZBox(ProductRule):
     """LRP-ZBox, as ``zennit.rules.ZBox``: ``R_in = x W^T s - low W+^T s - high W-^T s`` with
     ``s = R / stab(W x - W+ low - W- high)``. zennit's three biases ``b - b+ - b-`` cancel, so the bias
     (zeroed or not) does not enter. Backward takes three forward and two input-gradient products
-    (``W^T s = W+^T s + W-^T s``) from the kept input alone."""
+    (``W^T s = W+^T s + W-^T s``) from the kept input alone.
+
+    Parameters
+    ----------
+    low : float or torch.Tensor
+        The lowest value of the input (a tensor broadcast against the input, per pixel or channel).
+    high : float or torch.Tensor
+        The highest value of the input, likewise.
+    stabilizer : float or zennit.core.Stabilizer, optional
+        The stabilizer of the denominators, ``stab(z) = z + stabilizer * (sign(z) + [z == 0])`` as in
+        zennit (default 1e-6); any zennit stabilizer.
+    zero_params : str or list of str, optional
+        zennit's parameters to zero for the rule: only ``'bias'`` (the bias enters neither denominator);
+        another name raises ``NotImplementedError``.
+    """
 
     def __init__(self, low, high, stabilizer=1e-6, zero_params=None):
         super().__init__()
@@ -146,7 +223,17 @@ class _BoundedZBox:
 
 class Flat(ProductRule):
     """LRP-Flat, as ``zennit.rules.Flat``: the layer with all weights one, inputs one and no bias,
-    ``R_in = 1^T (R / stab(1 1))`` (two products from the input's shape alone)."""
+    ``R_in = 1^T (R / stab(1 1))`` (two products from the input's shape alone).
+
+    Parameters
+    ----------
+    stabilizer : float or zennit.core.Stabilizer, optional
+        The stabilizer of the denominators, ``stab(z) = z + stabilizer * (sign(z) + [z == 0])`` as in
+        zennit (default 1e-6); any zennit stabilizer.
+    zero_params : str or list of str, optional
+        zennit's parameters to zero for the rule: only ``'bias'`` (the bias enters neither denominator);
+        another name raises ``NotImplementedError``.
+    """
 
     def __init__(self, stabilizer=1e-6, zero_params=None):
         super().__init__()
@@ -167,7 +254,14 @@ class Norm(SwappedForward):
     """zennit's Norm rule for a parameter-free linear module ``y = f(x)`` (zennit's ``Sum``, average
     pooling): ``R_in = x * J_f^T (R / stab(y))``. Keeps only the input, and of a ``Sum``'s stacked input
     only the slices no product rule keeps already; backward re-runs ``f`` once for ``J_f^T``. (zennit's
-    keeps a clone of the input and the output relevance until the hook is removed.)"""
+    keeps a clone of the input and the output relevance until the hook is removed.)
+
+    Parameters
+    ----------
+    stabilizer : float or zennit.core.Stabilizer, optional
+        The stabilizer of the denominators, ``stab(z) = z + stabilizer * (sign(z) + [z == 0])`` as in
+        zennit (default 1e-6); any zennit stabilizer.
+    """
 
     def __init__(self, stabilizer=1e-6):
         super().__init__()

@@ -77,7 +77,25 @@ def _verified_bytes(path, sha256):
 def load_model(path=WEIGHTS, sha256=WEIGHTS_SHA256):
     """The embedded ``torchvision.models.VisionTransformer`` in eval mode on the CPU, float32, its
     weights read from ``path`` after checking the file's sha256 (:class:`EmbeddedModelError` if the
-    file is missing or its checksum differs)."""
+    file is missing or its checksum differs).
+
+    Parameters
+    ----------
+    path : str, optional
+        The state_dict file (default ``WEIGHTS``, the shipped one).
+    sha256 : str, optional
+        Its expected sha256 in hex (default ``WEIGHTS_SHA256``).
+
+    Returns
+    -------
+    torchvision.models.VisionTransformer
+        The model in eval mode; it takes images normalised with ``MEAN`` and ``STD``.
+
+    Raises
+    ------
+    EmbeddedModelError
+        The file is missing or its checksum differs.
+    """
     import io
 
     from torchvision.models import VisionTransformer
@@ -103,7 +121,19 @@ def load_samples():
     """``(images, masks, labels, names)`` of the shipped held-out samples: images (N, 3, IMAGE_SIZE,
     IMAGE_SIZE) float32 in 0..1 (not normalised), masks (N, IMAGE_SIZE, IMAGE_SIZE) bool (the class
     object's pixels), labels (N,) int64 indices into ``CLASSES``, names the image file names in
-    ``SAMPLES_DIR``."""
+    ``SAMPLES_DIR``.
+
+    Returns
+    -------
+    images : torch.Tensor
+        (N, 3, IMAGE_SIZE, IMAGE_SIZE) float32 in 0..1, not normalised.
+    masks : torch.Tensor
+        (N, IMAGE_SIZE, IMAGE_SIZE) bool, True on the object.
+    labels : torch.Tensor
+        (N,) int64, indices into ``CLASSES``.
+    names : list of str
+        The image file names in ``SAMPLES_DIR``.
+    """
     samples = _read_json('samples.json')
     images = torch.stack([_read_png(os.path.join(FOLDER, s['image']), 'RGB').permute(2, 0, 1) for s in samples])
     masks = torch.stack([_read_png(os.path.join(FOLDER, s['mask']), 'L') > 127 for s in samples])

@@ -3,7 +3,18 @@ import torch
 
 
 def sample_image(size=224):
-    """A deterministic 3 x size x size picture in 0..1: sky, sun, a house and grass."""
+    """A deterministic 3 x size x size picture in 0..1: sky, sun, a house and grass.
+
+    Parameters
+    ----------
+    size : int, optional
+        Height and width in pixels (default 224).
+
+    Returns
+    -------
+    torch.Tensor
+        (3, size, size) float32 in 0..1.
+    """
     ys, xs = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing='ij')
     image = torch.stack([0.45 + 0.3 * ys, 0.65 + 0.2 * ys, torch.full_like(ys, 0.95)])
     grass = ys > 0.72

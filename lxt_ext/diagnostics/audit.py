@@ -64,7 +64,21 @@ _TORCH = os.path.dirname(torch.__file__) + os.sep
 class Finding:
     """One uncovered operation: the module whose forward ran it (dotted name, ``''``: the model
     itself), its class, the operation (the torch function called and its autograd node), the source
-    line (``file:line``) and why its plain gradient is wrong relevance."""
+    line (``file:line``) and why its plain gradient is wrong relevance.
+
+    Parameters
+    ----------
+    module : str
+        The dotted name of the module whose forward ran the operation (``''``: the model itself).
+    module_type : str
+        That module's class name.
+    operation : str
+        The torch function called and its autograd node, e.g. ``'mul (MulBackward0)'``.
+    source : str
+        ``file:line`` of the call, outside torch.
+    reason : str
+        Why the plain gradient of the operation is wrong relevance.
+    """
     module: str
     module_type: str
     operation: str
@@ -76,7 +90,13 @@ class Finding:
 
 
 class UncoveredOperationError(UnmappedModuleError):
-    """Operations on the relevance path that no rule covers (their plain gradient is wrong relevance)."""
+    """Operations on the relevance path that no rule covers (their plain gradient is wrong relevance).
+
+    Parameters
+    ----------
+    report : AuditReport
+        The audit's findings (kept as ``.report``; the message lists them).
+    """
 
     def __init__(self, report):
         super().__init__(str(report))
@@ -86,7 +106,15 @@ class UncoveredOperationError(UnmappedModuleError):
 @dataclasses.dataclass
 class AuditReport:
     """What ``audit`` found (in forward order; one entry per module, operation and line) and how many
-    autograd nodes lie on the relevance path."""
+    autograd nodes lie on the relevance path.
+
+    Parameters
+    ----------
+    findings : list of Finding
+        The uncovered operations, in forward order.
+    nodes : int
+        How many autograd nodes lie on the relevance path.
+    """
     findings: list
     nodes: int
 
@@ -99,7 +127,13 @@ class AuditReport:
                 f'adapter in lxt_ext.models) or compute the operation through lxt_ext.transformer\'s rules.')
 
     def check(self):
-        """Raise ``UncoveredOperationError`` if anything was found."""
+        """Raise ``UncoveredOperationError`` if anything was found.
+
+        Returns
+        -------
+        AuditReport
+            This report, when nothing was found.
+        """
         if self.findings:
             raise UncoveredOperationError(self)
         return self
@@ -196,7 +230,22 @@ class _Recorder(TorchFunctionMode):
 
 
 def record(model):
-    """A context manager recording a forward of ``model`` for an audit::
+    """A context manager recording a forward of ``model`` for an audit.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model whose module calls name the operations found.
+
+    Returns
+    -------
+    context manager
+        Entered, it records every torch function called; its ``report(outputs, inputs)`` gives the
+        ``AuditReport`` of the graph from ``outputs`` back to ``inputs`` (lists of tensors).
+
+    Examples
+    --------
+    .. code-block:: python
 
         with lxt_ext.diagnostics.record(model) as recorder:
             output = model(x)            # x requires grad; the composite is registered
@@ -210,7 +259,24 @@ def audit(model, input, forward=None, composite=None):
     transformers ``ModelOutput``: every tensor in it that requires grad is an output) with ``composite``
     registered for the call (None: the one registered already) and return the ``AuditReport`` of
     the graph from the output back to ``input``. ``.check()`` on it raises ``UncoveredOperationError``
-    for each uncovered operation (module, operation and source line)."""
+    for each uncovered operation (module, operation and source line).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model to audit.
+    input : torch.Tensor
+        Its input (images, or input embeddings of a text model); a detached copy requiring grad is used.
+    forward : callable, optional
+        ``forward(model, x)`` runs the model (default ``model(x)``).
+    composite : zennit.core.Composite, optional
+        Registered for the call; None: the rules registered on the model already.
+
+    Returns
+    -------
+    AuditReport
+        The uncovered operations on the relevance path (``.check()`` raises if there is any).
+    """
     forward = forward or (lambda model, x: model(x))
     x = input.detach().requires_grad_()
     registered = composite.context(model) if composite is not None else contextlib.nullcontext()

@@ -30,7 +30,20 @@ __all__ = ['MethodResult', 'lrp_method', 'compare', 'markdown_table', 'results_j
 
 def lrp_method(make_composite, forward=None):
     """``method(model, x, target)`` of the LRP composite ``make_composite()`` (a fresh one per call)
-    through :func:`lxt_ext.explanation.explain_batch`."""
+    through :func:`lxt_ext.explanation.explain_batch`.
+
+    Parameters
+    ----------
+    make_composite : callable
+        ``make_composite()`` gives a new composite (e.g. ``lambda: ViTEpsilon()``).
+    forward : callable, optional
+        ``forward(model, x) -> logits`` (default ``model(x)``).
+
+    Returns
+    -------
+    callable
+        ``method(model, x, target) -> relevance`` shaped like ``x``.
+    """
     def method(model, x, target):
         return explain_batch(model, x, make_composite(), target=target, forward=forward).relevance
     return method
@@ -38,7 +51,25 @@ def lrp_method(make_composite, forward=None):
 
 @dataclass
 class MethodResult:
-    """One method's per-image results (tensors over the N images, curves (N, S + 1))."""
+    """One method's per-image results (tensors over the N images, curves (N, S + 1)).
+
+    Parameters
+    ----------
+    name : str
+        The method's name.
+    mode : str
+        The perturbation mode, ``'deletion'`` or ``'insertion'``.
+    morf, lerf : torch.Tensor
+        The MoRF and LeRF curves (N, S + 1).
+    abpc, morf_area, lerf_area : torch.Tensor
+        Per image (N,).
+    seconds : float
+        The attribution time over all images.
+    relevance_mass, pointing_game : torch.Tensor, optional
+        Per image (N,); None without masks.
+    example : torch.Tensor, optional
+        The first image's relevance summed over channels (H, W).
+    """
     name: str
     mode: str
     morf: torch.Tensor
@@ -57,7 +88,14 @@ class MethodResult:
 
     def summary(self):
         """Means over the images (NaN-free means for the localisation scores), and the standard error of
-        the mean ABPC (sample standard deviation / sqrt(N); 0 for one image)."""
+        the mean ABPC (sample standard deviation / sqrt(N); 0 for one image).
+
+        Returns
+        -------
+        dict
+            ``abpc``, ``abpc_sem``, ``morf_area``, ``lerf_area``, ``relevance_mass``, ``pointing_game``
+            (None without masks), ``seconds_per_image`` and ``images``.
+        """
         mean = lambda t: None if t is None else float(t.nanmean())  # noqa: E731
         sem = float(self.abpc.std() / self.images ** 0.5) if self.images > 1 else 0.
         return {'abpc': mean(self.abpc), 'abpc_sem': sem, 'morf_area': mean(self.morf_area),
@@ -76,7 +114,46 @@ def compare(model, images, methods, masks=None, target=None, preprocess=None, ba
             max_steps=None):
     """:class:`MethodResult` per method (a dict name -> method) on ``images`` (N, C, H, W) on the model's
     device, in batches of ``batch_size``; ``masks`` (N, H, W) bool for the localisation scores;
-    perturbation arguments as in :func:`lxt_ext.evaluation.faithfulness`."""
+    perturbation arguments as in :func:`lxt_ext.evaluation.faithfulness`.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model; its forward gives (N, classes) logits.
+    images : torch.Tensor
+        (N, C, H, W), before ``preprocess``.
+    methods : dict
+        Name -> ``method(model, x, target) -> relevance`` shaped like ``x``.
+    masks : torch.Tensor, optional
+        (N, H, W) bool, True on the object: adds relevance mass accuracy and the pointing game.
+    target : int or torch.Tensor, optional
+        The classes to explain, one per image or one for all (default: each image's predicted class).
+    preprocess : callable, optional
+        Applied to each batch before the model (e.g. normalisation); perturbation acts after it.
+    batch_size : int, optional
+        Images per batch (default 8).
+    mode : {'deletion', 'insertion'}, optional
+        Delete units from ``x`` (default) or insert them into the fill.
+    unit : {'pixel', 'patch', 'token'}, optional
+        What is perturbed at once (default ``'patch'``).
+    patch_size : int, optional
+        The side of a square patch in pixels (default 16).
+    fill : {'zeros', 'mean', 'blur'} or torch.Tensor, optional
+        What replaces a deleted unit (default ``'zeros'``), or a baseline tensor broadcasting to ``x``.
+    units_per_step : int, optional
+        Units perturbed per step (default 1).
+    max_steps : int, optional
+        At most this many steps (default: until every unit is perturbed).
+    forward : callable, optional
+        ``forward(model, x) -> logits`` (default ``model(x)``).
+    progress : bool, optional
+        Show a progress bar (default True).
+
+    Returns
+    -------
+    list of MethodResult
+        One per method, in the order of ``methods``.
+    """
     if not methods:
         raise ValueError('no methods to compare')
     if masks is not None and masks.shape != (images.shape[0], *images.shape[2:]):
@@ -141,7 +218,18 @@ def compare(model, images, methods, masks=None, target=None, preprocess=None, ba
 
 
 def markdown_table(results):
-    """The results as a markdown table, one row per method (means over the images)."""
+    """The results as a markdown table, one row per method (means over the images).
+
+    Parameters
+    ----------
+    results : list of MethodResult
+        What :func:`compare` returned.
+
+    Returns
+    -------
+    str
+        The table (ABPC with its standard error, areas, localisation scores, seconds per image).
+    """
     lines = ['| method | ABPC (± s.e.m.) | MoRF area | LeRF area | relevance mass | pointing game | s / image |',
              '|---|---:|---:|---:|---:|---:|---:|']
     fmt = lambda v, spec: 'n/a' if v is None else format(v, spec)  # noqa: E731
@@ -154,7 +242,20 @@ def markdown_table(results):
 
 
 def results_json(results, settings=None):
-    """A JSON-ready dict: the settings, and per method its means, per-image scores and mean curves."""
+    """A JSON-ready dict: the settings, and per method its means, per-image scores and mean curves.
+
+    Parameters
+    ----------
+    results : list of MethodResult
+        What :func:`compare` returned.
+    settings : dict, optional
+        Recorded as given under ``'settings'``.
+
+    Returns
+    -------
+    dict
+        ``{'settings': ..., 'methods': {name: {means..., 'per_image': ..., 'mean_curve': ...}}}``.
+    """
     record = {'settings': settings or {}, 'methods': {}}
     for r in results:
         listed = lambda t: None if t is None else [None if v != v else v for v in t.tolist()]  # noqa: E731
@@ -171,7 +272,19 @@ def results_json(results, settings=None):
 def save_plot(results, path, image=None, title=None):
     """A PNG: the mean MoRF (solid) and LeRF (dashed) curves of every method over the fraction of units
     perturbed, and below them each method's heatmap of the first image (``image`` (3, H, W) in 0..1, if
-    given, shown first)."""
+    given, shown first).
+
+    Parameters
+    ----------
+    results : list of MethodResult
+        What :func:`compare` returned.
+    path : str
+        The PNG file to write.
+    image : torch.Tensor, optional
+        (3, H, W) in 0..1, shown before the heatmaps.
+    title : str, optional
+        The figure's title.
+    """
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt

@@ -20,6 +20,21 @@ LINEAR_GAMMAS = (0., 0.01, 0.05, 0.1, 1.)
 
 @dataclass
 class GammaSearch:
+    """The result of :func:`gamma_search`.
+
+    Parameters
+    ----------
+    conv_gammas, linear_gammas : tuple of float
+        The grid's axes.
+    attention : str
+        The attention rule of every ``ViTGamma`` of the grid.
+    abpc : torch.Tensor
+        (conv, linear) mean ABPC over the images.
+    heatmaps : torch.Tensor
+        (conv, linear, H, W) relevance of the first image.
+    results : list of MethodResult
+        Every pair's results, conv-major.
+    """
     conv_gammas: tuple
     linear_gammas: tuple
     attention: str
@@ -29,7 +44,13 @@ class GammaSearch:
 
     @property
     def best(self):
-        """The (conv gamma, linear gamma) pair of the largest mean ABPC (the first of equals)."""
+        """The (conv gamma, linear gamma) pair of the largest mean ABPC (the first of equals).
+
+        Returns
+        -------
+        tuple of float
+            ``(conv_gamma, linear_gamma)``.
+        """
         index = int(torch.nan_to_num(self.abpc, nan=-float('inf')).flatten().argmax())
         return self.conv_gammas[index // len(self.linear_gammas)], self.linear_gammas[index % len(self.linear_gammas)]
 
@@ -37,7 +58,28 @@ class GammaSearch:
 def gamma_search(model, images, conv_gammas=CONV_GAMMAS, linear_gammas=LINEAR_GAMMAS, attention='cp', **options):
     """:class:`GammaSearch` of ``ViTGamma(conv_gamma, linear_gamma, attention=attention)`` over the grid on
     ``images``; ``options`` go to :func:`lxt_ext.evaluation.compare.compare` (masks, target,
-    preprocess, batch size, perturbation settings)."""
+    preprocess, batch size, perturbation settings).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A Vision Transformer that ``ViTGamma`` maps.
+    images : torch.Tensor
+        (N, C, H, W), before any ``preprocess`` in ``options``.
+    conv_gammas : sequence of float, optional
+        The gammas of the patch embedding (default ``CONV_GAMMAS``).
+    linear_gammas : sequence of float, optional
+        The gammas of the Linear layers (default ``LINEAR_GAMMAS``).
+    attention : {'cp', 'attnlrp'}, optional
+        The attention rule (default ``'cp'``, LXT's ViT recipe).
+    **options
+        Passed to :func:`lxt_ext.evaluation.compare.compare`.
+
+    Returns
+    -------
+    GammaSearch
+        Mean ABPC and the first image's heatmap per pair; ``.best`` is the pair of the largest ABPC.
+    """
     from ..composites import ViTGamma
 
     if not conv_gammas or not linear_gammas:
@@ -59,7 +101,17 @@ def gamma_search(model, images, conv_gammas=CONV_GAMMAS, linear_gammas=LINEAR_GA
 
 def save_grid(search, path, image=None):
     """A PNG of the heatmaps, one row per conv gamma and one column per linear gamma, each titled with
-    its mean ABPC, the best pair framed; ``image`` (3, H, W) in 0..1 shown in an extra first column."""
+    its mean ABPC, the best pair framed; ``image`` (3, H, W) in 0..1 shown in an extra first column.
+
+    Parameters
+    ----------
+    search : GammaSearch
+        What :func:`gamma_search` returned.
+    path : str
+        The PNG file to write.
+    image : torch.Tensor, optional
+        (3, H, W) in 0..1, shown in an extra first column.
+    """
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt

@@ -8,7 +8,7 @@
   ``RMA = sum_{p in GT} max(R_p, 0) / sum_p max(R_p, 0)``, in 0..1 (1: all positive relevance on the
   object). NaN where no pixel has positive relevance (0 / 0). Quantus's ``RelevanceMassAccuracy``
   computes ``sum_{p in GT} R_p / sum_p R_p`` of the relevance as given (its default ``normalise=True``
-  divides by max |R|, which cancels), the same number where no relevance is negative.
+  divides by ``max |R|``, which cancels), the same number where no relevance is negative.
 - Pointing game (Zhang et al. 2018, "Top-down neural attention by excitation backprop", IJCV 126):
   ``1`` where a pixel of maximal relevance ``argmax_p R_p`` lies on the object, else ``0``; ties
   count as a hit if any of the tied pixels is on the object, as in Quantus's ``PointingGame``
@@ -40,14 +40,40 @@ def _pixels(relevance, mask):
 
 
 def relevance_mass_accuracy(relevance, mask):
-    """(N,) float: the share of each sample's positive relevance inside its mask (module doc)."""
+    """(N,) float: the share of each sample's positive relevance inside its mask (module doc).
+
+    Parameters
+    ----------
+    relevance : torch.Tensor
+        (N, H, W), or (N, C, H, W) summed over channels first.
+    mask : torch.Tensor
+        (N, H, W) bool, True on the object; an empty mask is an error.
+
+    Returns
+    -------
+    torch.Tensor
+        (N,) in 0..1; NaN where no pixel has positive relevance.
+    """
     relevance, mask = _pixels(relevance, mask)
     positive = relevance.clamp(min=0)
     return (positive * mask).sum(1) / positive.sum(1)
 
 
 def pointing_game(relevance, mask):
-    """(N,) float: 1.0 where a pixel of maximal relevance lies inside the mask, else 0.0 (module doc)."""
+    """(N,) float: 1.0 where a pixel of maximal relevance lies inside the mask, else 0.0 (module doc).
+
+    Parameters
+    ----------
+    relevance : torch.Tensor
+        (N, H, W), or (N, C, H, W) summed over channels first.
+    mask : torch.Tensor
+        (N, H, W) bool, True on the object; an empty mask is an error.
+
+    Returns
+    -------
+    torch.Tensor
+        (N,) of 1.0 (hit) and 0.0.
+    """
     relevance, mask = _pixels(relevance, mask)
     top = relevance == relevance.amax(1, keepdim=True)
     return (top & mask).any(1).to(relevance.dtype if relevance.is_floating_point() else torch.float32)

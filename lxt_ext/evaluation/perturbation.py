@@ -57,7 +57,20 @@ def _choice(name, value, choices):
 
 def blur(x, sigma=5.0):
     """Gaussian blur of an image batch (N, C, H, W) with standard deviation ``sigma`` pixels (kernel
-    ``2 * ceil(3 sigma) + 1``, cut to fit the image; reflected borders)."""
+    ``2 * ceil(3 sigma) + 1``, cut to fit the image; reflected borders).
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Images (N, C, H, W).
+    sigma : float, optional
+        The standard deviation in pixels (default 5).
+
+    Returns
+    -------
+    torch.Tensor
+        The blurred images, shaped like ``x``.
+    """
     if x.dim() != 4:
         raise ValueError(f'blur takes an image batch (N, C, H, W), got shape {tuple(x.shape)}')
     size = [min(2 * math.ceil(3 * sigma) + 1, 2 * ((n - 1) // 2) + 1) for n in x.shape[-2:]]
@@ -91,7 +104,24 @@ def _check_input(x, unit):
 
 
 def unit_relevance(relevance, x_shape, unit='patch', patch_size=16):
-    """Relevance per unit (N, U), units in row-major (pixel, patch) or sequence (token) order."""
+    """Relevance per unit (N, U), units in row-major (pixel, patch) or sequence (token) order.
+
+    Parameters
+    ----------
+    relevance : torch.Tensor
+        Shaped like the input, or summed over channels (N, H, W) or embedding dimensions (N, T).
+    x_shape : tuple of int
+        The input's shape, (N, C, H, W) or (N, T, D).
+    unit : {'pixel', 'patch', 'token'}, optional
+        The unit (default ``'patch'``).
+    patch_size : int, optional
+        The side of a square patch in pixels (default 16).
+
+    Returns
+    -------
+    torch.Tensor
+        (N, U): each unit's relevance, summed over its elements.
+    """
     relevance = torch.as_tensor(relevance)
     n = x_shape[0]
     if unit == 'token':
@@ -183,13 +213,59 @@ def _curves(model, x, relevance, target, orders, mode, unit, patch_size, fill, u
 
 def perturbation_curve(model, x, relevance, target, order='morf', mode='deletion', unit='patch', patch_size=16,
                        fill='zeros', units_per_step=1, max_steps=None, forward=None, progress=True):
-    """The target logit after each step (N, S + 1), float64; see the module doc for every argument."""
+    """The target logit after each step (N, S + 1), float64; see the module doc for every argument.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model; its forward gives (N, classes) logits.
+    x : torch.Tensor
+        The model input: images (N, C, H, W) or embeddings (N, T, D).
+    relevance : torch.Tensor
+        Shaped like ``x``, or already summed over channels (N, H, W) or embedding dimensions (N, T).
+    target : int or torch.Tensor
+        The explained class, one for all rows or an integer tensor (N,).
+    order : {'morf', 'lerf'}, optional
+        Most relevant first (default) or least relevant first.
+    mode : {'deletion', 'insertion'}, optional
+        Delete units from ``x`` (default) or insert them into the fill.
+    unit : {'pixel', 'patch', 'token'}, optional
+        What is perturbed at once (default ``'patch'``).
+    patch_size : int, optional
+        The side of a square patch in pixels (default 16).
+    fill : {'zeros', 'mean', 'blur'} or torch.Tensor, optional
+        What replaces a deleted unit (default ``'zeros'``), or a baseline tensor broadcasting to ``x``.
+    units_per_step : int, optional
+        Units perturbed per step (default 1).
+    max_steps : int, optional
+        At most this many steps (default: until every unit is perturbed).
+    forward : callable, optional
+        ``forward(model, x) -> logits`` (default ``model(x)``).
+    progress : bool, optional
+        Show a progress bar (default True).
+
+    Returns
+    -------
+    torch.Tensor
+        (N, S + 1) float64: the target logit before and after each step.
+    """
     return _curves(model, x, relevance, target, (order,), mode, unit, patch_size, fill, units_per_step,
                    max_steps, forward, progress)[0]
 
 
 def area(curve):
-    """Trapezoid area under curves (..., S + 1) with unit step spacing, divided by S (the mean height)."""
+    """Trapezoid area under curves (..., S + 1) with unit step spacing, divided by S (the mean height).
+
+    Parameters
+    ----------
+    curve : torch.Tensor
+        Curves (..., S + 1), at least two points each.
+
+    Returns
+    -------
+    torch.Tensor
+        (...): each curve's area.
+    """
     if curve.shape[-1] < 2:
         raise ValueError('a curve needs at least two points (one perturbation step) for an area')
     return torch.trapezoid(curve, dim=-1) / (curve.shape[-1] - 1)
@@ -197,7 +273,17 @@ def area(curve):
 
 @dataclass
 class Faithfulness:
-    """MoRF and LeRF curves (N, S + 1), their areas and ABPC (N,) of one mode."""
+    """MoRF and LeRF curves (N, S + 1), their areas and ABPC (N,) of one mode.
+
+    Parameters
+    ----------
+    mode : {'deletion', 'insertion'}
+        The mode the curves were recorded in (decides the sign of ``abpc``).
+    morf : torch.Tensor
+        The most-relevant-first curves (N, S + 1).
+    lerf : torch.Tensor
+        The least-relevant-first curves (N, S + 1).
+    """
     mode: str
     morf: torch.Tensor
     lerf: torch.Tensor
@@ -219,7 +305,40 @@ class Faithfulness:
 
 def faithfulness(model, x, relevance, target, mode='deletion', unit='patch', patch_size=16, fill='zeros',
                  units_per_step=1, max_steps=None, forward=None, progress=True):
-    """MoRF and LeRF curves of one ``mode`` in one pass (one forward of 2N rows per step)."""
+    """MoRF and LeRF curves of one ``mode`` in one pass (one forward of 2N rows per step).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model; its forward gives (N, classes) logits.
+    x : torch.Tensor
+        The model input: images (N, C, H, W) or embeddings (N, T, D).
+    relevance : torch.Tensor
+        Shaped like ``x``, or already summed over channels (N, H, W) or embedding dimensions (N, T).
+    target : int or torch.Tensor
+        The explained class, one for all rows or an integer tensor (N,).
+    mode : {'deletion', 'insertion'}, optional
+        Delete units from ``x`` (default) or insert them into the fill.
+    unit : {'pixel', 'patch', 'token'}, optional
+        What is perturbed at once (default ``'patch'``).
+    patch_size : int, optional
+        The side of a square patch in pixels (default 16).
+    fill : {'zeros', 'mean', 'blur'} or torch.Tensor, optional
+        What replaces a deleted unit (default ``'zeros'``), or a baseline tensor broadcasting to ``x``.
+    units_per_step : int, optional
+        Units perturbed per step (default 1).
+    max_steps : int, optional
+        At most this many steps (default: until every unit is perturbed).
+    forward : callable, optional
+        ``forward(model, x) -> logits`` (default ``model(x)``).
+    progress : bool, optional
+        Show a progress bar (default True).
+
+    Returns
+    -------
+    Faithfulness
+        Both curves, their areas (``morf_area``, ``lerf_area``) and ``abpc`` per row.
+    """
     morf, lerf = _curves(model, x, relevance, target, ORDERS, mode, unit, patch_size, fill, units_per_step,
                          max_steps, forward, progress)
     return Faithfulness(mode, morf, lerf)

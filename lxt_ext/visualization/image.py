@@ -48,6 +48,18 @@ def imgify(relevance, cmap=DEFAULT_CMAP):
 
     Like ``zennit.image.imgify(relevance.sum(0), symmetric=True, cmap=cmap)``, except that the colour
     map is evaluated at each value (not at 256 palette levels) and the result saves with any Pillow.
+
+    Parameters
+    ----------
+    relevance : torch.Tensor or array_like
+        (H, W), or (1, H, W) / (3, H, W) summed over channels.
+    cmap : str, optional
+        A colour map of ``zennit.image.CMAPS`` (default ``'coldnhot'``).
+
+    Returns
+    -------
+    PIL.Image.Image
+        An RGB image, H x W pixels.
     """
     return to_pil(colours(relevance, cmap))
 
@@ -77,6 +89,23 @@ def save_heatmap(relevance, path, image=None, cmap=DEFAULT_CMAP, overlay=False, 
     With ``image`` (the input, (3, H, W) in 0..1, the relevance's H x W), the PNG is 2W wide: the image
     on the left, the heatmap on the right; with ``overlay=True`` it is the heatmap over the image
     (:func:`overlaid`), W wide.
+
+    Parameters
+    ----------
+    relevance : torch.Tensor or array_like
+        (H, W), or (1, H, W) / (3, H, W) summed over channels.
+    path : str or file object
+        The file to write (its suffix gives the format), or a binary file object with ``format``.
+    image : torch.Tensor, optional
+        The input (3, H, W) in 0..1: shown beside the heatmap, or under it with ``overlay``.
+    cmap : str, optional
+        A colour map of ``zennit.image.CMAPS`` (default ``'coldnhot'``).
+    overlay : bool, optional
+        Lay the heatmap over ``image`` instead of beside it (default False).
+    format : str, optional
+        The image format for a file object, e.g. ``'PNG'``.
+    compress_level : int, optional
+        The PNG's zlib level, 0-9 (Pillow's default 6 when None).
     """
     if overlay:
         if image is None:

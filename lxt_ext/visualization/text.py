@@ -9,7 +9,7 @@ SentencePiece's ``▁`` as a space and its byte tokens (``<0x0A>``) decoded the 
 starts a word; ``merge_words`` sums relevance per word.
 
 Colours are LXT's and zennit's ``bwr`` map at ``(R / max|R| + 1) / 2``: positive relevance red,
-negative blue, zero white, normalised by the largest |R| of the sequence.
+negative blue, zero white, normalised by the largest ``|R|`` of the sequence.
 
 LXT's ``lxt.utils.pdf_heatmap`` is the anchor of the LaTeX (a ``\\colorbox`` per token); this one needs
 only LaTeX's base packages (``color``), escapes LaTeX's special characters, and sizes the page to
@@ -69,7 +69,20 @@ def clean_tokens(tokens, scheme='auto'):
 
     ``scheme``: ``'byte_level'`` (GPT-2, LLaMA 3, Qwen), ``'sentencepiece'`` (LLaMA 2, Gemma, T5),
     ``'wordpiece'`` (BERT), ``'plain'`` (tokens are text already) or ``'auto'``: told by the markers
-    (``▁`` or byte tokens, GPT-2's byte alphabet, ``##``), else plain."""
+    (``▁`` or byte tokens, GPT-2's byte alphabet, ``##``), else plain.
+
+    Parameters
+    ----------
+    tokens : sequence of str
+        The tokenizer's strings.
+    scheme : {'auto', 'byte_level', 'sentencepiece', 'wordpiece', 'plain'}, optional
+        The tokenizer's kind (default ``'auto'``).
+
+    Returns
+    -------
+    list of str
+        One text per token.
+    """
     tokens = [str(t) for t in tokens]
     if scheme not in SCHEMES:
         raise ValueError(f'scheme must be one of {SCHEMES}, got {scheme!r}')
@@ -109,7 +122,22 @@ def merge_words(tokens, relevance):
     """``(words, word relevance)``: cleaned ``tokens`` joined into words, relevance summed per word. A
     word starts at a token that starts with whitespace or follows one ending in it; spaces standing alone
     join the word after them, line breaks and special tokens (``<s>``, ``[CLS]``, ...) are words of
-    their own."""
+    their own.
+
+    Parameters
+    ----------
+    tokens : sequence of str
+        Token texts as :func:`clean_tokens` gives them.
+    relevance : array_like
+        One finite value per token.
+
+    Returns
+    -------
+    words : list of str
+        The words.
+    word_relevance : numpy.ndarray
+        Their relevance, float64.
+    """
     relevance = _relevance(relevance, len(tokens))
     words, sums = [], []
     for token, r in zip(tokens, relevance):
@@ -139,7 +167,18 @@ def _continues(word, token):
 
 
 def token_colours(relevance):
-    """``(N, 3)`` RGB in 0..1 of zennit's ``bwr`` map at ``(R / max|R| + 1) / 2`` (all zero: white)."""
+    """``(N, 3)`` RGB in 0..1 of zennit's ``bwr`` map at ``(R / max|R| + 1) / 2`` (all zero: white).
+
+    Parameters
+    ----------
+    relevance : array_like
+        N finite values.
+
+    Returns
+    -------
+    numpy.ndarray
+        (N, 3) RGB in 0..1.
+    """
     relevance = _relevance(relevance, len(relevance))
     scale = max(np.abs(relevance).max(initial=0.), 1e-30)
     return CMAPS['bwr'](relevance / scale / 2 + .5).reshape(-1, 3)
@@ -167,7 +206,28 @@ def _units(tokens, relevance, words, scheme):
 def text_html(tokens, relevance, words=False, scheme='auto', title=None, font_size=16):
     """A self-contained HTML page (inline CSS, no external resources): one ``<span class="token">`` per
     token (or word, with ``words``) coloured by its relevance (``data-relevance`` and the tooltip hold the
-    value)."""
+    value).
+
+    Parameters
+    ----------
+    tokens : sequence of str
+        The tokenizer's strings, e.g. ``tokenizer.convert_ids_to_tokens(ids)``.
+    relevance : array_like
+        One finite value per token (1-D; sum input-embedding relevance over its last dimension first).
+    words : bool, optional
+        Merge tokens into words, their relevance summed (default False).
+    scheme : {'auto', 'byte_level', 'sentencepiece', 'wordpiece', 'plain'}, optional
+        How tokens are turned into text (default ``'auto'``, see :func:`clean_tokens`).
+    title : str, optional
+        The page's title and heading.
+    font_size : int, optional
+        In CSS pixels (default 16).
+
+    Returns
+    -------
+    str
+        The HTML page.
+    """
     units, relevance = _units(tokens, relevance, words, scheme)
     colours = token_colours(relevance)
     parts = []
@@ -211,7 +271,32 @@ def _matplotlib_font():
 def text_image(tokens, relevance, words=False, scheme='auto', width=800, font_size=20, font=None, margin=10):
     """The heatmap as a PIL RGB image ``width`` pixels wide, each token's (or word's) box filled with its
     colour; lines break between words (inside a word only where it is longer than a line). ``font``: a
-    TrueType file (default DejaVu Sans; PIL's default font with a warning where it is missing)."""
+    TrueType file (default DejaVu Sans; PIL's default font with a warning where it is missing).
+
+    Parameters
+    ----------
+    tokens : sequence of str
+        The tokenizer's strings, e.g. ``tokenizer.convert_ids_to_tokens(ids)``.
+    relevance : array_like
+        One finite value per token (1-D; sum input-embedding relevance over its last dimension first).
+    words : bool, optional
+        Merge tokens into words, their relevance summed (default False).
+    scheme : {'auto', 'byte_level', 'sentencepiece', 'wordpiece', 'plain'}, optional
+        How tokens are turned into text (default ``'auto'``, see :func:`clean_tokens`).
+    width : int, optional
+        The image width in pixels (default 800).
+    font_size : int, optional
+        In pixels (default 20).
+    font : str, optional
+        A TrueType font file (default ``FONT``).
+    margin : int, optional
+        In pixels (default 10).
+
+    Returns
+    -------
+    PIL.Image.Image
+        The heatmap, ``width`` pixels wide and as high as the text.
+    """
     from PIL import Image, ImageDraw
 
     units, relevance = _units(tokens, relevance, words, scheme)
@@ -272,7 +357,30 @@ def _latex_text(text, unicode_engine, replaced):
 def text_latex(tokens, relevance, words=False, scheme='auto', engine='pdflatex', width_mm=160, margin_mm=4):
     """LaTeX source of the heatmap: a ``\\colorbox`` per token (or word) on a page ``width_mm`` wide and
     as high as the text, using only LaTeX's base packages. ``engine``: the engine it is written for
-    (pdflatex gets ASCII and Latin-1 letters; other characters become ``?`` with a warning)."""
+    (pdflatex gets ASCII and Latin-1 letters; other characters become ``?`` with a warning).
+
+    Parameters
+    ----------
+    tokens : sequence of str
+        The tokenizer's strings, e.g. ``tokenizer.convert_ids_to_tokens(ids)``.
+    relevance : array_like
+        One finite value per token (1-D; sum input-embedding relevance over its last dimension first).
+    words : bool, optional
+        Merge tokens into words, their relevance summed (default False).
+    scheme : {'auto', 'byte_level', 'sentencepiece', 'wordpiece', 'plain'}, optional
+        How tokens are turned into text (default ``'auto'``, see :func:`clean_tokens`).
+    engine : {'pdflatex', 'lualatex', 'xelatex'}, optional
+        The engine the source is written for (default ``'pdflatex'``).
+    width_mm : float, optional
+        The page width in millimetres (default 160).
+    margin_mm : float, optional
+        In millimetres (default 4).
+
+    Returns
+    -------
+    str
+        The LaTeX document.
+    """
     if engine not in ENGINES:
         raise ValueError(f'engine must be one of {ENGINES}, got {engine!r}')
     units, relevance = _units(tokens, relevance, words, scheme)
@@ -324,7 +432,32 @@ def _engine(engine):
 
 def text_pdf(tokens, relevance, path, words=False, scheme='auto', engine=None, width_mm=160, timeout=120):
     """Compile ``text_latex`` to the PDF ``path`` with ``engine`` (default: the first of ``ENGINES`` installed;
-    ``LatexEngineNotFound`` names what is missing). Returns ``path``."""
+    ``LatexEngineNotFound`` names what is missing). Returns ``path``.
+
+    Parameters
+    ----------
+    tokens : sequence of str
+        The tokenizer's strings, e.g. ``tokenizer.convert_ids_to_tokens(ids)``.
+    relevance : array_like
+        One finite value per token (1-D; sum input-embedding relevance over its last dimension first).
+    path : str
+        The PDF file to write.
+    words : bool, optional
+        Merge tokens into words, their relevance summed (default False).
+    scheme : {'auto', 'byte_level', 'sentencepiece', 'wordpiece', 'plain'}, optional
+        How tokens are turned into text (default ``'auto'``, see :func:`clean_tokens`).
+    engine : {'lualatex', 'xelatex', 'pdflatex'}, optional
+        The LaTeX engine (default: the first of ``ENGINES`` installed).
+    width_mm : float, optional
+        The page width in millimetres (default 160).
+    timeout : float, optional
+        Seconds the engine may run (default 120).
+
+    Returns
+    -------
+    str
+        ``path``.
+    """
     engine = _engine(engine)
     source = text_latex(tokens, relevance, words, scheme, engine, width_mm)
     with tempfile.TemporaryDirectory() as folder:
@@ -340,7 +473,28 @@ def text_pdf(tokens, relevance, path, words=False, scheme='auto', engine=None, w
 
 def save_text_heatmap(tokens, relevance, path, words=False, scheme='auto', **options):
     """Write the heatmap to ``path`` by its suffix: ``.html`` (``text_html``), ``.png`` (``text_image``),
-    ``.pdf`` (``text_pdf``), ``.tex`` (``text_latex``); ``options`` go to that function. Returns ``path``."""
+    ``.pdf`` (``text_pdf``), ``.tex`` (``text_latex``); ``options`` go to that function. Returns ``path``.
+
+    Parameters
+    ----------
+    tokens : sequence of str
+        The tokenizer's strings, e.g. ``tokenizer.convert_ids_to_tokens(ids)``.
+    relevance : array_like
+        One finite value per token (1-D; sum input-embedding relevance over its last dimension first).
+    path : str
+        The file to write; its suffix picks the format.
+    words : bool, optional
+        Merge tokens into words, their relevance summed (default False).
+    scheme : {'auto', 'byte_level', 'sentencepiece', 'wordpiece', 'plain'}, optional
+        How tokens are turned into text (default ``'auto'``, see :func:`clean_tokens`).
+    **options
+        Passed to the function of the format.
+
+    Returns
+    -------
+    str
+        ``path``.
+    """
     suffix = os.path.splitext(str(path))[1].lower()
     if suffix in ('.html', '.htm', '.tex'):
         make = text_html if suffix != '.tex' else text_latex
