@@ -62,11 +62,49 @@ PROBLEMS = ('nan in forward', 'nan', 'explodes', 'leaks')
 @dataclasses.dataclass
 class ModuleRelevance:
     """One module's relevance, summed over its calls: ``r_out``/``r_in`` (signed sums), ``abs_out``/
-    ``abs_in`` (sums of |r|), ``leak = r_in - r_out``, ``own`` (its leak less its children's), ``status``
+    ``abs_in`` (sums of ``|r|``), ``leak = r_in - r_out``, ``own`` (its leak less its children's), ``status``
     (``'ok'``, ``'attnlrp'``, ``'nan received'``, ``'not reached'`` (the pass stopped before), or one of
     ``PROBLEMS``), ``explicit`` (its input
     relevance was read in zennit's explicit convention) and ``children`` (how many of the modules inside
-    it were called)."""
+    it were called).
+
+    Parameters
+    ----------
+    name : str
+        The module's dotted name (``''``: the model).
+    type : str
+        Its class name.
+    calls : int
+        How many times it was called.
+    r_out, r_in : float
+        The signed relevance of its outputs and inputs, summed over the calls.
+    abs_out, abs_in : float
+        The sums of ``|r|`` of its outputs and inputs.
+    leak : float
+        ``r_in - r_out``.
+    own : float
+        Its leak less its children's: what its own code loses or creates.
+    status : str
+        ``'ok'``, ``'attnlrp'``, ``'nan received'``, ``'not reached'``, or one of ``PROBLEMS``.
+    explicit : bool
+        Whether its input relevance was read in zennit's explicit convention.
+    attnlrp : bool
+        Whether it is an attention module under AttnLRP (its own leak is by design).
+    finite_out, finite_in : bool
+        Whether the relevance of its outputs and inputs was finite.
+    forward_nan : bool
+        Whether its forward output turned NaN/Inf from finite inputs.
+    reached, reached_in : bool
+        Whether relevance reached its outputs, and its inputs, in backward.
+    children : int
+        How many modules inside it were called.
+    eps : float
+        The machine epsilon of the relevance's dtype (the rounding term of the tolerance).
+    order : int
+        The order of its first call in forward.
+    completed : int
+        The order in which its forward calls completed (children before parents; -1: never).
+    """
     name: str
     type: str
     calls: int = 0
@@ -95,7 +133,13 @@ class ModuleRelevance:
 
 
 class ConservationError(AssertionError):
-    """Relevance leaks, explodes or turns NaN/Inf in a module (``report.first`` names it)."""
+    """Relevance leaks, explodes or turns NaN/Inf in a module (``report.first`` names it).
+
+    Parameters
+    ----------
+    report : ConservationReport
+        The check's result (kept as ``.report``; the message is its summary).
+    """
 
     def __init__(self, report):
         super().__init__(report.summary())
@@ -107,7 +151,23 @@ class ConservationReport:
     """``modules``: every module on the relevance path in backward order (see the module doc);
     ``output_relevance``: the relevance of the explained output; ``first``: the first module with a
     problem, or None; ``zeroed``: the names of the constants zeroed for the check; ``stopped``: the
-    error that ended the forward or backward pass early (lxt_ext's NaN/Inf checks), or None."""
+    error that ended the forward or backward pass early (lxt_ext's NaN/Inf checks), or None.
+
+    Parameters
+    ----------
+    modules : list of ModuleRelevance
+        Every module on the relevance path, in backward order.
+    output_relevance : float
+        The relevance of the explained output.
+    first : ModuleRelevance or None
+        The first module with a problem.
+    zeroed : list of str
+        The names of the parameters and buffers zeroed for the check.
+    stopped : str, optional
+        The error that ended the pass early, or None.
+    rtol : float, optional
+        The leak allowed per module, relative (as given to ``conservation``).
+    """
     modules: list
     output_relevance: float
     first: object
@@ -177,7 +237,21 @@ class ConservationReport:
 @contextlib.contextmanager
 def zeroed(model, patterns=ADDITIVE):
     """Zero the floating parameters and buffers of ``model`` whose names match ``patterns`` (fnmatch)
-    while in the context (yielding their names); restored bitwise afterwards."""
+    while in the context (yielding their names); restored bitwise afterwards.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model whose constants are zeroed.
+    patterns : tuple of str, optional
+        fnmatch patterns of parameter and buffer names (default ``ADDITIVE``: biases, position and
+        class-token embeddings, running means).
+
+    Yields
+    ------
+    list of str
+        The names of the tensors zeroed.
+    """
     saved = []
     with torch.no_grad():
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
@@ -418,7 +492,37 @@ def conservation(model, input, composite=None, forward=None, target=None, zero_b
     or ``'explicit'`` (default: Gradient x Input for lxt_ext's transformer composites and the plain
     gradient, explicit for any other composite, e.g. zennit's). Returns a ``ConservationReport``
     (``print`` it for the table; ``.check()`` raises ``ConservationError`` naming the first module with a
-    problem)."""
+    problem).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model to check.
+    input : torch.Tensor
+        A floating input (images, or the input embeddings of a text model).
+    composite : zennit.core.Composite, optional
+        Registered for the call; None: the plain gradient, or the rules registered already.
+    forward : callable, optional
+        ``forward(model, x)`` runs the model (default ``model(x)``).
+    target : int, torch.Tensor or callable, optional
+        What is explained: a class, None for the top class, a seed tensor or ``output -> seed``.
+    zero_bias : bool, optional
+        Zero the constants named in ``ADDITIVE`` for the check (default True).
+    zero : tuple of str, optional
+        More fnmatch patterns of parameters and buffers to zero.
+    rtol : float, optional
+        The leak allowed per module, relative to the larger of its output relevance and the model's
+        (default 1e-3).
+    explode : float, optional
+        A module explodes where ``sum|r_in|`` exceeds this multiple of ``sum|r_out|`` (default 1e3).
+    convention : {'gradient_x_input', 'explicit'}, optional
+        How tensors' relevance is read (default: from the composite).
+
+    Returns
+    -------
+    ConservationReport
+        Every module's relevance in and out, in backward order, and the first problem.
+    """
     if convention is None:
         convention = 'gradient_x_input' if composite is None or isinstance(composite, TransformerComposite) \
             else 'explicit'
