@@ -40,9 +40,9 @@ def main():
                   f'relevance sum {float(total):.3f}')
     print(f'positive relevance on the object: {100 * sum(inside) / len(inside):.1f} % on average')
 
-    job = lxt_ext.ExplainJob(model, composite, [embedded.SAMPLES_DIR], args.out, size=embedded.IMAGE_SIZE,
-                             mean=embedded.MEAN, std=embedded.STD, settings={'model': 'embedded', 'composite':
-                                                                              'vit_epsilon'}, relevance='npy')
+    job = lxt_ext.ExplainJob(model, composite, lxt_ext.job.JobSettings(
+        [embedded.SAMPLES_DIR], args.out, size=embedded.IMAGE_SIZE, mean=embedded.MEAN, std=embedded.STD,
+        identity={'model': 'embedded', 'composite': 'vit_epsilon'}, relevance='npy'))
     print(lxt_ext.job.summary_text(job.run()))
 
 

@@ -1,6 +1,8 @@
 """``lxt-ext explain`` end to end: outputs and index against a direct attribution (zennit's Gradient with
-the same composite), bad inputs reported by path, resume after SIGKILL equal to an uninterrupted run,
-refused resumes, out-of-memory halving, and torchrun (2 processes, 2 "nodes") equal to 1 process."""
+the same composite), bad inputs reported by path with the same exit status in one process and under
+torchrun, resume after kills at several moments equal to an uninterrupted run with no temporary file left,
+refused resumes, out-of-memory halving, ``JobSettings`` validation, and torchrun (2 processes, 2 "nodes")
+equal to 1 process."""
 import json
 import os
 import signal
@@ -77,7 +79,9 @@ def test_outputs_and_index_match_a_direct_attribution(tmp_path, hf_vit):
         logits = model(pixel_values=x).logits
         with ViTEpsilon(attention='cp').context(model) as modified:
             xg = x.clone().requires_grad_()
-            (expected,) = torch.autograd.grad(modified(pixel_values=xg).logits, xg, torch.eye(5)[logits.argmax(1)])
+            # the seed is relevance (zennit's convention): the explained logit at its class
+            seed = torch.eye(5)[logits.argmax(1)] * logits.detach()
+            (expected,) = torch.autograd.grad(modified(pixel_values=xg).logits, xg, seed)
         stored = np.load(out / row['relevance'])
         np.testing.assert_allclose(stored, expected[0].numpy(), rtol=1e-4, atol=1e-6)
         assert row['predicted'] == row['explained'] == int(logits.argmax())
@@ -96,13 +100,19 @@ def test_bad_images_are_reported_by_path_and_skipped(tmp_path, hf_vit, capsys):
     (images / 'text.jpg').write_text('not an image')
     (images / 'nothing_here').mkdir()
     out = tmp_path / 'out'
-    assert explain(images, '--model', hf_vit, '--out', out) == 1
+    assert explain(images, '--model', hf_vit, '--out', out) == 0  # reported, not a failure of the run
     failures = [json.loads(line) for line in (out / 'failures.jsonl').read_text().splitlines()]
     assert {f['path']: f['error'] for f in failures}.keys() == {'empty.png', 'corrupt.png', 'text.jpg'}
     assert 'zero-byte' in next(f['error'] for f in failures if f['path'] == 'empty.png')
     assert [r['path'] for r in read_index(out)] == ['img00.png', 'img01.png', 'img02.png']
     captured = capsys.readouterr()
     assert '3 images failed' in captured.out and str(images / 'corrupt.png') in captured.err
+    assert all(f'  {f["path"]}: {f["error"]}' in captured.out for f in failures)  # named in the summary
+    # --strict: the same run is a failure; the resume retries the failed batches, which fail again
+    assert explain(images, '--model', hf_vit, '--out', out, '--strict') == 1
+    captured = capsys.readouterr()
+    assert '3 images failed' in captured.out and '--strict' in captured.err
+    assert [r['path'] for r in read_index(out)] == ['img00.png', 'img01.png', 'img02.png']
 
 
 def test_wrongly_sized_images_fail_without_resizing(tmp_path, hf_vit):
@@ -110,7 +120,7 @@ def test_wrongly_sized_images_fail_without_resizing(tmp_path, hf_vit):
     write_images(images, 2)
     write_images(images, 1, size=40, names=['large.png'])
     out = tmp_path / 'out'
-    assert explain(images, '--model', hf_vit, '--out', out, '--resize', 'none') == 1
+    assert explain(images, '--model', hf_vit, '--out', out, '--resize', 'none', '--strict') == 1
     failures = (out / 'failures.jsonl').read_text()
     assert 'large.png' in failures and '40 x 40' in failures
 
@@ -166,6 +176,8 @@ def test_resume_with_other_settings_is_refused(tmp_path, hf_vit, capsys):
     assert explain(images, '--model', hf_vit, '--out', out, '--attention', 'attnlrp') == 2
     assert "attention: None -> 'attnlrp'" in capsys.readouterr().err
     assert explain(images, '--model', hf_vit, '--out', out, '--no-resume') == 2
+    assert explain(images, '--model', hf_vit, '--out', out, '--batch-size', 1) == 2  # other batches: other parts
+    assert 'batch_size: 16 -> 1' in capsys.readouterr().err
     assert {p: p.read_bytes() for p in out.rglob('*') if p.is_file()} == before  # nothing lost or mixed
 
 
@@ -214,18 +226,42 @@ def test_out_of_memory_halves_the_batch(tmp_path, hf_vit, monkeypatch):
                                    rtol=1e-5, atol=1e-7)
 
 
+# Runs the CLI and SIGKILLs the process (in rank KILL_RANK, or any) just before it renames a temporary file
+# into place: the KILL_AT-th rename of this process, or the rename to the file named KILL_NAME. A kill
+# there always leaves a temporary file behind, so the test decides the moment rather than a timer.
 KILLER = textwrap.dedent('''
-    import os, signal, sys
-    from lxt_ext.job.outputs import OutputFolder
-    write_part, parts = OutputFolder.write_part, [0]
-    def killing(self, *args):
-        write_part(self, *args)
-        parts[0] += 1
-        if parts[0] == int(os.environ['KILL_AFTER_PARTS']):
-            os.kill(os.getpid(), signal.SIGKILL)
-    OutputFolder.write_part = killing
+    import os, signal, sys, threading
+    from lxt_ext.job import outputs
+    at, name = int(os.environ.get('KILL_AT', '0')), os.environ.get('KILL_NAME')
+    mine = os.environ.get('KILL_RANK', os.environ.get('RANK', '0')) == os.environ.get('RANK', '0')
+    replace, renames, lock = os.replace, [0], threading.Lock()
+    def killing(source, target):
+        if mine and outputs.is_temporary(os.path.basename(source)):
+            with lock:
+                renames[0] += 1
+                if renames[0] == at or os.path.basename(target) == name:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        replace(source, target)
+    os.replace = killing
     from lxt_ext.cli import main
     sys.exit(main(sys.argv[1:]))
+''')
+
+# Runs the CLI and records its exit status in STATUS_DIR/rank-<RANK>, then exits with it once every rank has
+# recorded its own: torchrun stops the other ranks when one fails, which must not hide what they decided.
+STATUS = textwrap.dedent('''
+    import os, sys, time
+    from lxt_ext.cli import main
+    status, folder = main(sys.argv[1:]), os.environ['STATUS_DIR']
+    with open(os.path.join(folder, 'rank-' + os.environ['RANK'] + '.tmp'), 'w') as file:
+        file.write(str(status))
+    os.replace(os.path.join(folder, 'rank-' + os.environ['RANK'] + '.tmp'),
+               os.path.join(folder, 'rank-' + os.environ['RANK']))
+    deadline = time.monotonic() + 120
+    while len([n for n in os.listdir(folder) if not n.endswith('.tmp')]) < int(os.environ['WORLD_SIZE']):
+        assert time.monotonic() < deadline, 'another rank never finished'
+        time.sleep(0.05)
+    sys.exit(status)
 ''')
 
 
@@ -238,31 +274,13 @@ def run(argv, env=None, check=True):
 
 
 def outputs(out):
-    """Every output file's bytes but the index's per-image seconds (and run.json, parts' seconds)."""
-    files = {}
-    for path in sorted(out.rglob('*')):
-        if path.is_file() and path.suffix in ('.npy', '.png', '.safetensors'):
-            files[str(path.relative_to(out))] = path.read_bytes()
-    return files
+    """Every file's bytes but run.json's and the index's and parts' (they hold per-image seconds)."""
+    return {str(path.relative_to(out)): path.read_bytes() for path in sorted(out.rglob('*'))
+            if path.is_file() and path.suffix not in ('.json', '.jsonl')}
 
 
-def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, hf_vit):
-    images = tmp_path / 'images'
-    write_images(images, 7)
-    args = ['explain', str(images), '--model', hf_vit, '--relevance', 'npy', '--batch-size', '2', '--threads',
-            '1', '--workers', '1', '--quiet']
-    whole = tmp_path / 'whole'
-    run([sys.executable, '-m', 'lxt_ext', *args, '--out', str(whole)])
-    killed = tmp_path / 'killed'
-    process = run([sys.executable, '-c', KILLER, *args, '--out', str(killed)], env={'KILL_AFTER_PARTS': '2'},
-                  check=False)
-    assert process.returncode == -signal.SIGKILL
-    assert len(list((killed / 'parts').iterdir())) == 2 and not (killed / 'index.jsonl').exists()
-    resumed = run([sys.executable, '-m', 'lxt_ext', *args, '--out', str(killed)])
-    assert '4 skipped' in resumed.stdout
-    assert without_seconds(read_index(killed)) == without_seconds(read_index(whole))
-    assert outputs(killed) == outputs(whole)  # bitwise, nothing duplicated
-    assert not [p for p in killed.rglob('.tmp-*')]
+def temporaries(out):
+    return sorted(str(path.relative_to(out)) for path in out.rglob('.tmp-*'))
 
 
 def free_port():
@@ -272,26 +290,57 @@ def free_port():
 
 
 def torchrun(*args):
-    return [sys.executable, '-m', 'torch.distributed.run', *args]
+    return [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', *args]
 
 
-def test_torchrun_two_processes_and_two_nodes_equal_one_process(tmp_path, hf_vit):
-    images = tmp_path / 'images'
+def job_args(images, hf_vit, workers=0):
+    return ['explain', str(images), '--model', hf_vit, '--relevance', 'npy', '--batch-size', '2', '--threads', '1',
+            '--workers', str(workers), '--quiet']
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory, hf_vit):
+    """``(images, out)``: 9 images (5 batches of 2) explained by one uninterrupted process."""
+    folder = tmp_path_factory.mktemp('uninterrupted')
+    images = folder / 'images'
     write_images(images, 9)
-    args = ['-m', 'lxt_ext', 'explain', str(images), '--model', hf_vit, '--relevance', 'npy', '--batch-size', '2',
-            '--threads', '1', '--workers', '0', '--quiet']
-    single = tmp_path / 'single'
-    run([sys.executable, *args, '--out', str(single)])
+    out = folder / 'out'
+    run([sys.executable, '-m', 'lxt_ext', *job_args(images, hf_vit), '--out', str(out)])
+    assert len(read_index(out)) == 9 and not temporaries(out)
+    return images, out
+
+
+def test_kills_at_several_moments_then_resume_equal_an_uninterrupted_run(tmp_path, hf_vit, uninterrupted):
+    images, whole = uninterrupted
+    args = job_args(images, hf_vit, workers=1)  # decoding in a worker process; workers are no setting
+    killed = tmp_path / 'killed'
+    # while writing run.json; in the first batches (two writer threads); later; while merging the index
+    for moment in ({'KILL_AT': '1'}, {'KILL_AT': '4'}, {'KILL_AT': '9'}, {'KILL_NAME': 'index.jsonl'}):
+        process = run([sys.executable, '-c', KILLER, *args, '--out', str(killed)], env=moment, check=False)
+        assert process.returncode == -signal.SIGKILL, (moment, process.stderr)
+        assert temporaries(killed), moment  # the kill left debris for the resume to remove
+        assert not (killed / 'index.jsonl').exists()
+    assert len(list((killed / 'parts').iterdir())) == 5  # killed while merging: every batch was finished
+    resumed = run([sys.executable, '-m', 'lxt_ext', *args, '--out', str(killed)])
+    assert 'explained 0 images' in resumed.stdout and '9 skipped' in resumed.stdout
+    assert not temporaries(killed)
+    assert without_seconds(read_index(killed)) == without_seconds(read_index(whole))
+    assert outputs(killed) == outputs(whole)  # bitwise, nothing duplicated or left over
+
+
+def test_torchrun_two_processes_and_two_nodes_equal_one_process(tmp_path, hf_vit, uninterrupted):
+    images, single = uninterrupted
+    args = ['-m', 'lxt_ext', *job_args(images, hf_vit)]
     double = tmp_path / 'double'
-    run(torchrun('--nproc_per_node=2', f'--master_port={free_port()}', *args, '--out', str(double)))
+    run(torchrun(f'--master_port={free_port()}', *args, '--out', str(double)))
     assert without_seconds(read_index(double)) == without_seconds(read_index(single))
     assert outputs(double) == outputs(single)
     # two torchrun "nodes" of one process each on a loopback rendezvous
     nodes = tmp_path / 'nodes'
     port = free_port()
-    launched = [subprocess.Popen(torchrun('--nnodes=2', f'--node_rank={rank}', '--nproc_per_node=1',
-                                          '--master_addr=127.0.0.1', f'--master_port={port}', *args, '--out',
-                                          str(nodes)), cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'},
+    launched = [subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', f'--node_rank={rank}',
+                                  '--nproc_per_node=1', '--master_addr=127.0.0.1', f'--master_port={port}', *args,
+                                  '--out', str(nodes)], cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'},
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for rank in range(2)]
     for process in launched:
@@ -301,23 +350,69 @@ def test_torchrun_two_processes_and_two_nodes_equal_one_process(tmp_path, hf_vit
     assert outputs(nodes) == outputs(single)
 
 
-def test_torchrun_killed_rank_then_resume_equals_one_process(tmp_path, hf_vit):
-    images = tmp_path / 'images'
-    write_images(images, 9)
-    args = ['explain', str(images), '--model', hf_vit, '--relevance', 'npy', '--batch-size', '2', '--threads', '1',
-            '--workers', '0', '--quiet']
-    single = tmp_path / 'single'
-    run([sys.executable, '-m', 'lxt_ext', *args, '--out', str(single)])
+def test_torchrun_killed_ranks_then_resume_equal_one_process(tmp_path, hf_vit, uninterrupted):
+    images, single = uninterrupted
+    args = job_args(images, hf_vit)
     out = tmp_path / 'out'
     script = tmp_path / 'killer.py'
     script.write_text(KILLER)
-    # every rank dies after its first batch part; torchrun then stops the job
-    killed = run(torchrun('--nproc_per_node=2', f'--master_port={free_port()}', str(script), *args, '--out',
-                          str(out)), env={'KILL_AFTER_PARTS': '1'}, check=False)
-    assert killed.returncode != 0 and not (out / 'index.jsonl').exists()
-    run(torchrun('--nproc_per_node=2', f'--master_port={free_port()}', '-m', 'lxt_ext', *args, '--out', str(out)))
+    # rank 1 in its first batch (torchrun then stops rank 0 wherever it is); rank 0 while merging the index
+    for moment in ({'KILL_RANK': '1', 'KILL_AT': '3'}, {'KILL_RANK': '0', 'KILL_NAME': 'index.jsonl'}):
+        killed = run(torchrun(f'--master_port={free_port()}', str(script), *args, '--out', str(out)), env=moment,
+                     check=False)
+        assert killed.returncode != 0 and not (out / 'index.jsonl').exists(), moment
+        assert temporaries(out), moment
+    run(torchrun(f'--master_port={free_port()}', '-m', 'lxt_ext', *args, '--out', str(out)))
+    assert not temporaries(out)
     assert without_seconds(read_index(out)) == without_seconds(read_index(single))
     assert outputs(out) == outputs(single)
+
+
+def test_bad_images_under_torchrun_exit_as_in_one_process(tmp_path, hf_vit):
+    images = tmp_path / 'images'
+    # batches of 2 in name order: rank 0 gets a*, c*; rank 1 gets b* and d.jpg, all three bad images
+    write_images(images, 4, names=['a0.png', 'a1.png', 'c0.png', 'c1.png'])
+    (images / 'b0.png').write_bytes(b'')
+    (images / 'b1.png').write_bytes(b'\x89PNG\r\n\x1a\n' + os.urandom(64))
+    (images / 'd.jpg').write_text('not an image')
+    script = tmp_path / 'status.py'
+    script.write_text(STATUS)
+    out = tmp_path / 'out'
+    for strict, expected in (([], '0'), (['--strict'], '1')):
+        statuses = tmp_path / f'status{len(strict)}'
+        statuses.mkdir()
+        launched = run(torchrun(f'--master_port={free_port()}', str(script), *job_args(images, hf_vit), *strict,
+                                '--out', str(out)), env={'STATUS_DIR': str(statuses)}, check=False)
+        # every rank decides the same status, the rank without bad images too
+        assert {p.name: p.read_text() for p in statuses.iterdir()} == {'rank-0': expected, 'rank-1': expected}
+        assert (launched.returncode == 0) == (expected == '0'), launched.stderr
+        assert ('ChildFailedError' in launched.stderr) == bool(strict)
+        assert '3 images failed' in launched.stdout and '  b1.png: ' in launched.stdout
+        failures = [json.loads(line) for line in (out / 'failures.jsonl').read_text().splitlines()]
+        assert [f['path'] for f in failures] == ['b0.png', 'b1.png', 'd.jpg']
+        assert [r['path'] for r in read_index(out)] == ['a0.png', 'a1.png', 'c0.png', 'c1.png']
+    assert explain(images, '--model', hf_vit, '--out', tmp_path / 'single') == 0  # one process: the same
+    assert explain(images, '--model', hf_vit, '--out', tmp_path / 'single', '--strict') == 1
+
+
+def test_job_settings_are_checked_when_made(tmp_path):
+    import dataclasses
+    from lxt_ext.job import ExplainJob, JobSettings
+
+    base = dict(inputs=[tmp_path], out=tmp_path / 'out', size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    for bad, message in [({'relevance': 'hdf5'}, 'relevance must be one of'), ({'dtype': 'int8'}, 'dtype must'),
+                         ({'target': 1, 'top_k': 2}, 'either a target'), ({'batch_size': 0}, 'batch_size must'),
+                         ({'resize': 'crop'}, 'resize must'), ({'inputs': []}, 'no inputs')]:
+        with pytest.raises(ValueError, match=message):
+            JobSettings(**{**base, **bad})
+    settings = JobSettings(**base, identity={'model': 'm'}, batch_size=4)
+    assert settings.inputs == (str(tmp_path),) and settings.out == str(tmp_path / 'out')
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.batch_size = 8
+    recorded = settings.recorded()
+    assert recorded['model'] == 'm' and recorded['batch_size'] == 4 and 'workers' not in recorded
+    with pytest.raises(TypeError, match='JobSettings'):
+        ExplainJob(torch.nn.Identity(), None, base)
 
 
 def test_bfloat16_relevance_follows_float32(tmp_path, hf_vit):

@@ -11,15 +11,27 @@ HELP = 'attribute images (files, folders, globs, list files) and write heatmaps,
 
 EPILOG = '''output folder: run.json (settings), heatmaps/<path>.png, relevance/ (--relevance), parts/ (one
 index part per batch), index.jsonl, failures.jsonl. Rerunning the same command resumes (finished batches
-are skipped); other settings in the same folder are refused. Exit status: 0 all explained, 1 some images
-failed, 2 bad arguments or settings.
+are skipped); other settings in the same folder are refused. Exit status (the same in every torchrun
+process, decided after the index merge): 0 every readable image explained (unreadable ones are listed in
+failures.jsonl and the summary), 1 with --strict when some images failed, 2 bad arguments or settings.
 Several processes: torchrun --nproc_per_node=N -m lxt_ext explain ... (each process uses --threads CPU
 threads; torchrun sets OMP_NUM_THREADS=1, so give --threads for the same threads as a 1-process run).'''
 
 
 def add_arguments(parser):
+    """Add the command's arguments.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The ``explain`` sub-command's parser.
+
+    Returns
+    -------
+    None
+    """
     from ..job.inputs import RESIZE_MODES
-    from ..job.runner import DTYPES, RELEVANCE_FORMATS
+    from ..job.settings import DTYPES, RELEVANCE_FORMATS
     from .models import COMPOSITES, FIRST_RULES
 
     parser.epilog = EPILOG
@@ -57,6 +69,8 @@ def add_arguments(parser):
     parser.add_argument('--resize', choices=RESIZE_MODES, default='stretch',
                         help='stretch: every image resized to the model\'s size; none: other sizes fail')
     parser.add_argument('--no-resume', action='store_true', help='refuse an output folder that holds a run')
+    parser.add_argument('--strict', action='store_true', help='exit 1 (in every process) when some images failed; '
+                        'by default they are reported and the run exits 0')
     parser.add_argument('--quiet', action='store_true', help='no progress bar')
 
 
@@ -66,12 +80,27 @@ def _error(message):
 
 
 def run(args):
+    """Run ``lxt-ext explain`` (in every process, under torchrun).
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed arguments.
+
+    Returns
+    -------
+    int
+        The exit status: 0 every readable image explained, 1 with ``--strict`` when some images failed
+        (decided after the index merge, the same in every process), 2 bad arguments, model files or
+        settings.
+    """
     from zennit.image import CMAPS
 
     from ..checks import NonFiniteError
     from ..job.outputs import SettingsMismatchError
     from ..job.runner import ExplainJob, summary_text
-    from ..transformer.composites import UnmappedModuleError
+    from ..job.settings import JobSettings
+    from ..composites.transformer import UnmappedModuleError
     from .models import PARAMETERS, ModelError, build_composite, default_composite, load_model
 
     if args.threads:
@@ -97,18 +126,27 @@ def run(args):
         composite, description = build_composite(name, loaded, {k: getattr(args, k) for k in PARAMETERS})
     except ValueError as error:
         return _error(str(error))
-    job = ExplainJob(
-        loaded.model, composite, inputs, args.out, size=loaded.size, mean=loaded.mean, std=loaded.std,
-        settings={**loaded.identity, **description}, target=args.target, top_k=args.top_k,
-        batch_size=args.batch_size, workers=args.workers, device=args.device, dtype=args.dtype,
-        heatmaps=not args.no_heatmaps, overlay=args.overlay, relevance=args.relevance, cmap=args.cmap,
-        resize=args.resize, resume=not args.no_resume, forward=loaded.forward, progress=not args.quiet)
+    try:
+        settings = JobSettings(
+            inputs, args.out, size=loaded.size, mean=loaded.mean, std=loaded.std,
+            identity={**loaded.identity, **description}, target=args.target, top_k=args.top_k,
+            batch_size=args.batch_size, workers=args.workers, device=args.device, dtype=args.dtype,
+            heatmaps=not args.no_heatmaps, overlay=args.overlay, relevance=args.relevance, cmap=args.cmap,
+            resize=args.resize, resume=not args.no_resume, progress=not args.quiet)
+    except ValueError as error:
+        return _error(str(error))
+    job = ExplainJob(loaded.model, composite, settings, forward=loaded.forward)
     try:
         summary = job.run()
     except (FileNotFoundError, ValueError, SettingsMismatchError, NonFiniteError) as error:
         return _error(str(error))
     except UnmappedModuleError as error:
         return _error(f'composite {name!r} does not fit {loaded.identity["model"]}: {error}')
+    strict_failure = args.strict and summary.failures > 0
     if int(os.environ.get('RANK', '0')) == 0:
         print(summary_text(summary, int(os.environ.get('WORLD_SIZE', '1'))))
-    return 1 if summary.failures else 0
+        if strict_failure:
+            print('exit status 1: some images failed and --strict was given', file=sys.stderr)
+    # Every rank has the merged failure count (ExplainJob.run), so all ranks exit alike: torchrun sees
+    # a failed job only when --strict asks for one.
+    return 1 if strict_failure else 0

@@ -17,8 +17,9 @@ explained), ``logit`` (its logit), ``relevance_sum``, ``seconds`` (the batch's a
 image), ``heatmap`` and ``relevance`` (output paths relative to ``out``, or null), and with top-k
 ``rank`` (0 = top class). Failure rows: ``path``, ``error``.
 
-Every file is written to a temporary name in its folder and renamed into place, so a process killed at
-any moment leaves each output either complete or absent.
+Every file is written to a temporary name in its folder (``.tmp-<random>-<name>.tmp``) and renamed into
+place, so a process killed at any moment leaves each output either complete or absent, and perhaps
+temporary files: a run that finds a recorded run removes those before any process writes (``clean``).
 """
 import hashlib
 import json
@@ -28,6 +29,9 @@ import tempfile
 RUN_FILE = 'run.json'
 INDEX_FILE = 'index.jsonl'
 FAILURES_FILE = 'failures.jsonl'
+# Temporary files start and end so; no output name ends in '.tmp' (outputs end in .png, .npy,
+# .safetensors, .json or .jsonl), so removing them can never remove an output, whatever the inputs' names.
+TEMPORARY_PREFIX, TEMPORARY_SUFFIX = '.tmp-', '.tmp'
 
 
 class SettingsMismatchError(RuntimeError):
@@ -35,10 +39,24 @@ class SettingsMismatchError(RuntimeError):
 
 
 def atomic_write(path, write):
-    """``write(file_object)`` into a temporary file beside ``path``, then rename it to ``path``."""
+    """Write a file so that it is either complete or absent, whenever the process dies.
+
+    Parameters
+    ----------
+    path : str
+        The file to write.
+    write : callable
+        ``write(file_object)`` writes the content into a temporary file beside ``path``, which is then
+        renamed to ``path``.
+
+    Returns
+    -------
+    None
+    """
     folder = os.path.dirname(path) or '.'
     os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix='-' + os.path.basename(path))
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=TEMPORARY_PREFIX,
+                                         suffix=f'-{os.path.basename(path)}{TEMPORARY_SUFFIX}')
     try:
         with os.fdopen(handle, 'wb') as file:
             write(file)
@@ -49,11 +67,50 @@ def atomic_write(path, write):
         raise
 
 
+def is_temporary(name):
+    """Whether the file name ``name`` is one of ``atomic_write``'s temporary files.
+
+    Parameters
+    ----------
+    name : str
+        A file name (no folder).
+
+    Returns
+    -------
+    bool
+    """
+    return name.startswith(TEMPORARY_PREFIX) and name.endswith(TEMPORARY_SUFFIX)
+
+
 def settings_hash(settings):
+    """The sha256 of ``settings`` as sorted JSON (what ``run.json`` records to compare runs).
+
+    Parameters
+    ----------
+    settings : dict
+        JSON-serialisable settings.
+
+    Returns
+    -------
+    str
+        Hex digest.
+    """
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 def file_sha256(path):
+    """The sha256 of a file's content, read in blocks.
+
+    Parameters
+    ----------
+    path : str
+        The file.
+
+    Returns
+    -------
+    str
+        Hex digest.
+    """
     digest = hashlib.sha256()
     with open(path, 'rb') as file:
         for block in iter(lambda: file.read(1 << 20), b''):
@@ -66,22 +123,57 @@ def _jsonl(rows):
 
 
 class OutputFolder:
-    """The folder ``out`` of one job (see the module doc)."""
+    """The folder ``out`` of one job (see the module doc).
+
+    Parameters
+    ----------
+    out : str
+        The folder; made when the first file is written.
+    """
 
     def __init__(self, out):
         self.out = out
 
     def path(self, *parts):
+        """A path inside the folder.
+
+        Parameters
+        ----------
+        *parts : str
+            Path components below ``out``.
+
+        Returns
+        -------
+        str
+        """
         return os.path.join(self.out, *parts)
 
     def start(self, settings, root, resume=True):
-        """Record the settings, or check them against the recorded ones; returns the input root to use.
+        """Record the settings, or check them against the recorded ones.
 
         A folder made with other settings is refused (``SettingsMismatchError`` naming the differences);
         ``resume=False`` refuses any earlier run there. The root of an earlier run is kept when every
-        input lies under it (a resume with fewer or more inputs names outputs as before)."""
+        input lies under it (a resume with fewer or more inputs names outputs as before). Temporary files
+        of an earlier, killed run are removed (``clean``): call this in one process only, before any
+        process writes outputs.
+
+        Parameters
+        ----------
+        settings : dict
+            The settings that fix the outputs (``JobSettings.recorded``), JSON-serialisable.
+        root : str
+            The deepest folder holding all inputs of this run.
+        resume : bool, optional
+            Whether a folder holding a run of the same settings may be continued.
+
+        Returns
+        -------
+        str
+            The input root to name outputs by.
+        """
         recorded = self.recorded()
         if recorded is None:
+            self.clean()  # a run killed while writing run.json
             atomic_write(self.path(RUN_FILE), lambda f: f.write(json.dumps(
                 {'settings': settings, 'hash': settings_hash(settings), 'root': root}, indent=1,
                 sort_keys=True).encode()))
@@ -96,10 +188,42 @@ class OutputFolder:
             raise SettingsMismatchError(
                 f'{self.out} holds a run with other settings ({details}); resuming would mix outputs. Use the '
                 f'same settings to resume, or another output folder')
+        self.clean()
         old_root = recorded['root']
         return old_root if os.path.commonpath([old_root, root]) == old_root else root
 
+    def clean(self):
+        """Remove the temporary files that killed runs left anywhere in the folder.
+
+        Only safe while no process of this folder is writing: a job calls it in rank 0 before the
+        other ranks start (``start``).
+
+        Returns
+        -------
+        int
+            How many files were removed.
+        """
+        removed = 0
+        if not os.path.isdir(self.out):
+            return removed
+        for folder, _, files in os.walk(self.out):
+            for name in files:
+                if is_temporary(name):
+                    try:
+                        os.unlink(os.path.join(folder, name))
+                        removed += 1
+                    except FileNotFoundError:  # removed meanwhile by someone else cleaning: the same end
+                        pass
+        return removed
+
     def recorded(self):
+        """What ``run.json`` holds, or None where there is none.
+
+        Returns
+        -------
+        dict or None
+            ``settings``, ``hash`` and ``root`` of the recorded run.
+        """
         path = self.path(RUN_FILE)
         if not os.path.exists(path):
             return None
@@ -111,10 +235,32 @@ class OutputFolder:
                                         f'or was damaged: choose another output folder') from None
 
     def part_path(self, batch):
+        """The index part of a batch.
+
+        Parameters
+        ----------
+        batch : int
+            The batch number.
+
+        Returns
+        -------
+        str
+        """
         return self.path('parts', f'batch-{batch:07d}.jsonl')
 
     def read_part(self, batch):
-        """``(rows, failures)`` of a finished batch, or None."""
+        """The index rows and failures of a finished batch.
+
+        Parameters
+        ----------
+        batch : int
+            The batch number.
+
+        Returns
+        -------
+        tuple of (list of dict, list of dict) or None
+            ``(rows, failures)``, or None where the batch is not finished.
+        """
         path = self.part_path(batch)
         if not os.path.exists(path):
             return None
@@ -126,11 +272,34 @@ class OutputFolder:
         return rows, failures
 
     def write_part(self, batch, rows, failures):
+        """Mark a batch finished, with its index rows and failures (write it after its other outputs).
+
+        Parameters
+        ----------
+        batch : int
+            The batch number.
+        rows, failures : iterable of dict
+            The batch's index rows and failure rows.
+
+        Returns
+        -------
+        None
+        """
         atomic_write(self.part_path(batch), lambda f: f.write(_jsonl(list(rows) + list(failures))))
 
     def merge(self, batches):
-        """Write ``index.jsonl`` and ``failures.jsonl`` from the parts of ``batches`` (in that order);
-        returns ``(rows, failures)`` counts. Batches without a part are left out."""
+        """Write ``index.jsonl`` and ``failures.jsonl`` from the parts of ``batches``, in that order.
+
+        Parameters
+        ----------
+        batches : iterable of int
+            The batch numbers; batches without a part are left out.
+
+        Returns
+        -------
+        tuple of (int, list of dict)
+            How many index rows, and the failure rows (``path``, ``error``).
+        """
         rows, failures = [], []
         for batch in batches:
             part = self.read_part(batch)
@@ -139,4 +308,4 @@ class OutputFolder:
                 failures += part[1]
         atomic_write(self.path(INDEX_FILE), lambda f: f.write(_jsonl(rows)))
         atomic_write(self.path(FAILURES_FILE), lambda f: f.write(_jsonl(failures)))
-        return len(rows), len(failures)
+        return len(rows), failures
