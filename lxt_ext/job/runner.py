@@ -134,8 +134,9 @@ class ExplainJob:
                 if settings.heatmaps:
                     heatmap = os.path.join('heatmaps', output_name + '.png')
                     atomic_write(self.folder.path(heatmap), lambda f, r=per_image[i, j]: save_heatmap(
-                        r, f, image=images[i] if settings.overlay else None, cmap=settings.cmap, overlay=settings.overlay,
-                        format='PNG', compress_level=1))  # fast zlib level: docs/benchmarks_notes.md
+                        r, f, image=images[i] if settings.overlay else None, cmap=settings.cmap,
+                        overlay=settings.overlay, format='PNG',
+                        compress_level=1))  # fast zlib level: docs/benchmarks_notes.md
                 stored = None
                 if settings.relevance == 'npy':
                     stored = os.path.join('relevance', output_name + '.npy')
