@@ -43,7 +43,31 @@ def _layer_map(layer_map, stabilizer, conv_rule, epsilon, zero_params):
 
 @register_composite('lxt_ext_epsilon_gamma_box')
 class EpsilonGammaBox(BatchNormFolding, SpecialFirstLayerMapComposite):
-    """ZBox on the first convolution, fused gamma on the other convolutions, fused epsilon on Linear."""
+    """ZBox on the first convolution, fused gamma on the other convolutions, fused epsilon on Linear.
+
+    Parameters
+    ----------
+    low : float or torch.Tensor
+        The lowest input value of ZBox on the first convolution (e.g. the normalised image's minimum).
+    high : float or torch.Tensor
+        The highest input value of ZBox on the first convolution.
+    epsilon : float, optional
+        The epsilon of the fused epsilon rule on Linear layers (default 1e-6).
+    gamma : float, optional
+        The gamma of the fused gamma rule on the other convolutions (default 0.25).
+    stabilizer : float, optional
+        The stabilizer of the gamma and ZBox rules, and of ``Norm`` on sums and average pooling
+        (default 1e-6).
+    layer_map : list of (type, zennit.core.Hook), optional
+        Rules placed before the composite's own layer map (the first match wins), as in zennit.
+    first_map : list of (type, zennit.core.Hook), optional
+        Rules for the first layer, before the composite's own first-layer rule, as in zennit.
+    zero_params : str or list of str, optional
+        ``'bias'`` to leave the bias out of every product rule (zennit's ``zero_params``).
+    canonizers : list of zennit.canonizers.Canonizer, optional
+        zennit's canonizers; BatchNorms that a ``MergeBatchNorm`` canonizer merges are folded into the
+        layer's rule (:class:`BatchNormFolding`).
+    """
 
     def __init__(self, low, high, epsilon=1e-6, gamma=0.25, stabilizer=1e-6, layer_map=None, first_map=None,
                  zero_params=None, canonizers=None):
@@ -57,7 +81,23 @@ class EpsilonGammaBox(BatchNormFolding, SpecialFirstLayerMapComposite):
 
 @register_composite('lxt_ext_epsilon_plus')
 class EpsilonPlus(BatchNormFolding, LayerMapComposite):
-    """Fused z-plus on convolutions, fused epsilon on Linear."""
+    """Fused z-plus on convolutions, fused epsilon on Linear.
+
+    Parameters
+    ----------
+    epsilon : float, optional
+        The epsilon of the fused epsilon rule on Linear layers (default 1e-6).
+    stabilizer : float, optional
+        The stabilizer of the z-plus rule, and of ``Norm`` on sums and average pooling
+        (default 1e-6).
+    layer_map : list of (type, zennit.core.Hook), optional
+        Rules placed before the composite's own layer map (the first match wins), as in zennit.
+    zero_params : str or list of str, optional
+        ``'bias'`` to leave the bias out of every product rule (zennit's ``zero_params``).
+    canonizers : list of zennit.canonizers.Canonizer, optional
+        zennit's canonizers; BatchNorms that a ``MergeBatchNorm`` canonizer merges are folded into the
+        layer's rule (:class:`BatchNormFolding`).
+    """
 
     def __init__(self, epsilon=1e-6, stabilizer=1e-6, layer_map=None, zero_params=None, canonizers=None):
         conv_rule = ZPlus(stabilizer=stabilizer, zero_params=zero_params)
@@ -67,7 +107,23 @@ class EpsilonPlus(BatchNormFolding, LayerMapComposite):
 
 @register_composite('lxt_ext_epsilon_alpha2_beta1')
 class EpsilonAlpha2Beta1(BatchNormFolding, LayerMapComposite):
-    """Fused alpha2-beta1 on convolutions, fused epsilon on Linear."""
+    """Fused alpha2-beta1 on convolutions, fused epsilon on Linear.
+
+    Parameters
+    ----------
+    epsilon : float, optional
+        The epsilon of the fused epsilon rule on Linear layers (default 1e-6).
+    stabilizer : float, optional
+        The stabilizer of the alpha-beta rule, and of ``Norm`` on sums and average pooling
+        (default 1e-6).
+    layer_map : list of (type, zennit.core.Hook), optional
+        Rules placed before the composite's own layer map (the first match wins), as in zennit.
+    zero_params : str or list of str, optional
+        ``'bias'`` to leave the bias out of every product rule (zennit's ``zero_params``).
+    canonizers : list of zennit.canonizers.Canonizer, optional
+        zennit's canonizers; BatchNorms that a ``MergeBatchNorm`` canonizer merges are folded into the
+        layer's rule (:class:`BatchNormFolding`).
+    """
 
     def __init__(self, epsilon=1e-6, stabilizer=1e-6, layer_map=None, zero_params=None, canonizers=None):
         conv_rule = AlphaBeta(alpha=2, beta=1, stabilizer=stabilizer, zero_params=zero_params)
@@ -77,7 +133,25 @@ class EpsilonAlpha2Beta1(BatchNormFolding, LayerMapComposite):
 
 @register_composite('lxt_ext_epsilon_plus_flat')
 class EpsilonPlusFlat(BatchNormFolding, SpecialFirstLayerMapComposite):
-    """Flat on the first linear layer, fused z-plus on convolutions, fused epsilon on Linear."""
+    """Flat on the first linear layer, fused z-plus on convolutions, fused epsilon on Linear.
+
+    Parameters
+    ----------
+    epsilon : float, optional
+        The epsilon of the fused epsilon rule on Linear layers (default 1e-6).
+    stabilizer : float, optional
+        The stabilizer of the z-plus and Flat rules, and of ``Norm`` on sums and average pooling
+        (default 1e-6).
+    layer_map : list of (type, zennit.core.Hook), optional
+        Rules placed before the composite's own layer map (the first match wins), as in zennit.
+    first_map : list of (type, zennit.core.Hook), optional
+        Rules for the first layer, before the composite's own first-layer rule, as in zennit.
+    zero_params : str or list of str, optional
+        ``'bias'`` to leave the bias out of every product rule (zennit's ``zero_params``).
+    canonizers : list of zennit.canonizers.Canonizer, optional
+        zennit's canonizers; BatchNorms that a ``MergeBatchNorm`` canonizer merges are folded into the
+        layer's rule (:class:`BatchNormFolding`).
+    """
 
     def __init__(self, epsilon=1e-6, stabilizer=1e-6, layer_map=None, first_map=None, zero_params=None,
                  canonizers=None):
@@ -89,7 +163,25 @@ class EpsilonPlusFlat(BatchNormFolding, SpecialFirstLayerMapComposite):
 
 @register_composite('lxt_ext_epsilon_alpha2_beta1_flat')
 class EpsilonAlpha2Beta1Flat(BatchNormFolding, SpecialFirstLayerMapComposite):
-    """Flat on the first linear layer, fused alpha2-beta1 on convolutions, fused epsilon on Linear."""
+    """Flat on the first linear layer, fused alpha2-beta1 on convolutions, fused epsilon on Linear.
+
+    Parameters
+    ----------
+    epsilon : float, optional
+        The epsilon of the fused epsilon rule on Linear layers (default 1e-6).
+    stabilizer : float, optional
+        The stabilizer of the alpha-beta and Flat rules, and of ``Norm`` on sums and average pooling
+        (default 1e-6).
+    layer_map : list of (type, zennit.core.Hook), optional
+        Rules placed before the composite's own layer map (the first match wins), as in zennit.
+    first_map : list of (type, zennit.core.Hook), optional
+        Rules for the first layer, before the composite's own first-layer rule, as in zennit.
+    zero_params : str or list of str, optional
+        ``'bias'`` to leave the bias out of every product rule (zennit's ``zero_params``).
+    canonizers : list of zennit.canonizers.Canonizer, optional
+        zennit's canonizers; BatchNorms that a ``MergeBatchNorm`` canonizer merges are folded into the
+        layer's rule (:class:`BatchNormFolding`).
+    """
 
     def __init__(self, epsilon=1e-6, stabilizer=1e-6, layer_map=None, first_map=None, zero_params=None,
                  canonizers=None):
@@ -144,11 +236,20 @@ class ZennitRegistryOverride:
 def use_in_zennit_registry():
     """Point zennit's own registry names at lxt_ext's composites, for code that picks composites by name
     (zennit's example scripts: ``COMPOSITES[args.composite](...)``): one added line gives it the fused
-    rules, with zennit's names, and so zennit's arguments (``low``/``high`` for ``epsilon_gamma_box``)::
+    rules, with zennit's names, and so zennit's arguments (``low``/``high`` for ``epsilon_gamma_box``).
+
+    Returns
+    -------
+    ZennitRegistryOverride
+        The override in effect: ``restore()`` (or leaving its ``with`` block) puts back what zennit's
+        names pointed at before.
+
+    Examples
+    --------
+    .. code-block:: python
 
         lxt_ext.composites.use_in_zennit_registry()            # until .restore()
         with lxt_ext.composites.use_in_zennit_registry(): ...  # or for a block
-
-    Returns the ``ZennitRegistryOverride`` in effect."""
+    """
     return ZennitRegistryOverride().apply()
 
