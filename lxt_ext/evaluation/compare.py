@@ -132,6 +132,10 @@ def compare(model, images, methods, masks=None, target=None, preprocess=None, ba
         Applied to each batch before the model (e.g. normalisation); perturbation acts after it.
     batch_size : int, optional
         Images per batch (default 8).
+    forward : callable, optional
+        ``forward(model, x) -> logits`` (default ``model(x)``).
+    progress : bool, optional
+        Show a progress bar (default True).
     mode : {'deletion', 'insertion'}, optional
         Delete units from ``x`` (default) or insert them into the fill.
     unit : {'pixel', 'patch', 'token'}, optional
@@ -144,10 +148,6 @@ def compare(model, images, methods, masks=None, target=None, preprocess=None, ba
         Units perturbed per step (default 1).
     max_steps : int, optional
         At most this many steps (default: until every unit is perturbed).
-    forward : callable, optional
-        ``forward(model, x) -> logits`` (default ``model(x)``).
-    progress : bool, optional
-        Show a progress bar (default True).
 
     Returns
     -------
