@@ -179,11 +179,32 @@ def _write_api():
             lines += ['Also exported here', '------------------', '']
             lines += [f'- ``{item}``: :py:obj:`{where}.{real}`' for item, (where, real) in elsewhere] + ['']
         (out / f'{name}.rst').write_text('\n'.join(lines))
+    _write_cli(out)
     index = ['API reference', '=============', '',
              'Every name in the ``__all__`` list of a public module, one page per module (generated from the',
-             'docstrings when the site builds).', '', '.. toctree::', '   :maxdepth: 1', '']
+             'docstrings when the site builds), and the command line.', '', '.. toctree::', '   :maxdepth: 1', '',
+             '   cli']
     index += [f'   {name}' for name in public]
     (out / 'index.rst').write_text('\n'.join(index) + '\n')
+
+
+
+def _write_cli(out):
+    """The ``--help`` of ``lxt-ext`` and of each of its commands, as argparse prints them."""
+    import argparse
+    from lxt_ext import cli
+
+    os.environ['COLUMNS'] = '110'  # argparse wraps at the terminal's width: the same on every machine
+    top = cli.parser()
+    lines = ['Command line: ``lxt-ext``', '=========================', '',
+             '``lxt-ext <command>`` (or ``python -m lxt_ext <command>``); generated from the parser when the site',
+             'builds.', '']
+    commands = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in [('lxt-ext', top), *commands.choices.items()]:
+        title = f'``{name}``' if name == 'lxt-ext' else f'``lxt-ext {name}``'
+        lines += [title, '-' * len(title), '', '.. code-block:: text', '']
+        lines += ['   ' + line if line else '' for line in parser.format_help().splitlines()] + ['']
+    (out / 'cli.rst').write_text('\n'.join(lines))
 
 
 _write_api()
