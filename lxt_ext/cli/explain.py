@@ -25,10 +25,6 @@ def add_arguments(parser):
     ----------
     parser : argparse.ArgumentParser
         The ``explain`` sub-command's parser.
-
-    Returns
-    -------
-    None
     """
     from ..job.inputs import RESIZE_MODES
     from ..job.settings import DTYPES, RELEVANCE_FORMATS

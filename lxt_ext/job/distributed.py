@@ -45,10 +45,6 @@ class Group:
 
     def barrier(self):
         """Wait until every rank has come here.
-
-        Returns
-        -------
-        None
         """
         if self.world > 1:
             import torch.distributed as dist
@@ -81,10 +77,6 @@ class Group:
 
     def close(self):
         """Leave the process group, if this group started it.
-
-        Returns
-        -------
-        None
         """
         if self._initialised:
             import torch.distributed as dist

@@ -48,10 +48,6 @@ def atomic_write(path, write):
     write : callable
         ``write(file_object)`` writes the content into a temporary file beside ``path``, which is then
         renamed to ``path``.
-
-    Returns
-    -------
-    None
     """
     folder = os.path.dirname(path) or '.'
     os.makedirs(folder, exist_ok=True)
@@ -78,6 +74,7 @@ def is_temporary(name):
     Returns
     -------
     bool
+        True for names made by ``atomic_write`` for its temporary files.
     """
     return name.startswith(TEMPORARY_PREFIX) and name.endswith(TEMPORARY_SUFFIX)
 
@@ -145,6 +142,7 @@ class OutputFolder:
         Returns
         -------
         str
+            ``out`` joined with ``parts``.
         """
         return os.path.join(self.out, *parts)
 
@@ -245,6 +243,7 @@ class OutputFolder:
         Returns
         -------
         str
+            ``parts/batch-<b>.jsonl`` inside the folder.
         """
         return self.path('parts', f'batch-{batch:07d}.jsonl')
 
@@ -280,10 +279,6 @@ class OutputFolder:
             The batch number.
         rows, failures : iterable of dict
             The batch's index rows and failure rows.
-
-        Returns
-        -------
-        None
         """
         atomic_write(self.part_path(batch), lambda f: f.write(_jsonl(list(rows) + list(failures))))
 

@@ -80,6 +80,7 @@ def is_out_of_memory(error):
     Returns
     -------
     bool
+        True for ``torch.OutOfMemoryError`` and allocation failures reported as RuntimeError.
     """
     if isinstance(error, torch.OutOfMemoryError):
         return True
