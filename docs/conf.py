@@ -154,7 +154,7 @@ def _write_api():
     for name in public:
         for item in public[name]:
             obj = getattr(modules[name], item, None)
-            if not inspect.ismodule(obj):
+            if obj is not None and not inspect.ismodule(obj):
                 home.setdefault(id(obj), (name, item))
     for name, names in public.items():
         module = modules[name]
@@ -162,6 +162,8 @@ def _write_api():
         lines = [title, '=' * len(title), '', f'.. automodule:: {name}', '   :no-members:', '']
         documented, elsewhere, submodules = [], [], []
         for item in names:
+            if not hasattr(module, item):  # `from module import *` would fail the same way
+                raise AttributeError(f'{name}.__all__ names {item!r}, which the module does not have')
             obj = getattr(module, item)
             if inspect.ismodule(obj):
                 submodules.append(obj.__name__)
