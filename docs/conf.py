@@ -43,9 +43,6 @@ html_theme = 'furo'
 html_title = f'lxt_ext {release}'
 myst_enable_extensions = ['colon_fence', 'dollarmath']
 myst_heading_anchors = 3
-# The benchmark pages (written by python/benchmark_report.py) link to the scripts and tests they quote; on
-# GitHub those links open the files, in the site they are plain text.
-suppress_warnings = ['myst.xref_missing']
 
 autodoc_default_options = {'members': False}
 autodoc_typehints = 'none'
