@@ -3,6 +3,7 @@ missing-oracle/dependency policy (``require``) and the hypothesis profiles."""
 import importlib
 import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -14,6 +15,13 @@ import lxt_oracle
 import zennit.rules
 
 IN_CI = os.environ.get('CI') == 'true'
+
+# The benchmark scripts and their helpers (``harness``) live in python/benchmarks/, outside the package (the
+# wheel does not ship them); the benchmark suites and the memory measurements of the tests import them from
+# there, as a script run from that folder does.
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'python', 'benchmarks')
+if BENCHMARKS not in sys.path:
+    sys.path.insert(0, BENCHMARKS)
 
 # hypothesis: in CI a fixed, derandomized search (a failure reproduces on rerun and on any machine);
 # per-test @settings (max_examples, deadline) still apply on top of the loaded profile.

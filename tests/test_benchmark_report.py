@@ -1,17 +1,19 @@
-"""python/benchmark_report.py --quick (the CI smoke test of the one benchmark report): every section runs its
-scripts and lands in the report as a table of measured numbers with a plot, with the machine and versions."""
+"""python/benchmarks/benchmark_report.py --quick (the CI smoke test of the one benchmark report): every section
+runs its scripts and lands in the report as a table of measured numbers with a plot, with the machine and
+versions."""
 import os
 import re
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPORT = os.path.join(ROOT, 'python', 'benchmarks', 'benchmark_report.py')
 SECTIONS = ['cnn', 'vit', 'language', 'attention', 'explain', 'checks', 'evaluation']
 
 
 def test_quick_report_has_every_section(tmp_path):
     out = tmp_path / 'benchmarks.md'
-    process = subprocess.run([sys.executable, os.path.join(ROOT, 'python', 'benchmark_report.py'), '--quick',
+    process = subprocess.run([sys.executable, REPORT, '--quick',
                               '--only', *SECTIONS, '--out', str(out)], capture_output=True, text=True, timeout=1500)
     assert process.returncode == 0, process.stderr[-3000:]
     text = out.read_text()
@@ -30,7 +32,7 @@ def test_rerunning_some_sections_keeps_the_others():
     """``--only`` on an existing report: the re-run sections replace theirs in place, a new one goes before the
     GPU section, the other sections stay as they were, the header says what was re-run."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location('benchmark_report', os.path.join(ROOT, 'python', 'benchmark_report.py'))
+    spec = importlib.util.spec_from_file_location('benchmark_report', REPORT)
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
     previous = '\n'.join(['# Benchmarks (generated)', '', '- Load average: 1.00', '', '## A', '', 'old a', '',

@@ -1,8 +1,7 @@
 """The embedded default model as shipped: its checksum, its accuracy on freshly drawn held-out images
-(python/shapes_dataset.py with a seed the training never used), its samples, and clear errors for a
+(lxt_ext.data.shapes with a seed the training never used), its samples, and clear errors for a
 corrupt or missing weights file."""
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -13,16 +12,9 @@ import sys
 import pytest
 import torch
 
-from lxt_ext.data import embedded
+from lxt_ext.data import embedded, shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def shapes_dataset():
-    spec = importlib.util.spec_from_file_location('shapes_dataset', os.path.join(ROOT, 'python', 'shapes_dataset.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_shipped_weights_match_the_checksum():
@@ -33,7 +25,7 @@ def test_shipped_weights_match_the_checksum():
 
 def test_held_out_accuracy_is_at_least_95_percent():
     torch.set_num_threads(2)
-    data = shapes_dataset()
+    data = shapes
     assert tuple(embedded.CLASSES) == data.CLASSES and embedded.IMAGE_SIZE == data.IMAGE_SIZE
     images, _, labels = data.generate(400, seed=20261202)  # training used seeds 0..2
     model = embedded.load_model()
@@ -44,12 +36,14 @@ def test_held_out_accuracy_is_at_least_95_percent():
 
 
 def test_training_reproduces_the_shipped_accuracy(tmp_path):
-    """python/train_default_model.py retrains the model from nothing (about 4 minutes on 2 cores) to the held-out
-    accuracy recorded for the shipped weights, within one point; --dry-run writes nothing into the package."""
+    """python/training/train_default_model.py retrains the model from nothing (about 4 minutes on 2 cores) to the
+    held-out accuracy recorded for the shipped weights, within one point; --dry-run writes nothing into the
+    package."""
     with open(os.path.join(os.path.dirname(embedded.WEIGHTS), 'model.json')) as file:
         shipped = json.load(file)['held_out_accuracy']
     before = os.stat(embedded.WEIGHTS).st_mtime_ns
-    run = subprocess.run([sys.executable, os.path.join(ROOT, 'python', 'train_default_model.py'), '--dry-run'],
+    script = os.path.join(ROOT, 'python', 'training', 'train_default_model.py')
+    run = subprocess.run([sys.executable, script, '--dry-run'],
                          capture_output=True, text=True, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS='2'))
     assert run.returncode == 0, run.stderr[-2000:]
     accuracy = float(re.search(r'held-out accuracy ([0-9.]+) on 2000 images', run.stdout).group(1))

@@ -22,8 +22,8 @@ from conftest import require_module
 transformers = require_module('transformers')
 bnb = require_module('bitsandbytes')
 
+from harness.memory import MEMORY_ENV  # noqa: E402  (python/benchmarks/, on sys.path from conftest)
 from lxt_ext.attribution import GradientXInput  # noqa: E402
-from lxt_ext.benchmark.memory import MEMORY_ENV  # noqa: E402
 from lxt_ext.composites import LanguageTransformer  # noqa: E402
 from lxt_ext.layers import UnsupportedLayerError  # noqa: E402
 
@@ -132,7 +132,7 @@ sys.path.insert(0, {tests!r})
 torch.set_num_threads(2)
 import test_quantized as t
 from lxt_ext.attribution import GradientXInput
-from lxt_ext.benchmark.memory import extra_peak_mb
+from harness.memory import extra_peak_mb
 from lxt_ext.composites import LanguageTransformer
 t.CONFIG.update(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
                 num_key_value_heads=8, vocab_size=256)

@@ -3,8 +3,8 @@ held-out sample images and their ground-truth object masks, shipped inside the p
 
 The model is torchvision's ``VisionTransformer`` (``IMAGE_SIZE`` x ``IMAGE_SIZE`` RGB, patch 8,
 4 blocks) that tells the shape classes ``CLASSES`` apart on textured backgrounds with a distractor
-bar; ``python/shapes_dataset.py`` draws the images and ``python/train_default_model.py`` trains it and
-writes the files of ``embedded/``: ``model.pt`` (float32 state_dict), ``model.json`` (architecture,
+bar; :mod:`lxt_ext.data.shapes` draws the images and ``python/training/train_default_model.py`` trains it
+and writes the files of ``embedded/``: ``model.pt`` (float32 state_dict), ``model.json`` (architecture,
 classes, normalisation, held-out accuracy, how it was trained), ``samples/`` (the images),
 ``masks/`` (one mask PNG per image, white = object) and ``samples.json`` (labels).
 
@@ -29,7 +29,7 @@ FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'embedded')
 SAMPLES_DIR = os.path.join(FOLDER, 'samples')
 MASKS_DIR = os.path.join(FOLDER, 'masks')
 WEIGHTS = os.path.join(FOLDER, 'model.pt')
-# The sha256 of model.pt as trained; python/train_default_model.py rewrites this line.
+# The sha256 of model.pt as trained; python/training/train_default_model.py rewrites this line.
 WEIGHTS_SHA256 = '8fb3945ec8de6651a0331d8f830eea32c1df2e6e33537bf65e8dde0f9462966f'
 
 
@@ -70,7 +70,7 @@ def _verified_bytes(path, sha256):
     if digest != sha256:
         raise EmbeddedModelError(f'the embedded model weights {path} are corrupt or not the shipped file: '
                                  f'sha256 {digest}, expected {sha256}; reinstall lxt_ext (or, after retraining '
-                                 f'with python/train_default_model.py, use the checkout it wrote to)')
+                                 f'with python/training/train_default_model.py, use the checkout it wrote to)')
     return data
 
 

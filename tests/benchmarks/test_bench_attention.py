@@ -5,12 +5,12 @@ backends) vs LXT's eager recipe vs SDPA.
         --benchmark-group-by=param:n
 
 With the project's default (--benchmark-disable) each case runs once at a short length as a smoke
-test. The methods are python/benchmark_attention.py's, from lxt_ext.benchmark.attention.
+test. The methods are python/benchmarks/benchmark_attention.py's, from its harness.attention.
 """
 import pytest
 import torch
 
-from lxt_ext.benchmark import attention as benchmark_attention
+from harness import attention as benchmark_attention
 
 
 @pytest.mark.parametrize('n', [1024, 4096])

@@ -9,7 +9,7 @@ With the project's default (--benchmark-disable) each case runs once on a small 
 import pytest
 import torch
 
-from lxt_ext.benchmark.models import cnn, epsilon_gamma_box
+from harness.models import cnn, epsilon_gamma_box
 
 METHODS = ['plain', 'zennit', 'lxt_ext']
 MEDIANS = {}  # (model, method) -> median seconds in this run

@@ -4,12 +4,12 @@
 
 Measured: batch 4 at 224x224 on 2 threads. With the project's default (--benchmark-disable) each case
 runs once on a small torchvision ViT as a smoke test. LXT 2.1 needs its own environment, so its
-figures come from python/benchmark_vit.py.
+figures come from python/benchmarks/benchmark_vit.py.
 """
 import pytest
 import torch
 
-from lxt_ext.benchmark.models import attribution, plain, vit
+from harness.models import attribution, plain, vit
 from lxt_ext.composites import ViTEpsilon, ViTGamma
 
 COMPOSITES = {'lxt_ext_epsilon': ViTEpsilon, 'lxt_ext_gamma': ViTGamma}

@@ -1,11 +1,15 @@
-"""lxt_ext.benchmark's measurement helpers, checked on calls whose cost is known in advance."""
-from lxt_ext.benchmark.process import interleaved_processes, last_line
-from lxt_ext.benchmark.timing import interleaved_medians
+"""The benchmarks' measurement helpers (python/benchmarks/harness), checked on calls whose cost is known in
+advance."""
+from conftest import BENCHMARKS
+from harness.process import interleaved_processes, last_line
+from harness.timing import interleaved_medians
 
-ALLOCATE = '''
+# The children run from a temporary folder: harness is found through the path they are given here.
+ALLOCATE = f'''
 import sys
+sys.path.insert(0, {BENCHMARKS!r})
 import torch
-from lxt_ext.benchmark.memory import extra_peak_mb
+from harness.memory import extra_peak_mb
 
 def run():
     x = torch.ones(int(sys.argv[1]) * 2 ** 18)  # float32: 1 MB per 2^18 elements, freed on return
@@ -29,9 +33,10 @@ def test_interleaved_medians_warm_up_then_alternate():
     assert set(medians) == {'a', 'b'} and all(m >= 0 for m in medians.values())
 
 
-SERVE = '''
+SERVE = f'''
 import sys, time
-from lxt_ext.benchmark.process import serve
+sys.path.insert(0, {BENCHMARKS!r})
+from harness.process import serve
 serve(lambda: time.sleep(float(sys.argv[1])))
 '''
 

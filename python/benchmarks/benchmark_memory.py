@@ -1,7 +1,7 @@
 """Extra peak memory (MB) of plain forward+backward, zennit's and lxt_ext's EpsilonGammaBox, and of
 applying zennit's canonizer alone (part of both composites' figures: merging BatchNorm copies the weights).
 
-    python python/benchmark_memory.py [vgg16 resnet50]
+    python python/benchmarks/benchmark_memory.py [vgg16 resnet50]
 
 Each measurement runs in its own process with MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0
 (large blocks are mmapped and returned at once, so VmHWM is the peak of live memory): build the model
@@ -12,9 +12,9 @@ import sys
 
 import torch
 
-from lxt_ext.benchmark.memory import extra_peak_mb
-from lxt_ext.benchmark.models import cnn, epsilon_gamma_box
-from lxt_ext.benchmark.process import last_line
+from harness.memory import extra_peak_mb
+from harness.models import cnn, epsilon_gamma_box
+from harness.process import last_line
 
 METHODS = ('plain', 'zennit', 'lxt_ext', 'canonizer')
 

@@ -2,7 +2,8 @@
 (before the layer's backward runs), the resident memory above the start and the peak since the
 previous mark.
 
-    MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0 python python/memory_by_layer.py [resnet50] [--top 12]
+    MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0 \
+        python python/benchmarks/memory_by_layer.py [resnet50] [--top 12]
 
 (the allocator settings of benchmark_memory.py, so that resident memory is live memory). Random weights,
 batch 4, 224x224, 2 threads. The interval with the highest peak ends at the mark after the layer whose
@@ -15,8 +16,8 @@ import torch
 from zennit.attribution import Gradient
 
 import lxt_ext.composites
-from lxt_ext.benchmark.memory import reset_peak, status_kb
-from lxt_ext.benchmark.models import cnn
+from harness.memory import reset_peak, status_kb
+from harness.models import cnn
 
 
 def main():

@@ -1,6 +1,6 @@
 """Time and extra peak memory of AttnLRP relevance for a LLaMA-style decoder (2 threads).
 
-    python python/benchmark_language.py [--tokens 2048] [--repeats 5] [--methods plain lxt_ext lxt]
+    python python/benchmarks/benchmark_language.py [--tokens 2048] [--repeats 5] [--methods plain lxt_ext lxt]
 
 The workload: transformers' LlamaForCausalLM with random weights, 8 layers, width 512, grouped-query
 attention with 8 query and 2 key/value heads, MLP width 1536, vocabulary 32000, one sequence of
@@ -27,10 +27,10 @@ import tempfile
 
 import torch
 
-from lxt_ext.benchmark.memory import extra_peak_mb
-from lxt_ext.benchmark.process import interleaved_processes, last_line, serve
+from harness.memory import extra_peak_mb
+from harness.process import interleaved_processes, last_line, serve
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python/benchmarks/ is two below
 METHODS = ('plain', 'lxt_ext', 'lxt', 'plain_oracle', 'lxt_ext_oracle')
 LABELS = {'plain': 'plain forward+backward', 'lxt_ext': 'lxt_ext LanguageTransformer (AttnLRP)',
           'lxt': 'LXT 2.1 efficient recipe (AttnLRP)',

@@ -1,7 +1,7 @@
 """Images/s of ``lxt-ext explain`` against the same composite in a plain loop over preloaded tensors, and
 against a hand-written loop over LXT 2.1's published recipe (torchvision vit_b_16, random weights).
 
-    python python/benchmark_explain.py [--images 32] [--batches 4 16] [--threads 2] [--device cpu]
+    python python/benchmarks/benchmark_explain.py [--images 32] [--batches 4 16] [--threads 2] [--device cpu]
                                        [--dtype float32] [--methods vit_epsilon vit_gamma lxt_gamma]
 
 For each batch size and method, each in a fresh process with ``--threads`` torch threads:
@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python/benchmarks/ is two below
 COMPOSITES = ('vit_epsilon', 'vit_gamma')
 
 

@@ -1,6 +1,6 @@
 """One command that proves lxt_ext's CUDA path on the machine it runs on, writing one markdown report.
 
-    python python/gpu_check.py [--wheels DIR] [--lxt-path DIR] [--out FILE] [--quick]
+    python python/gpu/gpu_check.py [--wheels DIR] [--lxt-path DIR] [--out FILE] [--quick]
 
 Steps (each timed, its status and the tail of its output in the report):
 1. install the wheels in ``--wheels`` (no package index is used: ``pip install --no-index``);
@@ -10,8 +10,8 @@ Steps (each timed, its status and the tail of its output in the report):
    tests/test_opcheck.py (opcheck on CUDA);
 4. ``compute-sanitizer --tool memcheck`` and ``--tool racecheck`` on a small attention and rule case,
    where compute-sanitizer exists;
-5. the GPU benchmarks (python/benchmark_gpu.py: vit_b_16 batch 64 fp32/bf16, the LLaMA-style decoder
-   at 4k and 16k tokens, attention alone 1k-64k tokens).
+5. the GPU benchmarks (python/benchmarks/benchmark_gpu.py: vit_b_16 batch 64 fp32/bf16, the LLaMA-style
+   decoder at 4k and 16k tokens, attention alone 1k-64k tokens).
 Without a GPU it builds the CPU extension, runs the same test files (their CUDA cases skip) and says
 which GPU steps it skipped.
 
@@ -39,7 +39,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python/gpu/ is two below
 
 SANITIZER_CASE = r'''
 import torch
@@ -153,7 +153,7 @@ def main():
                         env=test_env, timeout=600)
     benchmarks = None
     if gpu:
-        command = [python, 'python/benchmark_gpu.py'] + (['--quick'] if args.quick else [])
+        command = [python, 'python/benchmarks/benchmark_gpu.py'] + (['--quick'] if args.quick else [])
         command += ['--lxt-path', args.lxt_path] if args.lxt_path else []
         done = report.step('GPU benchmarks', command, env=test_env)
         benchmarks = done.stdout if done is not None else None

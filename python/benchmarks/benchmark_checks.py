@@ -1,7 +1,7 @@
 """Time of lxt_ext's per-layer NaN/Inf checks (lxt_ext.checks) on the CPU: attributions with the checks
 on and off (``lxt_ext.checks.cpu_checks``), interleaved in one process, median of ``--repeats``.
 
-    .venv/bin/python python/benchmark_checks.py resnet50 vit_b_16 decoder
+    .venv/bin/python python/benchmarks/benchmark_checks.py resnet50 vit_b_16 decoder
 
 Each attribution is zennit-style use (zennit's ``Gradient``, or ``composite.context`` and autograd), where the
 checks run in passing; lxt_ext's own attributors defer them (``lxt_ext.checks.located``: no cost while values

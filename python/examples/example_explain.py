@@ -1,6 +1,6 @@
 """The Python API behind ``lxt-ext explain``, on the embedded model and its shipped samples (offline).
 
-    python python/example_explain.py [--out example_explained]
+    python python/examples/example_explain.py [--out example_explained]
 
 1. ``lxt_ext.explain``: batches of tensors in, one ``Explanation`` (logits, relevance, explained class,
    its logit) per batch out, the composite registered once.

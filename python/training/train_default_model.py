@@ -1,7 +1,7 @@
 """Train lxt_ext's embedded default model and write it, with sample images, into the package.
 
 The model is torchvision's ``VisionTransformer`` (64 x 64 images, patch 8, 4 blocks, width 64)
-trained from scratch on the procedural shapes of ``python/shapes_dataset.py`` (seeded): a fixed
+trained from scratch on the procedural shapes of ``lxt_ext.data.shapes`` (seeded): a fixed
 training pool, each batch turned/flipped by a random symmetry of the square (which keeps every
 class), AdamW with a linear warm-up and a cosine decay. Besides the class loss on the class token,
 an auxiliary head (used in training only, not shipped) reads every patch token after the third block
@@ -20,7 +20,7 @@ Then it measures the accuracy on a held-out set drawn with another seed and writ
 
 and sets ``WEIGHTS_SHA256`` in ``lxt_ext/data/embedded.py`` to the new file's sha256.
 
-    nice -n 10 python python/train_default_model.py
+    nice -n 10 python python/training/train_default_model.py
 
 "Reproduces" means the held-out accuracy within one point; the weights are not bitwise the same
 across machines or thread counts.
@@ -40,13 +40,14 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 import torch  # noqa: E402  (after the OpenMP setting, which is read when torch loads)
 from torchvision.models import VisionTransformer
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import shapes_dataset  # noqa: E402  (lives next to this script, not in the package)
+from lxt_ext.data import shapes  # noqa: E402
 
-PACKAGE = os.path.join(os.path.dirname(HERE), 'lxt_ext', 'data')
-ARCHITECTURE = dict(image_size=shapes_dataset.IMAGE_SIZE, patch_size=8, num_layers=4, num_heads=4,
-                    hidden_dim=64, mlp_dim=128, num_classes=len(shapes_dataset.CLASSES))
+# The checkout's lxt_ext/data (python/training/ is two below the root), not an installed copy's: the
+# model, its samples and the sha256 line are source files of the repository.
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PACKAGE = os.path.join(ROOT, 'lxt_ext', 'data')
+ARCHITECTURE = dict(image_size=shapes.IMAGE_SIZE, patch_size=8, num_layers=4, num_heads=4,
+                    hidden_dim=64, mlp_dim=128, num_classes=len(shapes.CLASSES))
 PATCH_LOSS_LAYER = 2  # the auxiliary patch head reads the tokens after the third of the four blocks
 
 
@@ -70,7 +71,7 @@ def patch_targets(masks, labels):
     patch, else the extra class ``len(CLASSES)`` (background, distractor)."""
     patch = ARCHITECTURE['patch_size']
     cover = torch.nn.functional.avg_pool2d(masks[:, None].float(), patch)[:, 0]
-    return torch.where(cover > 0.25, labels[:, None, None], len(shapes_dataset.CLASSES))
+    return torch.where(cover > 0.25, labels[:, None, None], len(shapes.CLASSES))
 
 
 def forward_with_tokens(model, x, layer):
@@ -108,7 +109,7 @@ def train(args):
     start, cpu_start = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     load_start = os.getloadavg()[0]
 
-    images, masks, labels = shapes_dataset.generate(args.train_size, seed=args.seed)
+    images, masks, labels = shapes.generate(args.train_size, seed=args.seed)
     mean = images.mean((0, 2, 3)).round(decimals=3).view(1, 3, 1, 1)
     std = images.std((0, 2, 3)).round(decimals=3).view(1, 3, 1, 1)
     images = (images * 255).round().to(torch.uint8)  # as the shipped PNGs; a quarter of the memory
@@ -116,7 +117,7 @@ def train(args):
     del masks
     model = VisionTransformer(**ARCHITECTURE)
     patch_head = torch.nn.Sequential(torch.nn.LayerNorm(ARCHITECTURE['hidden_dim']),
-                                     torch.nn.Linear(ARCHITECTURE['hidden_dim'], len(shapes_dataset.CLASSES) + 1))
+                                     torch.nn.Linear(ARCHITECTURE['hidden_dim'], len(shapes.CLASSES) + 1))
     parameters = list(model.parameters()) + list(patch_head.parameters())
     optimiser = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=args.weight_decay)
     warmup = max(1, args.steps // 20)
@@ -150,7 +151,7 @@ def train(args):
     cpu_end = resource.getrusage(resource.RUSAGE_SELF)
     cpu_seconds = cpu_end.ru_utime + cpu_end.ru_stime - cpu_start.ru_utime - cpu_start.ru_stime
 
-    held_images, held_masks, held_labels = shapes_dataset.generate(args.held_out, seed=args.seed + 2)
+    held_images, held_masks, held_labels = shapes.generate(args.held_out, seed=args.seed + 2)
     held_accuracy = accuracy(model, held_images, held_labels, mean, std)
     training = dict(steps=args.steps, batch_size=args.batch_size, train_size=args.train_size, lr=args.lr,
                     weight_decay=args.weight_decay, patch_loss=args.patch_loss, seed=args.seed, threads=args.threads,
@@ -174,14 +175,14 @@ def write(args, model, mean, std, held_accuracy, training, held_out):
 
     images, masks, labels = held_out
     samples = []
-    for index, row in enumerate(balanced_indices(labels, args.samples, len(shapes_dataset.CLASSES))):
-        name = f'{index:02d}_{shapes_dataset.CLASSES[labels[row]]}.png'
-        shapes_dataset.to_png(images[row], os.path.join(folder, 'samples', name))
-        shapes_dataset.to_png(masks[row], os.path.join(folder, 'masks', name))
+    for index, row in enumerate(balanced_indices(labels, args.samples, len(shapes.CLASSES))):
+        name = f'{index:02d}_{shapes.CLASSES[labels[row]]}.png'
+        shapes.to_png(images[row], os.path.join(folder, 'samples', name))
+        shapes.to_png(masks[row], os.path.join(folder, 'masks', name))
         samples.append(dict(image=f'samples/{name}', mask=f'masks/{name}', label=int(labels[row])))
     with open(os.path.join(folder, 'samples.json'), 'w') as file:
         json.dump(samples, file, indent=1)
-    metadata = dict(architecture=ARCHITECTURE, classes=list(shapes_dataset.CLASSES),
+    metadata = dict(architecture=ARCHITECTURE, classes=list(shapes.CLASSES),
                     mean=[round(v, 3) for v in mean.flatten().tolist()], std=[round(v, 3) for v in std.flatten().tolist()],
                     weights='model.pt', dtype='float32',
                     held_out_accuracy=round(held_accuracy, 4), held_out_images=args.held_out,

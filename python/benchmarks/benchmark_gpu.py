@@ -1,6 +1,6 @@
 """GPU benchmarks of lxt_ext (one CUDA device): Vision Transformer, LLaMA-style decoder, attention alone.
 
-    python python/benchmark_gpu.py [--quick] [--lxt-path DIR]
+    python python/benchmarks/benchmark_gpu.py [--quick] [--lxt-path DIR]
 
 Prints markdown tables. Every method of a table is timed in the same process, interleaved (a warm-up,
 then the median of ``--repeats`` rounds; ``torch.cuda.synchronize`` around each call), with the extra
@@ -10,7 +10,7 @@ peak memory of one call (``torch.cuda.max_memory_allocated`` above what was allo
   plain forward+backward, ViTEpsilon (AttnLRP), ViTGamma (CP-LRP); LXT 2.1's published gamma recipe
   when ``--lxt-path`` names a directory holding ``lxt`` and what it needs (transformers 4.x), run in a
   process of its own with that directory first on PYTHONPATH. Images per second and the ratio to plain.
-- ``decoder``: python/benchmark_language.py's LLaMA-style decoder (8 layers, width 512, GQA 8/2) at
+- ``decoder``: python/benchmarks/benchmark_language.py's LLaMA-style decoder (8 layers, width 512, GQA 8/2) at
   4k and 16k tokens, AttnLRP (``LanguageTransformer``) vs plain forward+backward, bfloat16.
 - ``attention``: attention alone, batch 1, 4 heads, D = 64, 1k-64k tokens (``--quick``: 1k-16k),
   forward+backward: lxt_ext AttnLRP (the default rule: ATen's kernels), lxt_ext's own kernels
@@ -23,10 +23,10 @@ import sys
 
 import torch
 
-from lxt_ext.benchmark.timing import interleaved_medians
+from harness.timing import interleaved_medians
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'python'))
+HERE = os.path.dirname(os.path.abspath(__file__))  # harness and benchmark_language.py, for the LXT child too
+ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
 def synced(run):
@@ -52,7 +52,7 @@ def measure(runs, repeats):
 
 
 def vit_runs(dtype, batch):
-    from lxt_ext.benchmark.models import attribution, plain, vit
+    from harness.models import attribution, plain, vit
     from lxt_ext.composites import ViTEpsilon, ViTGamma
     model = vit().to('cuda', dtype)
     x = torch.randn(batch, 3, 224, 224, device='cuda', dtype=dtype)
@@ -69,8 +69,8 @@ monkey_patch(vision_transformer); monkey_patch_zennit()
 import zennit.rules as z
 from zennit.composites import LayerMapComposite
 sys.path.insert(0, sys.argv[3])
-from lxt_ext.benchmark.timing import interleaved_medians
-from lxt_ext.benchmark.models import vit
+from harness.timing import interleaved_medians
+from harness.models import vit
 dtype, batch, repeats = getattr(torch, sys.argv[1]), int(sys.argv[2]), int(sys.argv[4])
 model = vit().to('cuda', dtype)
 x = torch.randn(batch, 3, 224, 224, device='cuda', dtype=dtype)
@@ -89,7 +89,7 @@ print(seconds, (torch.cuda.max_memory_allocated() - before) / 2 ** 20)
 
 def lxt_vit(dtype, batch, repeats, lxt_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [lxt_path, ROOT, os.environ.get('PYTHONPATH')])))
-    out = subprocess.run([sys.executable, '-c', _LXT_VIT, str(dtype).split('.')[-1], str(batch), ROOT, str(repeats)],
+    out = subprocess.run([sys.executable, '-c', _LXT_VIT, str(dtype).split('.')[-1], str(batch), HERE, str(repeats)],
                          env=env, capture_output=True, text=True)
     if out.returncode != 0:
         return None, out.stderr.strip().splitlines()[-1:]

@@ -17,12 +17,25 @@ is right for the right reasons puts its relevance on the object, not on the bar 
 Shapes are rendered from signed distances ``d`` (negative inside) with one pixel of anti-aliasing:
 coverage ``clamp(0.5 - d, 0, 1)``; the mask is ``d <= 0`` at pixel centres.
 
-``python python/shapes_dataset.py OUT_DIR`` writes a few examples as PNGs to look at.
+``python -m lxt_ext.data.shapes OUT_DIR`` writes a few examples as PNGs to look at;
+``python/training/train_default_model.py`` trains the embedded model on these images.
+
+Examples
+--------
+>>> from lxt_ext.data import shapes
+>>> images, masks, labels = shapes.generate(4, seed=0)
+>>> tuple(images.shape), tuple(masks.shape), tuple(labels.shape)
+((4, 3, 64, 64), (4, 64, 64), (4,))
+>>> shapes.CLASSES
+('disk', 'square', 'triangle', 'cross', 'ring')
 """
 import math
 
 import torch
 
+__all__ = ['CLASSES', 'IMAGE_SIZE', 'generate', 'shape_distance', 'to_png']
+
+# The class names, in label order (``labels`` of :func:`generate` index into this tuple).
 CLASSES = ('disk', 'square', 'triangle', 'cross', 'ring')
 IMAGE_SIZE = 64
 OBJECT_RADIUS = (11.0, 16.0)     # half-extent of the class object, pixels
@@ -48,8 +61,33 @@ def _triangle(u, v, radius):
 
 
 def shape_distance(kind, u, v, radius):
-    """Signed distance of class ``kind`` (an index into :data:`CLASSES`) in local coordinates
-    ``u``, ``v`` (centred, unrotated), with half-extent ``radius``; the shapes have similar areas."""
+    """Signed distance to the shape of one class, in the shape's own coordinates.
+
+    The shapes are scaled so that their areas are similar at the same ``radius``, which keeps size from
+    telling the classes apart.
+
+    Parameters
+    ----------
+    kind : int
+        The class, an index into :data:`CLASSES`.
+    u, v : torch.Tensor
+        Local coordinates of the points (centred on the shape, unrotated), of one shape.
+    radius : float or torch.Tensor
+        The shape's half-extent in pixels, broadcastable against ``u``.
+
+    Returns
+    -------
+    torch.Tensor
+        The signed distance at each point, negative inside the shape, the shape of ``u``.
+
+    Raises
+    ------
+    ValueError
+        If ``kind`` is not an index into :data:`CLASSES`.
+    """
+    # Checked first: a negative index would silently pick a class from the end of the tuple.
+    if not 0 <= kind < len(CLASSES):
+        raise ValueError(f'unknown shape index {kind}: the classes are 0..{len(CLASSES) - 1} ({", ".join(CLASSES)})')
     name = CLASSES[kind]
     if name == 'disk':
         return torch.sqrt(u ** 2 + v ** 2) - radius * 0.85
@@ -61,7 +99,7 @@ def shape_distance(kind, u, v, radius):
         return torch.minimum(_box(u, v, radius, radius * 0.32), _box(u, v, radius * 0.32, radius))
     if name == 'ring':
         return (torch.sqrt(u ** 2 + v ** 2) - radius * 0.72).abs() - radius * 0.28
-    raise ValueError(f'unknown shape index {kind}')
+    raise AssertionError(f'CLASSES names {name!r}, which has no distance function here')
 
 
 def _hsv_to_rgb(h, s, v):
@@ -122,10 +160,38 @@ def _background(generator, n, size, ys, xs):
 
 
 def generate(n, seed, size=IMAGE_SIZE, chunk=1024):
-    """``(images, masks, labels)`` of ``n`` images drawn from ``torch.Generator().manual_seed(seed)``:
-    images (n, 3, size, size) float32 in 0..1, masks (n, size, size) bool (the class object's pixels),
-    labels (n,) int64 indices into :data:`CLASSES` (balanced in expectation). Drawn ``chunk`` images
-    at a time (bounded memory); the result depends on ``chunk``."""
+    """Draw ``n`` images of the shapes data set, with their object masks and class labels.
+
+    Everything is drawn from ``torch.Generator().manual_seed(seed)``, so the same arguments give the same
+    images on every machine (``python/training/train_default_model.py`` trains on its ``--seed`` and holds out
+    ``--seed + 2``).
+
+    Parameters
+    ----------
+    n : int
+        The number of images, at least 1.
+    seed : int
+        The seed of the random generator all draws come from.
+    size : int, optional
+        The image side in pixels; the object sizes are in pixels and do not scale with it.
+    chunk : int, optional
+        How many images are drawn at a time, which bounds the memory; the images depend on it, since the
+        draws of a chunk are made together.
+
+    Returns
+    -------
+    images : torch.Tensor
+        ``(n, 3, size, size)`` float32 RGB in 0..1.
+    masks : torch.Tensor
+        ``(n, size, size)`` bool, True on the class object's pixels.
+    labels : torch.Tensor
+        ``(n,)`` int64 indices into :data:`CLASSES`, balanced in expectation.
+
+    Raises
+    ------
+    ValueError
+        If ``n`` is smaller than 1.
+    """
     if n < 1:
         raise ValueError(f'n must be at least 1, got {n}')
     generator = torch.Generator().manual_seed(seed)
@@ -164,7 +230,16 @@ def _draw(generator, n, size):
 
 
 def to_png(image, path):
-    """Write an image tensor ((3, H, W) floats in 0..1, or (H, W) bool as black and white) as a PNG."""
+    """Write one image or mask of :func:`generate` as a PNG file.
+
+    Parameters
+    ----------
+    image : torch.Tensor
+        A ``(3, H, W)`` float image in 0..1 (clamped, rounded to 8 bits), or an ``(H, W)`` bool mask,
+        written black and white (white = True).
+    path : str or os.PathLike
+        The file to write; its folder must exist.
+    """
     from PIL import Image
 
     if image.dtype == torch.bool:
@@ -174,17 +249,22 @@ def to_png(image, path):
     Image.fromarray(array).save(path)
 
 
-if __name__ == '__main__':
+def _main(argv=None):
     import argparse
     import os
 
-    parser = argparse.ArgumentParser(description='write example images and masks of the shapes data set')
+    parser = argparse.ArgumentParser(prog='python -m lxt_ext.data.shapes',
+                                     description='write example images and masks of the shapes data set')
     parser.add_argument('out', help='output folder')
-    parser.add_argument('-n', type=int, default=16)
+    parser.add_argument('-n', type=int, default=16, help='how many images')
     parser.add_argument('--seed', type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     images, masks, labels = generate(args.n, args.seed)
     for index, (image, mask, label) in enumerate(zip(images, masks, labels)):
         to_png(image, os.path.join(args.out, f'{index:02d}_{CLASSES[label]}.png'))
         to_png(mask, os.path.join(args.out, f'{index:02d}_{CLASSES[label]}_mask.png'))
+
+
+if __name__ == '__main__':
+    _main()

@@ -1,6 +1,6 @@
 """A zennit user's attribution before and after switching one import (random-weight VGG-16).
 
-    python python/example_zennit_swap.py
+    python python/examples/example_zennit_swap.py
 """
 import time
 

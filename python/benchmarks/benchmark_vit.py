@@ -1,6 +1,6 @@
 """Time and extra peak memory of relevance for torchvision's vit_b_16 (batch 4, 224x224, 2 threads).
 
-    python python/benchmark_vit.py [--repeats 3] [--interleaved]
+    python python/benchmarks/benchmark_vit.py [--repeats 3] [--interleaved]
 
 Methods: plain forward+backward (gradient w.r.t. the input); lxt_ext ViTEpsilon (fused epsilon on
 every Linear and the patch embedding, AttnLRP); lxt_ext ViTGamma (the published recipe, gamma on
@@ -20,12 +20,12 @@ import sys
 
 import torch
 
-from lxt_ext.benchmark.memory import extra_peak_mb
-from lxt_ext.benchmark.models import attribution as gradient_run, plain, vit
-from lxt_ext.benchmark.process import last_line
-from lxt_ext.benchmark.timing import interleaved_medians
+from harness.memory import extra_peak_mb
+from harness.models import attribution as gradient_run, plain, vit
+from harness.process import last_line
+from harness.timing import interleaved_medians
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python/benchmarks/ is two below
 METHODS = ('plain', 'lxt_ext_epsilon', 'lxt_ext_gamma', 'lxt_gamma', 'lxt_epsilon')
 LXT_METHODS = ('lxt_gamma', 'lxt_epsilon')
 LABELS = {

@@ -1,12 +1,12 @@
 """Attention alone, forward+backward: lxt_ext's fused AttnLRP op vs LXT's recipe vs plain SDPA.
 
-    OMP_WAIT_POLICY=PASSIVE python python/benchmark_attention.py [--lengths 1024 2048 ...] [--repeats 5]
+    OMP_WAIT_POLICY=PASSIVE python python/benchmarks/benchmark_attention.py [--lengths 1024 2048 ...] [--repeats 5]
         [--methods lxt_ext sdpa ...] [--no-memory]
 
 Methods (batch 1, D = 64, float32, torch.set_num_threads(2)): ``lxt_ext`` (AttnLRP, default rule),
 ``lxt_ext_own`` (AttnLRP on the own kernels), ``lxt_ext_cp`` / ``lxt_ext_cp_aten`` (CP-LRP, default rule /
 ATen's kernels), ``lxt_eager`` (LXT 2.1's eager recipe with divided gradients), ``sdpa`` (plain SDPA
-forward+backward, the floor); see lxt_ext/benchmark/attention.py.
+forward+backward, the floor); see harness/attention.py.
 
 Peak memory: each (method, N, heads) in its own process with MALLOC_MMAP_THRESHOLD_=65536
 MALLOC_TRIM_THRESHOLD_=0; VmRSS after making the inputs, the high-water mark reset through
@@ -22,10 +22,10 @@ import sys
 
 import torch
 
-from lxt_ext.benchmark.attention import METHODS, attention, make_inputs, run_once
-from lxt_ext.benchmark.memory import extra_peak_mb
-from lxt_ext.benchmark.process import last_line
-from lxt_ext.benchmark.timing import interleaved_medians
+from harness.attention import METHODS, attention, make_inputs, run_once
+from harness.memory import extra_peak_mb
+from harness.process import last_line
+from harness.timing import interleaved_medians
 
 EAGER_MAX_ELEMENTS = 4 * 8192 ** 2  # 1 GiB per N x N float32 matrix over all heads
 

@@ -1,6 +1,6 @@
 """Median time of plain forward+backward, zennit's and lxt_ext's EpsilonGammaBox, measured in one run.
 
-    python python/benchmark_time.py [vgg16 resnet50] [--repeats 3]
+    python python/benchmarks/benchmark_time.py [vgg16 resnet50] [--repeats 3]
 
 Random weights, batch 4, 224x224, 2 threads. One warm-up call of each method, then ``--repeats`` rounds
 with the three methods interleaved, so that load from other processes hits all three alike; prints a
@@ -10,8 +10,8 @@ import argparse
 
 import torch
 
-from lxt_ext.benchmark.models import cnn, epsilon_gamma_box
-from lxt_ext.benchmark.timing import interleaved_medians
+from harness.models import cnn, epsilon_gamma_box
+from harness.timing import interleaved_medians
 
 
 def median_times(name, repeats):
