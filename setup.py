@@ -6,6 +6,7 @@ TORCH_CUDA_ARCH_LIST says otherwise; MAX_JOBS bounds ninja's parallelism (defaul
 """
 import glob
 import os
+import re
 import shutil
 import sys
 
@@ -23,6 +24,9 @@ import torch  # noqa: E402  (after CUDA_HOME is settled: cpp_extension reads it 
 from torch.utils import cpp_extension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# the version is written once, in the package (importing it here would need the built extension)
+with open(os.path.join(ROOT, 'lxt_ext', '__init__.py')) as _init:
+    VERSION = re.search(r"^__version__ = '([^']+)'", _init.read(), re.M).group(1)
 
 
 def want_cuda():
@@ -60,7 +64,7 @@ os.environ.setdefault('MAX_JOBS', '2')
 
 setup(
     name='lxt_ext',
-    version='0.2.0',
+    version=VERSION,
     description='Fused C++/CUDA LRP rules for zennit: CNN rules and composites, AttnLRP/CP-LRP for transformers',
     long_description=open(os.path.join(ROOT, 'README.md')).read() if os.path.exists(os.path.join(ROOT, 'README.md')) else '',
     long_description_content_type='text/markdown',

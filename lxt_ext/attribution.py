@@ -12,11 +12,11 @@ output of any module (latent relevance). ``GradientXInput`` is used the zennit w
         logits, relevance = attributor(embeds, target)       # relevance: embeds * grad
         attributor.latent['model.layers.3.mlp']               # that module's output * its grad
 
-``target`` is what zennit's attributors take as ``attr_output``: a tensor of the output's shape
-(the output relevance seed), a callable ``output -> seed``, or, lxt_ext's shorthand, an int class
-index (for a (batch, tokens, classes) output: the class at the last token), or None for the top
-class (at the last token). With a one-hot seed the input relevance sums to the explained logit
-(up to what biases and stabilisers absorb).
+``target`` is what zennit's attributors take as ``attr_output``, the relevance of the output (zennit's
+convention): a tensor of the output's shape, a callable ``output -> seed``, or, lxt_ext's shorthand, an
+int class index (for a (batch, tokens, classes) output: the class at the last token), or None for the
+top class (at the last token); the shorthands seed the explained logit there, so the input relevance
+sums to it (up to what biases and stabilisers absorb).
 """
 import contextlib
 
@@ -41,6 +41,15 @@ def frozen_parameters(model):
             parameter.requires_grad_(True)
 
 
+def emits_relevance(composite):
+    """Whether the gradient w.r.t. the input is relevance itself (else relevance is ``x * grad``)."""
+    from .composites.transformer import TransformerComposite
+
+    if composite is None:
+        return True  # the plain gradient is what is asked for
+    return not isinstance(composite, TransformerComposite) or composite.explicit_first
+
+
 def _first_tensor(value):
     if isinstance(value, torch.Tensor):
         return value
@@ -52,7 +61,7 @@ def _first_tensor(value):
 
 
 def seed(output, target):
-    """The output relevance seed (gradient of the output) for ``target`` (see the module doc)."""
+    """The output relevance seed for ``target`` (see the module doc): the target's logit for the shorthands."""
     if callable(target):
         return target(output)
     if isinstance(target, torch.Tensor):
@@ -70,7 +79,7 @@ def seed(output, target):
     else:
         raise ValueError(f'an int target needs a (batch, classes) or (batch, tokens, classes) output, '
                          f'got shape {tuple(output.shape)}; pass a seed tensor or callable instead')
-    return mask
+    return mask * output.detach()
 
 
 class GradientXInput:
@@ -141,7 +150,7 @@ class GradientXInput:
         if grads[0] is None:
             relevance = torch.zeros_like(input)
         else:
-            relevance = grads[0] if getattr(self.composite, 'explicit_first', False) else input.detach() * grads[0]
+            relevance = grads[0] if emits_relevance(self.composite) else input.detach() * grads[0]
         checks.ensure_finite(relevance, 'the input relevance (check the model and the stabilizers of the composite)')
         return output.detach(), relevance.detach()
 

@@ -10,9 +10,11 @@
     for e in explain(model, images, ViTEpsilon(), batch_size=32, preprocess=normalise):
         ...                                                    # one Explanation per batch
 
-The output relevance seed is the one-hot of the explained class (``target``: None for each row's top
-class, an int for one class, a LongTensor (N,) per row), so the relevance sums to the explained logit up
-to what biases and stabilisers absorb. With ``top_k=k`` each row is explained for its k top classes in
+The seed at the output is relevance (zennit's convention, which every lxt_ext composite keeps): the
+explained logit at the explained class (``target``: None for each row's top class, an int for one class,
+a LongTensor (N,) per row) and zero elsewhere, so the relevance sums to the explained logit up to what
+biases and stabilisers absorb, for CNN, ViT and language composites alike. (``composite=None``, the plain
+gradient, is seeded with the one-hot of the class: ``d f_t / d x``.) With ``top_k=k`` each row is explained for its k top classes in
 the same single forward: the batch is repeated k times (rows ``i*k .. i*k+k-1`` are copies of row ``i``,
 whose logits are identical), and copy ``j`` is seeded with the ``j``-th class; ``relevance`` is then
 (N, k, ...), ``target`` and ``score`` (N, k).
@@ -27,7 +29,7 @@ from typing import NamedTuple
 import torch
 
 from . import checks
-from .attribution import frozen_parameters
+from .attribution import emits_relevance, frozen_parameters
 
 __all__ = ['Explanation', 'Explainer', 'explain_batch', 'explain', 'emits_relevance', 'logits_of']
 
@@ -37,15 +39,6 @@ class Explanation(NamedTuple):
     relevance: torch.Tensor  # shaped like the input; (N, k, ...) with top_k
     target: torch.Tensor     # the explained class per row, (N,) or (N, k)
     score: torch.Tensor      # the explained logit per row, (N,) or (N, k)
-
-
-def emits_relevance(composite):
-    """Whether the gradient w.r.t. the input is relevance itself (else relevance is ``x * grad``)."""
-    from .transformer.composites import TransformerComposite
-
-    if composite is None:
-        return True  # the plain gradient is what is asked for
-    return not isinstance(composite, TransformerComposite) or composite.explicit_first
 
 
 def logits_of(output):
@@ -126,6 +119,8 @@ class Explainer:
                 raise ValueError(f'expected logits of shape ({inputs.shape[0]}, classes), got {tuple(logits.shape)}')
             target = _targets(logits.detach(), target, top_k)
             seed = torch.nn.functional.one_hot(target, logits.shape[1]).to(logits.dtype)
+            if self.composite is not None:
+                seed = seed * logits.detach()  # relevance: the explained logit
             (grad,) = torch.autograd.grad(logits, inputs, seed)
         relevance = grad if self._emits else inputs.detach() * grad
         checks.ensure_finite(relevance, 'the relevance (check the model and the stabilizers of the composite)')

@@ -6,9 +6,10 @@ others. With ``C`` classes (vocabulary entries) at the explained position::
     seed[c] = 1            for the chosen class t
     seed[j] = -1 / (C - 1) for every other class j
 
-so the seed sums to 0 and, under a conservative composite (CP-LRP, biases zero), the input relevance
-sums to ``z_t - mean_{j != t} z_j``: what makes t more likely than the rest, not what raises every
-logit alike. Use it wherever a target seed is taken, e.g.::
+as LXT backpropagates it (a gradient). The seed is relevance (zennit's convention, which lxt_ext's
+composites keep), so the callable returns ``z * seed``, LXT's explanation under that reading: under a
+conservative composite (CP-LRP, biases zero) the input relevance sums to ``z_t - mean_{j != t} z_j``, what
+makes t more likely than the rest, not what raises every logit alike. Use it wherever a target seed is taken, e.g.::
 
     with GradientXInput(model, composite, forward=...) as attributor:
         logits, relevance = attributor(embeds, contrastive(token_id))
@@ -19,7 +20,7 @@ __all__ = ['contrastive']
 
 
 def contrastive(target=None, position=-1):
-    """A callable ``output -> seed`` (the contrastive seed above) for ``(batch, classes)`` outputs or
+    """A callable ``output -> output * seed`` (the contrastive seed above, as relevance) for ``(batch, classes)`` outputs or
     ``(batch, tokens, classes)`` outputs at token ``position`` (default the last; other positions get
     0). ``target``: an int class, a LongTensor ``(batch,)`` of classes, or None for each row's top class
     at that position."""
@@ -46,6 +47,6 @@ def contrastive(target=None, position=-1):
             grad[:, position] = rows
         else:
             grad = rows
-        return grad
+        return grad * output.detach()
 
     return seed

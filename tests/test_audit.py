@@ -11,7 +11,7 @@ import transformers
 
 from lxt_ext.diagnostics import UncoveredOperationError, audit, record
 from lxt_ext.transformer.elementwise import identity_rule, uniform_product
-from lxt_ext.transformer_composites import LanguageTransformer, UnmappedModuleError, ViTEpsilon, ViTGamma
+from lxt_ext.composites import LanguageTransformer, UnmappedModuleError, ViTEpsilon, ViTGamma
 
 
 def line_of(marker):

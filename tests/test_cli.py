@@ -56,8 +56,10 @@ def test_cnn_with_local_weights_matches_zennits_composite(tmp_path):
     x = (torch.from_numpy(pixels).permute(2, 0, 1).float()[None] / 255 - mean) / std
     composite = EpsilonGammaBox(low=(0 - mean) / std, high=(1 - mean) / std, canonizers=[ResNetCanonizer()])
     with Gradient(model, composite) as attributor:
-        logits, expected = attributor(x, lambda y: torch.nn.functional.one_hot(y.argmax(1), 1000).to(y))
+        # lxt_ext's entry points seed the explained logit as the output's relevance
+        logits, expected = attributor(x, lambda y: y * torch.nn.functional.one_hot(y.argmax(1), 1000).to(y))
     assert row['explained'] == int(logits.argmax())
+    assert row['relevance_sum'] == pytest.approx(float(expected.sum()), rel=1e-4)
     relevance = np.load(out / row['relevance'])
     scale = float(expected.abs().max())
     np.testing.assert_allclose(relevance, expected[0].numpy(), atol=1e-4 * scale)

@@ -283,7 +283,10 @@ def test_zennit_hooks_are_read_in_the_explicit_convention():
     report = conservation(SmallCNN(), x, composite, target=2, rtol=1e-4)
     assert_conserved(report)
     assert all(m.explicit for m in report.modules)
-    assert report[''].r_in == pytest.approx(report.output_relevance, rel=1e-4) and report.output_relevance == 2.
+    assert report[''].r_in == pytest.approx(report.output_relevance, rel=1e-4)
+    # the seed at the output is relevance: the explained logit (of the model with its biases zeroed)
+    logit = zero_constants_by_hand(SmallCNN(), ('bias',))(x)[:, 2].sum().item()
+    assert report.output_relevance == pytest.approx(logit, rel=1e-6)
     assert_conserved(conservation(SmallCNN(), x, EpsilonPlus(), target=2, rtol=1e-4))
     # one layer with a large epsilon: named
     composite = LayerMapComposite([*BASE_MAP, (OtherConv, zennit.rules.Epsilon(100.)), (Convolution,

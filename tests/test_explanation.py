@@ -22,7 +22,7 @@ def test_vit_relevance_equals_zennits_gradient_attributor(composite):
     e = explain_batch(model, x, composite())
     logits = model(x)
     with Gradient(model, composite()) as attributor:
-        _, expected = attributor(x, torch.eye(7)[logits.argmax(1)])
+        _, expected = attributor(x, lambda y: y * torch.eye(7)[logits.argmax(1)])  # the explained logit
     torch.testing.assert_close(e.relevance, expected)
     torch.testing.assert_close(e.target, logits.argmax(1))
     torch.testing.assert_close(e.score, logits.max(1).values)
@@ -56,7 +56,7 @@ def test_cnn_composite_gives_zennit_relevance():
     e = explain_batch(model, x, EpsilonPlus(), target=torch.tensor([1, 2]))
     import zennit.composites
     with Gradient(model, zennit.composites.EpsilonPlus()) as attributor:
-        _, expected = attributor(x, torch.eye(10)[[1, 2]])
+        _, expected = attributor(x, lambda y: y * torch.eye(10)[[1, 2]])  # the explained logit
     torch.testing.assert_close(e.relevance, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
 
 

@@ -252,10 +252,10 @@ class Snapshot:
 
 def no_lxt_ext_left(model):
     """The direct form of what the snapshot implies, for a readable failure."""
-    from lxt_ext.models.huggingface import _ConfigView
+    from lxt_ext.models.huggingface.registry import ConfigView
     for name, module in model.named_modules():
         assert '_lxt_ext_rule' not in vars(module), name
-        assert not isinstance(vars(module).get('config'), _ConfigView), f'{name!r} keeps lxt_ext\'s config view'
+        assert not isinstance(vars(module).get('config'), ConfigView), f'{name!r} keeps lxt_ext\'s config view'
         assert not any(getattr(module, key) for key in ('_backward_hooks', '_backward_pre_hooks',
                                                         '_forward_pre_hooks')), name
         assert 'canonizer_sum' not in vars(module)['_modules'], name

@@ -6,10 +6,10 @@ from conftest import assert_rel_close, require_module
 
 transformers = require_module('transformers')  # a skip only where it is not installed (locally)
 
-from lxt_ext import adapters  # noqa: E402
+from lxt_ext import models  # noqa: E402
 from lxt_ext.attribution import GradientXInput  # noqa: E402
-from lxt_ext.huggingface import HFAttention  # noqa: E402
-from lxt_ext.transformer_composites import LanguageTransformer, ViTEpsilon  # noqa: E402
+from lxt_ext.models.huggingface import HFAttention  # noqa: E402
+from lxt_ext.composites import LanguageTransformer, ViTEpsilon  # noqa: E402
 
 TARGET = 7
 
@@ -135,7 +135,7 @@ def test_attention_rule_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match='mode'):
         HFAttention('softmax')
     with pytest.raises(ValueError, match='attention'):
-        adapters.Options(attention='flash')
+        models.Options(attention='flash')
 
 
 @pytest.mark.parametrize('mode', ['attnlrp', 'cp'])

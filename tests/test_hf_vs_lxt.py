@@ -14,7 +14,7 @@ from conftest import require_module, require_oracle
 transformers = require_module('transformers')  # a skip only where it is not installed (locally)
 
 from lxt_ext.attribution import GradientXInput  # noqa: E402
-from lxt_ext.transformer_composites import LanguageTransformer  # noqa: E402
+from lxt_ext.composites import LanguageTransformer  # noqa: E402
 
 TOLERANCE = 1e-3  # max |difference| <= TOLERANCE * max |LXT relevance|
 BATCH, TOKENS = 2, 12
@@ -103,7 +103,8 @@ def explain(name, mode, **composite_kwargs):
     composite = LanguageTransformer(attention=mode, **composite_kwargs)
     forward = lambda model, x: model(inputs_embeds=x, attention_mask=mask).logits  # noqa: E731
     with GradientXInput(model, composite, forward=forward) as attributor:
-        logits, relevance = attributor(embeds, lambda logits: target_seed(name, logits))
+        # LXT backpropagates the mask as a gradient; seeded as relevance that is logits * mask
+        logits, relevance = attributor(embeds, lambda logits: logits * target_seed(name, logits))
     return logits, relevance
 
 

@@ -296,7 +296,7 @@ def test_softcapped_attention_follows_lxt_formulation(mode):
     the same rules with plain autograd (AttnLRP: query and key gradients / 4, value / 2, the identity rule
     as ``s * stop_gradient(f(s) / s)``, the softmax's own gradient; CP-LRP: query and key stopped), with
     grouped-query heads, a padding mask and the causal mask."""
-    from lxt_ext.models.huggingface import softcapped_attention
+    from lxt_ext.attention import softcapped_attention
     generator = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 7, 8, generator=generator) * 3
     k, v = (torch.randn(2, 2, 7, 8, generator=generator) * 3 for _ in range(2))

@@ -18,7 +18,7 @@ transformers = require_module('transformers')
 from lxt_ext.attribution import GradientXInput  # noqa: E402
 from lxt_ext.composites import LanguageTransformer, ViTEpsilon  # noqa: E402
 from lxt_ext.diagnostics import audit  # noqa: E402
-from lxt_ext.transformer.composites import UnmappedModuleError  # noqa: E402
+from lxt_ext.composites import UnmappedModuleError  # noqa: E402
 
 TARGET = 5
 COMMON = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

@@ -62,7 +62,8 @@ def explain(name, mode, epsilon=1e-12):
     model, x, mask = make(name)
     with GradientXInput(model, LanguageTransformer(attention=mode, epsilon=epsilon),
                         forward=forward_with(mask)) as attributor:
-        return attributor(x, seed)
+        # LXT backpropagates the mask as a gradient; seeded as relevance that is logits * mask
+        return attributor(x, lambda logits: logits * seed(logits))
 
 
 ORACLE = '''

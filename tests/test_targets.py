@@ -1,5 +1,6 @@
-"""lxt_ext.targets.contrastive: the seed against the explicit formula (1 at the chosen class, -1/(C-1) at
-every other class, at the explained position only), and the relevance it gives: under CP-LRP with no
+"""lxt_ext.targets.contrastive: the seed against the explicit formula (LXT's gradient mask, 1 at the chosen
+class, -1/(C-1) at every other class, at the explained position only, times the output: the seed is
+relevance), and the relevance it gives: under CP-LRP with no
 biases (LLaMA), the input relevance sums to z_t - mean_{j != t} z_j of the logits computed directly."""
 import pytest
 import torch
@@ -10,8 +11,8 @@ from lxt_ext.composites import LanguageTransformer
 from lxt_ext.targets import contrastive
 
 
-def explicit_seed(output, targets, position):
-    """The formula, element by element."""
+def explicit_mask(output, targets, position):
+    """LXT's mask, element by element."""
     seed = torch.zeros_like(output)
     classes = output.shape[-1]
     for b in range(output.shape[0]):
@@ -24,6 +25,10 @@ def explicit_seed(output, targets, position):
     return seed
 
 
+def explicit_seed(output, targets, position):
+    return explicit_mask(output, targets, position) * output
+
+
 def test_seed_is_the_formula():
     output = torch.randn(3, 4, 7, generator=torch.Generator().manual_seed(0))
     assert torch.equal(contrastive(2)(output), explicit_seed(output, [2, 2, 2], -1))
@@ -32,7 +37,7 @@ def test_seed_is_the_formula():
     assert torch.equal(contrastive()(output), explicit_seed(output, top, -1))
     flat = output[:, 0]
     assert torch.equal(contrastive(5)(flat), explicit_seed(flat, [5, 5, 5], None))
-    assert contrastive(5)(flat).sum().item() == pytest.approx(0., abs=1e-6)  # sums to zero per row
+    assert explicit_mask(flat, [5, 5, 5], None).sum().item() == pytest.approx(0., abs=1e-6)  # sums to zero per row
 
 
 def test_bad_targets_are_named():

@@ -1,4 +1,4 @@
-"""The Gradient x Input rules of lxt_ext.transformer_rules against explicit formulas and zennit.
+"""The Gradient x Input rules of lxt_ext.transformer against explicit formulas and zennit.
 
 Each reference is the rule written out in plain autograd: the identity rule as ``g f(x)/stab(x)``,
 the norm rules as autograd through the normalisation with ``rstd`` detached, the uniform rule as
@@ -15,10 +15,11 @@ from zennit.composites import LayerMapComposite
 import lxt_ext.ops
 import lxt_ext.rules
 from conftest import assert_rel_close
-from lxt_ext.transformer_composites import TransformerComposite
-from lxt_ext.transformer_rules import (ActivationIdentity, DropoutOff, MultiheadAttentionRule, NormIdentity,
-                                       OutputEpsilon, identity_rule, layer_norm_identity, linear_rule_apply,
-                                       rms_norm_identity, uniform_product)
+from lxt_ext.composites import TransformerComposite
+from lxt_ext.attention import MultiheadAttentionRule
+from lxt_ext.transformer import (ActivationIdentity, DropoutOff, NormIdentity, OutputEpsilon, identity_rule,
+                                 layer_norm_identity, linear_rule_apply, rms_norm_identity, uniform_product)
+from lxt_ext.core import rule_of
 from lxt_ext.layers import UnsupportedLayerError
 
 
@@ -207,16 +208,17 @@ def test_output_epsilon_module(generator):
 
 @pytest.mark.parametrize('epsilon', [0.0, 1e-3])
 def test_language_transformer_linear_rule(epsilon, generator):
-    """epsilon 0: Linear layers keep their plain gradient (no rule swaps their forward), which is the
-    epsilon formula's limit ``W^T g``; epsilon > 0: the epsilon formula."""
+    """epsilon 0: Linear layers keep their plain gradient (no rule is registered), which is the
+    epsilon formula's limit ``W^T g``; epsilon > 0: the epsilon formula. The layer is the model here: its output
+    takes relevance ``R = y * g`` (zennit's convention) and passes ``g`` on."""
     from lxt_ext.composites import LanguageTransformer
     layer = torch.nn.Linear(12, 10)
     x = torch.randn(5, 12, generator=generator)
     g = torch.randn(5, 10, generator=generator)
     w, b = layer.weight.detach(), layer.bias.detach()
     with LanguageTransformer(epsilon=epsilon).context(layer) as modified:
-        assert ('forward' in vars(layer)) == (epsilon > 0)
-        (actual,) = grad_of(modified, x, grad_output=g)
+        assert (rule_of(layer) is not None) == (epsilon > 0)
+        (actual,) = grad_of(modified, x, grad_output=g * layer(x).detach())
     expected = g @ w if epsilon == 0 else grad_of(lambda t: epsilon_linear_reference(t, w, b, epsilon), x,
                                                    grad_output=g)[0]
     assert_rel_close(actual, expected, 1e-5)
@@ -244,8 +246,8 @@ def test_explicit_rules_adapted_per_hook(library, name, kwargs, explicit, genera
     with LayerMapComposite([(type(layer), getattr(zennit.rules, name)(**kwargs))]).context(layer) as modified:
         (reference,) = grad_of(modified, x, grad_output=g * y)
     composite = TransformerComposite(getattr(library, name)(**kwargs), explicit_first=explicit)
-    with composite.context(layer) as modified:
-        (actual,) = grad_of(modified, x, grad_output=g)
+    with composite.context(layer) as modified:  # the layer is the model: its output takes relevance y * g
+        (actual,) = grad_of(modified, x, grad_output=g * y)
     assert_rel_close(actual, reference if explicit else reference / zennit_stab(x, 1e-10), 1e-5)
 
 

@@ -21,8 +21,8 @@ from zennit.attribution import Gradient
 import conftest
 import lxt_oracle
 from conftest import assert_rel_close
-from lxt_ext.transformer_composites import ViTEpsilon, ViTGamma
-from lxt_ext.transformer_rules import MultiheadAttentionRule
+from lxt_ext.attention import MultiheadAttentionRule
+from lxt_ext.composites import ViTEpsilon, ViTGamma
 
 # every test takes the ``oracle`` fixture: without .oracle a skip locally, a failure in CI (conftest.require)
 
@@ -96,8 +96,10 @@ def _torchvision_model(spec, seed=0):
 
 
 def _attribute(model, composite, x, target):
+    """LXT backpropagates ``target`` as the gradient of the logits; in zennit's convention, which lxt_ext keeps,
+    the seed is relevance: the same explanation is seeded with ``logits * target``."""
     with Gradient(model, composite) as attributor:
-        output, relevance = attributor(x, target)
+        output, relevance = attributor(x, lambda y: y * target)
     return output.detach(), relevance
 
 

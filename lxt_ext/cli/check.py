@@ -124,7 +124,7 @@ def run(args):
     from ..checks import NonFiniteError
     from ..composites import LanguageTransformer
     from ..diagnostics import conservation
-    from ..transformer.composites import UnmappedModuleError
+    from ..composites.transformer import UnmappedModuleError
     from .models import ModelError, build_composite, default_composite, load_model
 
     if args.threads:

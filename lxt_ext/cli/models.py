@@ -23,17 +23,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
-CNN_COMPOSITES = {
-    'epsilon_gamma_box': composites.EpsilonGammaBox,
-    'epsilon_plus': composites.EpsilonPlus,
-    'epsilon_alpha2_beta1': composites.EpsilonAlpha2Beta1,
-    'epsilon_plus_flat': composites.EpsilonPlusFlat,
-    'epsilon_alpha2_beta1_flat': composites.EpsilonAlpha2Beta1Flat,
-}
-VIT_COMPOSITES = {
-    'vit_gamma': composites.ViTGamma,
-    'vit_epsilon': composites.ViTEpsilon,
-}
+# the image composites of lxt_ext's one name table
+CNN_COMPOSITES = {name: cls for name, cls in composites.NAMES.items()
+                  if not issubclass(cls, composites.TransformerComposite)}
+VIT_COMPOSITES = {name: cls for name, cls in composites.NAMES.items() if name.startswith('vit_')}
 COMPOSITES = {**CNN_COMPOSITES, **VIT_COMPOSITES}
 # composite parameters the command line passes on (flag dest -> keyword); each composite takes a subset
 PARAMETERS = ('epsilon', 'gamma', 'conv_gamma', 'linear_gamma', 'stabilizer', 'attention', 'first_rule')

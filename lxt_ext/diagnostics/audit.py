@@ -26,7 +26,7 @@ import sys
 import torch
 from torch.overrides import TorchFunctionMode
 
-from ..transformer.composites import UnmappedModuleError
+from ..composites.transformer import UnmappedModuleError
 from ..core import rule_of
 from ..models import PLAIN_GRADIENT
 

@@ -46,8 +46,8 @@ import torch
 from ..attribution import _first_tensor, seed
 from ..checks import NonFiniteError
 from ..core import rule_of
-from ..transformer.composites import TransformerComposite
-from ..transformer.convention import ExplicitRelevance
+from ..composites.transformer import TransformerComposite
+from ..transformer.convention import ExplicitRelevance, relevance_seeded, seeded_with_relevance
 
 __all__ = ['ADDITIVE', 'ModuleRelevance', 'ConservationReport', 'ConservationError', 'conservation', 'zeroed']
 
@@ -357,6 +357,7 @@ class _Monitor:
         self._tapped = weakref.WeakValueDictionary()  # id(copy handed to a module) -> the copy
         self._probes = {}                              # id(copy) -> its input probe
         self._completed = 0
+        self.output_seeded = False  # a model output came converted (OutputRelevance): its seed is relevance
 
     def __enter__(self):
         for name, module in self.model.named_modules():
@@ -423,7 +424,11 @@ class _Monitor:
                     return tensor
                 if inputs_finite and not bool(torch.isfinite(tensor.detach()).all()):
                     entry.forward_nan = True
-                return _Tap.apply(tensor, _Probe(entry, tensor.detach(), 'out', self.explicit))
+                # a model output whose seed is relevance (a transformer composite's output) is read explicitly
+                seeded = seeded_with_relevance(tensor)
+                self.output_seeded |= seeded
+                explicit = self.explicit or seeded
+                return _Tap.apply(tensor, _Probe(entry, tensor.detach(), 'out', explicit))
 
             return None if output is None else _map_tensors(output, tap)
         return hook
@@ -542,10 +547,11 @@ def conservation(model, input, composite=None, forward=None, target=None, zero_b
                 output = _first_tensor(forward(model, x))
                 if output is None or not output.requires_grad:
                     raise ValueError('the forward must return a tensor (e.g. the logits) that depends on the input')
-                grad_output = seed(output, target)
+                grad_output = seed(output, target)  # relevance (zennit's convention) in both conventions
                 with torch.no_grad():
-                    output_relevance = float((grad_output if convention == 'explicit'
-                                              else output * grad_output).double().sum())
+                    output_relevance = float(grad_output.double().sum())
+                if convention == 'gradient_x_input' and not monitor.output_seeded:
+                    output = relevance_seeded(output)  # no transformer composite: the plain gradient
                 torch.autograd.grad(output, x, grad_output, allow_unused=True)
             except NonFiniteError as error:
                 stopped = f'{type(error).__name__}: {error}'

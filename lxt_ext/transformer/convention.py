@@ -15,17 +15,16 @@ that zennit's attributors return relevance.
 ``stab`` is ``zennit.core.stabilize`` with the composite's ``input_stabilizer``.
 """
 import torch
-from zennit.core import BasicHook, Hook, stabilize
+from zennit.core import BasicHook, Hook, RemovableHandle, RemovableHandleList, stabilize
 from zennit.rules import Pass as ZennitPass
 
 from ..checks import first_order
 from ..core import FusedRule, ProductRule, SwappedForward
-from ..deprecation import renamed_keyword
 from ..rules import Norm, Pass
 from .elementwise import ActivationIdentity
 
-__all__ = ['ZennitRule', 'ExplicitRelevance', 'ExplicitConvention', 'gradient_x_input', 'emitting_relevance',
-           'linear_rule_apply']
+__all__ = ['ZennitRule', 'ExplicitRelevance', 'ExplicitConvention', 'OutputRelevance', 'relevance_seeded', 'seeded_with_relevance', 'gradient_x_input',
+           'emitting_relevance', 'linear_rule_apply']
 
 
 class _ZennitBackward(torch.autograd.Function):
@@ -54,13 +53,13 @@ class ZennitRule(SwappedForward):
     backward runs on ``R_out = y * g_out`` and gives ``R_in``; the gradient is ``R_in / stab(x)``,
     or ``R_in`` itself with ``explicit_output`` (the first layer, so attributors return relevance)."""
 
-    def __init__(self, rule, explicit_output=False, input_stabilizer=1e-10, *, epsilon=None):
+    def __init__(self, rule, explicit_output=False, input_stabilizer=1e-10):
         super().__init__()
         if not isinstance(rule, BasicHook):
             raise TypeError(f'ZennitRule adapts zennit BasicHook rules, not {type(rule).__name__}')
         self.rule = rule
         self.explicit_output = explicit_output
-        self.input_stabilizer = renamed_keyword(epsilon, 'epsilon', input_stabilizer, 'input_stabilizer', 1e-10)
+        self.input_stabilizer = input_stabilizer
 
     def copy(self):
         copy = super().copy()
@@ -78,12 +77,17 @@ class ZennitRule(SwappedForward):
         rule = self.rule
         rule.stored_tensors['input'] = (x, *args)  # what zennit's forward hook would have kept
         rule.stored_tensors['kwargs'] = kwargs     # (zennit 1.0 also keeps the keyword arguments)
-        # zennit re-runs module.forward, which is swapped to this rule while registered: make it plain
-        self.active = False
+        # zennit re-runs module.forward, which is swapped to this rule while registered (and wrapped by
+        # OutputRelevance on the model itself): the plain forward instead, for the re-run only
+        swapped = module.__dict__.get('forward')
+        module.forward = original
         try:
             (relevance, *_) = rule.backward(module, (x,), (grad * output,))
         finally:
-            self.active = True
+            if swapped is None:
+                module.__dict__.pop('forward', None)
+            else:
+                module.forward = swapped
             rule.stored_tensors.clear()
         return relevance if self.explicit_output else relevance / stabilize(x, self.input_stabilizer)
 
@@ -134,8 +138,9 @@ class ExplicitRelevance(_ConventionWrapper):
         return self.rule.apply(module, original, _TimesInput.apply(input), args, kwargs)
 
 
-class _OverStabilizedInput(torch.autograd.Function):
-    """Identity forward; backward ``g / stab(x)``: turns explicit relevance into a gradient."""
+class _RelevanceToGradient(torch.autograd.Function):
+    """Identity forward; backward ``g = R / stab(x)``: explicit relevance arriving at ``x`` leaves as the
+    gradient of the Gradient x Input convention (``x * g = R`` up to the stabilizer)."""
 
     @staticmethod
     def forward(ctx, x, stabilizer):
@@ -155,13 +160,13 @@ class ExplicitConvention(_ConventionWrapper):
     Gradient x Input composite: it gets ``R_out = y * g_out`` and its ``R_in`` leaves as
     ``R_in / stab(x)``, or as ``R_in`` itself with ``explicit_output`` (the first layer)."""
 
-    def __init__(self, rule, explicit_output=False, input_stabilizer=1e-10, *, epsilon=None):
+    def __init__(self, rule, explicit_output=False, input_stabilizer=1e-10):
         super().__init__()
         self.rule, self.explicit_output = rule, explicit_output
-        self.input_stabilizer = renamed_keyword(epsilon, 'epsilon', input_stabilizer, 'input_stabilizer', 1e-10)
+        self.input_stabilizer = input_stabilizer
 
     def apply(self, module, original, input, args, kwargs):
-        x = input if self.explicit_output else _OverStabilizedInput.apply(input, self.input_stabilizer)
+        x = input if self.explicit_output else _RelevanceToGradient.apply(input, self.input_stabilizer)
         return _TimesInput.apply(self.rule.apply(module, original, x, args, kwargs))
 
 
@@ -228,3 +233,120 @@ class _LinearShell(torch.nn.Linear):
         self.out_features, self.in_features = weight.shape
         self.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
+
+
+class OutputRelevance(Hook):
+    """The model output in zennit's convention: the seed an attributor passes at the output (zennit's
+    ``attr_output``) is the output's *relevance* ``R``, as for zennit's own composites, and enters the
+    Gradient x Input interior as ``g = R / stab(y)`` (``stab`` with ``stabilizer``).
+
+    So a one-hot seed gives input relevance summing to about 1 and the seed ``y * one_hot`` to the
+    explained logit, whatever its sign; registered on the model (the root module a composite is
+    registered on) its forward hook converts every floating tensor at the top level of the output
+    (a tensor, a tuple or list of them, or the fields of transformers' ``ModelOutput``), after any head
+    or softcap.
+
+    Parameters
+    ----------
+    stabilizer : float
+        The epsilon of ``zennit.core.stabilize`` in the division by the output.
+    """
+
+    def __init__(self, stabilizer=1e-10):
+        super().__init__()
+        self.stabilizer = stabilizer
+        self._restore = None
+
+    def copy(self):
+        return type(self)(self.stabilizer)
+
+    def register(self, module):
+        """Convert ``module``'s outputs while registered (its forward is wrapped, as rules swap theirs, so that
+        ``torch.compile`` traces the conversion with the model).
+
+        Parameters
+        ----------
+        module : torch.nn.Module
+            The model (the root module of the composite).
+
+        Returns
+        -------
+        zennit.core.RemovableHandleList
+            The handle restoring the module's forward; remove it before a rule swapped on the same module.
+        """
+        inner, hook = module.forward, self
+        self._restore = (module, module.__dict__.get('forward'))
+
+        def forward(*args, **kwargs):
+            return hook._convert(inner(*args, **kwargs))
+
+        forward.__wrapped__ = inner
+        module.forward = forward
+        return RemovableHandleList([RemovableHandle(self)])
+
+    def remove(self):
+        super().remove()
+        restore, self._restore = self._restore, None
+        if restore is not None:
+            module, previous = restore
+            if previous is None:
+                module.__dict__.pop('forward', None)
+            else:
+                module.forward = previous
+
+    def _convert(self, output):
+        if not (self.active and torch.is_grad_enabled()):
+            return output
+        if isinstance(output, torch.Tensor):
+            return self._seeded(output)
+        if isinstance(output, (tuple, list)) and not hasattr(output, 'keys'):
+            values = [self._seeded(value) for value in output]
+            return type(output)(*values) if hasattr(output, '_fields') else type(output)(values)
+        if hasattr(output, 'keys') and hasattr(output, 'to_tuple'):  # transformers' ModelOutput
+            for key in list(output.keys()):
+                output[key] = self._seeded(output[key])
+        return output
+
+    def _seeded(self, value):
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.requires_grad:
+            # a fresh output of the model: never converted yet (and no grad_fn check, which torch.compile would
+            # not trace)
+            return _RelevanceToGradient.apply(value, self.stabilizer)
+        return value
+
+
+def relevance_seeded(output, stabilizer=1e-10):
+    """``output`` whose backward reads the arriving seed as relevance ``R`` (``g = R / stab(output)``), as
+    :class:`OutputRelevance` leaves a model's outputs; an output converted already is returned as it is.
+
+    Parameters
+    ----------
+    output : torch.Tensor
+        A floating tensor that requires grad.
+    stabilizer : float
+        The epsilon of ``zennit.core.stabilize``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``output`` (a view) with that backward.
+    """
+    if seeded_with_relevance(output):
+        return output
+    return _RelevanceToGradient.apply(output, stabilizer)
+
+
+def seeded_with_relevance(tensor):
+    """Whether the gradient arriving at ``tensor`` is explicit relevance (it is a model output converted by
+    :func:`relevance_seeded` or :class:`OutputRelevance`).
+
+    Parameters
+    ----------
+    tensor : torch.Tensor
+        Any tensor.
+
+    Returns
+    -------
+    bool
+    """
+    return isinstance(tensor.grad_fn, _RelevanceToGradient._backward_cls)

@@ -12,7 +12,6 @@ import torch
 from .. import ops
 from ..checks import first_order
 from ..core import SHARED, SwappedForward
-from ..deprecation import renamed_keyword
 
 __all__ = ['ActivationIdentity', 'DropoutOff', 'identity_rule', 'uniform_product']
 
@@ -56,9 +55,9 @@ class ActivationIdentity(SwappedForward):
     ``nn.Tanh``, ``nn.Sigmoid``, timm's and transformers' activation modules): the relevance of
     each output goes to the input it was computed from."""
 
-    def __init__(self, input_stabilizer=1e-10, *, epsilon=None):
+    def __init__(self, input_stabilizer=1e-10):
         super().__init__()
-        self.input_stabilizer = renamed_keyword(epsilon, 'epsilon', input_stabilizer, 'input_stabilizer', 1e-10)
+        self.input_stabilizer = input_stabilizer
 
     def apply(self, module, original, input, args, kwargs):
         if getattr(module, 'inplace', False):

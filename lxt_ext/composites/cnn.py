@@ -4,28 +4,34 @@ Same names, signatures and layer maps as ``zennit.composites``, with lxt_ext's r
 ZBox and Flat on the first layer and Norm on sums (ResNetCanonizer's residual ``Sum``) and average
 pooling keep only their inputs, and activations and BatchNorm get lxt_ext's Pass, which keeps nothing;
 no zennit hook is left. BatchNorms that zennit's canonizers merge into a layer are folded into the
-layer's rule rather than kept as a merged weight copy (``BatchNormFolding``). Each is also registered in
-zennit's composite registry as ``lxt_ext_<name>``; ``use_in_zennit_registry()`` points zennit's own names at
-them.
-
-The attention-aware composites for transformers (``ViTEpsilon``, ``ViTGamma``, ``LanguageTransformer``,
-``TransformerComposite``) live in ``lxt_ext.transformer.composites`` and are importable from here too.
+layer's rule rather than kept as a merged weight copy (``BatchNormFolding``). ``use_in_zennit_registry()``
+points zennit's own registry names at them.
 """
 import torch
-from zennit.composites import COMPOSITES, LayerMapComposite, SpecialFirstLayerMapComposite, register_composite
+from zennit.composites import COMPOSITES, LayerMapComposite, SpecialFirstLayerMapComposite
 from zennit.layer import Sum
 from zennit.types import Activation, AvgPool, BatchNorm, Convolution, Linear
 
-from .batch_norm_fold import BatchNormFolding
-from .rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ZBox, ZPlus
-from .transformer.composites import LanguageTransformer, TransformerComposite, ViTEpsilon, ViTGamma
+from ..batch_norm_fold import BatchNormFolding
+from ..rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ZBox, ZPlus
 
 __all__ = ['use_in_zennit_registry', 'BatchNormFolding', 'EpsilonGammaBox', 'EpsilonPlus', 'EpsilonAlpha2Beta1', 'EpsilonPlusFlat',
            'EpsilonAlpha2Beta1Flat', 'ViTEpsilon', 'ViTGamma', 'LanguageTransformer', 'TransformerComposite']
 
 
 def layer_map_base(stabilizer=1e-6):
-    """zennit's ``layer_map_base`` with lxt_ext's Pass and Norm (no input clones, nothing kept past backward)."""
+    """zennit's ``layer_map_base`` with lxt_ext's Pass and Norm (no input clones, nothing kept past backward).
+
+    Parameters
+    ----------
+    stabilizer : float, optional
+        The stabilizer of ``Norm`` on sums and average pooling (default 1e-6).
+
+    Returns
+    -------
+    list of (type, zennit.core.Hook)
+        Activations and BatchNorm to ``Pass``, zennit's ``Sum`` and average pooling to ``Norm``.
+    """
     return [
         (Activation, Pass()),
         (Sum, Norm(stabilizer=stabilizer)),
@@ -41,7 +47,6 @@ def _layer_map(layer_map, stabilizer, conv_rule, epsilon, zero_params):
     ]
 
 
-@register_composite('lxt_ext_epsilon_gamma_box')
 class EpsilonGammaBox(BatchNormFolding, SpecialFirstLayerMapComposite):
     """ZBox on the first convolution, fused gamma on the other convolutions, fused epsilon on Linear.
 
@@ -79,7 +84,6 @@ class EpsilonGammaBox(BatchNormFolding, SpecialFirstLayerMapComposite):
                          first_map=first_map, canonizers=canonizers)
 
 
-@register_composite('lxt_ext_epsilon_plus')
 class EpsilonPlus(BatchNormFolding, LayerMapComposite):
     """Fused z-plus on convolutions, fused epsilon on Linear.
 
@@ -105,7 +109,6 @@ class EpsilonPlus(BatchNormFolding, LayerMapComposite):
                          canonizers=canonizers)
 
 
-@register_composite('lxt_ext_epsilon_alpha2_beta1')
 class EpsilonAlpha2Beta1(BatchNormFolding, LayerMapComposite):
     """Fused alpha2-beta1 on convolutions, fused epsilon on Linear.
 
@@ -131,7 +134,6 @@ class EpsilonAlpha2Beta1(BatchNormFolding, LayerMapComposite):
                          canonizers=canonizers)
 
 
-@register_composite('lxt_ext_epsilon_plus_flat')
 class EpsilonPlusFlat(BatchNormFolding, SpecialFirstLayerMapComposite):
     """Flat on the first linear layer, fused z-plus on convolutions, fused epsilon on Linear.
 
@@ -161,7 +163,6 @@ class EpsilonPlusFlat(BatchNormFolding, SpecialFirstLayerMapComposite):
                          first_map=first_map, canonizers=canonizers)
 
 
-@register_composite('lxt_ext_epsilon_alpha2_beta1_flat')
 class EpsilonAlpha2Beta1Flat(BatchNormFolding, SpecialFirstLayerMapComposite):
     """Flat on the first linear layer, fused alpha2-beta1 on convolutions, fused epsilon on Linear.
 

@@ -4,24 +4,21 @@ A module gets, in this order: the user's ``layer_map`` rule, then the rule of lx
 (``lxt_ext.models``: torch.nn's built-in layers, transformers, timm): Linear and convolutions the
 composite's rule templates, element-wise activations the identity rule, LayerNorm/RMSNorm the
 identity rule on the normalisation, dropout none (off), attention AttnLRP or CP-LRP. Every rule runs
-in the Gradient x Input convention (``lxt_ext.transformer.convention``). With ``explicit_first``, the
+in the Gradient x Input convention (``lxt_ext.transformer``). With ``explicit_first``, the
 first Linear/convolution (the one consuming the input) emits relevance, so
 ``zennit.attribution.Gradient`` returns relevance, ready for ``lxt_ext.visualization``. Leaf modules
 that get no rule are reported by name (an error with ``strict``, a warning otherwise).
 """
 import warnings
 
-from zennit.composites import register_composite
 from zennit.core import Composite
 from zennit.types import Linear
 
 from .. import models
 from ..batch_norm_fold import BatchNormFolding
-from ..deprecation import renamed_keyword
-from ..models.torch_nn import MultiheadAttentionRule
 from ..rules import Epsilon, Gamma
-from .convention import emitting_relevance, gradient_x_input
-from .linear import OutputEpsilon
+from ..transformer.convention import OutputRelevance, emitting_relevance, gradient_x_input
+from ..transformer.linear import OutputEpsilon
 
 __all__ = ['TransformerComposite', 'ViTEpsilon', 'ViTGamma', 'LanguageTransformer', 'UnmappedModuleError']
 
@@ -38,11 +35,10 @@ class TransformerComposite(BatchNormFolding, Composite):
     zennit BasicHook rules. ``attention``: ``'attnlrp'`` or ``'cp'``. ``explicit_first``: the first
     Linear/convolution emits relevance (``first_rule`` replaces its rule). ``layer_map``: zennit-style
     ``[(types, rule), ...]`` tried first. ``strict``: unmapped leaf modules raise (else warn).
-    ``input_stabilizer`` (formerly ``epsilon``): the identity rule's stabilizer of the division by the input."""
+    ``input_stabilizer``: the identity rule's stabilizer of the division by the input."""
 
     def __init__(self, linear_rule, conv_rule=None, attention='attnlrp', explicit_first=False, first_rule=None,
-                 layer_map=None, canonizers=None, strict=True, input_stabilizer=1e-10, *, epsilon=None):
-        input_stabilizer = renamed_keyword(epsilon, 'epsilon', input_stabilizer, 'input_stabilizer', 1e-10)
+                 layer_map=None, canonizers=None, strict=True, input_stabilizer=1e-10):
         self.options = models.Options(
             attention=attention, input_stabilizer=input_stabilizer, linear=gradient_x_input(linear_rule),
             conv=gradient_x_input(linear_rule if conv_rule is None else conv_rule))
@@ -67,6 +63,11 @@ class TransformerComposite(BatchNormFolding, Composite):
                 self.remove()
                 raise UnmappedModuleError(message)
             warnings.warn(message)
+        # the seed at the model's output is relevance (zennit's convention), not a gradient
+        output = OutputRelevance(self.options.input_stabilizer)
+        self.hook_refs.add(output)
+        # removed first: it wraps the forward a rule on the model itself may have swapped
+        self.handles.insert(0, output.register(module))
 
     def mapping(self, ctx, name, module):
         if any(name.startswith(prefix) for prefix in ctx.get('covered', ())):
@@ -75,7 +76,7 @@ class TransformerComposite(BatchNormFolding, Composite):
         if first:
             ctx['first_visited'] = True
         rule = (self.first_rule if first else None) or self._rule(module)
-        if isinstance(rule, MultiheadAttentionRule):
+        if getattr(rule, 'covers_children', False):
             ctx.setdefault('covered', []).append(f'{name}.')
         if rule is None and next(module.children(), None) is None:
             self._unmapped.append((name, module))
@@ -89,7 +90,6 @@ class TransformerComposite(BatchNormFolding, Composite):
         return rule
 
 
-@register_composite('lxt_ext_vit_epsilon')
 class ViTEpsilon(TransformerComposite):
     """Vision Transformers: epsilon on every Linear (``OutputEpsilon``: from the layer output, which
     the next rule keeps anyway) and fused epsilon on convolutions, AttnLRP (or CP-LRP) in attention;
@@ -102,7 +102,6 @@ class ViTEpsilon(TransformerComposite):
                          first_rule=first_rule, layer_map=layer_map, canonizers=canonizers, strict=strict)
 
 
-@register_composite('lxt_ext_vit_gamma')
 class ViTGamma(TransformerComposite):
     """The published LXT recipe for Vision Transformers: fused gamma 0.25 on convolutions (the patch
     embedding, which emits relevance), 0.05 on every Linear (attention projections included),
@@ -115,7 +114,6 @@ class ViTGamma(TransformerComposite):
                          strict=strict)
 
 
-@register_composite('lxt_ext_language_transformer')
 class LanguageTransformer(TransformerComposite):
     """Text transformers explained w.r.t. their input embeddings (relevance ``x * g``): AttnLRP or
     CP-LRP in attention; on every Linear layer epsilon (``linear_rule='epsilon'``) or fused gamma

@@ -1,0 +1,107 @@
+"""Attention computed eagerly with LRP rules on its pieces, for variants the fused op does not take.
+
+``softcapped_attention``: Gemma 2's attention softcap ``c tanh(s / c)`` gets the identity rule (a monotone
+element-wise map of the scores) in an attention that forms the N x N scores. AttnLRP there: the uniform rule
+on both matrix products (``uniform_matmul``), the softmax rule (``softmax_rule``).
+"""
+import torch
+
+from ..checks import first_order
+from ..ops import ATTENTION_MODES
+from ..transformer.elementwise import identity_rule
+
+__all__ = ['softcapped_attention', 'uniform_matmul', 'softmax_rule']
+
+
+class _UniformMatmul(torch.autograd.Function):
+    """``a @ b``; backward the uniform rule: ``g_a = (g b^T) / 2``, ``g_b = (a^T g) / 2``."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a @ b
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        return (grad @ b.transpose(-2, -1)) / 2, (a.transpose(-2, -1) @ grad) / 2
+
+
+class _SoftmaxRule(torch.autograd.Function):
+    """``y = softmax(x)`` over the last dimension (in float32, as transformers' eager attention); backward
+    AttnLRP's softmax rule ``R_in = x (R_out - y sum(R_out))``, which in the Gradient x Input convention
+    (``R = t g_t``) is the softmax's own gradient: ``g_in = y (g_out - sum(y g_out))``."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.softmax(x, dim=-1, dtype=torch.float32)
+        ctx.save_for_backward(y)
+        ctx.dtype = x.dtype
+        return y
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        grad = grad.float()
+        return (y * (grad - (y * grad).sum(-1, keepdim=True))).to(ctx.dtype)
+
+
+def softcapped_attention(query, key, value, attn_mask=None, *, scale=None, is_causal=False, softcap, mode='attnlrp',
+                         input_stabilizer=1e-10):
+    """``softmax(c tanh(scale Q K^T / c) + M) V`` (Gemma 2's attention softcap ``c``) with an LRP backward,
+    eagerly (the N x N scores are formed and kept; the fused op has no softcap). AttnLRP: the uniform
+    rule on both matrix products, the identity rule on the monotone softcap, the softmax rule (in the
+    Gradient x Input convention, the softmax's plain gradient); CP-LRP: the attention weights constant.
+    Shapes and masks as ``lxt_ext.attention.attention_lrp``."""
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f'mode must be one of {tuple(ATTENTION_MODES)}, got {mode!r}')
+    groups = query.shape[1] // key.shape[1]
+    key, value = (t.repeat_interleave(groups, dim=1) for t in (key, value))
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    matmul = _UniformMatmul.apply if mode == 'attnlrp' else torch.matmul
+    scores = matmul(query, key.transpose(-2, -1)) * scale
+    cap = float(softcap)
+    scores = identity_rule(lambda s: torch.tanh(s / cap) * cap, scores, input_stabilizer)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float('-inf')) if attn_mask.dtype == torch.bool else scores + attn_mask
+    if is_causal:
+        causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores.masked_fill(causal, float('-inf'))
+    if mode == 'cp':
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        return weights.detach() @ value
+    return matmul(_SoftmaxRule.apply(scores).to(query.dtype), value)
+
+
+def uniform_matmul(a, b):
+    """``a @ b`` with the uniform rule in backward (half of the relevance to each factor).
+
+    Parameters
+    ----------
+    a, b : torch.Tensor
+        Batched matrices, ``(..., n, k)`` and ``(..., k, m)``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``a @ b``.
+    """
+    return _UniformMatmul.apply(a, b)
+
+
+def softmax_rule(x):
+    """``softmax(x)`` over the last dimension (float32) with AttnLRP's softmax rule in backward.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        The scores.
+
+    Returns
+    -------
+    torch.Tensor
+        The float32 softmax.
+    """
+    return _SoftmaxRule.apply(x)

@@ -1,0 +1,95 @@
+"""transformers' attention modules under AttnLRP or CP-LRP.
+
+transformers (4.48 and later, 5.x) routes every attention call of LLaMA, Qwen, Gemma, Mistral, GPT-2, BERT,
+T5, ViT, CLIP, SigLIP, DINOv2, ... through ``ALL_ATTENTION_FUNCTIONS[module.config._attn_implementation]``.
+lxt_ext registers two entries there (``lxt_ext_attnlrp``, ``lxt_ext_cp``), and ``HFAttention`` points one
+module, and only that module, at them (``registry.ConfigView``). The fused op then does the AttnLRP (or
+CP-LRP) backward without an N x N matrix. T5's relative position bias is a constant added to the scores (an
+additive mask of the fused op). Gemma 2's attention softcap goes to ``lxt_ext.attention.softcapped_attention``.
+"""
+import sys
+
+import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from ...attention import attention_lrp, softcapped_attention
+from .registry import IMPLEMENTATIONS, ConfigViewRule, wants_relevance
+
+__all__ = ['HFAttention']
+
+
+def _original_attention(module, config):
+    """The attention function the module would use without lxt_ext."""
+    eager = getattr(sys.modules[type(module).__module__], 'eager_attention_forward', None)
+    return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager)
+
+
+def _additive(mask, dtype):
+    """An attention mask (bool: True = attend, or additive) as an additive one."""
+    if mask is None or mask.is_floating_point():
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+def _attention(mode):
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+        """``(B, H, N, D)`` query, key, value -> ``((B, N, H, D) output, None)``, as transformers'
+        sdpa_attention_forward, with the causal flag decided the same way."""
+        view = module.config
+        hook = view._lxt_ext_hook
+        if not wants_relevance(hook, query, key, value):
+            return _original_attention(module, view._lxt_ext_config)(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
+                **kwargs)
+        for unsupported in ('s_aux', 'sinks'):
+            if kwargs.get(unsupported) is not None:
+                raise NotImplementedError(
+                    f'{type(module).__name__}: lxt_ext attention does not support {unsupported!r} (attention sinks) '
+                    f'yet; map this module to another rule or leave it out of the composite')
+        if kwargs.get('output_attentions'):
+            raise NotImplementedError(
+                f'{type(module).__name__}: output_attentions=True would need the N x N attention matrix, which '
+                f'lxt_ext never forms; call the model without it')
+        q_length, kv_length = query.shape[2], key.shape[2]
+        causal = getattr(module, 'is_causal', True) if is_causal is None else is_causal
+        causal = bool(q_length > 1 and attention_mask is None and causal)
+        if causal and kv_length > q_length:
+            # prefill of an empty static cache: the keys beyond the queries are masked anyway
+            key, value = key[:, :, :q_length], value[:, :, :q_length]
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = attention_mask[:, :, :, :key.shape[2]]
+        bias = kwargs.get('position_bias')
+        if bias is not None:
+            # T5's relative position bias: a function of the positions only, off the relevance path
+            bias = bias.detach()[:, :, :, :key.shape[2]]
+            mask = _additive(attention_mask, query.dtype)
+            attention_mask = bias if mask is None else bias + mask
+        if kwargs.get('softcap') is not None:
+            output = softcapped_attention(query, key, value, attention_mask, scale=scaling, is_causal=causal,
+                                          softcap=kwargs['softcap'], mode=mode,
+                                          input_stabilizer=hook.input_stabilizer)
+        else:
+            output = attention_lrp(query, key, value, attention_mask, scale=scaling, is_causal=causal, mode=mode)
+        return output.transpose(1, 2).contiguous(), None
+    attention.__name__ = f'lxt_ext_{mode}_attention'
+    return attention
+
+
+for _mode, _name in IMPLEMENTATIONS.items():
+    AttentionInterface.register(_name, _attention(_mode))
+
+
+
+class HFAttention(ConfigViewRule):
+    """AttnLRP or CP-LRP on one transformers attention module (any module that dispatches through
+    ``ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]``)."""
+
+    def __init__(self, mode='attnlrp', input_stabilizer=1e-10):
+        super().__init__()
+        if mode not in IMPLEMENTATIONS:
+            raise ValueError(f"mode must be one of {sorted(IMPLEMENTATIONS)}, got {mode!r}")
+        self.mode = mode
+        self.input_stabilizer = input_stabilizer
+
+    def overrides(self, config):
+        return {'_attn_implementation': IMPLEMENTATIONS[self.mode]}

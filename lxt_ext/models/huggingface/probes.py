@@ -1,0 +1,131 @@
+"""Numeric probes for transformers classes no table names: a module is given a rule only if its own output on
+a random probe equals the rule's formula (LLaMA's or Gemma's RMSNorm, a LayerNorm, a gated MLP), so a module of
+another form is reported as unmapped, never given a wrong rule.
+"""
+import inspect
+import sys
+
+import torch
+
+from ...transformer.mlp import FusedGatedMLP, GatedMLP
+from .experts import ALL_EXPERTS_FUNCTIONS
+
+__all__ = ['dispatches_attention', 'dispatches_experts', 'rms_norm_offset', 'layer_norm_eps', 'is_gated_mlp',
+           'is_fused_gated_mlp']
+
+
+def dispatches_attention(module):
+    """Whether the module's forward goes through transformers' attention-function registry."""
+    modeling = sys.modules.get(type(module).__module__)
+    # the forward without its decorators (transformers wraps many in deprecate_kwarg)
+    forward = inspect.unwrap(type(module).forward)
+    return (hasattr(module, 'config') and getattr(modeling, 'ALL_ATTENTION_FUNCTIONS', None) is not None
+            and type(module).__name__.endswith('Attention') and 'attention_interface' in forward.__code__.co_varnames)
+
+
+def _probe(module, features, dtype=None):
+    """A small random input for ``module`` (``features`` wide) on its parameters' device, in ``dtype``
+    (default: its parameters' dtype)."""
+    parameter = next(module.parameters(), None)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, features, generator=generator)
+    return x if parameter is None else x.to(parameter.device, dtype or parameter.dtype)
+
+
+def _tolerance(x):
+    """allclose's (rtol, atol) for two computations of the same function in ``x``'s dtype."""
+    return (1e-5, 1e-6) if x.dtype in (torch.float32, torch.float64) else (2e-2, 2e-2)
+
+
+def _class_forward(module, x):
+    """The module's class forward on ``x``, without its hooks or an instance-level forward."""
+    return type(module).forward(module, x)
+
+
+def rms_norm_offset(module):
+    """For an RMSNorm class no table names: the ``weight_offset`` (0: ``w * x * rstd``, LLaMA's; 1:
+    ``(1 + w) * x * rstd``, Gemma's) whose formula gives the module's own output on a random probe, or
+    None (then the module is left unmapped and reported). Checked numerically, so a norm of another
+    form is never given the identity rule of a wrong one."""
+    weight = getattr(module, 'weight', None)
+    eps = next((getattr(module, n) for n in ('variance_epsilon', 'eps') if isinstance(getattr(module, n, None), float)),
+               None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or eps is None:
+        return None
+    try:
+        with torch.no_grad():
+            x = _probe(module, weight.shape[0], torch.float32)
+            output = _class_forward(module, x)
+            normalised = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+            for offset in (0., 1.):
+                if torch.allclose(output.float(), normalised * (offset + weight.float()), rtol=1e-4, atol=1e-5):
+                    return offset
+    except Exception:  # noqa: BLE001 (a module that cannot run on the probe is no match)
+        return None
+    return None
+
+
+def layer_norm_eps(module):
+    """For a LayerNorm class no table names (Cohere's, OLMo's, ...): the epsilon with which
+    ``F.layer_norm`` over the last dimension, with the module's ``weight`` and ``bias`` (either may be
+    absent), gives its output on a random probe, or None (checked numerically, see ``rms_norm_offset``)."""
+    weight, bias = getattr(module, 'weight', None), getattr(module, 'bias', None)
+    shape = tuple(getattr(module, 'normalized_shape', ())) or (tuple(weight.shape) if weight is not None else ())
+    if len(shape) != 1 or any(t is not None and not isinstance(t, torch.Tensor) for t in (weight, bias)):
+        return None
+    own = [getattr(module, name) for name in ('eps', 'variance_epsilon')
+           if isinstance(getattr(module, name, None), float)]
+    try:
+        with torch.no_grad():
+            x = _probe(module, shape[0], torch.float32)
+            output = _class_forward(module, x).float()
+            for eps in own + [1e-5, 1e-6, 1e-12]:
+                expected = torch.nn.functional.layer_norm(x.float(), shape, None if weight is None else weight.float(),
+                                                          None if bias is None else bias.float(), eps)
+                if torch.allclose(output, expected, rtol=1e-4, atol=1e-5):
+                    return eps
+    except Exception:  # noqa: BLE001
+        return None
+    return None
+
+
+def is_fused_gated_mlp(module):
+    """For an MLP class no table names: whether it has Phi-3's ``gate_up_proj``/``down_proj``/``activation_fn``
+    and computes ``down(act(gate) * up)`` with ``gate, up = gate_up_proj(x).chunk(2)`` (checked numerically)."""
+    if not all(isinstance(getattr(module, name, None), torch.nn.Module) for name in FusedGatedMLP.NAMES):
+        return False
+    if not isinstance(module.gate_up_proj, torch.nn.Linear):
+        return False
+    try:
+        with torch.no_grad():
+            x = _probe(module, module.gate_up_proj.in_features)
+            gate, up = module.gate_up_proj(x).chunk(2, dim=-1)
+            expected = module.down_proj(module.activation_fn(gate) * up)
+            rtol, atol = _tolerance(x)
+            return torch.allclose(_class_forward(module, x), expected, rtol=rtol, atol=atol)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def is_gated_mlp(module):
+    """For an MLP class no table names: whether it has LLaMA's ``gate_proj``/``up_proj``/``down_proj``/``act_fn``
+    and computes ``down(act(gate(x)) * up(x))`` (checked numerically on a random probe)."""
+    if not all(isinstance(getattr(module, name, None), torch.nn.Module) for name in GatedMLP.NAMES):
+        return False
+    if not isinstance(module.gate_proj, torch.nn.Linear):
+        return False
+    try:
+        with torch.no_grad():
+            x = _probe(module, module.gate_proj.in_features)
+            expected = module.down_proj(module.act_fn(module.gate_proj(x)) * module.up_proj(x))
+            rtol, atol = _tolerance(x)
+            return torch.allclose(_class_forward(module, x), expected, rtol=rtol, atol=atol)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def dispatches_experts(module):
+    """Whether the module is a transformers 5 experts module (``@use_experts_implementation``)."""
+    return (ALL_EXPERTS_FUNCTIONS is not None and hasattr(module, 'config') and hasattr(module, 'has_gate')
+            and hasattr(module, 'is_concatenated') and hasattr(type(module).forward, '__wrapped__'))
+
