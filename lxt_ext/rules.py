@@ -16,7 +16,8 @@ from zennit.core import Stabilizer, expand
 from zennit.layer import Sum
 
 from .checks import first_order
-from .core import SHARED, FusedRule, ProductRule, SwappedForward, _FusedLayer, zeroes_bias
+from .core import SHARED, FusedRule, ProductRule, SwappedForward, zeroes_bias
+from .core.products import _FusedLayer
 from .layers import check_input
 
 __all__ = ['Pass', 'Epsilon', 'Gamma', 'AlphaBeta', 'ZPlus', 'ZBox', 'Flat', 'Norm']

@@ -252,7 +252,7 @@ class Snapshot:
 
 def no_lxt_ext_left(model):
     """The direct form of what the snapshot implies, for a readable failure."""
-    from lxt_ext.models.huggingface.registry import ConfigView
+    from lxt_ext.core import ConfigView
     for name, module in model.named_modules():
         assert '_lxt_ext_rule' not in vars(module), name
         assert not isinstance(vars(module).get('config'), ConfigView), f'{name!r} keeps lxt_ext\'s config view'

@@ -19,7 +19,7 @@ from lxt_ext.composites import TransformerComposite
 from lxt_ext.attention import MultiheadAttentionRule
 from lxt_ext.transformer import (ActivationIdentity, DropoutOff, NormIdentity, OutputEpsilon, identity_rule,
                                  layer_norm_identity, linear_rule_apply, rms_norm_identity, uniform_product)
-from lxt_ext.core import rule_of
+from lxt_ext.core import SwappedForward, rule_of
 from lxt_ext.layers import UnsupportedLayerError
 
 
@@ -217,7 +217,7 @@ def test_language_transformer_linear_rule(epsilon, generator):
     g = torch.randn(5, 10, generator=generator)
     w, b = layer.weight.detach(), layer.bias.detach()
     with LanguageTransformer(epsilon=epsilon).context(layer) as modified:
-        assert (rule_of(layer) is not None) == (epsilon > 0)
+        assert isinstance(rule_of(layer), SwappedForward) == (epsilon > 0)  # epsilon 0: KeepGradient, no swap
         (actual,) = grad_of(modified, x, grad_output=g * layer(x).detach())
     expected = g @ w if epsilon == 0 else grad_of(lambda t: epsilon_linear_reference(t, w, b, epsilon), x,
                                                    grad_output=g)[0]

@@ -28,7 +28,6 @@ from torch.overrides import TorchFunctionMode
 
 from ..composites.transformer import UnmappedModuleError
 from ..core import rule_of
-from ..models import PLAIN_GRADIENT
 
 __all__ = ['LINEAR', 'Finding', 'AuditReport', 'UncoveredOperationError', 'audit', 'record']
 
@@ -286,10 +285,8 @@ def audit(model, input, forward=None, composite=None):
 
 
 def _ruled(module):
-    """Whether an lxt_ext rule is registered on ``module``: KeepGradient's mark, a swapped forward's rule, or a
-    transformers module's config view (attention and experts rules)."""
-    return (module.__dict__.get(PLAIN_GRADIENT) is not None or rule_of(module) is not None
-            or hasattr(module.__dict__.get('config'), '_lxt_ext_hook'))
+    """Whether an lxt_ext rule is registered on ``module``."""
+    return rule_of(module) is not None
 
 
 def _tensors(value):

@@ -340,11 +340,8 @@ def _emits_relevance(module):
 
 
 def _attention_mode(module):
-    """The attention mode of an lxt_ext attention rule on ``module`` (its swapped forward, or for transformers
-    modules the config view holding the hook), or None."""
+    """The attention mode of the lxt_ext attention rule on ``module``, or None."""
     rule = rule_of(module)
-    if rule is None:
-        rule = getattr(module.__dict__.get('config'), '_lxt_ext_hook', None)
     return getattr(rule, 'attention', None) or getattr(rule, 'mode', None)
 
 

@@ -13,18 +13,15 @@ import importlib
 from dataclasses import dataclass
 
 import torch
-from zennit.core import Hook, RemovableHandle, RemovableHandleList
 
-from .. import checks
+from ..core import KeepGradient, Refused  # the rules of table entries that need no rule of their own
 from ..ops import ATTENTION_MODES
 
-__all__ = ['Options', 'KeepGradient', 'PLAIN_GRADIENT', 'Refused', 'adapter', 'matcher', 'rule_for']
+__all__ = ['Options', 'KeepGradient', 'Refused', 'adapter', 'matcher', 'rule_for']
 
 _TABLE = {}
 # Fallbacks for classes the table does not name: matcher(module, options) -> Hook or None.
 _MATCHERS = []
-# Set on modules whose rule is their plain gradient (KeepGradient) while it is registered.
-PLAIN_GRADIENT = '_lxt_ext_plain_gradient'
 # The package a module class comes from -> lxt_ext's module that registers its adapters.
 _FAMILIES = {'transformers': 'lxt_ext.models.huggingface', 'timm': 'lxt_ext.models.timm',
              'bitsandbytes': 'lxt_ext.models.bitsandbytes'}
@@ -62,51 +59,6 @@ def matcher(function):
     order) about modules whose class the table does not name."""
     _MATCHERS.append(function)
     return function
-
-
-class KeepGradient(Hook):
-    """The rule for modules whose plain gradient already carries relevance correctly in the
-    Gradient x Input convention (linear maps of the relevance path, or modules off it, such as
-    rotary-embedding tables): registering changes nothing, but the module counts as mapped."""
-
-    def register(self, module):
-        for name, parameter in module.named_parameters(recurse=False):  # as every rule checks its weights
-            checks.parameter(parameter, lambda: f'the {name} of {checks.where(self, module)}')
-        # marks the module's parameters as held by a rule (lxt_ext.diagnostics.audit reads it); the module holds
-        # this hook, as zennit's handle only refers to it weakly
-        module.__dict__[PLAIN_GRADIENT] = self
-        self._marked = module
-        return RemovableHandleList([RemovableHandle(self)])
-
-    def remove(self):
-        super().remove()
-        module, self._marked = getattr(self, '_marked', None), None
-        if module is not None:
-            module.__dict__.pop(PLAIN_GRADIENT, None)
-
-    def copy(self):
-        return type(self)()
-
-    def linear(self, x, weight, bias):
-        """``F.linear(x, weight, bias)`` with its plain gradient: as a composite's Linear rule, LRP-epsilon
-        with epsilon -> 0, which in this convention is the gradient (``y / stab(y) = 1``)."""
-        return torch.nn.functional.linear(x, weight, bias)
-
-
-class Refused(KeepGradient):
-    """Refuses a module no rule here covers, by name and ``reason``, when a composite registers (raising
-    ``error``)."""
-
-    def __init__(self, reason, error=NotImplementedError):
-        super().__init__()
-        self.reason, self.error = reason, error
-
-    def copy(self):
-        return type(self)(self.reason, self.error)
-
-    def register(self, module):
-        raise self.error(f'{type(module).__module__}.{type(module).__qualname__}: {self.reason}; leave this model out '
-                         f'of the composite or map the module with layer_map=[(type, rule)]')
 
 
 def _load_family(cls):

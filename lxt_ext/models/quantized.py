@@ -75,11 +75,6 @@ class DequantizedLinear(SwappedForward):
             raise ValueError('quantized Linear layers need the composite\'s Linear rule (Options.linear)')
         self.linear_rule = linear_rule
 
-    def copy(self):
-        copy = super().copy()
-        copy.linear_rule = self.linear_rule.copy()
-        return copy
-
     def register(self, module):
         # a layer this rule cannot dequantize raises here, by name; the weight is checked for NaN/Inf
         # dequantized, and hidden from SwappedForward's check of the parameters (a tensor subclass may not sum)

@@ -17,7 +17,7 @@ from ..attention import attention_lrp
 from ..core import SwappedForward, call_arguments
 from ..transformer.elementwise import identity_rule, uniform_product
 from ..transformer.norms import NormIdentity
-from . import KeepGradient, adapter
+from . import KeepGradient, Refused, adapter
 
 
 class TimmAttention(SwappedForward):
@@ -48,15 +48,6 @@ class TimmAttention(SwappedForward):
         return module.proj(out)
 
 
-class Unsupported(KeepGradient):
-    """Refuses a module whose forward computes attention or gated products functionally."""
-
-    def register(self, module):
-        raise NotImplementedError(
-            f'{type(module).__module__}.{type(module).__qualname__} computes attention or a gated product in its own '
-            f'forward, which lxt_ext\'s transformer composites do not cover yet')
-
-
 @adapter(Attention)
 def _attention(module, options):
     return TimmAttention(options.attention)
@@ -79,4 +70,5 @@ def _linear(module, options):
 
 @adapter(ParallelScalingBlock, DiffParallelScalingBlock, GluMlp, SwiGLU)
 def _unsupported(module, options):
-    return Unsupported()
+    return Refused('computes attention or a gated product in its own forward, which lxt_ext\'s transformer composites '
+                   'do not cover yet')

@@ -15,11 +15,11 @@ that zennit's attributors return relevance.
 ``stab`` is ``zennit.core.stabilize`` with the composite's ``input_stabilizer``.
 """
 import torch
-from zennit.core import BasicHook, Hook, RemovableHandle, RemovableHandleList, stabilize
+from zennit.core import BasicHook, Hook, stabilize
 from zennit.rules import Pass as ZennitPass
 
 from ..checks import first_order
-from ..core import FusedRule, ProductRule, SwappedForward
+from ..core import FusedRule, ProductRule, RuleHook, SwappedForward, wants_relevance
 from ..rules import Norm, Pass
 from .elementwise import ActivationIdentity
 
@@ -60,11 +60,6 @@ class ZennitRule(SwappedForward):
         self.rule = rule
         self.explicit_output = explicit_output
         self.input_stabilizer = input_stabilizer
-
-    def copy(self):
-        copy = super().copy()
-        copy.rule = self.rule.copy()
-        return copy
 
     def apply(self, module, original, input, args, kwargs):
         return _ZennitBackward.apply(input, self, module, original, args, kwargs)
@@ -115,11 +110,6 @@ class _TimesInput(torch.autograd.Function):
 
 class _ConventionWrapper(SwappedForward):
     """A rule that runs another lxt_ext rule (``self.rule``) in a changed convention."""
-
-    def copy(self):
-        copy = super().copy()
-        copy.rule = self.rule.copy()
-        return copy
 
     def prepare(self, module):
         self.rule.prepare(module)
@@ -187,7 +177,7 @@ def gradient_x_input(rule, input_stabilizer=1e-10):
         return ActivationIdentity(input_stabilizer)
     if isinstance(rule, (ProductRule, Norm)):
         return ExplicitConvention(rule, input_stabilizer=input_stabilizer)
-    if isinstance(rule, SwappedForward) or not isinstance(rule, Hook) or type(rule).register is not Hook.register:
+    if isinstance(rule, RuleHook) or not isinstance(rule, Hook) or type(rule).register is not Hook.register:
         return rule
     if isinstance(rule, BasicHook):
         return ZennitRule(rule, input_stabilizer=input_stabilizer)
@@ -215,7 +205,7 @@ def linear_rule_apply(rule, x, weight, bias=None):
     """``F.linear(x, weight, bias)`` with ``rule`` (an lxt_ext Linear rule or a zennit rule template,
     run in the Gradient x Input convention; None: the plain gradient) in backward: for linear maps
     that are not called as ``nn.Linear`` modules, where zennit's hooks never fire."""
-    if rule is None or not (rule.active and torch.is_grad_enabled() and x.requires_grad):
+    if rule is None or not wants_relevance(rule, x):
         return torch.nn.functional.linear(x, weight, bias)
     rule = gradient_x_input(rule)
     if not hasattr(rule, 'linear'):
@@ -235,64 +225,37 @@ class _LinearShell(torch.nn.Linear):
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
 
 
-class OutputRelevance(Hook):
+class OutputRelevance(RuleHook):
     """The model output in zennit's convention: the seed an attributor passes at the output (zennit's
     ``attr_output``) is the output's *relevance* ``R``, as for zennit's own composites, and enters the
     Gradient x Input interior as ``g = R / stab(y)`` (``stab`` with ``stabilizer``).
 
     So a one-hot seed gives input relevance summing to about 1 and the seed ``y * one_hot`` to the
-    explained logit, whatever its sign; registered on the model (the root module a composite is
-    registered on) its forward hook converts every floating tensor at the top level of the output
-    (a tensor, a tuple or list of them, or the fields of transformers' ``ModelOutput``), after any head
-    or softcap.
+    explained logit, whatever its sign. Registered on the model (the root module a composite is registered
+    on, after the rules, so after any head or softcap a rule computes there), it wraps the model's forward,
+    so that ``torch.compile`` traces the conversion with the model, and converts every floating tensor at the
+    top level of the output (a tensor, a tuple or list of them, or the fields of transformers'
+    ``ModelOutput``).
 
     Parameters
     ----------
     stabilizer : float
         The epsilon of ``zennit.core.stabilize`` in the division by the output.
     """
+    marks = False  # not the model's rule: the model may have one of its own
+    checked = False
 
     def __init__(self, stabilizer=1e-10):
         super().__init__()
         self.stabilizer = stabilizer
-        self._restore = None
 
-    def copy(self):
-        return type(self)(self.stabilizer)
-
-    def register(self, module):
-        """Convert ``module``'s outputs while registered (its forward is wrapped, as rules swap theirs, so that
-        ``torch.compile`` traces the conversion with the model).
-
-        Parameters
-        ----------
-        module : torch.nn.Module
-            The model (the root module of the composite).
-
-        Returns
-        -------
-        zennit.core.RemovableHandleList
-            The handle restoring the module's forward; remove it before a rule swapped on the same module.
-        """
+    def attach(self, module):
         inner, hook = module.forward, self
-        self._restore = (module, module.__dict__.get('forward'))
 
         def forward(*args, **kwargs):
             return hook._convert(inner(*args, **kwargs))
 
-        forward.__wrapped__ = inner
-        module.forward = forward
-        return RemovableHandleList([RemovableHandle(self)])
-
-    def remove(self):
-        super().remove()
-        restore, self._restore = self._restore, None
-        if restore is not None:
-            module, previous = restore
-            if previous is None:
-                module.__dict__.pop('forward', None)
-            else:
-                module.forward = previous
+        self.swap_forward(module, forward)
 
     def _convert(self, output):
         if not (self.active and torch.is_grad_enabled()):

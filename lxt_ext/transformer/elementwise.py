@@ -11,7 +11,7 @@ import torch
 
 from .. import ops
 from ..checks import first_order
-from ..core import SHARED, SwappedForward
+from ..core import SHARED, RuleHook, SwappedForward
 
 __all__ = ['ActivationIdentity', 'DropoutOff', 'identity_rule', 'uniform_product']
 
@@ -94,20 +94,15 @@ def uniform_product(a, b):
     return _UniformProduct.apply(a, b)
 
 
-class DropoutOff(SwappedForward):
+class DropoutOff(RuleHook):
     """Dropout modules return their input while registered (also in ``train()`` mode, which
     gradient checkpointing in transformers requires)."""
+    checked = False
 
-    def register(self, module):
-        handles = super().register(module)
-        swapped, hook = module.forward, self
+    def attach(self, module):
+        plain, hook = module.forward, self
 
         def forward(input, *args, **kwargs):
-            return input if hook.active else swapped.__wrapped__(input, *args, **kwargs)
+            return input if hook.active else plain(input, *args, **kwargs)
 
-        forward.__wrapped__ = swapped.__wrapped__
-        module.forward = forward
-        return handles
-
-    def apply(self, module, original, input, args, kwargs):
-        return input
+        self.swap_forward(module, forward)

@@ -27,11 +27,6 @@ class DenseExperts(SwappedForward):
         self.mode = mode
         self.linear = linear_rule
 
-    def copy(self):
-        copy = super().copy()
-        copy.linear = self.linear.copy()
-        return copy
-
     def apply(self, module, original, input, args, kwargs):
         experts = input.view(module.gate_up_proj.shape[0], -1, input.shape[-1])
         outputs = []

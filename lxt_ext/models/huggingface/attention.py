@@ -3,7 +3,7 @@
 transformers (4.48 and later, 5.x) routes every attention call of LLaMA, Qwen, Gemma, Mistral, GPT-2, BERT,
 T5, ViT, CLIP, SigLIP, DINOv2, ... through ``ALL_ATTENTION_FUNCTIONS[module.config._attn_implementation]``.
 lxt_ext registers two entries there (``lxt_ext_attnlrp``, ``lxt_ext_cp``), and ``HFAttention`` points one
-module, and only that module, at them (``registry.ConfigView``). The fused op then does the AttnLRP (or
+module, and only that module, at them (``lxt_ext.core.ConfigView``). The fused op then does the AttnLRP (or
 CP-LRP) backward without an N x N matrix. T5's relative position bias is a constant added to the scores (an
 additive mask of the fused op). Gemma 2's attention softcap goes to ``lxt_ext.attention.softcapped_attention``.
 """
@@ -13,7 +13,8 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from ...attention import attention_lrp, softcapped_attention
-from .registry import IMPLEMENTATIONS, ConfigViewRule, wants_relevance
+from ...core import ConfigViewRule, rule_of
+from .registry import IMPLEMENTATIONS
 
 __all__ = ['HFAttention']
 
@@ -36,8 +37,8 @@ def _attention(mode):
         """``(B, H, N, D)`` query, key, value -> ``((B, N, H, D) output, None)``, as transformers'
         sdpa_attention_forward, with the causal flag decided the same way."""
         view = module.config
-        hook = view._lxt_ext_hook
-        if not wants_relevance(hook, query, key, value):
+        hook = rule_of(module)
+        if not hook.wants_relevance(query, key, value):
             return _original_attention(module, view._lxt_ext_config)(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
                 **kwargs)

@@ -2,7 +2,7 @@
 
 transformers 5 keeps the experts of a block as one module with 3-D ``gate_up_proj``/``down_proj`` parameters
 run through ``ALL_EXPERTS_FUNCTIONS[config._experts_implementation]``; ``HFExperts`` points the module at
-lxt_ext's entries there (``registry.ConfigView``), which run each expert's projections under the composite's
+lxt_ext's entries there (``lxt_ext.core.ConfigView``), which run each expert's projections under the composite's
 Linear rule and its gated product under the gated-MLP rule. The routing weights are constants
 (``lxt_ext.transformer.experts``). Qwen2-MoE's shared expert: ``SharedExpertMoE``.
 """
@@ -10,8 +10,8 @@ import torch
 
 from ...transformer.convention import linear_rule_apply
 from ...transformer.mlp import gated_product
-from ...core import SwappedForward
-from .registry import IMPLEMENTATIONS, ConfigViewRule, wants_relevance
+from ...core import ConfigViewRule, SwappedForward, rule_of
+from .registry import IMPLEMENTATIONS
 
 try:  # transformers 5: experts as one module with 3-D weights, dispatched through a registry
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface, _default_apply_gate
@@ -26,8 +26,8 @@ def _experts(mode):
         """transformers 5's experts forward ``(tokens, hidden)`` -> ``(tokens, hidden)`` with each
         expert under the composite's rules and the routing weights as constants."""
         view = module.config
-        hook = view._lxt_ext_hook
-        if not wants_relevance(hook, hidden_states):
+        hook = rule_of(module)
+        if not hook.wants_relevance(hidden_states):
             original = ALL_EXPERTS_FUNCTIONS.get_interface(view._lxt_ext_config._experts_implementation,
                                                            type(module).forward.__wrapped__)
             return original(module, hidden_states, top_k_index, top_k_weights)
@@ -87,12 +87,8 @@ class HFExperts(ConfigViewRule):
         self.mode = mode
         self.linear = linear_rule
 
-    def copy(self):
-        copy = super().copy()
-        copy.linear = self.linear.copy()
-        return copy
-
     def prepare(self, module):
+        super().prepare(module)
         cls = type(module)
         refused = [reason for reason, present in (
             ('its own _apply_gate (a custom gate)', getattr(cls, '_apply_gate', _default_apply_gate)

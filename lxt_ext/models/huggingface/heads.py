@@ -5,10 +5,9 @@ import sys
 
 import torch
 
-from ...core import SwappedForward
+from ...core import ConfigViewRule, SwappedForward
 from ...transformer.convention import linear_rule_apply
 from ...transformer.elementwise import identity_rule
-from .registry import ConfigViewRule, wants_relevance
 
 __all__ = ['TanhClassificationHead', 'GeluLMHead', 'FinalLogitSoftcap', 'Conv1DRule']
 
@@ -57,8 +56,8 @@ class FinalLogitSoftcap(ConfigViewRule):
     def overrides(self, config):
         return {'final_logit_softcapping': None}
 
-    def register(self, module):
-        handles = super().register(module)
+    def attach(self, module):
+        super().attach(module)
         cap = float(module.config._lxt_ext_config.final_logit_softcapping)
         hook = self
 
@@ -77,25 +76,11 @@ class FinalLogitSoftcap(ConfigViewRule):
                     f'uncapped logits; call the model without labels')
             logits = output.logits
             output.logits = (identity_rule(softcap, logits, hook.input_stabilizer)
-                             if wants_relevance(hook, logits) else softcap(logits))
+                             if hook.wants_relevance(logits) else softcap(logits))
             return output
 
-        capped.__wrapped__ = inner
-        self._previous_forward = module.__dict__.get('forward')
-        module.forward = capped
-        return handles
+        self.swap_forward(module, capped)
 
-    def remove(self):
-        module, previous = self._module, getattr(self, '_previous_forward', None)
-        super().remove()
-        if module is not None:
-            if previous is None:
-                module.__dict__.pop('forward', None)
-            else:
-                module.forward = previous
-
-
-# Classes by name, so that supporting an architecture imports nothing. Attention modules of
 
 
 class Conv1DRule(SwappedForward):
