@@ -35,8 +35,9 @@ import torch
 
 __all__ = ['CLASSES', 'IMAGE_SIZE', 'generate', 'shape_distance', 'to_png']
 
-# The class names, in label order (``labels`` of :func:`generate` index into this tuple).
+#: The class names, in label order (``labels`` of :func:`generate` index into this tuple).
 CLASSES = ('disk', 'square', 'triangle', 'cross', 'ring')
+#: The default image side in pixels (the embedded model's input size).
 IMAGE_SIZE = 64
 OBJECT_RADIUS = (11.0, 16.0)     # half-extent of the class object, pixels
 BAR_HALF_LENGTH = (7.0, 11.0)
