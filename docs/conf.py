@@ -16,7 +16,7 @@ ROOT = DOCS.parent
 sys.path.insert(0, str(ROOT))
 
 # The examples run on the CPU with the embedded model; the OpenMP threads of a shared CI machine sleep
-# when idle instead of spinning (python/train_default_model.py explains why).
+# when idle instead of spinning (python/training/train_default_model.py explains why).
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 # Nothing the examples do may reach a model hub.
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
@@ -72,11 +72,11 @@ doctest_default_flags = (__import__('doctest').ELLIPSIS | __import__('doctest').
 
 # -- the API reference -------------------------------------------------------------------------------------
 
-# Compatibility modules of the earlier layout (removed in 0.3.0) and the benchmark helpers (leaving the
-# package): not part of the documented API.
+# Compatibility modules of the earlier layout (removed in 0.3.0): not part of the documented API. (The
+# benchmark helpers, once lxt_ext.benchmark, left the package for python/benchmarks/harness.)
 EXCLUDED = {
     'lxt_ext.huggingface', 'lxt_ext.timm_models', 'lxt_ext.adapters', 'lxt_ext.transformer_composites',
-    'lxt_ext.transformer_rules', 'lxt_ext.sample', 'lxt_ext.deprecation', 'lxt_ext.benchmark',
+    'lxt_ext.transformer_rules', 'lxt_ext.sample', 'lxt_ext.deprecation',
     'lxt_ext.__main__',
 }
 # Modules without an ``__all__`` that the package's own ``__all__`` names: their public names are the
