@@ -20,6 +20,13 @@ Exit status: 0 conserved, 1 a module leaks, explodes or turns NaN/Inf, 2 bad arg
 
 
 def add_arguments(parser):
+    """Add the command's arguments.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The ``check`` sub-command's parser.
+    """
     from .models import COMPOSITES
 
     parser.epilog = EPILOG
@@ -116,16 +123,27 @@ def _image_input(spec, loaded, args):
     else:
         generator = torch.Generator().manual_seed(args.seed)
         images = torch.rand(args.batch_size, 3, loaded.size, loaded.size, generator=generator)
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (loaded.mean, loaded.std))
-    return (images - mean) / std
+    return loaded.normalise(images)
 
 
 def run(args):
+    """Run ``lxt-ext check``: the conservation check of the model under the composite, printed as a table.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed arguments.
+
+    Returns
+    -------
+    int
+        The exit status: 0 conserved, 1 a module leaks, explodes or turns NaN/Inf, 2 bad arguments.
+    """
     from ..checks import NonFiniteError
     from ..composites import LanguageTransformer
     from ..diagnostics import conservation
     from ..composites.transformer import UnmappedModuleError
-    from .models import ModelError, build_composite, default_composite, load_model
+    from .models import ModelError, build_composite, default_composite, fit_warnings, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,8 +160,7 @@ def run(args):
             x = _text_input(args.model, model, args)
         else:
             loaded = load_model(args.model, args.weights, args.seed)
-            for note in loaded.notes:
-                warnings.warn(note)
+            fit_warnings(loaded)
             name = args.composite or default_composite(loaded)
             if name == 'language_transformer':
                 return _error(f'{args.model} is an image model: language_transformer does not fit')

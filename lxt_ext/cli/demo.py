@@ -23,56 +23,66 @@ SCALE = 3          # grid cells are the 64 x 64 images enlarged 3 times (nearest
 OUTLINE = (0.2, 1.0, 0.2)
 
 
-def _composite(name, **kwargs):
-    def method(model, x, target):
-        from .. import composites
-        from ..explanation import explain_batch
-
-        return explain_batch(model, x, getattr(composites, name)(**kwargs), target=target).relevance
-    return method
-
-
-def _baseline(name):
-    def method(model, x, target):
-        from .. import baselines
-
-        return getattr(baselines, name)(model, x, target)
-    return method
-
-
-# label -> method(model, x, target) -> relevance shaped like x
+# label -> method spec of lxt_ext.cli.methods (as lxt-ext evaluate --methods spells it)
 COMPOSITES = {
-    'ViTEpsilon AttnLRP': _composite('ViTEpsilon', attention='attnlrp'),
-    'ViTEpsilon CP-LRP': _composite('ViTEpsilon', attention='cp'),
-    'ViTGamma CP-LRP': _composite('ViTGamma', attention='cp'),
-    'ViTGamma AttnLRP': _composite('ViTGamma', attention='attnlrp'),
+    'ViTEpsilon AttnLRP': 'vit_epsilon:attnlrp',
+    'ViTEpsilon CP-LRP': 'vit_epsilon:cp',
+    'ViTGamma CP-LRP': 'vit_gamma:cp',
+    'ViTGamma AttnLRP': 'vit_gamma:attnlrp',
 }
 BASELINES = {
-    'gradient': _baseline('gradient'),
-    'gradient x input': _baseline('gradient_x_input'),
+    'gradient': 'gradient',
+    'gradient x input': 'gradient_x_input',
 }
 METHODS = {**COMPOSITES, **BASELINES}
 
 
 def add_arguments(parser):
+    """Add the command's arguments.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+        The ``demo`` sub-command's parser.
+    """
     parser.add_argument('--out', default='demo', help='output folder (default: demo)')
     parser.add_argument('--threads', type=int, help='torch CPU threads')
 
 
-def scores(model, images, masks, labels):
-    """``{method: {'relevance': (N, 3, H, W), 'rma': (N,), 'pointing': (N,)}}`` and the predicted
-    classes, for images in 0..1 explained for ``labels``."""
-    from ..data import embedded
-    from ..evaluation import pointing_game, relevance_mass_accuracy
+def scores(loaded, images, masks, labels):
+    """Every method of :data:`METHODS` on the images, with its localisation scores.
 
-    x = (images - embedded.MEAN) / embedded.STD
+    Parameters
+    ----------
+    loaded : lxt_ext.cli.models.LoadedModel
+        The embedded model (:func:`lxt_ext.cli.models.load_embedded`).
+    images : torch.Tensor
+        (N, 3, H, W) in 0..1, not normalised.
+    masks : torch.Tensor
+        (N, H, W) bool, True on the object.
+    labels : torch.Tensor
+        (N,) the classes to explain.
+
+    Returns
+    -------
+    results : dict
+        ``{label: {'relevance': (N, 3, H, W), 'rma': (N,), 'pointing': (N,)}}`` in the order of
+        :data:`METHODS`: relevance mass accuracy and pointing-game hits per image.
+    predicted : torch.Tensor
+        (N,) the model's top classes.
+    """
+    from ..evaluation import pointing_game, relevance_mass_accuracy
+    from .methods import build
+
+    x = loaded.normalise(images)
     with torch.no_grad():
-        predicted = model(x).argmax(1)
+        predicted = loaded.model(x).argmax(1)
+    methods = build(METHODS.values(), loaded)
     results = {}
-    for name, method in METHODS.items():
-        relevance = method(model, x, labels).detach()
-        results[name] = dict(relevance=relevance, rma=relevance_mass_accuracy(relevance, masks),
-                             pointing=pointing_game(relevance, masks))
+    for label, spec in METHODS.items():
+        relevance = methods[spec](loaded.model, x, labels).detach()
+        results[label] = dict(relevance=relevance, rma=relevance_mass_accuracy(relevance, masks),
+                              pointing=pointing_game(relevance, masks))
     return results, predicted
 
 
@@ -84,7 +94,22 @@ def _outline(mask):
 
 
 def grid(images, masks, results):
-    """The grid as a PIL image: a header row of method names, then one row per sample."""
+    """The heatmap grid: a header row of method names, then one row per sample.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        (N, 3, H, W) in 0..1.
+    masks : torch.Tensor
+        (N, H, W) bool; each object's outline is drawn on its row.
+    results : dict
+        :func:`scores`' results, one column per method in their order.
+
+    Returns
+    -------
+    PIL.Image.Image
+        The grid, each cell the image or heatmap enlarged :data:`SCALE` times.
+    """
     import numpy as np
     from PIL import Image, ImageDraw
 
@@ -111,7 +136,18 @@ def grid(images, masks, results):
 
 
 def table(results):
-    """Markdown table: method, mean relevance mass accuracy, pointing-game hit rate."""
+    """The scores as a markdown table.
+
+    Parameters
+    ----------
+    results : dict
+        :func:`scores`' results.
+
+    Returns
+    -------
+    str
+        One row per method: mean relevance mass accuracy, pointing-game hit rate.
+    """
     lines = ['| method | relevance mass accuracy (mean) | pointing game (hit rate) |', '|---|---|---|']
     for name, result in results.items():
         lines.append(f'| {name} | {result["rma"].nanmean().item():.3f} | {result["pointing"].mean().item():.3f} |')
@@ -119,13 +155,26 @@ def table(results):
 
 
 def run(args):
+    """Run ``lxt-ext demo``: explain the shipped samples with every method, write the grid and the scores.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed arguments.
+
+    Returns
+    -------
+    int
+        The exit status, 0.
+    """
     from ..data import embedded
+    from .models import load_embedded
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = embedded.load_model()
+    loaded = load_embedded()
     images, masks, labels, names = embedded.load_samples()
-    results, predicted = scores(model, images, masks, labels)
+    results, predicted = scores(loaded, images, masks, labels)
     os.makedirs(args.out, exist_ok=True)
     grid(images, masks, results).save(os.path.join(args.out, 'grid.png'))
     text = table(results)

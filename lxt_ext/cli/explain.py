@@ -3,7 +3,6 @@
 output layout."""
 import os
 import sys
-import warnings
 
 import torch
 
@@ -97,7 +96,7 @@ def run(args):
     from ..job.runner import ExplainJob, summary_text
     from ..job.settings import JobSettings
     from ..composites.transformer import UnmappedModuleError
-    from .models import PARAMETERS, ModelError, build_composite, default_composite, load_model
+    from .models import PARAMETERS, ModelError, build_composite, default_composite, fit_warnings, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -115,8 +114,7 @@ def run(args):
         loaded = load_model(args.model, args.weights, args.seed)
     except ModelError as error:
         return _error(str(error))
-    for note in loaded.notes:
-        warnings.warn(note)
+    fit_warnings(loaded)
     name = args.composite or default_composite(loaded)
     try:
         composite, description = build_composite(name, loaded, {k: getattr(args, k) for k in PARAMETERS})

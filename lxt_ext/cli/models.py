@@ -39,6 +39,28 @@ class ModelError(ValueError):
 
 @dataclass
 class LoadedModel:
+    """A model the command line explains, with what its inputs must be.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model, in eval mode.
+    size : int
+        Its input images are ``size x size``.
+    mean, std : tuple of float
+        Its per-channel normalisation of images in 0..1.
+    transformer : bool
+        Whether it has attention layers (the ``vit_*`` composites fit it), else the CNN composites do.
+    identity : dict
+        What identifies it in the run settings: spec, weights' checksum, seed of random weights.
+    canonizer : type, optional
+        The zennit canonizer class the CNN composites use on it (VGG, ResNet).
+    forward : callable, optional
+        ``forward(model, x) -> logits`` where ``model(x)`` does not give the logits (Hugging Face).
+    notes : list of str
+        Warnings for the user, e.g. that the weights are random.
+    """
+
     model: torch.nn.Module
     size: int
     mean: tuple
@@ -49,8 +71,37 @@ class LoadedModel:
     forward: object = None               # forward(model, x) -> logits, if not model(x)
     notes: list = field(default_factory=list)
 
+    def normalise(self, images):
+        """The model's input of images in 0..1.
+
+        Parameters
+        ----------
+        images : torch.Tensor
+            (N, C, H, W) in 0..1.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(images - mean) / std`` per channel, on the images' device and in their dtype.
+        """
+        mean = torch.as_tensor(self.mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+        return (images - mean) / std
+
 
 def is_transformer(model):
+    """Whether ``model`` has attention layers (so the ``vit_*`` composites, not the CNN ones, fit it).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model.
+
+    Returns
+    -------
+    bool
+        True when a module is a ``MultiheadAttention`` or its class name holds ``Attention``.
+    """
     return any(isinstance(m, torch.nn.MultiheadAttention) or 'Attention' in type(m).__name__
                for m in model.modules())
 
@@ -83,6 +134,13 @@ def _load_state(model, weights, spec):
 
 
 def load_embedded():
+    """lxt_ext's embedded default model (a small trained ViT, shipped in the package).
+
+    Returns
+    -------
+    LoadedModel
+        The model with its input size, normalisation and weights' checksum.
+    """
     from ..data import embedded
 
     model = embedded.load_model()
@@ -92,6 +150,27 @@ def load_embedded():
 
 
 def load_torchvision(name, weights=None, seed=0):
+    """A torchvision classification model.
+
+    Parameters
+    ----------
+    name : str
+        The model's name in ``torchvision.models`` (``vit_b_16``, ``resnet50``, ...).
+    weights : str, optional
+        A local state_dict file; without it the weights are random (with a note saying so).
+    seed : int, optional
+        The seed of random weights.
+
+    Returns
+    -------
+    LoadedModel
+        The model, with the canonizer of VGGs and ResNets.
+
+    Raises
+    ------
+    ModelError
+        When torchvision has no such model, or the weights file is missing, unreadable or does not fit.
+    """
     import torchvision
     from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 
@@ -119,6 +198,25 @@ def load_torchvision(name, weights=None, seed=0):
 
 
 def load_timm(name, weights=None):
+    """A timm model, built without downloading anything.
+
+    Parameters
+    ----------
+    name : str
+        The model's name in timm.
+    weights : str, optional
+        A local checkpoint; without it the weights are random (with a note saying so).
+
+    Returns
+    -------
+    LoadedModel
+        The model with the input size and normalisation of its ``pretrained_cfg``.
+
+    Raises
+    ------
+    ModelError
+        When timm is not installed, has no such model, or the weights file does not fit.
+    """
     try:
         import timm
     except ImportError:
@@ -139,6 +237,24 @@ def load_timm(name, weights=None):
 
 
 def load_huggingface(folder):
+    """A local Hugging Face image classifier (read with ``local_files_only``).
+
+    Parameters
+    ----------
+    folder : str
+        A folder with ``config.json``, the weights and optionally ``preprocessor_config.json``.
+
+    Returns
+    -------
+    LoadedModel
+        The model with the input size and normalisation of its preprocessor (0.5 / 0.5 without one) and
+        a ``forward`` that returns the logits.
+
+    Raises
+    ------
+    ModelError
+        When transformers is not installed or the folder holds no loadable model.
+    """
     try:
         from transformers import AutoModelForImageClassification
     except ImportError:
@@ -166,7 +282,27 @@ def load_huggingface(folder):
 
 
 def load_model(spec, weights=None, seed=0):
-    """The :class:`LoadedModel` of a model spec (see the module doc); ModelError names what is wrong."""
+    """The model of a model spec (see the module doc).
+
+    Parameters
+    ----------
+    spec : str
+        ``embedded``, a torchvision model's name, ``timm:<name>`` or a local Hugging Face folder.
+    weights : str, optional
+        A local weights file for torchvision and timm models.
+    seed : int, optional
+        The seed of random weights (torchvision models without ``weights``).
+
+    Returns
+    -------
+    LoadedModel
+        The model with its input size and normalisation.
+
+    Raises
+    ------
+    ModelError
+        Naming what is wrong with the spec or the weights.
+    """
     if spec == 'embedded':
         if weights is not None:
             raise ModelError('the embedded model has its own weights; --weights is for the other models')
@@ -181,10 +317,43 @@ def load_model(spec, weights=None, seed=0):
 
 
 def default_composite(loaded):
+    """The composite the commands use when none is named.
+
+    Parameters
+    ----------
+    loaded : LoadedModel
+        The model.
+
+    Returns
+    -------
+    str
+        ``'vit_gamma'`` for a transformer, else ``'epsilon_gamma_box'``.
+    """
     return 'vit_gamma' if loaded.transformer else 'epsilon_gamma_box'
 
 
 def first_rule(name, loaded, gamma=None):
+    """The rule of the first layer named by ``--first-rule``.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`FIRST_RULES`.
+    loaded : LoadedModel
+        The model; its normalisation gives ZBox the bounds of images in 0..1.
+    gamma : float, optional
+        The gamma of the ``gamma`` rule (default 0.25).
+
+    Returns
+    -------
+    object
+        The rule (of ``lxt_ext.rules``, or zennit's ``WSquare``), to be placed on the first layer.
+
+    Raises
+    ------
+    ValueError
+        When ``name`` is none of :data:`FIRST_RULES`.
+    """
     low = tuple((0. - m) / s for m, s in zip(loaded.mean, loaded.std))
     high = tuple((1. - m) / s for m, s in zip(loaded.mean, loaded.std))
     if name == 'zbox':
@@ -204,9 +373,30 @@ def first_rule(name, loaded, gamma=None):
 
 
 def build_composite(name, loaded, parameters):
-    """``(composite, description)`` for the composite ``name`` on ``loaded`` with the given ``parameters``
-    (a dict of the PARAMETERS that were set). ValueError when the composite does not fit the model or
-    does not take a parameter."""
+    """The composite ``name`` on ``loaded`` with the given parameters.
+
+    Parameters
+    ----------
+    name : str
+        A composite of :data:`COMPOSITES`.
+    loaded : LoadedModel
+        The model (its kind decides which composites fit; its canonizer and normalisation complete the
+        CNN composites).
+    parameters : dict
+        Values of :data:`PARAMETERS` (None: not set).
+
+    Returns
+    -------
+    composite : zennit.core.Composite
+        The composite.
+    description : dict
+        The composite's name and the parameters set, as the run settings record them.
+
+    Raises
+    ------
+    ValueError
+        When the composite is unknown, does not fit the model or does not take a parameter.
+    """
     fits = VIT_COMPOSITES if loaded.transformer else CNN_COMPOSITES
     kind = 'a transformer' if loaded.transformer else 'a CNN (no attention)'
     if name not in COMPOSITES:
@@ -235,5 +425,12 @@ def build_composite(name, loaded, parameters):
 
 
 def fit_warnings(loaded):
+    """Warn of what the user should know about the model (random weights, ...).
+
+    Parameters
+    ----------
+    loaded : LoadedModel
+        The model, whose ``notes`` are issued as warnings.
+    """
     for note in loaded.notes:
         warnings.warn(note)
