@@ -141,18 +141,28 @@ def _write_api():
     for old in out.glob('*.rst'):
         old.unlink()
     # Where each object is documented: the module whose source defines it, if that module is documented;
-    # else the first documented module that exports it.
+    # else the exporting module nearest to where it is defined (lxt_ext.job for lxt_ext.job.settings), else
+    # the first that exports it.
     home = {}
     for name in public:
         defined = _defined_here(modules[name])
         for item in public[name]:
             if item in defined:
                 home.setdefault(id(getattr(modules[name], item, None)), (name, item))
+
+    def nearness(name, obj):
+        origin = getattr(obj, '__module__', None) or ''
+        return len(name) if origin == name or origin.startswith(name + '.') else -1
+
+    exporters = {}
     for name in public:
         for item in public[name]:
             obj = getattr(modules[name], item, None)
             if obj is not None and not inspect.ismodule(obj):
-                home.setdefault(id(obj), (name, item))
+                exporters.setdefault(id(obj), []).append((nearness(name, obj), name, item))
+    for key, candidates in exporters.items():
+        best = max(candidates, key=lambda c: c[0])  # max keeps the first of equals
+        home.setdefault(key, best[1:])
     for name, names in public.items():
         module = modules[name]
         title = f'``{name}``'
