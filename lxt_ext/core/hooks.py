@@ -60,7 +60,22 @@ def wants_relevance(hook, *tensors):
 
 
 def call_arguments(function, *args, **kwargs):
-    """The arguments of a call of ``function``, by name, with its defaults filled in."""
+    """The arguments of a call of ``function``, by name, with its defaults filled in.
+
+    Parameters
+    ----------
+    function : callable
+        The function called (its signature binds the arguments).
+    *args : object
+        The call's positional arguments.
+    **kwargs : object
+        The call's keyword arguments.
+
+    Returns
+    -------
+    dict
+        Parameter name -> value, in the signature's order (``inspect.BoundArguments.arguments``).
+    """
     bound = inspect.signature(function).bind(*args, **kwargs)
     bound.apply_defaults()
     return bound.arguments

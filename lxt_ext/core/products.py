@@ -24,7 +24,21 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def epsilon_of(value, argument):
-    """The epsilon of a zennit stabilizer argument (a number or a plain ``zennit.core.Stabilizer``)."""
+    """The epsilon of a zennit stabilizer argument (a number or a plain ``zennit.core.Stabilizer``).
+
+    Parameters
+    ----------
+    value : float or zennit.core.Stabilizer
+        The argument; a ``Stabilizer`` with ``clip`` or ``norm_scale``, or another callable, raises
+        ``NotImplementedError``, anything else that is not a number ``TypeError``.
+    argument : str
+        The argument's name, for the error message.
+
+    Returns
+    -------
+    float
+        The epsilon of ``stab(z) = z + epsilon * (sign(z) + [z == 0])``.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float, Stabilizer)):
         if callable(value):
             raise NotImplementedError(
@@ -42,7 +56,18 @@ def epsilon_of(value, argument):
 
 
 def zeroes_bias(zero_params):
-    """zennit's ``zero_params`` for a product layer: only the bias can be zeroed meaningfully."""
+    """zennit's ``zero_params`` for a product layer: only the bias can be zeroed meaningfully.
+
+    Parameters
+    ----------
+    zero_params : str or list of str or None
+        Parameter names; a name other than ``'bias'`` raises ``NotImplementedError``.
+
+    Returns
+    -------
+    bool
+        Whether the bias is left out of the rule's denominators.
+    """
     if zero_params is None:
         return False
     names = [zero_params] if isinstance(zero_params, str) else list(zero_params)
@@ -86,7 +111,20 @@ class ProductRule(SwappedForward):
 
 class FusedRule(ProductRule):
     """A rule whose backward is ``torch.ops.lxt_ext.lrp_backward`` with fixed rule data: ``rule_name`` (a name
-    of ``lxt_ext.ops.RULES``), its parameters, and ``rule_biases``."""
+    of ``lxt_ext.ops.RULES``), its parameters, and ``rule_biases``.
+
+    Parameters
+    ----------
+    epsilon : float or zennit.core.Stabilizer, optional
+        The epsilon of the stabilizer ``stab(z) = z + epsilon * (sign(z) + [z == 0])`` (default 1e-6; see
+        :func:`epsilon_of`).
+    gamma, alpha, beta : float, optional
+        The rule's parameters, passed to the op (default 0; each rule reads those of its formula).
+    zero_params : str or list of str, optional
+        zennit's ``zero_params``: only ``'bias'`` (see :func:`zeroes_bias`).
+    convention : {'explicit', 'gradient_x_input'}, optional
+        What the gradient slot carries (see the module doc; default ``'explicit'``).
+    """
     rule_name = None
 
     def __init__(self, epsilon=1e-6, gamma=0., alpha=0., beta=0., zero_params=None, convention='explicit'):

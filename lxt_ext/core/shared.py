@@ -22,6 +22,11 @@ class SharedTensors:
 
     Both only save memory, so under ``torch.compile`` they are off: dynamo cannot trace the weak
     containers (each rule would break the graph), and the relevance is the same either way.
+
+    Parameters
+    ----------
+    size : int, optional
+        How many kept inputs ``kept`` remembers per thread (default 8).
     """
 
     def __init__(self, size=8):

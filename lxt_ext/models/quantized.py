@@ -22,13 +22,36 @@ __all__ = ['DequantizedLinear', 'dequantized_weight', 'is_quantized']
 
 
 def is_quantized(weight):
-    """Whether ``weight`` is a quantized tensor subclass that dequantizes itself (torchao's)."""
+    """Whether ``weight`` is a quantized tensor subclass that dequantizes itself (torchao's).
+
+    Parameters
+    ----------
+    weight : object
+        A layer's weight.
+
+    Returns
+    -------
+    bool
+        True for a tensor subclass (not ``torch.Tensor`` or ``nn.Parameter`` itself) with a ``dequantize()``.
+    """
     return (isinstance(weight, torch.Tensor) and type(weight) not in (torch.Tensor, torch.nn.Parameter)
             and callable(getattr(weight, 'dequantize', None)))
 
 
 def dequantized_weight(module):
-    """The full-precision weight (out, in) of a quantized Linear layer, in its original dtype."""
+    """The full-precision weight (out, in) of a quantized Linear layer, in its original dtype.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        A bitsandbytes ``Linear4bit`` (quantized already) or a Linear layer whose weight :func:`is_quantized`;
+        another raises ``UnsupportedLayerError``.
+
+    Returns
+    -------
+    torch.Tensor
+        A new tensor: the dequantized weight.
+    """
     weight = module.weight
     if type(weight).__name__ == 'Params4bit':  # bitsandbytes
         import bitsandbytes
@@ -66,7 +89,13 @@ class _DequantizedRule(torch.autograd.Function):
 
 class DequantizedLinear(SwappedForward):
     """The composite's Linear rule (``linear_rule``, a template in the Gradient x Input convention) on a
-    quantized Linear layer, applied to its weight dequantized one layer at a time in backward."""
+    quantized Linear layer, applied to its weight dequantized one layer at a time in backward.
+
+    Parameters
+    ----------
+    linear_rule : zennit.core.Hook
+        The composite's Linear rule (``Options.linear``), run by ``linear_rule_apply``; None raises ``ValueError``.
+    """
     checked = False  # the layer's input and output are checked by the rules around it; its weight is not a float
 
     def __init__(self, linear_rule):

@@ -35,7 +35,13 @@ class OutputEpsilon(SwappedForward):
     ``lxt_ext.rules.Epsilon(epsilon, convention='gradient_x_input')``, which keeps the input and
     recomputes ``y`` in backward; this keeps ``y``, which in a ViT the next rule keeps anyway
     (GELU's input, the attention's q, k, v), and is smaller than the input of the MLP's second layer.
-    An in-place change of ``y`` after the layer makes the backward raise (autograd's version check)."""
+    An in-place change of ``y`` after the layer makes the backward raise (autograd's version check).
+
+    Parameters
+    ----------
+    epsilon : float, optional
+        The epsilon of ``stab(y) = y + epsilon * (sign(y) + [y == 0])`` (default 1e-6).
+    """
     keeps_output = True
 
     def __init__(self, epsilon=1e-6):

@@ -41,7 +41,25 @@ class _LayerNormIdentity(torch.autograd.Function):
 
 def layer_norm_identity(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     """``F.layer_norm(x, normalized_shape, weight, bias, eps)`` with the identity rule on the
-    normalisation (the backward treats ``rstd`` as a constant). Parameters get no gradient."""
+    normalisation (the backward treats ``rstd`` as a constant): ``g_in = rstd * (g w - mean(g w))``.
+    Parameters get no gradient.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        The input.
+    normalized_shape : sequence of int
+        The normalised trailing dimensions, as ``F.layer_norm``.
+    weight, bias : torch.Tensor, optional
+        The affine parameters (None: none).
+    eps : float, optional
+        Added to the variance (default 1e-5).
+
+    Returns
+    -------
+    torch.Tensor
+        The normalised ``x``.
+    """
     return _LayerNormIdentity.apply(x, tuple(normalized_shape), weight, bias, eps)
 
 
@@ -79,7 +97,27 @@ def rms_norm_identity(x, weight, eps, weight_offset=0.0, *, normalized_ndim=1):
     """An RMSNorm over the last ``normalized_ndim`` dimensions with the identity rule on the
     normalisation. As transformers' ``LlamaRMSNorm`` (``weight_offset=0``: float32 statistics,
     ``w * normalised.to(dtype)``) or ``GemmaRMSNorm`` (``weight_offset=1``: ``(1 + w)`` applied in
-    float32); returns the input dtype (promoted with the weight's in the Llama form)."""
+    float32); returns the input dtype (promoted with the weight's in the Llama form). Backward with ``rstd``
+    constant: ``g_in = g * (weight_offset + w) * rstd``.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        The input.
+    weight : torch.Tensor or None
+        The scale ``w`` (None: none).
+    eps : float
+        Added to ``mean(x^2)``.
+    weight_offset : float, optional
+        0 (default) for ``w``, 1 for Gemma's ``(1 + w)``.
+    normalized_ndim : int, optional
+        Keyword only: how many trailing dimensions are normalised (default 1).
+
+    Returns
+    -------
+    torch.Tensor
+        The normalised ``x``.
+    """
     return _RMSNormIdentity.apply(x, weight, eps, float(weight_offset), normalized_ndim)
 
 
@@ -93,7 +131,17 @@ class NormIdentity(SwappedForward):
     ``variance_epsilon``) and LayerNorms of model libraries (weight and bias optional). Without it, only
     modules running torch's own forward are accepted (timm's LayerNorm2d, which normalises channels,
     would be silently wrong). ``weight_offset`` is 1 for Gemma's ``(1 + w)`` scaling (see
-    ``rms_norm_identity``); ``eps`` replaces the module's epsilon (for norms that hard-code theirs)."""
+    ``rms_norm_identity``); ``eps`` replaces the module's epsilon (for norms that hard-code theirs).
+
+    Parameters
+    ----------
+    kind : {None, 'layer_norm', 'rms_norm'}, optional
+        The form the module's forward vouches for (default None: torch's own modules only).
+    weight_offset : float, optional
+        The RMSNorm's weight offset, 0 (default) or 1.
+    eps : float, optional
+        The epsilon to use instead of the module's (default None: the module's).
+    """
 
     _KINDS = {torch.nn.LayerNorm: 'layer_norm', torch.nn.RMSNorm: 'rms_norm'}
 
