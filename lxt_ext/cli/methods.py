@@ -29,7 +29,7 @@ def baseline(name, forward=None):
     Returns
     -------
     callable
-        ``method(model, x, target) -> relevance`` shaped like ``x``.
+        ``method(model, x, target)``: the baseline's relevance shaped like ``x``, through ``forward``.
 
     Raises
     ------
@@ -65,7 +65,7 @@ def composite(spec, loaded):
     Returns
     -------
     callable
-        ``method(model, x, target) -> relevance`` shaped like ``x``.
+        ``method(model, x, target)``: the relevance of a fresh composite per call, shaped like ``x``.
 
     Raises
     ------
