@@ -69,4 +69,5 @@ class SharedTensors:
         return entry[:2]
 
 
+#: The one :class:`SharedTensors` every lxt_ext rule reads and writes.
 SHARED = SharedTensors()
