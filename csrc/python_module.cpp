@@ -6,6 +6,7 @@
 
 #include <atomic>
 
+#include "attention/math.h"
 #include "constants.h"
 
 namespace {
@@ -37,4 +38,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Rule name -> code of lrp_backward's `rule` argument.");
   m.def("attention_modes", [] { return as_dict(lxt_ext::kAttentionModeNames); },
         "Attention mode name -> code of attention_backward's `mode` argument.");
+  m.def("attnlrp_factors", [] {
+    pybind11::dict d;
+    d["uniform_share"] = lxt_ext::kUniformShare;
+    d["value"] = lxt_ext::kAttnLRPValueFactor;
+    d["query_key"] = lxt_ext::kAttnLRPQueryKeyFactor;
+    return d;
+  }, "AttnLRP's factors on the exact attention gradient (dV, dQ/dK) and the uniform rule's share.");
 }

@@ -6,9 +6,10 @@ from torchvision, timm and Hugging Face; BERT, GPT-2, LLaMA-family) get AttnLRP 
 ``lxt_ext.composites.ViTGamma``/``ViTEpsilon``/``LanguageTransformer``.
 """
 from . import attention, attribution, composites, models, rules, transformer
-from .explanation import Explainer, Explanation, explain, explain_batch
+from .attribution import Explainer, Explanation, explain, explain_batch
 from .job import ExplainJob, JobSettings
 from .ops import cuda_built
 
 __version__ = '0.3.0'  # the one place of the version (setup.py reads it)
-__all__ = ['explain', 'explain_batch', 'Explainer', 'Explanation', 'ExplainJob', 'JobSettings', 'rules', 'composites', 'transformer', 'models', 'attention', 'attribution', 'cuda_built', '__version__']
+__all__ = ['explain', 'explain_batch', 'Explainer', 'Explanation', 'ExplainJob', 'JobSettings', 'rules', 'composites',
+           'transformer', 'models', 'attention', 'attribution', 'cuda_built', '__version__']

@@ -12,7 +12,7 @@ CUDA reading a check's result synchronises the device once per tensor, so there 
 and result (``ensure_finite``) and the fused C++ rules' checks of their own results run on every device
 either way. Under ``torch.compile`` the per-layer checks are off.
 
-lxt_ext's attributors (``GradientXInput``, ``lxt_ext.explain``) run each attribution through ``located``: the
+lxt_ext's attributor (``lxt_ext.attribution.Explainer``, behind ``lxt_ext.explain``) runs each attribution through ``located``: the
 per-layer checks wait until a NaN or Inf shows up in the seed or the result, and only then does the
 attribution run again with them, on every device, so that the error names the layer. While values are finite
 they cost nothing there, on CUDA included.
@@ -43,41 +43,44 @@ class NonFiniteError(FloatingPointError, RuntimeError):
     """A tensor of the attribution holds NaN or Inf (a RuntimeError too, as the fused ops' own check)."""
 
 
+def _switch(device, enabled):
+    if enabled is not None:
+        _ENABLED[device] = bool(enabled)
+    return _ENABLED[device]
+
+
 def cpu_checks(enabled=None):
-    """Whether the per-layer checks run on CPU tensors (default: on); sets it if given.
+    """Whether the per-layer checks run on CPU tensors (default: on); sets it for every thread if ``enabled``
+    is given (True or False; None only reads the setting).
 
     Parameters
     ----------
     enabled : bool, optional
-        Turn the checks on (True) or off (False) for every thread; None (default) only reads the setting.
+        The new setting.
 
     Returns
     -------
     bool
         Whether they run, after the change.
     """
-    if enabled is not None:
-        _ENABLED['cpu'] = bool(enabled)
-    return _ENABLED['cpu']
+    return _switch('cpu', enabled)
 
 
 def cuda_checks(enabled=None):
-    """Whether the per-layer checks run on CUDA tensors (they cost a device sync each); sets it if given.
+    """Whether the per-layer checks run on CUDA tensors, where each costs a device sync (default: off unless
+    ``LXT_EXT_CUDA_CHECKS=1``).
 
     Parameters
     ----------
     enabled : bool, optional
-        Turn the checks on (True) or off (False, the default unless ``LXT_EXT_CUDA_CHECKS=1``); None only
-        reads the setting.
+        True switches them on for every thread, False off; None (default) leaves the setting as it is.
 
     Returns
     -------
     bool
-        Whether they run, after the change.
+        The setting now.
     """
-    if enabled is not None:
-        _ENABLED['cuda'] = bool(enabled)
-    return _ENABLED['cuda']
+    return _switch('cuda', enabled)
 
 
 def applies(tensor):

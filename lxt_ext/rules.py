@@ -15,6 +15,7 @@ import torch
 from zennit.core import Stabilizer, expand
 from zennit.layer import Sum
 
+from ._docstrings import shared_parameters
 from .checks import first_order
 from .core import SHARED, FusedRule, ProductRule, SwappedForward, zeroes_bias
 from .core.products import _FusedLayer
@@ -54,6 +55,7 @@ class _PassThrough(torch.autograd.Function):
         return grad, None, None, None
 
 
+@shared_parameters('rule_zero_params', 'convention')
 class Epsilon(FusedRule):
     """LRP-epsilon: ``R_in = x * W^T (R / stab(W x + b))``, as ``zennit.rules.Epsilon``.
 
@@ -61,13 +63,6 @@ class Epsilon(FusedRule):
     ----------
     epsilon : float or zennit.core.Stabilizer, optional
         The stabilizer ``eps`` of ``stab(z) = z + eps * (sign(z) + [z == 0])`` (default 1e-6).
-    zero_params : str or list of str, optional
-        zennit's parameters to zero for the rule: only ``'bias'`` (the bias enters neither denominator);
-        another name raises ``NotImplementedError``.
-    convention : {'explicit', 'gradient_x_input'}, optional
-        Keyword only. ``'explicit'`` (default): the gradient slot carries relevance, as in zennit.
-        ``'gradient_x_input'``: it carries relevance per unit of the tensor (``R = y * g``), the form
-        lxt_ext's transformer composites register.
     """
     rule_name = 'epsilon'
 
@@ -78,6 +73,7 @@ class Epsilon(FusedRule):
         return bias, torch.zeros_like(bias)
 
 
+@shared_parameters('rule_stabilizer', 'rule_zero_params', 'convention')
 class Gamma(FusedRule):
     """Generalized LRP-gamma, as ``zennit.rules.Gamma``: weights ``W + gamma W+`` for positive and
     ``W + gamma W-`` for negative contributions, biases ``b + gamma b+`` and ``b + gamma b-``.
@@ -87,16 +83,6 @@ class Gamma(FusedRule):
     gamma : float, optional
         How much the positive (for positive outputs) and negative (for negative outputs) contributions
         are favoured (default 0.25; 0 is the epsilon rule with ``stabilizer`` as epsilon).
-    stabilizer : float or zennit.core.Stabilizer, optional
-        The stabilizer of the denominators, ``stab(z) = z + stabilizer * (sign(z) + [z == 0])`` as in
-        zennit (default 1e-6). A ``zennit.core.Stabilizer`` with ``clip`` or ``norm_scale`` is refused.
-    zero_params : str or list of str, optional
-        zennit's parameters to zero for the rule: only ``'bias'`` (the bias enters neither denominator);
-        another name raises ``NotImplementedError``.
-    convention : {'explicit', 'gradient_x_input'}, optional
-        Keyword only. ``'explicit'`` (default): the gradient slot carries relevance, as in zennit.
-        ``'gradient_x_input'``: it carries relevance per unit of the tensor (``R = y * g``), the form
-        lxt_ext's transformer composites register.
     """
     rule_name = 'gamma'
 
@@ -108,6 +94,7 @@ class Gamma(FusedRule):
         return bias + self.gamma * bias.clamp(min=0), bias + self.gamma * bias.clamp(max=0)
 
 
+@shared_parameters('rule_stabilizer', 'rule_zero_params', 'convention')
 class AlphaBeta(FusedRule):
     """LRP-alpha-beta, as ``zennit.rules.AlphaBeta``: ``alpha`` times the positive minus ``beta``
     times the negative contributions, each normalized by its own sum (biases ``b+`` and ``b-``).
@@ -119,16 +106,6 @@ class AlphaBeta(FusedRule):
     beta : float, optional
         Weight of the negative contributions (default 1); both must be non-negative and
         ``alpha - beta`` must be 1 (``ValueError`` otherwise, zennit's messages).
-    stabilizer : float or zennit.core.Stabilizer, optional
-        The stabilizer of the denominators, ``stab(z) = z + stabilizer * (sign(z) + [z == 0])`` as in
-        zennit (default 1e-6). A ``zennit.core.Stabilizer`` with ``clip`` or ``norm_scale`` is refused.
-    zero_params : str or list of str, optional
-        zennit's parameters to zero for the rule: only ``'bias'`` (the bias enters neither denominator);
-        another name raises ``NotImplementedError``.
-    convention : {'explicit', 'gradient_x_input'}, optional
-        Keyword only. ``'explicit'`` (default): the gradient slot carries relevance, as in zennit.
-        ``'gradient_x_input'``: it carries relevance per unit of the tensor (``R = y * g``), the form
-        lxt_ext's transformer composites register.
     """
     rule_name = 'alpha_beta'
 
@@ -144,27 +121,19 @@ class AlphaBeta(FusedRule):
         return bias.clamp(min=0), bias.clamp(max=0)
 
 
+@shared_parameters('rule_stabilizer', 'rule_zero_params', 'convention')
 class ZPlus(AlphaBeta):
     """LRP-z+, as ``zennit.rules.ZPlus``: alpha-beta with ``alpha=1, beta=0``.
 
     Parameters
     ----------
-    stabilizer : float or zennit.core.Stabilizer, optional
-        The stabilizer of the denominators, ``stab(z) = z + stabilizer * (sign(z) + [z == 0])`` as in
-        zennit (default 1e-6). A ``zennit.core.Stabilizer`` with ``clip`` or ``norm_scale`` is refused.
-    zero_params : str or list of str, optional
-        zennit's parameters to zero for the rule: only ``'bias'`` (the bias enters neither denominator);
-        another name raises ``NotImplementedError``.
-    convention : {'explicit', 'gradient_x_input'}, optional
-        Keyword only. ``'explicit'`` (default): the gradient slot carries relevance, as in zennit.
-        ``'gradient_x_input'``: it carries relevance per unit of the tensor (``R = y * g``), the form
-        lxt_ext's transformer composites register.
     """
 
     def __init__(self, stabilizer=1e-6, zero_params=None, *, convention='explicit'):
         super().__init__(alpha=1., beta=0., stabilizer=stabilizer, zero_params=zero_params, convention=convention)
 
 
+@shared_parameters('rule_zero_params')
 class ZBox(ProductRule):
     """LRP-ZBox, as ``zennit.rules.ZBox``: ``R_in = x W^T s - low W+^T s - high W-^T s`` with
     ``s = R / stab(W x - W+ low - W- high)``. zennit's three biases ``b - b+ - b-`` cancel, so the bias
@@ -180,9 +149,6 @@ class ZBox(ProductRule):
     stabilizer : float or zennit.core.Stabilizer, optional
         The stabilizer of the denominators, ``stab(z) = z + stabilizer * (sign(z) + [z == 0])`` as in
         zennit (default 1e-6); any zennit stabilizer.
-    zero_params : str or list of str, optional
-        zennit's parameters to zero for the rule: only ``'bias'`` (the bias enters neither denominator);
-        another name raises ``NotImplementedError``.
     """
 
     def __init__(self, low, high, stabilizer=1e-6, zero_params=None):
@@ -222,6 +188,7 @@ class _BoundedZBox:
         return relevance
 
 
+@shared_parameters('rule_zero_params')
 class Flat(ProductRule):
     """LRP-Flat, as ``zennit.rules.Flat``: the layer with all weights one, inputs one and no bias,
     ``R_in = 1^T (R / stab(1 1))`` (two products from the input's shape alone).
@@ -231,9 +198,6 @@ class Flat(ProductRule):
     stabilizer : float or zennit.core.Stabilizer, optional
         The stabilizer of the denominators, ``stab(z) = z + stabilizer * (sign(z) + [z == 0])`` as in
         zennit (default 1e-6); any zennit stabilizer.
-    zero_params : str or list of str, optional
-        zennit's parameters to zero for the rule: only ``'bias'`` (the bias enters neither denominator);
-        another name raises ``NotImplementedError``.
     """
 
     def __init__(self, stabilizer=1e-6, zero_params=None):

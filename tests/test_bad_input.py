@@ -6,7 +6,7 @@ import torchvision
 from zennit.attribution import Gradient
 
 import lxt_ext.composites as composites
-from lxt_ext.attribution import GradientXInput
+from lxt_ext.attribution import Explainer
 from lxt_ext.checks import NonFiniteError
 
 
@@ -171,7 +171,7 @@ def language_model():
 
 
 def explain(model, x, target=0):
-    with GradientXInput(model, composites.LanguageTransformer()) as attributor:
+    with Explainer(model, composites.LanguageTransformer()) as attributor:
         return attributor(x, target)[1]
 
 
@@ -238,7 +238,7 @@ def test_cpu_checks_off_skip_the_per_layer_checks_not_the_attributors(monkeypatc
     with pytest.raises(RuntimeError, match='the epsilon rule produced NaN or Inf') as error:
         attribute(model, composites.ViTEpsilon(), x, seed)
     assert not isinstance(error.value, NonFiniteError)
-    with GradientXInput(model, composites.ViTEpsilon()) as attributor:
+    with Explainer(model, composites.ViTEpsilon()) as attributor:
         with pytest.raises(NonFiniteError, match='the output relevance seed'):
             attributor(x, seed)
 
@@ -257,12 +257,12 @@ def test_attributors_name_the_layer_where_a_value_overflows(checks_on, monkeypat
     """The attributors run without per-layer checks (lxt_ext.checks.located); the failed result is attributed
     again with them, on every device (here: with the CPU's switched off too), to name the layer."""
     import lxt_ext.checks as checks
-    from lxt_ext.explanation import explain_batch
+    from lxt_ext.attribution import explain_batch
     monkeypatch.setitem(checks._ENABLED, 'cpu', checks_on)
     model, activation = overflowing_vit()
     x = torch.rand(2, 3, 16, 16)
     message = rf"the input of '{activation}' \(GELU\) holds (Inf|NaN)"
-    with GradientXInput(model, composites.ViTEpsilon()) as attributor:
+    with Explainer(model, composites.ViTEpsilon()) as attributor:
         with pytest.raises(NonFiniteError, match=message):
             attributor(x, 0)
     with pytest.raises(NonFiniteError, match=message):
@@ -277,7 +277,7 @@ def test_attributors_run_the_per_layer_checks_only_after_a_failure(monkeypatch):
     ensure_finite = checks.ensure_finite
     monkeypatch.setattr(checks, 'ensure_finite', lambda tensor, what: calls.append(what) or ensure_finite(tensor, what))
     model, x = vit(), torch.rand(2, 3, 16, 16)
-    with GradientXInput(model, composites.ViTEpsilon()) as attributor:
+    with Explainer(model, composites.ViTEpsilon()) as attributor:
         calls.clear()  # registration checked the weights
         attributor(x, 0)
     assert calls == ['the input', 'the output relevance seed (target)', calls[-1]] and 'input relevance' in calls[-1]

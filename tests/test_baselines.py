@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import require_module
-from lxt_ext.baselines import (METHODS, attention_rollout, gradient, gradient_x_input, integrated_gradients,
+from lxt_ext.attribution.baselines import (METHODS, attention_rollout, gradient, gradient_x_input, integrated_gradients,
                                smoothgrad)
 
 

@@ -4,7 +4,7 @@ explodes or turns NaN/Inf.
 Oracles: the math of the deliberately broken modules (a functional SiLU's plain gradient, a square,
 a large epsilon, sqrt at 0, log of a negative number, a gradient scaled by 1e4: each breaks
 conservation at a module the test names); for the conservative models (CP-LRP, constants zeroed by hand
-on a copy) the explained logit computed directly, the relevance GradientXInput returns at the input and
+on a copy) the explained logit computed directly, the relevance Explainer returns at the input and
 at latent layers, and R_in = R_out per module to 1e-4 computed here from the report's sums."""
 import copy
 
@@ -17,7 +17,7 @@ import zennit.rules
 from zennit.composites import LayerMapComposite
 from zennit.types import Convolution
 
-from lxt_ext.attribution import GradientXInput
+from lxt_ext.attribution import Explainer
 from lxt_ext.composites import EpsilonPlus, LanguageTransformer, ViTEpsilon, ViTGamma
 from lxt_ext.diagnostics import ADDITIVE, ConservationError, audit, conservation, zeroed
 from lxt_ext.models import KeepGradient
@@ -216,18 +216,19 @@ def test_vit_under_cp_lrp_conserves_and_agrees_with_direct_computations():
     report = conservation(model, x, ViTGamma(), target=3, rtol=1e-4)
     assert_conserved(report)
     assert {'encoder.pos_embedding', 'class_token', 'heads.head.bias'} <= set(report.zeroed)
-    # the same model with its constants zeroed by hand, attributed by GradientXInput
+    # the same model with its constants zeroed by hand, attributed by Explainer
     plain = zero_constants_by_hand(model, ('bias', 'pos_embedding', 'class_token'))
     logit = plain(x)[:, 3].sum().item()
     assert report.output_relevance == pytest.approx(logit, rel=1e-6)
     assert report['heads.head'].r_out == pytest.approx(logit, rel=1e-6)
     latent = ['encoder.layers.encoder_layer_1', 'encoder.layers.encoder_layer_0.mlp']
-    with GradientXInput(plain, ViTGamma(), layers=latent) as attributor:
-        _, relevance = attributor(x, 3)
+    with Explainer(plain, ViTGamma(), layers=latent) as attributor:
+        explanation = attributor(x, 3)
+    relevance = explanation.relevance
     assert report[''].r_in == pytest.approx(relevance.sum().item(), rel=1e-5)
     assert report[''].explicit and report['conv_proj'].explicit  # the patch embedding emits relevance
     for name in latent:
-        assert report[name].r_out == pytest.approx(attributor.latent[name].sum().item(), rel=1e-5)
+        assert report[name].r_out == pytest.approx(explanation.latent[name].sum().item(), rel=1e-5)
     # LXT's published gamma recipe conserves only with the constants zeroed
     leaky = conservation(model, x, ViTGamma(), target=3, zero_bias=False)
     assert leaky.first is not None and leaky.first.status == 'leaks'

@@ -23,7 +23,7 @@ from conftest import require_module, require_oracle
 
 transformers = require_module('transformers')
 
-from lxt_ext.attribution import GradientXInput  # noqa: E402
+from lxt_ext.attribution import Explainer  # noqa: E402
 from lxt_ext.composites import LanguageTransformer  # noqa: E402
 
 TOLERANCE = 1e-5
@@ -156,10 +156,10 @@ def lxt_results():
 def test_relevance_matches_lxt(name, mode, lxt_results):
     expected = lxt_results[name, mode]
     model, embeds = make(name)
-    with GradientXInput(model, LanguageTransformer(attention=mode, epsilon=1e-12),
-                        forward=lambda model, x: model(inputs_embeds=x).logits) as attributor:
+    with Explainer(model, LanguageTransformer(attention=mode, epsilon=1e-12),
+                   forward=lambda model, x: model(inputs_embeds=x).logits) as attributor:
         # LXT backpropagates the mask as a gradient; seeded as relevance that is logits * mask
-        logits, relevance = attributor(embeds, lambda logits: logits * seed(logits))
+        logits, relevance = attributor(embeds, lambda logits: logits * seed(logits))[:2]
     torch.testing.assert_close(logits, expected['logits'], rtol=1e-4, atol=1e-5)
     reference = expected['relevance']
     assert reference.abs().max() > 0

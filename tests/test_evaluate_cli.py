@@ -55,7 +55,7 @@ def test_compare_against_hand_written_curves():
     images = torch.rand(3, 3, 16, 16, generator=g)  # batch_size 2: two batches, the second of one image
     masks = torch.zeros(3, 16, 16, dtype=torch.bool)
     masks[:, 4:12, 4:12] = True
-    from lxt_ext.baselines import gradient_x_input
+    from lxt_ext.attribution.baselines import gradient_x_input
     results = compare(model, images, {'gradient_x_input': gradient_x_input}, masks=masks, batch_size=2,
                       patch_size=4, units_per_step=2, progress=False)
     (result,) = results

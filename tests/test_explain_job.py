@@ -201,7 +201,7 @@ def test_top_k_and_a_given_target(tmp_path, hf_vit):
 
 
 def test_out_of_memory_halves_the_batch(tmp_path, hf_vit, monkeypatch):
-    from lxt_ext.explanation import Explainer
+    from lxt_ext.attribution import Explainer
 
     images = tmp_path / 'images'
     write_images(images, 5)

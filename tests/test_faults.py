@@ -20,7 +20,7 @@ composite instance: the two relevances must be bitwise equal (the composite is r
 Models: resnet18 under ``EpsilonGammaBox`` with zennit's ``ResNetCanonizer`` (which merges BatchNorms
 and swaps the blocks' forward), a tiny torchvision ViT under ``ViTEpsilon`` and ``ViTGamma``, a tiny
 LLaMA under ``LanguageTransformer``; attributed as users do: ``with Gradient(model, composite)``,
-``with composite.context(model)`` and ``with GradientXInput(model, composite)``.
+``with composite.context(model)`` and ``with Explainer(model, composite)``.
 """
 import copy
 
@@ -32,7 +32,7 @@ from zennit.canonizers import Canonizer
 from zennit.torchvision import ResNetCanonizer
 
 from conftest import EmbedsToLogits, randomize_batch_norms, require_module
-from lxt_ext.attribution import GradientXInput
+from lxt_ext.attribution import Explainer
 from lxt_ext.composites import EpsilonGammaBox, LanguageTransformer, ViTEpsilon, ViTGamma
 
 torchvision = require_module('torchvision')
@@ -166,12 +166,12 @@ def via_context(model, composite, x, target):
 
 
 def via_gradient_x_input(model, composite, x, target):
-    with GradientXInput(model, composite) as attributor:
-        _, relevance = attributor(x, target)
+    with Explainer(model, composite) as attributor:
+        _, relevance = attributor(x, target)[:2]
     return relevance
 
 
-WAYS = {'Gradient': via_gradient, 'context': via_context, 'GradientXInput': via_gradient_x_input}
+WAYS = {'Gradient': via_gradient, 'context': via_context, 'Explainer': via_gradient_x_input}
 
 
 # --------------------------------------------------------------------------------------- the oracle

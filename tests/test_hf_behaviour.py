@@ -7,7 +7,7 @@ from conftest import assert_rel_close, require_module
 transformers = require_module('transformers')  # a skip only where it is not installed (locally)
 
 from lxt_ext import models  # noqa: E402
-from lxt_ext.attribution import GradientXInput  # noqa: E402
+from lxt_ext.attribution import Explainer  # noqa: E402
 from lxt_ext.models.huggingface import HFAttention  # noqa: E402
 from lxt_ext.composites import LanguageTransformer, ViTEpsilon  # noqa: E402
 
@@ -45,13 +45,13 @@ def test_cp_lrp_conserves_the_logit_through_every_layer():
     to the explained logit."""
     model, embeds = llama()
     layers = ['model.layers.0', 'model.layers.1', 'model.norm']
-    with GradientXInput(model, LanguageTransformer(attention='cp', epsilon=1e-9), forward=logits_of,
-                        layers=layers) as attributor:
-        logits, relevance = attributor(embeds, TARGET)
+    with Explainer(model, LanguageTransformer(attention='cp', epsilon=1e-9), forward=logits_of,
+                   layers=layers) as attributor:
+        logits, relevance, *_, latent = attributor(embeds, TARGET)
     explained = logits[:, -1, TARGET]
     torch.testing.assert_close(relevance.sum((1, 2)), explained, rtol=1e-3, atol=0)
     for name in layers:
-        torch.testing.assert_close(attributor.latent[name].sum((1, 2)), explained, rtol=1e-3, atol=0, msg=name)
+        torch.testing.assert_close(latent[name].sum((1, 2)), explained, rtol=1e-3, atol=0, msg=name)
 
 
 def test_attnlrp_differs_from_cp_and_from_the_gradient():
@@ -60,7 +60,7 @@ def test_attnlrp_differs_from_cp_and_from_the_gradient():
     model, embeds = llama()
     results = {}
     for mode in ('attnlrp', 'cp'):
-        with GradientXInput(model, LanguageTransformer(attention=mode), forward=logits_of) as attributor:
+        with Explainer(model, LanguageTransformer(attention=mode), forward=logits_of) as attributor:
             results[mode] = attributor(embeds, TARGET)[1]
     x = embeds.clone().requires_grad_()
     logits_of(model, x)[:, -1, TARGET].sum().backward()
@@ -82,7 +82,7 @@ def test_removal_restores_the_model_bitwise():
         before = logits_of(model, embeds)
     gradient_before = plain_gradient(model, embeds)
     configs = {name: module.config for name, module in model.named_modules() if hasattr(module, 'config')}
-    with GradientXInput(model, LanguageTransformer(attention='attnlrp'), forward=logits_of) as attributor:
+    with Explainer(model, LanguageTransformer(attention='attnlrp'), forward=logits_of) as attributor:
         attributor(embeds, TARGET)
     with torch.no_grad():
         after = logits_of(model, embeds)
@@ -96,11 +96,11 @@ def test_removal_restores_the_model_bitwise():
 
 def test_gradient_checkpointing_gives_the_same_relevance():
     model, embeds = llama()
-    with GradientXInput(model, LanguageTransformer(attention='attnlrp'), forward=logits_of) as attributor:
+    with Explainer(model, LanguageTransformer(attention='attnlrp'), forward=logits_of) as attributor:
         expected = attributor(embeds, TARGET)[1]
     model.activation_checkpointing_enable({'use_reentrant': False})
     model.train()  # transformers checkpoints only in training mode; the composite switches dropout off
-    with GradientXInput(model, LanguageTransformer(attention='attnlrp'), forward=logits_of) as attributor:
+    with Explainer(model, LanguageTransformer(attention='attnlrp'), forward=logits_of) as attributor:
         relevance = attributor(embeds, TARGET)[1]
     torch.testing.assert_close(relevance, expected, rtol=1e-5, atol=1e-7)
 
@@ -109,7 +109,7 @@ def test_reentrant_checkpointing_is_a_clear_error():
     model, embeds = llama()
     model.activation_checkpointing_enable({'use_reentrant': True})
     model.train()
-    with GradientXInput(model, LanguageTransformer(attention='attnlrp'), forward=logits_of) as attributor:
+    with Explainer(model, LanguageTransformer(attention='attnlrp'), forward=logits_of) as attributor:
         with pytest.raises(RuntimeError, match="'use_reentrant': False"):
             attributor(embeds, TARGET)
 
@@ -129,10 +129,10 @@ def test_forward_under_no_grad_is_plain():
 
 def test_attention_rule_refuses_what_it_cannot_do():
     model, embeds = llama()
-    with GradientXInput(model, LanguageTransformer(attention='attnlrp'), forward=logits_of):
+    with Explainer(model, LanguageTransformer(attention='attnlrp'), forward=logits_of):
         with pytest.raises(NotImplementedError, match='output_attentions'):
             model(inputs_embeds=embeds.requires_grad_(), output_attentions=True)
-    with pytest.raises(ValueError, match='mode'):
+    with pytest.raises(ValueError, match='attention must be one of'):
         HFAttention('softmax')
     with pytest.raises(ValueError, match='attention'):
         models.Options(attention='flash')
@@ -154,12 +154,12 @@ def test_padding_mask_keeps_padded_tokens_out(build, mode):
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     padded = lambda model, x: model(inputs_embeds=x, attention_mask=mask,  # noqa: E731
                                     position_ids=position_ids).logits
-    with GradientXInput(model, LanguageTransformer(attention=mode), forward=padded) as attributor:
-        logits, relevance = attributor(embeds, TARGET)
+    with Explainer(model, LanguageTransformer(attention=mode), forward=padded) as attributor:
+        logits, relevance = attributor(embeds, TARGET)[:2]
     for row, pad in enumerate(pads):
         alone = embeds[row:row + 1, pad:]
-        with GradientXInput(model, LanguageTransformer(attention=mode), forward=logits_of) as attributor:
-            alone_logits, expected = attributor(alone, TARGET)
+        with Explainer(model, LanguageTransformer(attention=mode), forward=logits_of) as attributor:
+            alone_logits, expected = attributor(alone, TARGET)[:2]
         torch.testing.assert_close(logits[row:row + 1, pad:], alone_logits, rtol=1e-4, atol=1e-5)
         assert torch.count_nonzero(relevance[row, :pad]) == 0
         assert_rel_close(relevance[row:row + 1, pad:], expected, 1e-5)
@@ -168,7 +168,7 @@ def test_padding_mask_keeps_padded_tokens_out(build, mode):
 def test_latent_layer_names_are_checked():
     model, _ = llama()
     with pytest.raises(KeyError, match='model.layers.9'):
-        GradientXInput(model, LanguageTransformer(), forward=logits_of, layers=['model.layers.9'])
+        Explainer(model, LanguageTransformer(), forward=logits_of, layers=['model.layers.9'])
 
 
 def test_hf_vit_relevance_conserves_the_logit():
@@ -186,10 +186,10 @@ def test_hf_vit_relevance_conserves_the_logit():
                 parameter.zero_()
     images = torch.randn(2, 3, 32, 32)
     forward = lambda model, x: model(pixel_values=x).logits  # noqa: E731
-    with GradientXInput(model, ViTEpsilon(epsilon=1e-9, attention='cp'), forward=forward) as attributor:
-        logits, relevance = attributor(images, 3)
+    with Explainer(model, ViTEpsilon(epsilon=1e-9, attention='cp'), forward=forward) as attributor:
+        logits, relevance = attributor(images, 3)[:2]
     torch.testing.assert_close(relevance.sum((1, 2, 3)), logits[:, 3], rtol=1e-3, atol=0)
-    with GradientXInput(model, ViTEpsilon(attention='attnlrp'), forward=forward) as attributor:
+    with Explainer(model, ViTEpsilon(attention='attnlrp'), forward=forward) as attributor:
         attnlrp = attributor(images, 3)[1]
     assert (attnlrp - relevance).abs().max() > 1e-3 * relevance.abs().max()
 
@@ -205,10 +205,10 @@ def test_half_precision_relevance_follows_float32(dtype):
     """The same LLaMA in bf16/fp16 (fp32 accumulation in the fused ops) gives the float32 relevance
     up to half-precision rounding, element by element (a cosine would not see a wrong scale)."""
     model, embeds = llama()
-    with GradientXInput(model, LanguageTransformer(attention='attnlrp'), forward=logits_of) as attributor:
+    with Explainer(model, LanguageTransformer(attention='attnlrp'), forward=logits_of) as attributor:
         expected = attributor(embeds, TARGET)[1]
     model.to(dtype)
-    with GradientXInput(model, LanguageTransformer(attention='attnlrp'), forward=logits_of) as attributor:
+    with Explainer(model, LanguageTransformer(attention='attnlrp'), forward=logits_of) as attributor:
         relevance = attributor(embeds.to(dtype), TARGET)[1]
     assert relevance.dtype == dtype
     assert torch.isfinite(relevance).all()

@@ -13,7 +13,7 @@ from conftest import require_module, require_oracle
 
 transformers = require_module('transformers')  # a skip only where it is not installed (locally)
 
-from lxt_ext.attribution import GradientXInput  # noqa: E402
+from lxt_ext.attribution import Explainer  # noqa: E402
 from lxt_ext.composites import LanguageTransformer  # noqa: E402
 
 TOLERANCE = 1e-3  # max |difference| <= TOLERANCE * max |LXT relevance|
@@ -102,9 +102,9 @@ def explain(name, mode, **composite_kwargs):
     model, embeds, mask = make(name)
     composite = LanguageTransformer(attention=mode, **composite_kwargs)
     forward = lambda model, x: model(inputs_embeds=x, attention_mask=mask).logits  # noqa: E731
-    with GradientXInput(model, composite, forward=forward) as attributor:
+    with Explainer(model, composite, forward=forward) as attributor:
         # LXT backpropagates the mask as a gradient; seeded as relevance that is logits * mask
-        logits, relevance = attributor(embeds, lambda logits: logits * target_seed(name, logits))
+        logits, relevance = attributor(embeds, lambda logits: logits * target_seed(name, logits))[:2]
     return logits, relevance
 
 

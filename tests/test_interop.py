@@ -9,7 +9,7 @@ import zennit.composites
 
 import lxt_ext.composites
 from conftest import randomize_biases, require_module
-from lxt_ext.interop import LRP, quantus_explain
+from lxt_ext.attribution.interop import LRP, quantus_explain
 
 captum_metrics = require_module('captum.metrics')
 

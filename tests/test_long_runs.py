@@ -6,7 +6,7 @@
   the patch convolution, SharedTensors' recompute path through the MLP) and 200 register/attribute/
   remove cycles on each of a small CNN (EpsilonGammaBox with zennit's BatchNorm merge folded into the
   rules, ZBox, Norm on average pooling, Pass), the ViT and a tiny LLaMA (LanguageTransformer,
-  GradientXInput, Hugging Face attention through the config view). VmRSS after the 50th must be
+  Explainer, Hugging Face attention through the config view). VmRSS after the 50th must be
   within 1 % of VmRSS after the last (the issue's criterion), and within an absolute 2 MiB (the 1 %
   of a ~700 MB process would hide a leak of a few KB per attribution); the number of live Python
   objects and of live tensors (``gc``) must not grow from the 50th to the last.
@@ -37,7 +37,7 @@ from zennit.canonizers import SequentialMergeBatchNorm
 
 from conftest import EmbedsToLogits
 import lxt_ext.core
-from lxt_ext.attribution import GradientXInput
+from lxt_ext.attribution import Explainer
 from lxt_ext.composites import EpsilonGammaBox, LanguageTransformer, ViTGamma
 
 ATTRIBUTIONS, CYCLES, EARLY = 1000, 200, 50
@@ -79,7 +79,7 @@ def llama():
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
                                       initializer_range=0.2, rms_norm_eps=1e-6)
     model = EmbedsToLogits(transformers.LlamaForCausalLM(config)).eval()
-    return model, (lambda: LanguageTransformer(attention='attnlrp')), (2, 6, 32), GradientXInput
+    return model, (lambda: LanguageTransformer(attention='attnlrp')), (2, 6, 32), Explainer
 
 
 MODELS = {'vit': vit, 'cnn': cnn, 'llama': llama}
@@ -214,7 +214,7 @@ def _attribute_and_watch(family, interrupt):
             assert hooks, 'the composite registered no hooks'
             refs.update({f'hook {type(h).__name__} #{i}': weakref.ref(h) for i, h in enumerate(hooks)})
             del hooks
-            output, relevance = attributor(x, lambda output: target_for(output, 3))
+            output, relevance = attributor(x, lambda output: target_for(output, 3))[:2]
             refs['output'], refs['relevance'] = weakref.ref(output), weakref.ref(relevance)
             del output, relevance
     except KeyboardInterrupt:

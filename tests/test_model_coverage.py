@@ -31,7 +31,7 @@ from conftest import require_module
 
 transformers = require_module('transformers')
 
-from lxt_ext.attribution import GradientXInput  # noqa: E402
+from lxt_ext.attribution import Explainer  # noqa: E402
 from lxt_ext.composites import LanguageTransformer, ViTEpsilon, ViTGamma  # noqa: E402
 from lxt_ext.diagnostics import audit  # noqa: E402
 from test_faults import Snapshot, no_lxt_ext_left  # noqa: E402
@@ -51,8 +51,7 @@ class Case:
     def composite(self, attention, epsilon=1e-6, gamma=False):
         if self.vision:
             return ViTGamma(attention=attention) if gamma else ViTEpsilon(epsilon=epsilon, attention=attention)
-        return LanguageTransformer(attention=attention, epsilon=epsilon,
-                                   linear_rule='gamma' if gamma else 'epsilon')
+        return LanguageTransformer(attention=attention, epsilon=epsilon, gamma=0.25 if gamma else None)
 
 
 def logits(model, x):
@@ -229,16 +228,16 @@ def test_cp_lrp_conserves_the_logit(family):
     zero_bias_like(case)
     with torch.no_grad():
         plain = case.forward(case.model, case.x)
-    with GradientXInput(case.model, case.composite('cp', epsilon=1e-9), forward=case.forward,
-                        layers=case.layers) as attributor:
-        output, relevance = attributor(case.x, TARGET)
+    with Explainer(case.model, case.composite('cp', epsilon=1e-9), forward=case.forward,
+                   layers=case.layers) as attributor:
+        output, relevance, *_, latents = attributor(case.x, TARGET)
     torch.testing.assert_close(output, plain, rtol=1e-4, atol=1e-5)
     logit = explained(output)
     assert logit.abs().min() > 1e-3, 'a vanishing logit would make the relative check empty'
     sums = relevance.flatten(1).sum(1)
     torch.testing.assert_close(sums, logit, rtol=1e-3, atol=0, msg=lambda m: f'{family} input relevance: {m}')
     for name in case.layers:
-        latent = attributor.latent[name].flatten(1).sum(1)
+        latent = latents[name].flatten(1).sum(1)
         torch.testing.assert_close(latent, logit, rtol=1e-3, atol=0, msg=lambda m: f'{family} {name}: {m}')
 
 
@@ -251,7 +250,7 @@ def test_attnlrp_acts_and_removal_restores_the_model(family):
     snapshot = Snapshot(wrapped, case.x)
     results = {}
     for mode in ('attnlrp', 'cp'):
-        with GradientXInput(wrapped, case.composite(mode), forward=lambda model, x: model(x)) as attributor:
+        with Explainer(wrapped, case.composite(mode), forward=lambda model, x: model(x)) as attributor:
             results[mode] = attributor(case.x, TARGET)[1]
         assert torch.isfinite(results[mode]).all()
     scale = results['cp'].abs().max()

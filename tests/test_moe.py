@@ -23,7 +23,7 @@ from conftest import require_module
 
 transformers = require_module('transformers')
 
-from lxt_ext.attribution import GradientXInput  # noqa: E402
+from lxt_ext.attribution import Explainer  # noqa: E402
 from lxt_ext.composites import LanguageTransformer  # noqa: E402
 
 VOCAB, TOKENS, INTERMEDIATE = 64, 10, 48
@@ -81,7 +81,7 @@ def test_identical_experts_explain_as_the_dense_mlp(name, mode):
     model, dense, x = identical_experts_and_dense(name)
     results = {}
     for key, m in (('moe', model), ('dense', dense)):
-        with GradientXInput(m, LanguageTransformer(attention=mode), forward=logits) as attributor:
+        with Explainer(m, LanguageTransformer(attention=mode), forward=logits) as attributor:
             results[key] = attributor(x, 5)
     torch.testing.assert_close(results['moe'][0], results['dense'][0], rtol=1e-5, atol=1e-5)
     # the tokens really go to different experts
@@ -102,8 +102,8 @@ def test_every_experts_implementation_gives_the_same_relevance(name):
         model.set_experts_implementation(implementation)
         with torch.no_grad():
             plain = logits(model, x)
-        with GradientXInput(model, LanguageTransformer(), forward=logits) as attributor:
-            output, results[implementation] = attributor(x, 5)
+        with Explainer(model, LanguageTransformer(), forward=logits) as attributor:
+            output, results[implementation] = attributor(x, 5)[:2]
         torch.testing.assert_close(output, plain, rtol=1e-5, atol=1e-5)
         # after removal the model runs transformers' implementation again
         assert model.model.layers[0].mlp.experts.config._experts_implementation == implementation
@@ -119,7 +119,7 @@ def test_the_router_runs_without_grad(name):
     seen = []
     handles = [router.register_forward_hook(lambda module, args, output: seen.append(output)) for router in routers]
     try:
-        with GradientXInput(model, LanguageTransformer(), forward=logits) as attributor:
+        with Explainer(model, LanguageTransformer(), forward=logits) as attributor:
             attributor(x, 5)
     finally:
         for handle in handles:

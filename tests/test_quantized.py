@@ -23,7 +23,7 @@ transformers = require_module('transformers')
 bnb = require_module('bitsandbytes')
 
 from harness.memory import MEMORY_ENV  # noqa: E402  (python/benchmarks/, on sys.path from conftest)
-from lxt_ext.attribution import GradientXInput  # noqa: E402
+from lxt_ext.attribution import Explainer  # noqa: E402
 from lxt_ext.composites import LanguageTransformer  # noqa: E402
 from lxt_ext.layers import UnsupportedLayerError  # noqa: E402
 
@@ -92,8 +92,8 @@ def test_relevance_equals_the_model_dequantized_up_front(quant_type, mode, linea
     assert len(quantized) == 15 and not any(type(m.weight) is torch.nn.Parameter for m in quantized)
     results = {}
     for key, m in (('quantized', model), ('reference', reference)):
-        with GradientXInput(m, LanguageTransformer(attention=mode, linear_rule=linear_rule),
-                            forward=logits) as attributor:
+        with Explainer(m, LanguageTransformer(attention=mode, gamma=0.25 if linear_rule == 'gamma' else None),
+                       forward=logits) as attributor:
             results[key] = attributor(x, 5)
     torch.testing.assert_close(results['quantized'][0], results['reference'][0], rtol=1e-5, atol=1e-5)
     relevance, expected = results['quantized'][1], results['reference'][1]
@@ -131,7 +131,7 @@ import sys, torch
 sys.path.insert(0, {tests!r})
 torch.set_num_threads(2)
 import test_quantized as t
-from lxt_ext.attribution import GradientXInput
+from lxt_ext.attribution import Explainer
 from harness.memory import extra_peak_mb
 from lxt_ext.composites import LanguageTransformer
 t.CONFIG.update(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
@@ -142,7 +142,7 @@ x = x[:1, :8]
 full = sum(m.in_features * m.out_features * 4 for m in model.modules() if isinstance(m, t.bnb.nn.Linear4bit))
 largest = max(m.in_features * m.out_features * 4 for m in model.modules() if isinstance(m, t.bnb.nn.Linear4bit))
 def run():
-    with GradientXInput(model, LanguageTransformer(linear_rule='gamma'), forward=t.logits) as attributor:
+    with Explainer(model, LanguageTransformer(gamma=0.25), forward=t.logits) as attributor:
         attributor(x, 5)
 run()  # warm-up: one-time allocations
 print(extra_peak_mb(run), full / 2 ** 20, largest / 2 ** 20)
@@ -191,7 +191,7 @@ def test_removal_restores_the_quantized_model():
     wrapped = ForwardOf(model, logits)
     freeze_unused(wrapped, x)
     snapshot = Snapshot(wrapped, x)
-    with GradientXInput(wrapped, LanguageTransformer(), forward=lambda model, x: model(x)) as attributor:
+    with Explainer(wrapped, LanguageTransformer(), forward=lambda model, x: model(x)) as attributor:
         attributor(x, 5)
     snapshot.assert_same(wrapped, x)
     no_lxt_ext_left(wrapped)
@@ -208,7 +208,7 @@ def test_removal_restores_the_int8_model():
     before = parameters()
     with torch.no_grad():
         expected = logits(model, x)
-    with GradientXInput(model, LanguageTransformer(), forward=logits) as attributor:
+    with Explainer(model, LanguageTransformer(), forward=logits) as attributor:
         attributor(x, 5)
     assert parameters() == before
     with torch.no_grad():

@@ -15,7 +15,7 @@ from conftest import require_module
 
 transformers = require_module('transformers')
 
-from lxt_ext.attribution import GradientXInput  # noqa: E402
+from lxt_ext.attribution import Explainer  # noqa: E402
 from lxt_ext.composites import LanguageTransformer, ViTEpsilon  # noqa: E402
 from lxt_ext.diagnostics import audit  # noqa: E402
 from lxt_ext.composites import UnmappedModuleError  # noqa: E402
@@ -120,8 +120,8 @@ def check(model, x, forward, composite, unlisted=frozenset()):
     for mode in ('attnlrp', 'cp'):
         report = audit(model, x, forward=forward, composite=composite(attention=mode))
         assert {finding.operation for finding in report.findings} <= unlisted, str(report)
-    with GradientXInput(model, composite(attention='cp', epsilon=1e-9), forward=forward) as attributor:
-        output, relevance = attributor(x, TARGET)
+    with Explainer(model, composite(attention='cp', epsilon=1e-9), forward=forward) as attributor:
+        output, relevance = attributor(x, TARGET)[:2]
     torch.testing.assert_close(output, plain, rtol=1e-4, atol=1e-5)
     logit = output[:, -1, TARGET] if output.dim() == 3 else output[:, TARGET]
     assert logit.abs().min() > 1e-3

@@ -21,7 +21,7 @@ from conftest import require_module, require_oracle
 
 transformers = require_module('transformers')
 
-from lxt_ext.attribution import GradientXInput  # noqa: E402
+from lxt_ext.attribution import Explainer  # noqa: E402
 from lxt_ext.composites import LanguageTransformer  # noqa: E402
 
 TOLERANCE = 3e-4  # max |difference| <= TOLERANCE * max |LXT relevance|; measured <= 1.2e-4 on ATen's attention path, 2e-5 on the own kernels (float32 rounding)
@@ -60,10 +60,10 @@ def seed(logits):
 
 def explain(name, mode, epsilon=1e-12):
     model, x, mask = make(name)
-    with GradientXInput(model, LanguageTransformer(attention=mode, epsilon=epsilon),
-                        forward=forward_with(mask)) as attributor:
+    with Explainer(model, LanguageTransformer(attention=mode, epsilon=epsilon),
+                   forward=forward_with(mask)) as attributor:
         # LXT backpropagates the mask as a gradient; seeded as relevance that is logits * mask
-        return attributor(x, lambda logits: logits * seed(logits))
+        return attributor(x, lambda logits: logits * seed(logits))[:2]
 
 
 ORACLE = '''

@@ -6,9 +6,9 @@ import pytest
 import torch
 import transformers
 
-from lxt_ext.attribution import GradientXInput
+from lxt_ext.attribution import Explainer
 from lxt_ext.composites import LanguageTransformer
-from lxt_ext.targets import contrastive
+from lxt_ext.attribution.targets import contrastive
 
 
 def explicit_mask(output, targets, position):
@@ -58,8 +58,8 @@ def test_relevance_sums_to_the_contrast_of_the_logits():
     forward = lambda m, x: m(inputs_embeds=x).logits  # noqa: E731
     # epsilon's absorption (eps / |z|) kept below the tolerance: the random logits are small
     composite = LanguageTransformer(attention='cp', epsilon=1e-10)
-    with GradientXInput(model, composite, forward=forward) as attributor:
-        logits, relevance = attributor(embeds, contrastive(torch.tensor([5, 9])))
+    with Explainer(model, composite, forward=forward) as attributor:
+        logits, relevance = attributor(embeds, contrastive(torch.tensor([5, 9])))[:2]
     last = model(inputs_embeds=embeds).logits[:, -1].detach()
     chosen = last[torch.arange(2), torch.tensor([5, 9])]
     others = (last.sum(-1) - chosen) / 63
@@ -67,7 +67,7 @@ def test_relevance_sums_to_the_contrast_of_the_logits():
     assert contrast.abs().min() > 1e-3  # not vacuous
     assert relevance.sum((1, 2)).tolist() == pytest.approx(contrast.tolist(), rel=1e-5)
     # not the one-hot explanation of the same logit
-    with GradientXInput(model, composite, forward=forward) as attributor:
-        _, onehot = attributor(embeds, 5)
+    with Explainer(model, composite, forward=forward) as attributor:
+        _, onehot = attributor(embeds, 5)[:2]
     assert onehot[0].sum().item() == pytest.approx(chosen[0].item(), rel=1e-5)
     assert not torch.allclose(onehot[0], relevance[0], atol=1e-3)

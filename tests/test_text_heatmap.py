@@ -1,4 +1,4 @@
-"""lxt_ext.visualization.text: token heatmaps (HTML, PNG, PDF).
+"""lxt_ext.visualization's token heatmaps (tokens: text and colours; text: HTML, PNG; latex: PDF).
 
 Oracles: the tokenizers' own decoders and character offsets (tokenizers trained here in milliseconds:
 byte-level BPE with GPT-2's byte alphabet, Unigram with Metaspace, BPE with byte fallback as LLaMA 2,
@@ -18,6 +18,8 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from zennit.image import CMAPS
 
 from conftest import require
+from lxt_ext.visualization import latex
+from lxt_ext.visualization import tokens as token_text
 from lxt_ext.visualization import text as text_heatmap
 from lxt_ext.visualization import clean_tokens, merge_words, save_text_heatmap, text_html, text_image, text_pdf
 
@@ -136,11 +138,11 @@ def test_wordpiece_words():
 
 
 def test_colours_are_lxts_bwr_normalised_by_the_largest_magnitude():
-    colours = text_heatmap.token_colours(np.array([2., -4., 0., 4.]))
+    colours = token_text.token_colours(np.array([2., -4., 0., 4.]))
     # zennit's bwr map at (R / max|R| + 1) / 2: red for positive, blue for negative, white at zero
     np.testing.assert_allclose(colours, CMAPS['bwr'](np.array([.75, 0., .5, 1.])))
     assert colours[3].tolist() == [1., 0., 0.] and colours[1].tolist() == [0., 0., 1.]
-    np.testing.assert_allclose(text_heatmap.token_colours(np.zeros(3)), CMAPS['bwr'](np.full(3, .5)))
+    np.testing.assert_allclose(token_text.token_colours(np.zeros(3)), CMAPS['bwr'](np.full(3, .5)))
 
 
 def test_bad_relevance_is_named():
@@ -278,16 +280,16 @@ def test_pdf_through_latex_has_the_words_and_the_colours(tmp_path, tokenizers, e
 
 
 def test_pdf_names_the_missing_engine(monkeypatch, tmp_path):
-    monkeypatch.setattr(text_heatmap.shutil, 'which', lambda name: None)
-    with pytest.raises(text_heatmap.LatexEngineNotFound, match='lualatex, xelatex, pdflatex'):
+    monkeypatch.setattr(latex.shutil, 'which', lambda name: None)
+    with pytest.raises(latex.LatexEngineNotFound, match='lualatex, xelatex, pdflatex'):
         text_pdf(['a'], [1.], tmp_path / 'x.pdf')
-    with pytest.raises(text_heatmap.LatexEngineNotFound, match='xelatex is not installed'):
+    with pytest.raises(latex.LatexEngineNotFound, match='xelatex is not installed'):
         text_pdf(['a'], [1.], tmp_path / 'x.pdf', engine='xelatex')
 
 
 def test_pdflatex_source_replaces_what_it_cannot_set():
     with pytest.warns(UserWarning, match='😀'):
-        source = text_heatmap.text_latex(['Ġok', 'ĠðŁĺĢ'], [1., -1.])
+        source = latex.text_latex(['Ġok', 'ĠðŁĺĢ'], [1., -1.])
     assert r'\colorbox[rgb]{0.000,0.000,1.000}{\strut ?}' in source
 
 

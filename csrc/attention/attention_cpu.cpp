@@ -5,6 +5,7 @@
 // rows x Nk <= kTileElements values per buffer); backward recomputes it per tile of query rows and
 // chunk of keys, P from the saved statistics. Extra memory grows linearly in the sequence length.
 #include "attention/attention.h"
+#include "attention/math.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -170,7 +171,7 @@ void backward_cpu_kernel(const CpuAttention& a, const at::Tensor& dout, const at
   const int64_t G = a.s.group(), chunks = key_chunks(a.s);
   const int64_t chunk_keys = (a.s.Nk + chunks - 1) / chunks;
   const int64_t rows = tile_rows(a.s.Nq, chunk_keys), tiles = (a.s.Nq + rows - 1) / rows;
-  const double dv_scale = cp ? 1.0 : 0.5, dqk_scale = a.scale * 0.25;
+  const double dv_scale = cp ? 1.0 : kAttnLRPValueFactor, dqk_scale = a.scale * kAttnLRPQueryKeyFactor;
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
   // dQ partial sums, one per key chunk (dq itself when there is one chunk).
   at::Tensor dq_parts = cp || chunks == 1 ? dq : at::zeros({chunks, a.s.B, a.s.Hq, a.s.Nq, a.s.D}, dq.options());

@@ -12,6 +12,7 @@
 // type, padded to head_dim + 1 columns where a lane walks a row, so lanes hit distinct banks.
 // Extra memory: O, the statistics (two numbers per query row) and delta = rowsum(dO * O).
 #include "attention/attention.h"
+#include "attention/math.h"
 
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -248,7 +249,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  const acc_t factor = p.scale * acc_t(0.25);
+  const acc_t factor = p.scale * acc_t(kAttnLRPQueryKeyFactor);
 #pragma unroll
   for (int rr = 0; rr < kRows; ++rr) {
     const int i = row0 + warp * kRows + rr;
@@ -334,7 +335,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  const acc_t v_factor = kDvOnly ? acc_t(1) : acc_t(0.5), k_factor = p.scale * acc_t(0.25);
+  const acc_t v_factor = kDvOnly ? acc_t(1) : acc_t(kAttnLRPValueFactor), k_factor = p.scale * acc_t(kAttnLRPQueryKeyFactor);
 #pragma unroll
   for (int kk = 0; kk < kKeys; ++kk) {
     const int j = key0 + warp * kKeys + kk;

@@ -6,15 +6,16 @@ on both matrix products (``uniform_matmul``), the softmax rule (``softmax_rule``
 """
 import torch
 
+from .._docstrings import shared_parameters
 from ..checks import first_order
-from ..ops import ATTENTION_MODES
-from ..transformer.elementwise import identity_rule
+from ..ops import ATTNLRP_FACTORS, attention_mode
+from ..transformer.elementwise import INPUT_STABILIZER, identity_rule
 
 __all__ = ['softcapped_attention', 'uniform_matmul', 'softmax_rule']
 
 
 class _UniformMatmul(torch.autograd.Function):
-    """``a @ b``; backward the uniform rule: ``g_a = (g b^T) / 2``, ``g_b = (a^T g) / 2``."""
+    """``a @ b``; backward the uniform rule: ``g_a = s g b^T``, ``g_b = s a^T g`` with the uniform share ``s = 1/2``."""
 
     @staticmethod
     def forward(ctx, a, b):
@@ -25,7 +26,8 @@ class _UniformMatmul(torch.autograd.Function):
     @first_order
     def backward(ctx, grad):
         a, b = ctx.saved_tensors
-        return (grad @ b.transpose(-2, -1)) / 2, (a.transpose(-2, -1) @ grad) / 2
+        share = ATTNLRP_FACTORS['uniform_share']
+        return (grad @ b.transpose(-2, -1)) * share, (a.transpose(-2, -1) @ grad) * share
 
 
 class _SoftmaxRule(torch.autograd.Function):
@@ -48,15 +50,26 @@ class _SoftmaxRule(torch.autograd.Function):
         return (y * (grad - (y * grad).sum(-1, keepdim=True))).to(ctx.dtype)
 
 
+@shared_parameters('attention_inputs', 'attn_mask', 'attention_scale', 'is_causal', leading=True)
+@shared_parameters('attention_mode', 'input_stabilizer')
 def softcapped_attention(query, key, value, attn_mask=None, *, scale=None, is_causal=False, softcap, mode='attnlrp',
-                         input_stabilizer=1e-10):
+                         input_stabilizer=INPUT_STABILIZER):
     """``softmax(c tanh(scale Q K^T / c) + M) V`` (Gemma 2's attention softcap ``c``) with an LRP backward,
     eagerly (the N x N scores are formed and kept; the fused op has no softcap). AttnLRP: the uniform
     rule on both matrix products, the identity rule on the monotone softcap, the softmax rule (in the
     Gradient x Input convention, the softmax's plain gradient); CP-LRP: the attention weights constant.
-    Shapes and masks as ``lxt_ext.attention.attention_lrp``."""
-    if mode not in ATTENTION_MODES:
-        raise ValueError(f'mode must be one of {tuple(ATTENTION_MODES)}, got {mode!r}')
+
+    Parameters
+    ----------
+    softcap : float
+        Keyword only: the softcap ``c``.
+
+    Returns
+    -------
+    torch.Tensor
+        The attention output, (B, Hq, Nq, D).
+    """
+    attention_mode(mode, 'mode')
     groups = query.shape[1] // key.shape[1]
     key, value = (t.repeat_interleave(groups, dim=1) for t in (key, value))
     scale = query.shape[-1] ** -0.5 if scale is None else scale

@@ -23,6 +23,8 @@ import math
 
 import torch
 
+from .._docstrings import shared_parameters
+
 from .. import ops
 from ..checks import first_order
 from ..ops import fused_attention
@@ -64,23 +66,26 @@ class _AttentionLRP(torch.autograd.Function):
         return grads[0], grads[1], grads[2], None, None, None, None, None
 
 
+@shared_parameters('attention_inputs', 'attn_mask', 'attention_scale', 'is_causal', 'attention_mode', leading=True)
 def attention_lrp(query, key, value, attn_mask=None, *, scale=None, is_causal=False, mode='attnlrp', backend=None):
-    """Attention ``softmax(scale * query @ key^T + attn_mask) @ value`` with an LRP backward.
+    """Attention ``softmax(scale * query @ key^T + attn_mask) @ value`` with an LRP backward (the rules of
+    ``mode``: see the module docstring). A query row that sees no key gets a zero output and zero gradients.
 
-    ``query`` (B, Hq, Nq, D); ``key``, ``value`` (B, Hkv, Nk, D) with Hq a multiple of Hkv
-    (grouped-query attention); any strides. ``attn_mask``: None, bool (True = attend) or floating
-    (added to the scores), broadcastable to (B, Hq, Nq, Nk). ``is_causal``: query i sees keys
-    j <= i (torch SDPA's top-left convention); it may be combined with a mask. ``scale`` defaults
-    to ``1 / sqrt(D)``. ``mode``: ``'attnlrp'`` or ``'cp'`` (see the module docstring). A query row
-    that sees no key gets a zero output and zero gradients. ``backend``: ``'auto'`` (PyTorch's fused
-    kernels where the rule of ``lxt_ext.ops.fused_attention`` picks them), ``'aten'`` (wherever they can
-    take the call) or ``'lxt_ext'`` (always the own kernels); None reads ``$LXT_EXT_ATTENTION_BACKEND``,
-    default ``'auto'``.
+    Parameters
+    ----------
+    backend : {'auto', 'aten', 'lxt_ext'}, optional
+        Keyword only: ``'auto'`` (PyTorch's fused kernels where the rule of ``lxt_ext.ops.fused_attention``
+        picks them), ``'aten'`` (wherever they can take the call) or ``'lxt_ext'`` (always the own kernels);
+        None (default) reads ``$LXT_EXT_ATTENTION_BACKEND``, else ``'auto'``.
+
+    Returns
+    -------
+    torch.Tensor
+        The attention output, (B, Hq, Nq, D).
     """
-    if mode not in ops.ATTENTION_MODES:
-        raise ValueError(f"attention_lrp: mode must be one of {tuple(ops.ATTENTION_MODES)}, got {mode!r}")
+    code = ops.attention_mode(mode, 'mode')
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     scale, is_causal, cp = float(scale), bool(is_causal), mode == 'cp'
     plan = fused_attention.plan(query, key, value, attn_mask, scale, is_causal, cp, fused_attention.resolve(backend))
-    return _AttentionLRP.apply(query, key, value, attn_mask, scale, is_causal, ops.ATTENTION_MODES[mode], plan)
+    return _AttentionLRP.apply(query, key, value, attn_mask, scale, is_causal, code, plan)

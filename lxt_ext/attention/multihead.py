@@ -1,22 +1,18 @@
 """``torch.nn.MultiheadAttention`` under AttnLRP or CP-LRP, its projections under the composite's Linear rule."""
 import torch
 
+from .._docstrings import shared_parameters
 from ..core import SwappedForward, call_arguments
 from ..layers import check_input
-from ..ops import ATTENTION_MODES
+from ..ops import attention_mode
+from ..ops.masks import additive_from_masked
 from ..transformer.convention import gradient_x_input, linear_rule_apply
 from .lrp import attention_lrp
 
 __all__ = ['MultiheadAttentionRule']
 
 
-def _additive(mask, dtype):
-    """An nn.MultiheadAttention mask (bool: True = not allowed; float: added) as a float mask."""
-    if mask is None or mask.is_floating_point():
-        return None if mask is None else mask.to(dtype)
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float('-inf'))
-
-
+@shared_parameters('attention')
 class MultiheadAttentionRule(SwappedForward):
     """``torch.nn.MultiheadAttention`` with its input and output projections (which it calls
     functionally, out of zennit's reach) under ``linear_rule`` (a rule template; None: the plain
@@ -25,13 +21,18 @@ class MultiheadAttentionRule(SwappedForward):
     Supported: batch_first True and False, unbatched input, self-attention and separate
     query/key/value, packed or separate projection weights, ``attn_mask``, ``key_padding_mask``,
     ``is_causal``. With ``need_weights=True`` the returned attention weights are computed apart
-    and carry no relevance. Dropout is off. Not supported: ``add_bias_kv``, ``add_zero_attn``."""
+    and carry no relevance. Dropout is off. Not supported: ``add_bias_kv``, ``add_zero_attn``.
+
+    Parameters
+    ----------
+    linear_rule : zennit.core.Hook, optional
+        The rule template of the projections (run in the Gradient x Input convention); None: the plain gradient.
+    """
     covers_children = True  # the projections are computed here, functionally: the composite maps no child
 
     def __init__(self, attention='attnlrp', linear_rule=None):
         super().__init__()
-        if attention not in ATTENTION_MODES:
-            raise ValueError(f'attention must be one of {tuple(ATTENTION_MODES)}, got {attention!r}')
+        attention_mode(attention)
         self.attention = attention
         self.linear_rule = None if linear_rule is None else gradient_x_input(linear_rule)
 
@@ -96,7 +97,8 @@ class MultiheadAttentionRule(SwappedForward):
     @staticmethod
     def _mask(attn_mask, key_padding_mask, batch, heads, dtype):
         """One additive mask broadcastable to ``(B, H, L, S)``, or None."""
-        attn_mask, key_padding_mask = _additive(attn_mask, dtype), _additive(key_padding_mask, dtype)
+        attn_mask, key_padding_mask = (None if mask is None else additive_from_masked(mask, dtype).to(dtype)
+                                       for mask in (attn_mask, key_padding_mask))
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.view(batch, heads, *attn_mask.shape[1:])
         if key_padding_mask is not None:

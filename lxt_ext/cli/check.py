@@ -10,6 +10,8 @@ import warnings
 
 import torch
 
+from .._docstrings import shared_parameters
+
 HELP = 'check relevance conservation per module (where does relevance leak, explode or turn NaN?)'
 
 EPILOG = '''models: embedded (lxt_ext's trained ViT, on its sample images), a torchvision model (vit_b_16, ...;
@@ -19,27 +21,22 @@ random tokens). A text model folder without weights is built from its config wit
 Exit status: 0 conserved, 1 a module leaks, explodes or turns NaN/Inf, 2 bad arguments.'''
 
 
+@shared_parameters('command_parser')
 def add_arguments(parser):
-    """Add the command's arguments.
-
-    Parameters
-    ----------
-    parser : argparse.ArgumentParser
-        The ``check`` sub-command's parser.
-    """
+    """Add the arguments of ``lxt-ext check``."""
+    from .arguments import add_model_arguments
     from .models import COMPOSITES
 
     parser.epilog = EPILOG
-    parser.add_argument('model', nargs='?', default='embedded', help='model spec (default: embedded)')
-    parser.add_argument('--weights', help='local state_dict/checkpoint file for torchvision and timm models')
-    parser.add_argument('--seed', type=int, default=0, help='seed of random weights and random inputs')
+    add_model_arguments(parser, model_help='model spec (default: embedded)',
+                        seed_help='seed of random weights and random inputs', positional=True)
     parser.add_argument('--composite', choices=sorted(COMPOSITES) + ['language_transformer'],
                         help='default: vit_gamma for vision transformers, language_transformer for text models, '
                         'epsilon_gamma_box for CNNs')
     parser.add_argument('--attention', choices=('cp', 'attnlrp'), default='cp',
                         help='attention rule (default cp: AttnLRP does not conserve by design)')
-    parser.add_argument('--linear-rule', choices=('epsilon', 'gamma'), default='epsilon',
-                        help='language_transformer: the rule on Linear layers')
+    parser.add_argument('--gamma', type=float,
+                        help='language_transformer: fused gamma with this gamma on Linear layers (default: epsilon)')
     parser.add_argument('--epsilon', type=float)
     parser.add_argument('--target', type=int, help='class to explain (default: the top class)')
     parser.add_argument('--batch-size', type=int, default=1, help='inputs checked at once')
@@ -126,13 +123,9 @@ def _image_input(spec, loaded, args):
     return loaded.normalise(images)
 
 
+@shared_parameters('command_args')
 def run(args):
     """Run ``lxt-ext check``: the conservation check of the model under the composite, printed as a table.
-
-    Parameters
-    ----------
-    args : argparse.Namespace
-        The parsed arguments.
 
     Returns
     -------
@@ -155,7 +148,7 @@ def run(args):
             if args.composite not in (None, 'language_transformer'):
                 return _error(f'{args.model} is a text model: only --composite language_transformer fits')
             model, forward = _load_text(args.model, args.seed)
-            composite = LanguageTransformer(attention=args.attention, linear_rule=args.linear_rule,
+            composite = LanguageTransformer(attention=args.attention, gamma=args.gamma,
                                             **({} if args.epsilon is None else {'epsilon': args.epsilon}))
             x = _text_input(args.model, model, args)
         else:

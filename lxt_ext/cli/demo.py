@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from .._docstrings import shared_parameters
+
 HELP = 'explain the embedded model\'s sample images with each method: heatmap grid and localisation scores'
 SCALE = 3          # grid cells are the 64 x 64 images enlarged 3 times (nearest neighbour)
 OUTLINE = (0.2, 1.0, 0.2)
@@ -37,14 +39,9 @@ BASELINES = {
 METHODS = {**COMPOSITES, **BASELINES}
 
 
+@shared_parameters('command_parser')
 def add_arguments(parser):
-    """Add the command's arguments.
-
-    Parameters
-    ----------
-    parser : argparse.ArgumentParser
-        The ``demo`` sub-command's parser.
-    """
+    """Add the arguments of ``lxt-ext demo``."""
     parser.add_argument('--out', default='demo', help='output folder (default: demo)')
     parser.add_argument('--threads', type=int, help='torch CPU threads')
 
@@ -154,13 +151,9 @@ def table(results):
     return '\n'.join(lines)
 
 
+@shared_parameters('command_args')
 def run(args):
     """Run ``lxt-ext demo``: explain the shipped samples with every method, write the grid and the scores.
-
-    Parameters
-    ----------
-    args : argparse.Namespace
-        The parsed arguments.
 
     Returns
     -------

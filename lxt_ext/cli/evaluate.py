@@ -6,6 +6,7 @@ import sys
 
 import torch
 
+from .._docstrings import shared_parameters
 from . import evaluate_data, evaluate_report
 from .methods import BASELINES, DEFAULT_VIT_METHODS, parse
 
@@ -20,25 +21,20 @@ evaluation.png (with --gamma-search: gamma_search.md, gamma_search.json, gamma_s
 Exit status: 0 done, 2 bad arguments.'''
 
 
+@shared_parameters('command_parser')
 def add_arguments(parser):
-    """Add the command's arguments.
-
-    Parameters
-    ----------
-    parser : argparse.ArgumentParser
-        The ``evaluate`` sub-command's parser.
-    """
+    """Add the arguments of ``lxt-ext evaluate``."""
     from ..evaluation.gamma_search import CONV_GAMMAS, LINEAR_GAMMAS
     from ..evaluation.perturbation import FILLS, MODES, UNITS
+    from .arguments import add_model_arguments
 
     parser.epilog = EPILOG
     parser.add_argument('inputs', nargs='*', help='image files, folders, globs or list files (default: the embedded '
                         'samples, with masks)')
     parser.add_argument('--masks', help='folder of object masks (white = object), one PNG per image with the '
                         'image\'s file name stem')
-    parser.add_argument('--model', default='embedded', help='as in lxt-ext explain (default: embedded)')
-    parser.add_argument('--weights', help='local weights file (torchvision, timm models)')
-    parser.add_argument('--seed', type=int, default=0, help='seed of random weights when --weights is not given')
+    add_model_arguments(parser, model_help='as in lxt-ext explain (default: embedded)',
+                        weights_help='local weights file (torchvision, timm models)')
     parser.add_argument('--methods', help='comma-separated methods (see below; default by model kind)')
     parser.add_argument('--target', default='predicted',
                         help='predicted (each image\'s top class, default), label (the embedded samples\' labels) '
@@ -66,14 +62,10 @@ def add_arguments(parser):
 
 
 
+@shared_parameters('command_args')
 def run(args):
     """Run ``lxt-ext evaluate``: load the model, the images and the methods, compare the methods (or
     search the gamma grid), write the outputs and print the table.
-
-    Parameters
-    ----------
-    args : argparse.Namespace
-        The parsed arguments.
 
     Returns
     -------

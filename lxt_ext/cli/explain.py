@@ -6,6 +6,8 @@ import sys
 
 import torch
 
+from .._docstrings import shared_parameters
+
 HELP = 'attribute images (files, folders, globs, list files) and write heatmaps, relevance and an index'
 
 EPILOG = '''output folder: run.json (settings), heatmaps/<path>.png, relevance/ (--relevance), parts/ (one
@@ -17,27 +19,19 @@ Several processes: torchrun --nproc_per_node=N -m lxt_ext explain ... (each proc
 threads; torchrun sets OMP_NUM_THREADS=1, so give --threads for the same threads as a 1-process run).'''
 
 
+@shared_parameters('command_parser')
 def add_arguments(parser):
-    """Add the command's arguments.
-
-    Parameters
-    ----------
-    parser : argparse.ArgumentParser
-        The ``explain`` sub-command's parser.
-    """
+    """Add the arguments of ``lxt-ext explain``."""
     from ..job.inputs import RESIZE_MODES
     from ..job.settings import DTYPES, RELEVANCE_FORMATS
+    from .arguments import add_model_arguments
     from .models import COMPOSITES, FIRST_RULES
 
     parser.epilog = EPILOG
     parser.add_argument('inputs', nargs='*', help='image files, folders (recursive), globs, or .txt/.lst files '
                         'listing paths (default: the embedded model\'s sample images)')
     parser.add_argument('--out', default='explained', help='output folder (default: explained)')
-    parser.add_argument('--model', default='embedded',
-                        help='embedded (default: lxt_ext\'s trained ViT), a torchvision model (vit_b_16, resnet50, '
-                        '...), timm:<name>, or a local Hugging Face model folder')
-    parser.add_argument('--weights', help='local state_dict/checkpoint file for torchvision and timm models')
-    parser.add_argument('--seed', type=int, default=0, help='seed of random weights when --weights is not given')
+    add_model_arguments(parser)
     parser.add_argument('--composite', choices=sorted(COMPOSITES),
                         help='default: vit_gamma for transformers, epsilon_gamma_box for CNNs')
     group = parser.add_argument_group('composite parameters (each composite takes some)')
@@ -74,13 +68,9 @@ def _error(message):
     return 2
 
 
+@shared_parameters('command_args')
 def run(args):
     """Run ``lxt-ext explain`` (in every process, under torchrun).
-
-    Parameters
-    ----------
-    args : argparse.Namespace
-        The parsed arguments.
 
     Returns
     -------

@@ -12,11 +12,12 @@ from zennit.composites import COMPOSITES, LayerMapComposite, SpecialFirstLayerMa
 from zennit.layer import Sum
 from zennit.types import Activation, AvgPool, BatchNorm, Convolution, Linear
 
+from .._docstrings import shared_parameters
 from ..batch_norm_fold import BatchNormFolding
 from ..rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, ZBox, ZPlus
 
-__all__ = ['use_in_zennit_registry', 'BatchNormFolding', 'EpsilonGammaBox', 'EpsilonPlus', 'EpsilonAlpha2Beta1', 'EpsilonPlusFlat',
-           'EpsilonAlpha2Beta1Flat', 'ViTEpsilon', 'ViTGamma', 'LanguageTransformer', 'TransformerComposite']
+__all__ = ['use_in_zennit_registry', 'ZennitRegistryOverride', 'ZENNIT_NAMES', 'layer_map_base', 'EpsilonGammaBox',
+           'EpsilonPlus', 'EpsilonAlpha2Beta1', 'EpsilonPlusFlat', 'EpsilonAlpha2Beta1Flat']
 
 
 def layer_map_base(stabilizer=1e-6):
@@ -47,6 +48,8 @@ def _layer_map(layer_map, stabilizer, conv_rule, epsilon, zero_params):
     ]
 
 
+@shared_parameters('composite_epsilon', 'composite_stabilizer', 'layer_map', 'first_map', 'composite_zero_params',
+                   'canonizers')
 class EpsilonGammaBox(BatchNormFolding, SpecialFirstLayerMapComposite):
     """ZBox on the first convolution, fused gamma on the other convolutions, fused epsilon on Linear.
 
@@ -56,22 +59,8 @@ class EpsilonGammaBox(BatchNormFolding, SpecialFirstLayerMapComposite):
         The lowest input value of ZBox on the first convolution (e.g. the normalised image's minimum).
     high : float or torch.Tensor
         The highest input value of ZBox on the first convolution.
-    epsilon : float, optional
-        The epsilon of the fused epsilon rule on Linear layers (default 1e-6).
     gamma : float, optional
         The gamma of the fused gamma rule on the other convolutions (default 0.25).
-    stabilizer : float, optional
-        The stabilizer of the gamma and ZBox rules, and of ``Norm`` on sums and average pooling
-        (default 1e-6).
-    layer_map : list of (type, zennit.core.Hook), optional
-        Rules placed before the composite's own layer map (the first match wins), as in zennit.
-    first_map : list of (type, zennit.core.Hook), optional
-        Rules for the first layer, before the composite's own first-layer rule, as in zennit.
-    zero_params : str or list of str, optional
-        ``'bias'`` to leave the bias out of every product rule (zennit's ``zero_params``).
-    canonizers : list of zennit.canonizers.Canonizer, optional
-        zennit's canonizers; BatchNorms that a ``MergeBatchNorm`` canonizer merges are folded into the
-        layer's rule (:class:`BatchNormFolding`).
     """
 
     def __init__(self, low, high, epsilon=1e-6, gamma=0.25, stabilizer=1e-6, layer_map=None, first_map=None,
@@ -84,23 +73,9 @@ class EpsilonGammaBox(BatchNormFolding, SpecialFirstLayerMapComposite):
                          first_map=first_map, canonizers=canonizers)
 
 
+@shared_parameters('composite_epsilon', 'composite_stabilizer', 'layer_map', 'composite_zero_params', 'canonizers')
 class EpsilonPlus(BatchNormFolding, LayerMapComposite):
     """Fused z-plus on convolutions, fused epsilon on Linear.
-
-    Parameters
-    ----------
-    epsilon : float, optional
-        The epsilon of the fused epsilon rule on Linear layers (default 1e-6).
-    stabilizer : float, optional
-        The stabilizer of the z-plus rule, and of ``Norm`` on sums and average pooling
-        (default 1e-6).
-    layer_map : list of (type, zennit.core.Hook), optional
-        Rules placed before the composite's own layer map (the first match wins), as in zennit.
-    zero_params : str or list of str, optional
-        ``'bias'`` to leave the bias out of every product rule (zennit's ``zero_params``).
-    canonizers : list of zennit.canonizers.Canonizer, optional
-        zennit's canonizers; BatchNorms that a ``MergeBatchNorm`` canonizer merges are folded into the
-        layer's rule (:class:`BatchNormFolding`).
     """
 
     def __init__(self, epsilon=1e-6, stabilizer=1e-6, layer_map=None, zero_params=None, canonizers=None):
@@ -109,23 +84,9 @@ class EpsilonPlus(BatchNormFolding, LayerMapComposite):
                          canonizers=canonizers)
 
 
+@shared_parameters('composite_epsilon', 'composite_stabilizer', 'layer_map', 'composite_zero_params', 'canonizers')
 class EpsilonAlpha2Beta1(BatchNormFolding, LayerMapComposite):
     """Fused alpha2-beta1 on convolutions, fused epsilon on Linear.
-
-    Parameters
-    ----------
-    epsilon : float, optional
-        The epsilon of the fused epsilon rule on Linear layers (default 1e-6).
-    stabilizer : float, optional
-        The stabilizer of the alpha-beta rule, and of ``Norm`` on sums and average pooling
-        (default 1e-6).
-    layer_map : list of (type, zennit.core.Hook), optional
-        Rules placed before the composite's own layer map (the first match wins), as in zennit.
-    zero_params : str or list of str, optional
-        ``'bias'`` to leave the bias out of every product rule (zennit's ``zero_params``).
-    canonizers : list of zennit.canonizers.Canonizer, optional
-        zennit's canonizers; BatchNorms that a ``MergeBatchNorm`` canonizer merges are folded into the
-        layer's rule (:class:`BatchNormFolding`).
     """
 
     def __init__(self, epsilon=1e-6, stabilizer=1e-6, layer_map=None, zero_params=None, canonizers=None):
@@ -134,25 +95,10 @@ class EpsilonAlpha2Beta1(BatchNormFolding, LayerMapComposite):
                          canonizers=canonizers)
 
 
+@shared_parameters('composite_epsilon', 'composite_stabilizer', 'layer_map', 'first_map', 'composite_zero_params',
+                   'canonizers')
 class EpsilonPlusFlat(BatchNormFolding, SpecialFirstLayerMapComposite):
     """Flat on the first linear layer, fused z-plus on convolutions, fused epsilon on Linear.
-
-    Parameters
-    ----------
-    epsilon : float, optional
-        The epsilon of the fused epsilon rule on Linear layers (default 1e-6).
-    stabilizer : float, optional
-        The stabilizer of the z-plus and Flat rules, and of ``Norm`` on sums and average pooling
-        (default 1e-6).
-    layer_map : list of (type, zennit.core.Hook), optional
-        Rules placed before the composite's own layer map (the first match wins), as in zennit.
-    first_map : list of (type, zennit.core.Hook), optional
-        Rules for the first layer, before the composite's own first-layer rule, as in zennit.
-    zero_params : str or list of str, optional
-        ``'bias'`` to leave the bias out of every product rule (zennit's ``zero_params``).
-    canonizers : list of zennit.canonizers.Canonizer, optional
-        zennit's canonizers; BatchNorms that a ``MergeBatchNorm`` canonizer merges are folded into the
-        layer's rule (:class:`BatchNormFolding`).
     """
 
     def __init__(self, epsilon=1e-6, stabilizer=1e-6, layer_map=None, first_map=None, zero_params=None,
@@ -163,25 +109,10 @@ class EpsilonPlusFlat(BatchNormFolding, SpecialFirstLayerMapComposite):
                          first_map=first_map, canonizers=canonizers)
 
 
+@shared_parameters('composite_epsilon', 'composite_stabilizer', 'layer_map', 'first_map', 'composite_zero_params',
+                   'canonizers')
 class EpsilonAlpha2Beta1Flat(BatchNormFolding, SpecialFirstLayerMapComposite):
     """Flat on the first linear layer, fused alpha2-beta1 on convolutions, fused epsilon on Linear.
-
-    Parameters
-    ----------
-    epsilon : float, optional
-        The epsilon of the fused epsilon rule on Linear layers (default 1e-6).
-    stabilizer : float, optional
-        The stabilizer of the alpha-beta and Flat rules, and of ``Norm`` on sums and average pooling
-        (default 1e-6).
-    layer_map : list of (type, zennit.core.Hook), optional
-        Rules placed before the composite's own layer map (the first match wins), as in zennit.
-    first_map : list of (type, zennit.core.Hook), optional
-        Rules for the first layer, before the composite's own first-layer rule, as in zennit.
-    zero_params : str or list of str, optional
-        ``'bias'`` to leave the bias out of every product rule (zennit's ``zero_params``).
-    canonizers : list of zennit.canonizers.Canonizer, optional
-        zennit's canonizers; BatchNorms that a ``MergeBatchNorm`` canonizer merges are folded into the
-        layer's rule (:class:`BatchNormFolding`).
     """
 
     def __init__(self, epsilon=1e-6, stabilizer=1e-6, layer_map=None, first_map=None, zero_params=None,

@@ -15,8 +15,10 @@ from zennit.core import Composite
 from zennit.types import Linear
 
 from .. import models
+from .._docstrings import shared_parameters
 from ..batch_norm_fold import BatchNormFolding
 from ..rules import Epsilon, Gamma
+from ..transformer.elementwise import INPUT_STABILIZER
 from ..transformer.convention import OutputRelevance, emitting_relevance, gradient_x_input
 from ..transformer.linear import OutputEpsilon
 
@@ -27,18 +29,23 @@ class UnmappedModuleError(TypeError):
     """Leaf modules the composite has no rule for (their plain gradient would be wrong relevance)."""
 
 
+@shared_parameters('attention', 'first_rule', 'layer_map', 'canonizers', 'strict', 'input_stabilizer')
 class TransformerComposite(BatchNormFolding, Composite):
     """A zennit Composite of Gradient x Input rules for transformers.
 
-    ``linear_rule`` (and ``conv_rule``, default: ``linear_rule``) are rule templates for Linear
-    layers and convolutions: lxt_ext fused rules (any convention: the composite sets its own) or
-    zennit BasicHook rules. ``attention``: ``'attnlrp'`` or ``'cp'``. ``explicit_first``: the first
-    Linear/convolution emits relevance (``first_rule`` replaces its rule). ``layer_map``: zennit-style
-    ``[(types, rule), ...]`` tried first. ``strict``: unmapped leaf modules raise (else warn).
-    ``input_stabilizer``: the identity rule's stabilizer of the division by the input."""
+    Parameters
+    ----------
+    linear_rule : zennit.core.Hook
+        The rule template for Linear layers: an lxt_ext fused rule (any convention: the composite sets its own)
+        or a zennit ``BasicHook`` rule.
+    conv_rule : zennit.core.Hook, optional
+        The rule template for convolutions (default: ``linear_rule``).
+    explicit_first : bool, optional
+        The first Linear/convolution emits relevance (default False).
+    """
 
     def __init__(self, linear_rule, conv_rule=None, attention='attnlrp', explicit_first=False, first_rule=None,
-                 layer_map=None, canonizers=None, strict=True, input_stabilizer=1e-10):
+                 layer_map=None, canonizers=None, strict=True, input_stabilizer=INPUT_STABILIZER):
         self.options = models.Options(
             attention=attention, input_stabilizer=input_stabilizer, linear=gradient_x_input(linear_rule),
             conv=gradient_x_input(linear_rule if conv_rule is None else conv_rule))
@@ -90,11 +97,18 @@ class TransformerComposite(BatchNormFolding, Composite):
         return rule
 
 
+@shared_parameters('attention', 'first_rule', 'layer_map', 'canonizers', 'strict')
 class ViTEpsilon(TransformerComposite):
     """Vision Transformers: epsilon on every Linear (``OutputEpsilon``: from the layer output, which
     the next rule keeps anyway) and fused epsilon on convolutions, AttnLRP (or CP-LRP) in attention;
     the patch embedding (the first layer) emits relevance (``first_rule`` replaces its rule, e.g.
-    zennit's ``Flat`` or ``ZBox``)."""
+    zennit's ``Flat`` or ``ZBox``).
+
+    Parameters
+    ----------
+    epsilon : float, optional
+        The epsilon of every Linear and convolution (default 1e-6).
+    """
 
     def __init__(self, epsilon=1e-6, attention='attnlrp', first_rule=None, layer_map=None, canonizers=None,
                  strict=True):
@@ -102,10 +116,21 @@ class ViTEpsilon(TransformerComposite):
                          first_rule=first_rule, layer_map=layer_map, canonizers=canonizers, strict=strict)
 
 
+@shared_parameters('attention', 'first_rule', 'layer_map', 'canonizers', 'strict')
 class ViTGamma(TransformerComposite):
     """The published LXT recipe for Vision Transformers: fused gamma 0.25 on convolutions (the patch
     embedding, which emits relevance), 0.05 on every Linear (attention projections included),
-    CP-LRP in attention."""
+    CP-LRP in attention (``attention='cp'``, the default here).
+
+    Parameters
+    ----------
+    conv_gamma : float, optional
+        The gamma of the convolutions (default 0.25).
+    linear_gamma : float, optional
+        The gamma of the Linear layers (default 0.05).
+    stabilizer : float, optional
+        The gamma rules' stabilizer (default 1e-6).
+    """
 
     def __init__(self, conv_gamma=0.25, linear_gamma=0.05, stabilizer=1e-6, attention='cp', first_rule=None,
                  layer_map=None, canonizers=None, strict=True):
@@ -116,20 +141,34 @@ class ViTGamma(TransformerComposite):
 
 class LanguageTransformer(TransformerComposite):
     """Text transformers explained w.r.t. their input embeddings (relevance ``x * g``): AttnLRP or
-    CP-LRP in attention; on every Linear layer epsilon (``linear_rule='epsilon'``) or fused gamma
-    (``'gamma'``, stabilised by ``stabilizer``). ``epsilon=0`` (the default, LXT's efficient recipe):
-    LRP-epsilon with epsilon -> 0 is the plain gradient in this convention (``y / stab(y) = 1``), so
-    Linear layers and convolutions get no rule and cost nothing beyond plain backward; ``epsilon > 0``:
-    ``OutputEpsilon`` (from the kept layer output, as in ViTEpsilon) and fused epsilon on convolutions."""
+    CP-LRP in attention; on every Linear layer epsilon, or fused gamma where ``gamma`` is given.
 
-    def __init__(self, attention='attnlrp', linear_rule='epsilon', epsilon=0.0, gamma=0.25, stabilizer=1e-6,
-                 layer_map=None, strict=True):
-        if linear_rule == 'epsilon':
-            if epsilon < 0:
-                raise ValueError(f'epsilon must be >= 0, got {epsilon}')
-            linear, conv = (OutputEpsilon(epsilon), Epsilon(epsilon)) if epsilon > 0 else (models.KeepGradient(), None)
-        elif linear_rule == 'gamma':
+    ``epsilon=0`` (the default, LXT's efficient recipe): LRP-epsilon with epsilon -> 0 is the plain gradient
+    in this convention (``y / stab(y) = 1``), so Linear layers and convolutions get no rule and cost nothing
+    beyond plain backward; ``epsilon > 0``: ``OutputEpsilon`` (from the kept layer output, as in ViTEpsilon)
+    and fused epsilon on convolutions.
+
+    Parameters
+    ----------
+    attention : {'attnlrp', 'cp'}
+        The attention rule.
+    epsilon : float
+        Epsilon of the Linear layers (>= 0), unless ``gamma`` is given.
+    gamma : float, optional
+        Gamma of the fused gamma rule on every Linear layer instead of epsilon.
+    stabilizer : float
+        The gamma rule's stabilizer.
+    layer_map : list of (type, rule), optional
+        zennit-style rules tried first.
+    strict : bool
+        Leaf modules without a rule raise (else warn).
+    """
+
+    def __init__(self, attention='attnlrp', epsilon=0.0, gamma=None, stabilizer=1e-6, layer_map=None, strict=True):
+        if gamma is not None:
             linear, conv = Gamma(gamma, stabilizer), None
+        elif epsilon < 0:
+            raise ValueError(f'epsilon must be >= 0, got {epsilon}')
         else:
-            raise ValueError(f"linear_rule must be 'epsilon' or 'gamma', got {linear_rule!r}")
+            linear, conv = (OutputEpsilon(epsilon), Epsilon(epsilon)) if epsilon > 0 else (models.KeepGradient(), None)
         super().__init__(linear, conv_rule=conv, attention=attention, layer_map=layer_map, strict=strict)

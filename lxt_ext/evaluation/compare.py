@@ -4,7 +4,7 @@ time per image (after one untimed warm-up call of each method), with a markdown 
 and a PNG of the curves and example heatmaps.
 
 A method is ``method(model, x, target) -> relevance shaped like x`` (the baselines of
-``lxt_ext.baselines`` are such functions; :func:`lrp_method` makes one of an LRP composite). Every
+``lxt_ext.attribution.baselines`` are such functions; :func:`lrp_method` makes one of an LRP composite). Every
 method explains the same classes: ``target`` (e.g. the labels) or, by default, each image's
 predicted class. Perturbation acts on the model's input (after ``preprocess``, e.g. normalisation, so
 ``fill='zeros'`` is the data set's mean colour for a normalised model)::
@@ -21,16 +21,17 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..explanation import logits_of, explain_batch
+from ..attribution import explain_batch, logits_of
+from .._docstrings import shared_parameters
 from .localization import pointing_game, relevance_mass_accuracy
-from .perturbation import Faithfulness, faithfulness
+from .perturbation import _OPTIONS, Faithfulness, faithfulness
 
 __all__ = ['MethodResult', 'lrp_method', 'compare', 'markdown_table', 'results_json', 'save_plot']
 
 
 def lrp_method(make_composite, forward=None):
     """``method(model, x, target)`` of the LRP composite ``make_composite()`` (a fresh one per call)
-    through :func:`lxt_ext.explanation.explain_batch`.
+    through :func:`lxt_ext.attribution.explain_batch`.
 
     Parameters
     ----------
@@ -109,6 +110,8 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+@shared_parameters('perturbed_model', leading=True)
+@shared_parameters('logits_forward', 'progress', *_OPTIONS)
 def compare(model, images, methods, masks=None, target=None, preprocess=None, batch_size=8, forward=None,
             progress=True, mode='deletion', unit='patch', patch_size=16, fill='zeros', units_per_step=1,
             max_steps=None):
@@ -118,8 +121,6 @@ def compare(model, images, methods, masks=None, target=None, preprocess=None, ba
 
     Parameters
     ----------
-    model : torch.nn.Module
-        The model; its forward gives (N, classes) logits.
     images : torch.Tensor
         (N, C, H, W), before ``preprocess``.
     methods : dict
@@ -132,22 +133,6 @@ def compare(model, images, methods, masks=None, target=None, preprocess=None, ba
         Applied to each batch before the model (e.g. normalisation); perturbation acts after it.
     batch_size : int, optional
         Images per batch (default 8).
-    forward : callable, optional
-        ``forward(model, x) -> logits`` (default ``model(x)``).
-    progress : bool, optional
-        Show a progress bar (default True).
-    mode : {'deletion', 'insertion'}, optional
-        Delete units from ``x`` (default) or insert them into the fill.
-    unit : {'pixel', 'patch', 'token'}, optional
-        What is perturbed at once (default ``'patch'``).
-    patch_size : int, optional
-        The side of a square patch in pixels (default 16).
-    fill : {'zeros', 'mean', 'blur'} or torch.Tensor, optional
-        What replaces a deleted unit (default ``'zeros'``), or a baseline tensor broadcasting to ``x``.
-    units_per_step : int, optional
-        Units perturbed per step (default 1).
-    max_steps : int, optional
-        At most this many steps (default: until every unit is perturbed).
 
     Returns
     -------

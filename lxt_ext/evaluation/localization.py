@@ -18,6 +18,8 @@ An empty mask makes either score meaningless: it is an error (Quantus returns Na
 """
 import torch
 
+from .._docstrings import shared_parameters
+
 __all__ = ['relevance_mass_accuracy', 'pointing_game']
 
 
@@ -39,15 +41,9 @@ def _pixels(relevance, mask):
     return relevance.detach().flatten(1), mask
 
 
+@shared_parameters('localized_relevance', 'object_mask')
 def relevance_mass_accuracy(relevance, mask):
     """(N,) float: the share of each sample's positive relevance inside its mask (module doc).
-
-    Parameters
-    ----------
-    relevance : torch.Tensor
-        (N, H, W), or (N, C, H, W) summed over channels first.
-    mask : torch.Tensor
-        (N, H, W) bool, True on the object; an empty mask is an error.
 
     Returns
     -------
@@ -59,15 +55,9 @@ def relevance_mass_accuracy(relevance, mask):
     return (positive * mask).sum(1) / positive.sum(1)
 
 
+@shared_parameters('localized_relevance', 'object_mask')
 def pointing_game(relevance, mask):
     """(N,) float: 1.0 where a pixel of maximal relevance lies inside the mask, else 0.0 (module doc).
-
-    Parameters
-    ----------
-    relevance : torch.Tensor
-        (N, H, W), or (N, C, H, W) summed over channels first.
-    mask : torch.Tensor
-        (N, H, W) bool, True on the object; an empty mask is an error.
 
     Returns
     -------

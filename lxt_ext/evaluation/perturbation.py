@@ -39,10 +39,16 @@ import torch
 import torchvision.transforms.functional as TF
 from tqdm.auto import tqdm
 
-from ..explanation import logits_of
+from ..attribution import logits_of
+from .._docstrings import shared_parameters
 
 __all__ = ['UNITS', 'MODES', 'ORDERS', 'FILLS', 'blur', 'unit_relevance', 'perturbation_curve', 'area',
            'Faithfulness', 'faithfulness']
+
+# numpydoc entries (lxt_ext._docstrings) of the arguments the perturbation functions share, written once:
+# what is perturbed, and how (lxt_ext.evaluation.compare passes the latter on)
+_INPUTS = ('perturbed_model', 'perturbed_input', 'perturbed_relevance', 'perturbed_target')
+_OPTIONS = ('perturbation_mode', 'perturbation_unit', 'patch_size', 'perturbation_fill', 'units_per_step', 'max_steps')
 
 UNITS = ('pixel', 'patch', 'token')
 MODES = ('deletion', 'insertion')
@@ -211,38 +217,16 @@ def _curves(model, x, relevance, target, orders, mode, unit, patch_size, fill, u
     return curve.view(len(orders), n, steps + 1)
 
 
+@shared_parameters(*_INPUTS, leading=True)
+@shared_parameters(*_OPTIONS, 'logits_forward', 'progress')
 def perturbation_curve(model, x, relevance, target, order='morf', mode='deletion', unit='patch', patch_size=16,
                        fill='zeros', units_per_step=1, max_steps=None, forward=None, progress=True):
     """The target logit after each step (N, S + 1), float64; see the module doc for every argument.
 
     Parameters
     ----------
-    model : torch.nn.Module
-        The model; its forward gives (N, classes) logits.
-    x : torch.Tensor
-        The model input: images (N, C, H, W) or embeddings (N, T, D).
-    relevance : torch.Tensor
-        Shaped like ``x``, or already summed over channels (N, H, W) or embedding dimensions (N, T).
-    target : int or torch.Tensor
-        The explained class, one for all rows or an integer tensor (N,).
     order : {'morf', 'lerf'}, optional
         Most relevant first (default) or least relevant first.
-    mode : {'deletion', 'insertion'}, optional
-        Delete units from ``x`` (default) or insert them into the fill.
-    unit : {'pixel', 'patch', 'token'}, optional
-        What is perturbed at once (default ``'patch'``).
-    patch_size : int, optional
-        The side of a square patch in pixels (default 16).
-    fill : {'zeros', 'mean', 'blur'} or torch.Tensor, optional
-        What replaces a deleted unit (default ``'zeros'``), or a baseline tensor broadcasting to ``x``.
-    units_per_step : int, optional
-        Units perturbed per step (default 1).
-    max_steps : int, optional
-        At most this many steps (default: until every unit is perturbed).
-    forward : callable, optional
-        ``forward(model, x) -> logits`` (default ``model(x)``).
-    progress : bool, optional
-        Show a progress bar (default True).
 
     Returns
     -------
@@ -303,36 +287,10 @@ class Faithfulness:
         return between if self.mode == 'deletion' else -between
 
 
+@shared_parameters(*_INPUTS, *_OPTIONS, 'logits_forward', 'progress')
 def faithfulness(model, x, relevance, target, mode='deletion', unit='patch', patch_size=16, fill='zeros',
                  units_per_step=1, max_steps=None, forward=None, progress=True):
     """MoRF and LeRF curves of one ``mode`` in one pass (one forward of 2N rows per step).
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        The model; its forward gives (N, classes) logits.
-    x : torch.Tensor
-        The model input: images (N, C, H, W) or embeddings (N, T, D).
-    relevance : torch.Tensor
-        Shaped like ``x``, or already summed over channels (N, H, W) or embedding dimensions (N, T).
-    target : int or torch.Tensor
-        The explained class, one for all rows or an integer tensor (N,).
-    mode : {'deletion', 'insertion'}, optional
-        Delete units from ``x`` (default) or insert them into the fill.
-    unit : {'pixel', 'patch', 'token'}, optional
-        What is perturbed at once (default ``'patch'``).
-    patch_size : int, optional
-        The side of a square patch in pixels (default 16).
-    fill : {'zeros', 'mean', 'blur'} or torch.Tensor, optional
-        What replaces a deleted unit (default ``'zeros'``), or a baseline tensor broadcasting to ``x``.
-    units_per_step : int, optional
-        Units perturbed per step (default 1).
-    max_steps : int, optional
-        At most this many steps (default: until every unit is perturbed).
-    forward : callable, optional
-        ``forward(model, x) -> logits`` (default ``model(x)``).
-    progress : bool, optional
-        Show a progress bar (default True).
 
     Returns
     -------

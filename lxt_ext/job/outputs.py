@@ -26,6 +26,8 @@ import json
 import os
 import tempfile
 
+from .._docstrings import shared_parameters
+
 RUN_FILE = 'run.json'
 INDEX_FILE = 'index.jsonl'
 FAILURES_FILE = 'failures.jsonl'
@@ -232,13 +234,9 @@ class OutputFolder:
             raise SettingsMismatchError(f'{path} is unreadable ({error}); it was not written by lxt-ext explain, '
                                         f'or was damaged: choose another output folder') from None
 
+    @shared_parameters('batch_number')
     def part_path(self, batch):
         """The index part of a batch.
-
-        Parameters
-        ----------
-        batch : int
-            The batch number.
 
         Returns
         -------
@@ -247,13 +245,9 @@ class OutputFolder:
         """
         return self.path('parts', f'batch-{batch:07d}.jsonl')
 
+    @shared_parameters('batch_number')
     def read_part(self, batch):
         """The index rows and failures of a finished batch.
-
-        Parameters
-        ----------
-        batch : int
-            The batch number.
 
         Returns
         -------

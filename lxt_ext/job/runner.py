@@ -26,7 +26,7 @@ from typing import NamedTuple, Tuple
 import numpy as np
 import torch
 
-from ..explanation import Explainer
+from ..attribution import Explainer, concatenate
 from ..visualization.image import save_heatmap
 from . import inputs as job_inputs
 from .distributed import Group
@@ -175,7 +175,7 @@ class ExplainJob:
                 warnings.warn(f'out of memory: attributing in batches of {self.chunk} from now on')
         if len(parts) == 1:
             return parts[0]
-        return type(parts[0])(*(torch.cat(fields) for fields in zip(*parts)))
+        return concatenate(parts)
 
     def _preprocess(self, images, device, dtype):
         x = (images - self.mean) / self.std
@@ -257,7 +257,8 @@ class ExplainJob:
                 tic = time.perf_counter()
                 if images is not None:
                     explanation = self._attribute(explainer, self._preprocess(images, group.device, dtype))
-                    explanation = type(explanation)(*(t.detach().cpu() for t in explanation))
+                    explanation = explanation._replace(**{field: value.detach().cpu() for field, value in
+                                                          explanation._asdict().items() if torch.is_tensor(value)})
                     seconds = (time.perf_counter() - tic) / len(loaded)
                     batch_names = [names[i] for i in loaded]
                 else:

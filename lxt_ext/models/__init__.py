@@ -12,10 +12,10 @@ parent's adapter unless it registers its own; classes no table names are then of
 import importlib
 from dataclasses import dataclass
 
-import torch
-
+from .._docstrings import shared_parameters
 from ..core import KeepGradient, Refused  # the rules of table entries that need no rule of their own
-from ..ops import ATTENTION_MODES
+from ..ops import attention_mode
+from ..transformer.elementwise import INPUT_STABILIZER
 
 __all__ = ['Options', 'KeepGradient', 'Refused', 'adapter', 'matcher', 'rule_for']
 
@@ -28,25 +28,42 @@ _FAMILIES = {'transformers': 'lxt_ext.models.huggingface', 'timm': 'lxt_ext.mode
 
 
 @dataclass(frozen=True)
+@shared_parameters('attention', 'input_stabilizer', leading=True)
 class Options:
     """What a composite tells the factories: the attention rule (a name of ``lxt_ext.ops.ATTENTION_MODES``:
     ``'attnlrp'`` or ``'cp'``), the ``input_stabilizer`` of the element-wise rules (the identity rule's
     division by the input), and the composite's rule templates (Gradient x Input convention) for
     Linear layers (``linear``) and convolutions (``conv``), also for modules that hold linear maps
     they do not call as ``torch.nn.Linear`` modules (transformers' ``Conv1D``, the projections of
-    ``nn.MultiheadAttention``); factories ``.copy()`` them."""
+    ``nn.MultiheadAttention``); factories ``.copy()`` them.
+
+    Parameters
+    ----------
+    linear, conv : zennit.core.Hook, optional
+        The rule templates for Linear layers and convolutions (default None).
+    """
     attention: str = 'attnlrp'
-    input_stabilizer: float = 1e-10
+    input_stabilizer: float = INPUT_STABILIZER
     linear: object = None
     conv: object = None
 
     def __post_init__(self):
-        if self.attention not in ATTENTION_MODES:
-            raise ValueError(f'attention must be one of {tuple(ATTENTION_MODES)}, got {self.attention!r}')
+        attention_mode(self.attention)
 
 
 def adapter(*classes):
-    """Decorator: register ``factory(module, options) -> Hook`` for each class."""
+    """Decorator: register ``factory(module, options) -> Hook`` for each class.
+
+    Parameters
+    ----------
+    *classes : type
+        The module classes (their subclasses inherit the entry unless registered themselves).
+
+    Returns
+    -------
+    callable
+        The decorator; it returns the factory unchanged.
+    """
     def register(factory):
         for cls in classes:
             _TABLE[cls] = factory
@@ -56,7 +73,18 @@ def adapter(*classes):
 
 def matcher(function):
     """Decorator: register ``function(module, options) -> Hook or None``, asked (in registration
-    order) about modules whose class the table does not name."""
+    order) about modules whose class the table does not name.
+
+    Parameters
+    ----------
+    function : callable
+        ``function(module, options) -> Hook or None``.
+
+    Returns
+    -------
+    callable
+        ``function`` itself.
+    """
     _MATCHERS.append(function)
     return function
 
@@ -68,7 +96,19 @@ def _load_family(cls):
 
 
 def rule_for(module, options):
-    """The rule the tables give ``module``, or None when none covers it."""
+    """The rule the tables give ``module``, or None when none covers it.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The module (its class's MRO is looked up, then the matchers are asked).
+    options : Options
+        The composite's options, passed to the factory.
+
+    Returns
+    -------
+    zennit.core.Hook or None
+    """
     for cls in type(module).__mro__:
         _load_family(cls)
         factory = _TABLE.get(cls)

@@ -11,15 +11,12 @@ import torch
 from zennit.types import Convolution
 
 from ..attention import MultiheadAttentionRule
-from ..core import SwappedForward, call_arguments
-from ..layers import check_input
-from ..ops import ATTENTION_MODES
 from ..transformer.elementwise import ActivationIdentity, DropoutOff
 from ..transformer.norms import NormIdentity
 from . import KeepGradient, adapter, matcher
 from .quantized import DequantizedLinear, is_quantized
 
-__all__ = ['MultiheadAttentionRule', 'ELEMENTWISE_ACTIVATIONS']
+__all__ = ['ELEMENTWISE_ACTIVATIONS']
 
 ELEMENTWISE_ACTIVATIONS = (
     torch.nn.GELU, torch.nn.SiLU, torch.nn.ReLU, torch.nn.ReLU6, torch.nn.LeakyReLU, torch.nn.ELU, torch.nn.SELU,

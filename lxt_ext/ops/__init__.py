@@ -2,8 +2,10 @@
 fake (meta) kernels that let ``torch.compile`` and ``torch.library.opcheck`` see through the ops.
 
 ``lib.<name>`` is ``torch.ops.lxt_ext.<name>``. ``RULES`` (rule name -> code of ``lrp_backward``'s
-``rule`` argument) and ``ATTENTION_MODES`` (mode name -> code of ``attention_backward``'s ``mode``)
-are defined once, in C++ (csrc/), and read from the extension here.
+``rule`` argument), ``ATTENTION_MODES`` (mode name -> code of ``attention_backward``'s ``mode``) and
+``ATTNLRP_FACTORS`` (AttnLRP's factors on the exact attention gradient, ``'value'`` for dV and ``'query_key'`` for
+dQ and dK, and the uniform rule's ``'uniform_share'`` they derive from; csrc/attention/math.h) are defined once,
+in C++ (csrc/), and read from the extension here. ``attention_mode(name)`` validates an attention mode.
 """
 import torch
 
@@ -15,6 +17,28 @@ cuda_built = _C.cuda_built
 kernel_threads = _C.kernel_threads
 RULES = _C.rule_codes()
 ATTENTION_MODES = _C.attention_modes()
+ATTNLRP_FACTORS = _C.attnlrp_factors()
+
+
+def attention_mode(name, argument='attention'):
+    """The code of the attention mode ``name`` (``'attnlrp'``: AttnLRP, ``'cp'``: CP-LRP), the one check of the
+    attention rule wherever a user passes it.
+
+    Parameters
+    ----------
+    name : str
+        A key of ``ATTENTION_MODES``.
+    argument : str
+        The argument's name in the error message.
+
+    Returns
+    -------
+    int
+        The code ``attention_backward`` takes.
+    """
+    if not isinstance(name, str) or name not in ATTENTION_MODES:
+        raise ValueError(f'{argument} must be one of {tuple(ATTENTION_MODES)}, got {name!r}')
+    return ATTENTION_MODES[name]
 
 
 def has_kernels(tensor):

@@ -48,6 +48,9 @@ import warnings
 
 import torch
 
+from . import ATTNLRP_FACTORS
+from .masks import additive_from_attend
+
 BACKENDS = ('auto', 'aten', 'lxt_ext')
 ENVIRONMENT = 'LXT_EXT_ATTENTION_BACKEND'
 
@@ -181,7 +184,7 @@ def _additive(attn_mask, query):
         return None
     mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill_(~mask, -float('inf'))
+        return additive_from_attend(mask, query.dtype)
     if mask.dtype != query.dtype and not (mask.dtype == torch.float32 and query.dtype != torch.float64):
         return mask.to(query.dtype)
     return mask
@@ -317,7 +320,7 @@ def backward(grad_out, query, key, value, attn_mask, out, lse, aux, scale, is_ca
 
     AttnLRP scales dO by 1/4, which gives dQ and dK at once, and doubles dV, the smaller tensor under
     grouped-query attention (powers of two: exact in every dtype)."""
-    weight = 1.0 if mode_cp else 0.25
+    weight = 1.0 if mode_cp else ATTNLRP_FACTORS['query_key']
     weight = weight if factor is None else (weight / factor)[..., None].to(grad_out.dtype)
     scaled = grad_out * weight  # in grad_out's layout, which the kernels read at its strides
     mask = _additive(attn_mask, query)
@@ -342,7 +345,7 @@ def backward(grad_out, query, key, value, attn_mask, out, lse, aux, scale, is_ca
     dq, dk, dv = parts[0] if len(parts) == 1 else (torch.cat([p[i] for p in parts]) for i in range(3))
     if mode_cp:
         return (dv,)
-    return dq, dk, dv.mul_(2.0)
+    return dq, dk, dv.mul_(ATTNLRP_FACTORS['value'] / ATTNLRP_FACTORS['query_key'])
 
 
 # CUDA: the three kernels behind SDPA, called as torch's own SDPA calls them (no dropout).

@@ -17,7 +17,7 @@ which rule is ``lxt_ext.models``; the composites are ``lxt_ext.composites``.
 """
 from .convention import (ExplicitConvention, ExplicitRelevance, OutputRelevance, ZennitRule, emitting_relevance,
                          gradient_x_input, linear_rule_apply, relevance_seeded)
-from .elementwise import ActivationIdentity, DropoutOff, identity_rule, uniform_product
+from .elementwise import INPUT_STABILIZER, ActivationIdentity, DropoutOff, identity_rule, uniform_product
 from .experts import DenseExperts, RouterConstant
 from .linear import OutputEpsilon
 from .mlp import FusedGatedMLP, GatedMLP, gated_product
@@ -27,5 +27,5 @@ __all__ = [
     'ActivationIdentity', 'DropoutOff', 'NormIdentity', 'OutputEpsilon', 'ZennitRule', 'ExplicitRelevance',
     'ExplicitConvention', 'OutputRelevance', 'identity_rule', 'uniform_product', 'layer_norm_identity',
     'rms_norm_identity', 'gradient_x_input', 'emitting_relevance', 'linear_rule_apply', 'relevance_seeded',
-    'GatedMLP', 'FusedGatedMLP', 'gated_product', 'DenseExperts', 'RouterConstant',
+    'INPUT_STABILIZER', 'GatedMLP', 'FusedGatedMLP', 'gated_product', 'DenseExperts', 'RouterConstant',
 ]

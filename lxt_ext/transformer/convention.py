@@ -18,13 +18,14 @@ import torch
 from zennit.core import BasicHook, Hook, stabilize
 from zennit.rules import Pass as ZennitPass
 
+from .._docstrings import shared_parameters
 from ..checks import first_order
 from ..core import FusedRule, ProductRule, RuleHook, SwappedForward, wants_relevance
 from ..rules import Norm, Pass
-from .elementwise import ActivationIdentity
+from .elementwise import INPUT_STABILIZER, ActivationIdentity
 
-__all__ = ['ZennitRule', 'ExplicitRelevance', 'ExplicitConvention', 'OutputRelevance', 'relevance_seeded', 'seeded_with_relevance', 'gradient_x_input',
-           'emitting_relevance', 'linear_rule_apply']
+__all__ = ['ZennitRule', 'ExplicitRelevance', 'ExplicitConvention', 'OutputRelevance', 'relevance_seeded',
+           'seeded_with_relevance', 'gradient_x_input', 'emitting_relevance', 'linear_rule_apply']
 
 
 class _ZennitBackward(torch.autograd.Function):
@@ -47,13 +48,20 @@ class _ZennitBackward(torch.autograd.Function):
         return grad_input, None, None, None, None, None
 
 
+@shared_parameters('explicit_output', 'input_stabilizer')
 class ZennitRule(SwappedForward):
     """A zennit rule (a ``BasicHook``: Epsilon, Gamma, ZPlus, AlphaBeta, Flat, WSquare, ZBox, ...)
     in the Gradient x Input convention, for this hook only (zennit is not patched): zennit's own
     backward runs on ``R_out = y * g_out`` and gives ``R_in``; the gradient is ``R_in / stab(x)``,
-    or ``R_in`` itself with ``explicit_output`` (the first layer, so attributors return relevance)."""
+    or ``R_in`` itself with ``explicit_output`` (the first layer, so attributors return relevance).
 
-    def __init__(self, rule, explicit_output=False, input_stabilizer=1e-10):
+    Parameters
+    ----------
+    rule : zennit.core.BasicHook
+        The zennit rule (another type raises ``TypeError``).
+    """
+
+    def __init__(self, rule, explicit_output=False, input_stabilizer=INPUT_STABILIZER):
         super().__init__()
         if not isinstance(rule, BasicHook):
             raise TypeError(f'ZennitRule adapts zennit BasicHook rules, not {type(rule).__name__}')
@@ -118,7 +126,13 @@ class _ConventionWrapper(SwappedForward):
 class ExplicitRelevance(_ConventionWrapper):
     """An lxt_ext rule (fused, or another ``SwappedForward`` Linear rule) on the first layer whose
     backward emits ``R_in = x * g_in``, so that ``zennit.attribution.Gradient`` returns relevance.
-    (zennit rules: ``ZennitRule(rule, explicit_output=True)``.)"""
+    (zennit rules: ``ZennitRule(rule, explicit_output=True)``.)
+
+    Parameters
+    ----------
+    rule : zennit.core.Hook
+        The lxt_ext rule (its Gradient x Input form is used, see ``gradient_x_input``).
+    """
 
     def __init__(self, rule):
         super().__init__()
@@ -145,12 +159,19 @@ class _RelevanceToGradient(torch.autograd.Function):
         return grad / stabilize(x, ctx.stabilizer), None
 
 
+@shared_parameters('explicit_output', 'input_stabilizer')
 class ExplicitConvention(_ConventionWrapper):
     """An lxt_ext rule of zennit's explicit convention only (``ZBox``, ``Flat``, ``Norm``) in a
     Gradient x Input composite: it gets ``R_out = y * g_out`` and its ``R_in`` leaves as
-    ``R_in / stab(x)``, or as ``R_in`` itself with ``explicit_output`` (the first layer)."""
+    ``R_in / stab(x)``, or as ``R_in`` itself with ``explicit_output`` (the first layer).
 
-    def __init__(self, rule, explicit_output=False, input_stabilizer=1e-10):
+    Parameters
+    ----------
+    rule : zennit.core.Hook
+        The explicit-only lxt_ext rule.
+    """
+
+    def __init__(self, rule, explicit_output=False, input_stabilizer=INPUT_STABILIZER):
         super().__init__()
         self.rule, self.explicit_output = rule, explicit_output
         self.input_stabilizer = input_stabilizer
@@ -160,13 +181,27 @@ class ExplicitConvention(_ConventionWrapper):
         return _TimesInput.apply(self.rule.apply(module, original, x, args, kwargs))
 
 
-def gradient_x_input(rule, input_stabilizer=1e-10):
+def gradient_x_input(rule, input_stabilizer=INPUT_STABILIZER):
     """``rule`` (a template) as it runs in a Gradient x Input composite: lxt_ext's fused rules get
     ``convention='gradient_x_input'``, zennit's BasicHook rules are wrapped in ``ZennitRule``,
     zennit's and lxt_ext's Pass become the identity rule (the same rule: ``R_in = R_out``), lxt_ext's
     explicit-only rules (ZBox, Flat, Norm) are wrapped in ``ExplicitConvention``;
     rules written for this convention (lxt_ext's SwappedForward rules, ``lxt_ext.models.KeepGradient``)
-    are returned as they are. Other zennit hooks have no Gradient x Input form: TypeError."""
+    are returned as they are. Other zennit hooks have no Gradient x Input form: TypeError.
+
+    Parameters
+    ----------
+    rule : zennit.core.Hook
+        The rule template.
+    input_stabilizer : float, optional
+        The epsilon of ``stab(x)`` in the wrappers' divisions by the input, ``R_in / stab(x)``, and in the
+        identity rule that replaces Pass (default 1e-10).
+
+    Returns
+    -------
+    zennit.core.Hook
+        The rule in Gradient x Input form: ``rule`` itself, a copy, or a new wrapper.
+    """
     if isinstance(rule, FusedRule):
         if rule.convention == 'gradient_x_input':
             return rule
@@ -190,7 +225,19 @@ def emitting_relevance(rule):
     """``rule`` (in Gradient x Input form) on the first layer: its backward emits explicit relevance
     ``R_in`` instead of ``g_in``. Linear rules of this convention (those with a ``linear`` method: the
     fused rules, ``OutputEpsilon``) get ``R_in = x * g_in``; zennit's and the explicit-only rules return
-    their own ``R_in``."""
+    their own ``R_in``.
+
+    Parameters
+    ----------
+    rule : zennit.core.Hook
+        A rule in Gradient x Input form (as ``gradient_x_input`` returns it); another raises ``TypeError``.
+
+    Returns
+    -------
+    zennit.core.Hook
+        A new rule: ``ZennitRule`` or ``ExplicitConvention`` with ``explicit_output=True``, or
+        ``ExplicitRelevance``.
+    """
     if isinstance(rule, ZennitRule):
         return ZennitRule(rule.rule, explicit_output=True, input_stabilizer=rule.input_stabilizer)
     if isinstance(rule, ExplicitConvention):
@@ -204,7 +251,24 @@ def emitting_relevance(rule):
 def linear_rule_apply(rule, x, weight, bias=None):
     """``F.linear(x, weight, bias)`` with ``rule`` (an lxt_ext Linear rule or a zennit rule template,
     run in the Gradient x Input convention; None: the plain gradient) in backward: for linear maps
-    that are not called as ``nn.Linear`` modules, where zennit's hooks never fire."""
+    that are not called as ``nn.Linear`` modules, where zennit's hooks never fire.
+
+    Parameters
+    ----------
+    rule : zennit.core.Hook or None
+        The rule; one without a Gradient x Input Linear form raises ``TypeError``.
+    x : torch.Tensor
+        The input.
+    weight : torch.Tensor
+        The weight, (out, in).
+    bias : torch.Tensor, optional
+        The bias, (out,).
+
+    Returns
+    -------
+    torch.Tensor
+        ``x W^T + b``.
+    """
     if rule is None or not wants_relevance(rule, x):
         return torch.nn.functional.linear(x, weight, bias)
     rule = gradient_x_input(rule)
@@ -245,7 +309,7 @@ class OutputRelevance(RuleHook):
     marks = False  # not the model's rule: the model may have one of its own
     checked = False
 
-    def __init__(self, stabilizer=1e-10):
+    def __init__(self, stabilizer=INPUT_STABILIZER):
         super().__init__()
         self.stabilizer = stabilizer
 
@@ -278,7 +342,7 @@ class OutputRelevance(RuleHook):
         return value
 
 
-def relevance_seeded(output, stabilizer=1e-10):
+def relevance_seeded(output, stabilizer=INPUT_STABILIZER):
     """``output`` whose backward reads the arriving seed as relevance ``R`` (``g = R / stab(output)``), as
     :class:`OutputRelevance` leaves a model's outputs; an output converted already is returned as it is.
 

@@ -10,6 +10,7 @@
 import torch
 
 from .. import ops
+from .._docstrings import shared_parameters
 from ..checks import first_order
 from ..core import SHARED, RuleHook, SwappedForward
 
@@ -38,24 +39,44 @@ class _IdentityRule(torch.autograd.Function):
         return ops.identity_backward(ctx.fn(x), x, grad, ctx.stabilizer), None, None
 
 
-def identity_rule(fn, x, input_stabilizer=1e-10):
+# The default stabilizer of the divisions by a tensor in the Gradient x Input convention (the identity rule's
+# g * f(x) / stab(x), the output convention's R / stab(y)): small enough to leave every ratio exact in float32.
+INPUT_STABILIZER = 1e-10
+
+
+@shared_parameters('input_stabilizer')
+def identity_rule(fn, x, input_stabilizer=INPUT_STABILIZER):
     """``fn(x)`` for an element-wise ``fn``, with the identity rule in backward (``input_stabilizer``
     stabilises the division by ``x``).
 
     The output is marked recomputable (``lxt_ext.core.SharedTensors``): a fused rule consuming it
     unchanged (the next Linear of an MLP) keeps ``x``, which this rule keeps anyway, and recomputes
-    ``fn(x)`` in backward instead of keeping a second activation-sized tensor."""
+    ``fn(x)`` in backward instead of keeping a second activation-sized tensor.
+
+    Parameters
+    ----------
+    fn : callable
+        The element-wise function ``f`` (its output has the input's shape, else ``TypeError``).
+    x : torch.Tensor
+        The input.
+
+    Returns
+    -------
+    torch.Tensor
+        ``fn(x)``; backward ``g_in = g_out * f(x) / stab(x)``.
+    """
     output = _IdentityRule.apply(x, fn, input_stabilizer)
     SHARED.mark_recomputable(output, x, fn)
     return output
 
 
+@shared_parameters('input_stabilizer')
 class ActivationIdentity(SwappedForward):
     """The identity rule on an element-wise activation module (``nn.GELU``, ``nn.SiLU``, ``nn.ReLU``,
     ``nn.Tanh``, ``nn.Sigmoid``, timm's and transformers' activation modules): the relevance of
     each output goes to the input it was computed from."""
 
-    def __init__(self, input_stabilizer=1e-10):
+    def __init__(self, input_stabilizer=INPUT_STABILIZER):
         super().__init__()
         self.input_stabilizer = input_stabilizer
 
@@ -83,14 +104,26 @@ class _UniformProduct(torch.autograd.Function):
     def backward(ctx, grad):
         a, b = ctx.saved_tensors
         # addcmul onto a broadcast zero scales in the same pass as the product: one pass per gradient
-        zero = grad.new_zeros(())
-        grad_a = torch.addcmul(zero, grad, b, value=0.5).sum_to_size(a.shape) if ctx.needs_input_grad[0] else None
-        grad_b = torch.addcmul(zero, grad, a, value=0.5).sum_to_size(b.shape) if ctx.needs_input_grad[1] else None
+        zero, share = grad.new_zeros(()), ops.ATTNLRP_FACTORS['uniform_share']
+        grad_a = torch.addcmul(zero, grad, b, value=share).sum_to_size(a.shape) if ctx.needs_input_grad[0] else None
+        grad_b = torch.addcmul(zero, grad, a, value=share).sum_to_size(b.shape) if ctx.needs_input_grad[1] else None
         return grad_a, grad_b
 
 
 def uniform_product(a, b):
-    """``a * b`` (broadcasting) with the uniform rule in backward."""
+    """``a * b`` (broadcasting) with the uniform rule in backward: ``g_a = g_out * b / 2``, ``g_b = g_out * a / 2``
+    (each summed to its factor's shape).
+
+    Parameters
+    ----------
+    a, b : torch.Tensor
+        The factors.
+
+    Returns
+    -------
+    torch.Tensor
+        ``a * b``.
+    """
     return _UniformProduct.apply(a, b)
 
 

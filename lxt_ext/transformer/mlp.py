@@ -5,18 +5,34 @@ maps to it by a table entry.
 """
 import torch
 
+from .._docstrings import shared_parameters
 from ..core import SwappedForward, rule_of
+from ..ops import attention_mode
 from .elementwise import uniform_product
 
 __all__ = ['gated_product', 'GatedMLP', 'FusedGatedMLP']
 
 
-def gated_product(gate, up, mode):
+def gated_product(gate, up, attention):
     """``gate * up`` of a gated MLP (``gate`` the activation's output): AttnLRP's uniform rule (half
-    of the relevance to each factor), or CP-LRP's gate held constant (all relevance through ``up``)."""
-    return uniform_product(gate, up) if mode == 'attnlrp' else gate.detach() * up
+    of the relevance to each factor), or CP-LRP's gate held constant (all relevance through ``up``).
+
+    Parameters
+    ----------
+    gate, up : torch.Tensor
+        The factors.
+    attention : {'attnlrp', 'cp'}
+        The composite's attention rule, which picks the rule above.
+
+    Returns
+    -------
+    torch.Tensor
+        ``gate * up``.
+    """
+    return uniform_product(gate, up) if attention == 'attnlrp' else gate.detach() * up
 
 
+@shared_parameters('gated_attention', 'mlp_names')
 class GatedMLP(SwappedForward):
     """``down(act(gate(x)) * up(x))`` (``names``: the attributes of gate, up, down and act; LLaMA's by
     default). AttnLRP: the uniform rule on the product (half of the relevance to each factor). CP-LRP
@@ -27,9 +43,10 @@ class GatedMLP(SwappedForward):
     NAMES = ('gate_proj', 'up_proj', 'down_proj', 'act_fn')
     KIND = 'gated MLP'
 
-    def __init__(self, mode='attnlrp', names=None):
+    def __init__(self, attention='attnlrp', names=None):
         super().__init__()
-        self.mode = mode
+        attention_mode(attention)
+        self.attention = attention
         self.names = tuple(self.NAMES if names is None else names)
 
     def prepare(self, module):
@@ -46,7 +63,7 @@ class GatedMLP(SwappedForward):
         if args or kwargs:
             raise TypeError(f'{type(module).__name__}: a gated MLP takes one input, got more')
         gate, up, down = self.factors(module, input)
-        product = gated_product(gate, up, self.mode)
+        product = gated_product(gate, up, self.attention)
         dropout = getattr(module, 'drop', None) or getattr(module, 'dropout', None)
         if isinstance(dropout, torch.nn.Dropout):
             product = dropout(product)
@@ -58,6 +75,7 @@ class GatedMLP(SwappedForward):
         return output.clone() if getattr(rule_of(down), 'keeps_output', False) else output
 
 
+@shared_parameters('gated_attention', 'mlp_names')
 class FusedGatedMLP(GatedMLP):
     """A gated MLP with one fused input projection: ``down(act(gate) * up)`` with
     ``gate, up = fused(x).chunk(2)`` (``names``: fused, down, act; Phi-3's and GLM's by default,

@@ -118,7 +118,7 @@ def table_vit(args):
 
 def table_decoder(args):
     import benchmark_language
-    from lxt_ext.attribution import GradientXInput
+    from lxt_ext.attribution import Explainer
     from lxt_ext.composites import LanguageTransformer
     print('### LLaMA-style decoder (8 layers, width 512, GQA 8/2), AttnLRP, bfloat16\n')
     print('| tokens | method | s | time / plain | extra peak MB |')
@@ -141,8 +141,8 @@ def table_decoder(args):
         composite = LanguageTransformer(attention='attnlrp')
 
         def lrp():
-            with GradientXInput(model, composite, forward=lambda m, x: logits(x)) as attributor:
-                attributor(embeds, seed)
+            with Explainer(model, composite, forward=lambda m, x: logits(x)) as attributor:
+                attributor(embeds, lambda out: seed(out) * out)  # the seed is relevance: the top logit
 
         results = measure({'plain': plain, 'lxt_ext AttnLRP': lrp}, args.repeats)
         for name, (seconds, mb) in results.items():

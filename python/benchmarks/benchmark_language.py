@@ -7,7 +7,7 @@ attention with 8 query and 2 key/value heads, MLP width 1536, vocabulary 32000, 
 ``--tokens`` tokens, explained at the top logit of the last token (``logits_to_keep=1``), w.r.t. the
 input embeddings (relevance x * grad), float32. Methods: ``plain`` (forward+backward, the gradient
 w.r.t. the embeddings), ``lxt_ext`` (``LanguageTransformer(attention='attnlrp')`` with
-``GradientXInput``), ``lxt`` (LXT 2.1's efficient recipe: ``monkey_patch(modeling_llama)``, the
+``Explainer``), ``lxt`` (LXT 2.1's efficient recipe: ``monkey_patch(modeling_llama)``, the
 model's default attention, x * grad), ``plain_oracle`` and ``lxt_ext_oracle`` (plain forward+backward and
 lxt_ext there, to tell the transformers versions apart), which run in LXT's oracle environment (``.oracle`` first on
 PYTHONPATH, transformers 4.57; ``LXT_ORACLE_PATH`` overrides). Both build the same weights
@@ -70,17 +70,18 @@ def attribution(method, tokens, weights=None):
         return model(inputs_embeds=x, logits_to_keep=1).logits[:, -1]
 
     if method in ('lxt_ext', 'lxt_ext_oracle'):
-        from lxt_ext.attribution import GradientXInput
+        from lxt_ext.attribution import Explainer
         from lxt_ext.composites import LanguageTransformer
         composite = LanguageTransformer(attention='attnlrp')
 
         def run():
-            with GradientXInput(model, composite, forward=lambda m, x: logits(x)) as attributor:
+            with Explainer(model, composite, forward=lambda m, x: logits(x)) as attributor:
+                # the top logit of every position, as relevance (LXT backpropagates its one-hot)
                 return attributor(embeds, lambda out: torch.zeros_like(out).scatter_(
-                    -1, out.argmax(-1, keepdim=True), 1.0))[1]
+                    -1, out.argmax(-1, keepdim=True), 1.0) * out)[1]
         return run
 
-    def run():  # the gradient w.r.t. the embeddings only (no parameter gradients), as GradientXInput
+    def run():  # the gradient w.r.t. the embeddings only (no parameter gradients), as the Explainer
         x = embeds.clone().requires_grad_()
         out = logits(x)
         grad, = torch.autograd.grad(out.gather(-1, out.argmax(-1, keepdim=True)).sum(), x)

@@ -21,8 +21,7 @@ from .. import KeepGradient, Refused, matcher
 from .attention import HFAttention
 from .experts import HFExperts, SharedExpertMoE
 from .heads import Conv1DRule, FinalLogitSoftcap, GeluLMHead, TanhClassificationHead
-from .probes import (dispatches_attention, dispatches_experts, is_fused_gated_mlp, is_gated_mlp, layer_norm_eps,
-                     rms_norm_offset)
+from .probes import computes_gated_mlp, dispatches_attention, dispatches_experts, layer_norm_eps, rms_norm_offset
 
 __all__ = ['transformers_rule', 'HFAttention', 'HFExperts', 'SharedExpertMoE', 'Conv1DRule', 'FinalLogitSoftcap',
            'GeluLMHead', 'TanhClassificationHead']
@@ -94,11 +93,11 @@ def transformers_rule(module, options):
         return RouterConstant()
     if name in _GATED_MLP:
         return GatedMLP(options.attention, _GATED_MLP[name])
-    if name.endswith('MLP') and is_gated_mlp(module):
+    if name.endswith('MLP') and computes_gated_mlp(module, GatedMLP):
         return GatedMLP(options.attention)
     if name in _FUSED_GATED_MLP:
         return FusedGatedMLP(options.attention, _FUSED_GATED_MLP[name])
-    if name.endswith('MLP') and is_fused_gated_mlp(module):
+    if name.endswith('MLP') and computes_gated_mlp(module, FusedGatedMLP):
         return FusedGatedMLP(options.attention)
     if name in _SHARED_EXPERT_MOE:
         return SharedExpertMoE()

@@ -12,8 +12,12 @@ import sys
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
+from ..._docstrings import shared_parameters
 from ...attention import attention_lrp, softcapped_attention
 from ...core import ConfigViewRule, rule_of
+from ...ops import attention_mode
+from ...ops.masks import additive_from_attend
+from ...transformer.elementwise import INPUT_STABILIZER
 from .registry import IMPLEMENTATIONS
 
 __all__ = ['HFAttention']
@@ -23,13 +27,6 @@ def _original_attention(module, config):
     """The attention function the module would use without lxt_ext."""
     eager = getattr(sys.modules[type(module).__module__], 'eager_attention_forward', None)
     return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager)
-
-
-def _additive(mask, dtype):
-    """An attention mask (bool: True = attend, or additive) as an additive one."""
-    if mask is None or mask.is_floating_point():
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
 def _attention(mode):
@@ -63,7 +60,8 @@ def _attention(mode):
         if bias is not None:
             # T5's relative position bias: a function of the positions only, off the relevance path
             bias = bias.detach()[:, :, :, :key.shape[2]]
-            mask = _additive(attention_mask, query.dtype)
+            # transformers' own fill for masked positions
+            mask = additive_from_attend(attention_mask, query.dtype, torch.finfo(query.dtype).min)
             attention_mask = bias if mask is None else bias + mask
         if kwargs.get('softcap') is not None:
             output = softcapped_attention(query, key, value, attention_mask, scale=scaling, is_causal=causal,
@@ -81,16 +79,17 @@ for _mode, _name in IMPLEMENTATIONS.items():
 
 
 
+@shared_parameters('attention', 'input_stabilizer')
 class HFAttention(ConfigViewRule):
     """AttnLRP or CP-LRP on one transformers attention module (any module that dispatches through
-    ``ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]``)."""
+    ``ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]``); ``input_stabilizer`` serves the identity
+    rule on an attention softcap (``lxt_ext.attention.softcapped_attention``)."""
 
-    def __init__(self, mode='attnlrp', input_stabilizer=1e-10):
+    def __init__(self, attention='attnlrp', input_stabilizer=INPUT_STABILIZER):
         super().__init__()
-        if mode not in IMPLEMENTATIONS:
-            raise ValueError(f"mode must be one of {sorted(IMPLEMENTATIONS)}, got {mode!r}")
-        self.mode = mode
+        attention_mode(attention)
+        self.attention = attention
         self.input_stabilizer = input_stabilizer
 
     def overrides(self, config):
-        return {'_attn_implementation': IMPLEMENTATIONS[self.mode]}
+        return {'_attn_implementation': IMPLEMENTATIONS[self.attention]}

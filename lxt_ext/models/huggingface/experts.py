@@ -8,7 +8,9 @@ Linear rule and its gated product under the gated-MLP rule. The routing weights 
 """
 import torch
 
+from ..._docstrings import shared_parameters
 from ...transformer.convention import linear_rule_apply
+from ...transformer.experts import ExpertsRule
 from ...transformer.mlp import gated_product
 from ...core import ConfigViewRule, SwappedForward, rule_of
 from .registry import IMPLEMENTATIONS
@@ -57,7 +59,7 @@ def _experts_lrp(module, hook, hidden_states, top_k_index, top_k_weights):
             continue
         if module.has_gate:
             gate, up = _expert_linear(module, hook.linear, 'gate_up_proj', expert, x).chunk(2, dim=-1)
-            h = gated_product(module.act_fn(gate), up, hook.mode)
+            h = gated_product(module.act_fn(gate), up, hook.attention)
         else:
             h = module.act_fn(_expert_linear(module, hook.linear, 'up_proj', expert, x))
         pieces.append(_expert_linear(module, hook.linear, 'down_proj', expert, h))
@@ -70,22 +72,14 @@ if ExpertsInterface is not None:
         ExpertsInterface.register(_name, _experts(_mode))
 
 
-class HFExperts(ConfigViewRule):
+@shared_parameters('gated_attention', 'linear_rule')
+class HFExperts(ExpertsRule, ConfigViewRule):
     """A transformers 5 experts module (``@use_experts_implementation``: 3-D ``gate_up_proj``/``down_proj``,
     dispatched through ``ALL_EXPERTS_FUNCTIONS``): each expert's projections under the composite's
-    Linear rule (``linear_rule``), its gated product under the gated-MLP rule of ``mode``, its
+    Linear rule (``linear_rule``), its gated product under the gated-MLP rule of ``attention``, its
     activation module under its own rule; the routing weights are constants (see ``RouterConstant``).
     Custom gates (``_apply_gate`` overridden: GPT-OSS, ...), interleaved gate/up weights, post-expert
-    norms and expert parallelism are refused by name."""
-
-    def __init__(self, mode='attnlrp', linear_rule=None):
-        super().__init__()
-        if mode not in IMPLEMENTATIONS:
-            raise ValueError(f"mode must be one of {sorted(IMPLEMENTATIONS)}, got {mode!r}")
-        if linear_rule is None:
-            raise ValueError('the experts rule needs the composite\'s Linear rule (Options.linear)')
-        self.mode = mode
-        self.linear = linear_rule
+    norms and expert parallelism are refused by name. ``linear_rule`` None raises ``ValueError``."""
 
     def prepare(self, module):
         super().prepare(module)
@@ -101,7 +95,7 @@ class HFExperts(ConfigViewRule):
                                       f'{", ".join(refused)}; leave this model out of the composite')
 
     def overrides(self, config):
-        return {'_experts_implementation': IMPLEMENTATIONS[self.mode]}
+        return {'_experts_implementation': IMPLEMENTATIONS[self.attention]}
 
 
 

@@ -5,19 +5,21 @@ import sys
 
 import torch
 
+from ..._docstrings import shared_parameters
 from ...core import ConfigViewRule, SwappedForward
 from ...transformer.convention import linear_rule_apply
-from ...transformer.elementwise import identity_rule
+from ...transformer.elementwise import INPUT_STABILIZER, identity_rule
 
 __all__ = ['TanhClassificationHead', 'GeluLMHead', 'FinalLogitSoftcap', 'Conv1DRule']
 
 
+@shared_parameters('input_stabilizer')
 class TanhClassificationHead(SwappedForward):
     """RoBERTa's (XLM-RoBERTa's, CamemBERT's, Data2VecText's) classification head
     ``out_proj(tanh(dense(x[:, 0])))``, whose ``tanh`` is functional: the identity rule on it; ``dense``
     and ``out_proj`` under their own rules, dropout off."""
 
-    def __init__(self, input_stabilizer=1e-10):
+    def __init__(self, input_stabilizer=INPUT_STABILIZER):
         super().__init__()
         self.input_stabilizer = input_stabilizer
 
@@ -26,12 +28,13 @@ class TanhClassificationHead(SwappedForward):
         return module.out_proj(module.dropout(identity_rule(torch.tanh, x, self.input_stabilizer)))
 
 
+@shared_parameters('input_stabilizer')
 class GeluLMHead(SwappedForward):
     """RoBERTa's (XLM-RoBERTa's, CamemBERT's, Data2VecText's) masked-LM head ``decoder(layer_norm(gelu(dense(x))))``,
     whose ``gelu`` is a module-level function of its modeling file: the identity rule on it; ``dense``,
     ``layer_norm`` and ``decoder`` under their own rules."""
 
-    def __init__(self, input_stabilizer=1e-10):
+    def __init__(self, input_stabilizer=INPUT_STABILIZER):
         super().__init__()
         self.input_stabilizer = input_stabilizer
 
@@ -41,6 +44,7 @@ class GeluLMHead(SwappedForward):
         return module.decoder(module.layer_norm(x))
 
 
+@shared_parameters('input_stabilizer')
 class FinalLogitSoftcap(ConfigViewRule):
     """Gemma 2's (and Gemma 3's, when set) final-logit softcap ``c tanh(z / c)``, computed functionally
     in the model's forward: the identity rule on it (a monotone element-wise map: the relevance of
@@ -49,7 +53,7 @@ class FinalLogitSoftcap(ConfigViewRule):
     wrapped forward rather than a hook, so that the composite's output convention applies after the cap).
     A ``labels`` loss would then be of the uncapped logits: it is refused."""
 
-    def __init__(self, input_stabilizer=1e-10):
+    def __init__(self, input_stabilizer=INPUT_STABILIZER):
         super().__init__()
         self.input_stabilizer = input_stabilizer
 
@@ -83,6 +87,7 @@ class FinalLogitSoftcap(ConfigViewRule):
 
 
 
+@shared_parameters('linear_rule')
 class Conv1DRule(SwappedForward):
     """transformers' ``Conv1D`` (GPT-2): ``y = x W + b`` with ``W`` of shape (in, out), i.e. a Linear
     layer with weight ``W^T``, under the composite's Linear rule."""

@@ -7,15 +7,23 @@ import sys
 
 import torch
 
-from ...transformer.mlp import FusedGatedMLP, GatedMLP
 from .experts import ALL_EXPERTS_FUNCTIONS
 
-__all__ = ['dispatches_attention', 'dispatches_experts', 'rms_norm_offset', 'layer_norm_eps', 'is_gated_mlp',
-           'is_fused_gated_mlp']
+__all__ = ['dispatches_attention', 'dispatches_experts', 'rms_norm_offset', 'layer_norm_eps', 'computes_gated_mlp']
 
 
 def dispatches_attention(module):
-    """Whether the module's forward goes through transformers' attention-function registry."""
+    """Whether the module's forward goes through transformers' attention-function registry.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The module.
+
+    Returns
+    -------
+    bool
+    """
     modeling = sys.modules.get(type(module).__module__)
     # the forward without its decorators (transformers wraps many in deprecate_kwarg)
     forward = inspect.unwrap(type(module).forward)
@@ -46,7 +54,17 @@ def rms_norm_offset(module):
     """For an RMSNorm class no table names: the ``weight_offset`` (0: ``w * x * rstd``, LLaMA's; 1:
     ``(1 + w) * x * rstd``, Gemma's) whose formula gives the module's own output on a random probe, or
     None (then the module is left unmapped and reported). Checked numerically, so a norm of another
-    form is never given the identity rule of a wrong one."""
+    form is never given the identity rule of a wrong one.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The module.
+
+    Returns
+    -------
+    float or None
+    """
     weight = getattr(module, 'weight', None)
     eps = next((getattr(module, n) for n in ('variance_epsilon', 'eps') if isinstance(getattr(module, n, None), float)),
                None)
@@ -68,7 +86,17 @@ def rms_norm_offset(module):
 def layer_norm_eps(module):
     """For a LayerNorm class no table names (Cohere's, OLMo's, ...): the epsilon with which
     ``F.layer_norm`` over the last dimension, with the module's ``weight`` and ``bias`` (either may be
-    absent), gives its output on a random probe, or None (checked numerically, see ``rms_norm_offset``)."""
+    absent), gives its output on a random probe, or None (checked numerically, see ``rms_norm_offset``).
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The module.
+
+    Returns
+    -------
+    float or None
+    """
     weight, bias = getattr(module, 'weight', None), getattr(module, 'bias', None)
     shape = tuple(getattr(module, 'normalized_shape', ())) or (tuple(weight.shape) if weight is not None else ())
     if len(shape) != 1 or any(t is not None and not isinstance(t, torch.Tensor) for t in (weight, bias)):
@@ -89,43 +117,50 @@ def layer_norm_eps(module):
     return None
 
 
-def is_fused_gated_mlp(module):
-    """For an MLP class no table names: whether it has Phi-3's ``gate_up_proj``/``down_proj``/``activation_fn``
-    and computes ``down(act(gate) * up)`` with ``gate, up = gate_up_proj(x).chunk(2)`` (checked numerically)."""
-    if not all(isinstance(getattr(module, name, None), torch.nn.Module) for name in FusedGatedMLP.NAMES):
+def computes_gated_mlp(module, rule):
+    """For an MLP class no table names: whether it has the attributes a gated-MLP rule names and computes
+    ``down(gate * up)`` of the factors that rule takes (checked numerically on a random probe): LLaMA's
+    ``gate_proj``/``up_proj``/``down_proj``/``act_fn`` (``GatedMLP``), or Phi-3's fused
+    ``gate_up_proj``/``down_proj``/``activation_fn`` (``FusedGatedMLP``).
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The module.
+    rule : type
+        ``GatedMLP`` or ``FusedGatedMLP`` (its ``NAMES`` and ``factors``).
+
+    Returns
+    -------
+    bool
+    """
+    if not all(isinstance(getattr(module, name, None), torch.nn.Module) for name in rule.NAMES):
         return False
-    if not isinstance(module.gate_up_proj, torch.nn.Linear):
+    first = getattr(module, rule.NAMES[0])
+    if not isinstance(first, torch.nn.Linear):
         return False
     try:
         with torch.no_grad():
-            x = _probe(module, module.gate_up_proj.in_features)
-            gate, up = module.gate_up_proj(x).chunk(2, dim=-1)
-            expected = module.down_proj(module.activation_fn(gate) * up)
+            x = _probe(module, first.in_features)
+            gate, up, down = rule().factors(module, x)
             rtol, atol = _tolerance(x)
-            return torch.allclose(_class_forward(module, x), expected, rtol=rtol, atol=atol)
-    except Exception:  # noqa: BLE001
-        return False
-
-
-def is_gated_mlp(module):
-    """For an MLP class no table names: whether it has LLaMA's ``gate_proj``/``up_proj``/``down_proj``/``act_fn``
-    and computes ``down(act(gate(x)) * up(x))`` (checked numerically on a random probe)."""
-    if not all(isinstance(getattr(module, name, None), torch.nn.Module) for name in GatedMLP.NAMES):
-        return False
-    if not isinstance(module.gate_proj, torch.nn.Linear):
-        return False
-    try:
-        with torch.no_grad():
-            x = _probe(module, module.gate_proj.in_features)
-            expected = module.down_proj(module.act_fn(module.gate_proj(x)) * module.up_proj(x))
-            rtol, atol = _tolerance(x)
-            return torch.allclose(_class_forward(module, x), expected, rtol=rtol, atol=atol)
-    except Exception:  # noqa: BLE001
+            return torch.allclose(_class_forward(module, x), down(gate * up), rtol=rtol, atol=atol)
+    except Exception:  # noqa: BLE001 (a module that cannot run on the probe is no match)
         return False
 
 
 def dispatches_experts(module):
-    """Whether the module is a transformers 5 experts module (``@use_experts_implementation``)."""
+    """Whether the module is a transformers 5 experts module (``@use_experts_implementation``).
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The module.
+
+    Returns
+    -------
+    bool
+    """
     return (ALL_EXPERTS_FUNCTIONS is not None and hasattr(module, 'config') and hasattr(module, 'has_gate')
             and hasattr(module, 'is_concatenated') and hasattr(type(module).forward, '__wrapped__'))
 

@@ -1,5 +1,5 @@
 """lxt_ext's attribution in Captum's and Quantus's conventions, both over
-:func:`lxt_ext.explanation.explain_batch` (one forward, one backward; neither library is imported here).
+:func:`lxt_ext.attribution.explain_batch` (one forward, one backward; neither library is imported here).
 
 Captum::
 
@@ -17,28 +17,24 @@ Quantus::
 import numpy as np
 import torch
 
-from .explanation import explain_batch
+from .._docstrings import shared_parameters
+from .explainer import explain_batch
+from .targets import from_captum
 
 __all__ = ['LRP', 'quantus_explain']
 
 
-def _captum_target(target, rows, device):
-    """Captum's ``target`` (None, int, a sequence of ints or a tensor, one per row or one for all) as
-    explain_batch's; per-output-element tuples (for outputs beyond (N, classes)) are refused."""
-    if target is None or isinstance(target, int):
-        return target
-    if isinstance(target, tuple) or (isinstance(target, list) and target and isinstance(target[0], tuple)):
-        raise ValueError('tuple targets index outputs with more than two dimensions; LRP explains (N, classes) '
-                         'logits: give an int, a list of ints or a tensor of classes')
-    target = torch.as_tensor(target, device=device)
-    if target.dim() == 0 or target.numel() == 1:
-        return target.reshape(()).expand(rows)
-    return target
-
-
+@shared_parameters('attributed_model', leading=True)
 class LRP:
-    """Captum-style attribution with an LRP ``composite`` (None: the plain gradient). ``forward(model,
-    x, *additional_forward_args) -> logits`` calls the model (default ``model(x, *args)``)."""
+    """Captum-style attribution with an LRP composite: ``attribute(inputs, target, additional_forward_args)``.
+
+    Parameters
+    ----------
+    composite : zennit.core.Composite, optional
+        The composite (default None: the plain gradient).
+    forward : callable, optional
+        ``forward(model, x, *additional_forward_args) -> logits`` (default ``model(x, *args)``).
+    """
 
     def __init__(self, model, composite=None, forward=None):
         self.model = model
@@ -53,7 +49,7 @@ class LRP:
             return (self.attribute(inputs[0], target, additional_forward_args),)
         args = additional_forward_args
         args = () if args is None else tuple(args) if isinstance(args, (tuple, list)) else (args,)
-        target = _captum_target(target, inputs.shape[0], inputs.device)
+        target = from_captum(target, inputs.shape[0], inputs.device)
         forward = lambda model, x: self.forward_func(model, x, *args)  # noqa: E731
         return explain_batch(self.model, inputs, self.composite, target=target, forward=forward).relevance
 
@@ -66,10 +62,31 @@ class LRP:
         return self.composite is not None
 
 
+@shared_parameters('attributed_model', leading=True)
 def quantus_explain(model, inputs, targets, composite=None, forward=None, device=None, **kwargs):
-    """Quantus's ``explain_func``: relevance of ``inputs`` (ndarray or tensor) for ``targets`` (one class
-    per row) as a float32 ndarray shaped like the inputs. Quantus passes ``explain_func_kwargs`` here
-    (``composite``, ``forward``, ``device``); other keywords are refused by name."""
+    """Quantus's ``explain_func``. Quantus passes ``explain_func_kwargs`` as keywords (``composite``,
+    ``forward``, ``device``).
+
+    Parameters
+    ----------
+    inputs : numpy.ndarray or torch.Tensor
+        The input batch (made float32).
+    targets : array_like
+        One class per row.
+    composite : zennit.core.Composite, optional
+        The composite (default None: the plain gradient).
+    forward : callable, optional
+        ``forward(model, x) -> logits`` (default ``model(x)``).
+    device : torch.device or str, optional
+        Where to compute (default: the device of the model's first parameter).
+    **kwargs
+        Refused: any other keyword raises ``TypeError`` by name.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 relevance shaped like ``inputs``.
+    """
     if kwargs:
         raise TypeError(f'quantus_explain got unknown keyword arguments {sorted(kwargs)}')
     device = device or next(model.parameters()).device

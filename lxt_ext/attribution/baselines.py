@@ -13,7 +13,10 @@ import math
 import torch
 from zennit.attribution import IntegratedGradients, SmoothGrad
 
-from .explanation import logits_of, explain_batch
+from .._docstrings import shared_parameters
+
+from .explainer import explain_batch, logits_of
+from .targets import class_seed
 
 __all__ = ['gradient', 'gradient_x_input', 'integrated_gradients', 'smoothgrad', 'attention_rollout', 'METHODS']
 
@@ -31,17 +34,31 @@ def _check(x, target):
 
 
 def _one_hot(target):
-    """zennit's ``attr_output``: the one-hot seed of each row's target class."""
-    return lambda logits: torch.nn.functional.one_hot(target, logits.shape[-1]).to(logits.dtype)
+    """zennit's ``attr_output`` for the gradient methods: the one-hot seed of each row's target class."""
+    return lambda logits: class_seed(logits, target, relevance=False)
 
 
+@shared_parameters('attributed_model', 'attributed_input', 'class_target', 'logits_forward')
 def gradient(model, x, target, forward=None):
-    """Saliency: ``d f_t(x) / d x``."""
+    """Saliency: ``d f_t(x) / d x``.
+
+    Returns
+    -------
+    torch.Tensor
+        Relevance shaped like ``x``.
+    """
     return explain_batch(model, x, None, target=_check(x, target), forward=forward).relevance
 
 
+@shared_parameters('attributed_model', 'attributed_input', 'class_target', 'logits_forward')
 def gradient_x_input(model, x, target, forward=None):
-    """Gradient x Input: ``x * d f_t(x) / d x`` (for a bias-free ReLU network it sums to ``f_t(x)``)."""
+    """Gradient x Input: ``x * d f_t(x) / d x`` (for a bias-free ReLU network it sums to ``f_t(x)``).
+
+    Returns
+    -------
+    torch.Tensor
+        Relevance shaped like ``x``.
+    """
     return x.detach() * gradient(model, x, target, forward)
 
 
@@ -63,19 +80,47 @@ def _zennit(attributor, x, target):
     return attribution
 
 
+@shared_parameters('attributed_model', 'attributed_input', 'class_target', 'logits_forward', leading=True)
 def integrated_gradients(model, x, target, forward=None, n_iter=20, baseline=None):
     """Integrated gradients (zennit's ``IntegratedGradients``): the right Riemann sum
     ``(x - b) * (1/n) sum_{i=1..n} grad f_t(b + (i/n) (x - b))`` with baseline ``b`` (default zeros;
-    a tensor broadcastable to ``x``). Sums to ``f_t(x) - f_t(b)`` as ``n`` grows."""
+    a tensor broadcastable to ``x``). Sums to ``f_t(x) - f_t(b)`` as ``n`` grows.
+
+    Parameters
+    ----------
+    n_iter : int, optional
+        The number of steps ``n`` (default 20).
+    baseline : torch.Tensor, optional
+        The baseline ``b``, broadcastable to ``x`` (default zeros).
+
+    Returns
+    -------
+    torch.Tensor
+        Relevance shaped like ``x``.
+    """
     target = _check(x, target)
     baseline_fn = None if baseline is None else (lambda input: torch.broadcast_to(baseline.to(input), input.shape))
     return _zennit(IntegratedGradients(_Logits(model, forward), n_iter=n_iter, baseline_fn=baseline_fn), x, target)
 
 
+@shared_parameters('attributed_model', 'attributed_input', 'class_target', 'logits_forward', leading=True)
 def smoothgrad(model, x, target, forward=None, n_iter=20, noise_level=0.1):
     """SmoothGrad (zennit's ``SmoothGrad``): the mean gradient over ``n_iter`` copies of ``x`` with
     Gaussian noise of standard deviation ``noise_level * (max(x_i) - min(x_i))`` per row ``i``, the last
-    copy noise-free. Uses torch's global random generator (seed it for reproducible maps)."""
+    copy noise-free. Uses torch's global random generator (seed it for reproducible maps).
+
+    Parameters
+    ----------
+    n_iter : int, optional
+        The number of copies (default 20).
+    noise_level : float, optional
+        The noise's standard deviation relative to each row's value range (default 0.1).
+
+    Returns
+    -------
+    torch.Tensor
+        Relevance shaped like ``x``.
+    """
     target = _check(x, target)
     return _zennit(SmoothGrad(_Logits(model, forward), n_iter=n_iter, noise_level=noise_level), x, target)
 
@@ -130,6 +175,7 @@ def _prefix_tokens(model):
     return prefix
 
 
+@shared_parameters('attributed_model', leading=True)
 def attention_rollout(model, x, target=None, forward=None, residual=0.5):
     """Attention rollout (Abnar & Zuidema 2020) of a ViT on the plain model: per layer the attention
     probabilities averaged over heads, mixed with the identity for the residual path,
@@ -140,7 +186,24 @@ def attention_rollout(model, x, target=None, forward=None, residual=0.5):
     Class-agnostic: ``target`` is checked but does not change the map. The probabilities are
     captured by forward hooks on torchvision's ``nn.MultiheadAttention``, timm's ``Attention`` and
     transformers' ViT attention, recomputed from each module's input (one extra attention product per
-    layer)."""
+    layer).
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        The image batch (N, C, H, W), already normalised.
+    target : torch.Tensor, optional
+        A LongTensor (N,), checked only.
+    forward : callable, optional
+        ``forward(model, x) -> logits`` (default ``model(x)``).
+    residual : float, optional
+        The weight of the identity in each layer's mix (default 0.5).
+
+    Returns
+    -------
+    torch.Tensor
+        The map, shaped like ``x``.
+    """
     if x.dim() != 4:
         raise ValueError(f'attention_rollout takes an image batch (N, C, H, W), got shape {tuple(x.shape)}')
     if target is not None:
