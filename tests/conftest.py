@@ -19,7 +19,9 @@ IN_CI = os.environ.get('CI') == 'true'
 # The benchmark scripts and their helpers (``harness``) live in python/benchmarks/, outside the package (the
 # wheel does not ship them); the benchmark suites and the memory measurements of the tests import them from
 # there, as a script run from that folder does.
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'python', 'benchmarks')
+# the checkout's root (tests/ mirrors the package below it: unit/<subpackage>, oracle, system, benchmarks, cpp)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(ROOT, 'python', 'benchmarks')
 if BENCHMARKS not in sys.path:
     sys.path.insert(0, BENCHMARKS)
 

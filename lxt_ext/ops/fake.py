@@ -5,12 +5,12 @@ included: opcheck compares them with the real outputs.
 
 Autograd: no op gets ``torch.library.register_autograd``; the op pairs stay behind the Python autograd
 Functions (``lxt_ext.attention._AttentionLRP``, ``lxt_ext.core._FusedLayer``), which dynamo traces, forward
-and ``once_differentiable`` backward, into the captured graph (tests/test_compile.py). The ops are the
+and ``once_differentiable`` backward, into the captured graph (tests/unit/ops/test_compile.py). The ops are the
 *backward* halves of LRP rules: ``lrp_backward``'s forward is an ATen Linear/convolution, not an lxt_ext op,
 and ``attention_forward`` takes no ``mode`` (AttnLRP and CP-LRP share it; only ``attention_backward`` is
 told which), so neither forward could carry the rule's backward without a schema change. Nor are the ops
 differentiable themselves (an LRP backward has no meaningful derivative). The Functions call them with grad
-mode off, so opcheck (tests/test_opcheck.py) runs them on inputs that do not require grad and skips
+mode off, so opcheck (tests/unit/ops/test_opcheck.py) runs them on inputs that do not require grad and skips
 ``test_autograd_registration``; the element-wise ``output_terms``/``input_terms`` pass it on inputs that
 do. ``lrp_backward`` and the attention ops (CompositeExplicitAutograd kernels calling ATen ops) would need
 a non-differentiable Autograd kernel in csrc/ to pass it on such inputs.

@@ -6,8 +6,8 @@ Steps (each timed, its status and the tail of its output in the report):
 1. install the wheels in ``--wheels`` (no package index is used: ``pip install --no-index``);
 2. build the extension in place against the installed torch: CUDA kernels for this GPU's architecture
    only (``TORCH_CUDA_ARCH_LIST`` from ``torch.cuda.get_device_capability()``), ninja on every core;
-3. the CUDA tests: tests/test_cuda.py, the CUDA cases of tests/test_attention_op.py and
-   tests/test_opcheck.py (opcheck on CUDA);
+3. the CUDA tests: tests/unit/ops/test_cuda.py, the CUDA cases of tests/unit/ops/test_attention_op.py and
+   tests/unit/ops/test_opcheck.py (opcheck on CUDA);
 4. ``compute-sanitizer --tool memcheck`` and ``--tool racecheck`` on a small attention and rule case,
    where compute-sanitizer exists;
 5. the GPU benchmarks (python/benchmarks/benchmark_gpu.py: vit_b_16 batch 64 fp32/bf16, the LLaMA-style
@@ -135,12 +135,12 @@ def main():
     test_env = {'PYTHONPATH': os.pathsep.join(filter(None, [ROOT, os.environ.get('PYTHONPATH')]))}
     selection = [] if not gpu else ['-k', 'cuda or CUDA']
     report.step('CUDA tests' if gpu else 'tests (CPU; their CUDA cases skip)',
-                [python, '-m', 'pytest', '-q', '-rs', '-p', 'no:cacheprovider', 'tests/test_cuda.py',
-                 'tests/test_attention_op.py', 'tests/test_opcheck.py', *selection], env=test_env)
+                [python, '-m', 'pytest', '-q', '-rs', '-p', 'no:cacheprovider', 'tests/unit/ops/test_cuda.py',
+                 'tests/unit/ops/test_attention_op.py', 'tests/unit/ops/test_opcheck.py', *selection], env=test_env)
     if gpu:
         # Every case of test_cuda.py (the module is CUDA-only) besides the -k selection above.
-        report.step('tests/test_cuda.py (all)', [python, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
-                                                 'tests/test_cuda.py'], env=test_env)
+        report.step('tests/unit/ops/test_cuda.py (all)', [python, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
+                                                 'tests/unit/ops/test_cuda.py'], env=test_env)
     sanitizer = shutil.which('compute-sanitizer')
     for tool in ('memcheck', 'racecheck'):
         name = f'compute-sanitizer --tool {tool}'

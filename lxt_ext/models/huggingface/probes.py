@@ -18,11 +18,12 @@ def dispatches_attention(module):
     Parameters
     ----------
     module : torch.nn.Module
-        The module.
+        A module of a transformers model.
 
     Returns
     -------
     bool
+        True where its forward calls ``attention_interface`` from the registry.
     """
     modeling = sys.modules.get(type(module).__module__)
     # the forward without its decorators (transformers wraps many in deprecate_kwarg)
@@ -59,11 +60,12 @@ def rms_norm_offset(module):
     Parameters
     ----------
     module : torch.nn.Module
-        The module.
+        A module named ``*RMSNorm`` (run on the probe through its class forward).
 
     Returns
     -------
     float or None
+        0 (LLaMA's form), 1 (Gemma's), or None where neither gives its output.
     """
     weight = getattr(module, 'weight', None)
     eps = next((getattr(module, n) for n in ('variance_epsilon', 'eps') if isinstance(getattr(module, n, None), float)),
@@ -91,11 +93,12 @@ def layer_norm_eps(module):
     Parameters
     ----------
     module : torch.nn.Module
-        The module.
+        A module named ``*LayerNorm`` that is no ``torch.nn.LayerNorm``.
 
     Returns
     -------
     float or None
+        The epsilon that reproduces its output, or None.
     """
     weight, bias = getattr(module, 'weight', None), getattr(module, 'bias', None)
     shape = tuple(getattr(module, 'normalized_shape', ())) or (tuple(weight.shape) if weight is not None else ())
@@ -155,11 +158,12 @@ def dispatches_experts(module):
     Parameters
     ----------
     module : torch.nn.Module
-        The module.
+        Any module of a transformers model.
 
     Returns
     -------
     bool
+        True for an experts module of transformers 5.
     """
     return (ALL_EXPERTS_FUNCTIONS is not None and hasattr(module, 'config') and hasattr(module, 'has_gate')
             and hasattr(module, 'is_concatenated') and hasattr(type(module).forward, '__wrapped__'))

@@ -1,4 +1,4 @@
-"""More Hugging Face families under lxt_ext against LXT 2.1 (the oracle; tests/test_hf_vs_lxt.py has
+"""More Hugging Face families under lxt_ext against LXT 2.1 (the oracle; tests/oracle/test_hf_vs_lxt.py has
 LLaMA, Qwen2, GPT-2 and BERT).
 
 - Qwen3 (q/k norms) and Gemma 3 (sliding-window and global layers, Gemma's ``(1 + w)`` RMSNorm,

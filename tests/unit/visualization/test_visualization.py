@@ -15,8 +15,9 @@ from PIL import Image
 from zennit.image import CMAPS
 
 from lxt_ext.visualization import imgify, save_heatmap
+from conftest import ROOT
 
-README = Path(__file__).resolve().parent.parent / 'README.md'
+README = Path(ROOT) / 'README.md'
 
 
 def readme_vit_snippet():

@@ -1,7 +1,7 @@
 """Perturbation faithfulness (lxt_ext.evaluation.perturbation) against closed forms on linear models:
 for f(x) = w . x + b every curve is a sum of per-unit contributions ``w_u . (x_u - fill_u)``, so the
 curves, their areas and ABPC are written out here by explicit sorting and summation. (Quantus's own
-curves are compared in tests/test_quantus_oracle.py.)"""
+curves are compared in tests/oracle/test_quantus_oracle.py.)"""
 import math
 
 import pytest

@@ -17,7 +17,7 @@
 - Threads: two threads, each with a deepcopy of the model and a composite instance of its own, give
   bitwise the relevance of sequential runs on the same inputs.
 
-Run as ``python tests/test_long_runs.py`` it is the memory worker (prints one JSON line).
+Run as ``python tests/unit/core/test_long_runs.py`` it is the memory worker (prints one JSON line).
 """
 import copy
 import gc
@@ -35,7 +35,7 @@ import transformers
 from zennit.attribution import Gradient
 from zennit.canonizers import SequentialMergeBatchNorm
 
-from conftest import EmbedsToLogits
+from conftest import ROOT, EmbedsToLogits
 import lxt_ext.core
 from lxt_ext.attribution import Explainer
 from lxt_ext.composites import EpsilonGammaBox, LanguageTransformer, ViTGamma
@@ -147,9 +147,11 @@ _RESULTS = {}
 def memory_results():
     """The worker's measurements (run once per test session, in a subprocess)."""
     if not _RESULTS:
-        env = dict(os.environ, **MALLOC, OMP_NUM_THREADS='1')
+        # run as a script, the worker finds conftest (and the helpers it imports) on PYTHONPATH
+        path = os.pathsep.join(filter(None, [os.path.join(ROOT, 'tests'), os.environ.get('PYTHONPATH')]))
+        env = dict(os.environ, **MALLOC, OMP_NUM_THREADS='1', PYTHONPATH=path)
         done = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
-                              timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                              timeout=300, cwd=ROOT)
         assert done.returncode == 0, done.stderr[-4000:]
         _RESULTS.update(json.loads(done.stdout.strip().splitlines()[-1]))
     return _RESULTS

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from lxt_ext.data import embedded, shapes
+from conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_shipped_weights_match_the_checksum():

@@ -10,13 +10,13 @@ import pytest
 import torch
 import zennit.attribution
 
-from conftest import require, require_module
+from conftest import ROOT, require, require_module
 from lxt_ext.cli import main
 from lxt_ext.composites import ViTGamma
 from lxt_ext.evaluation.compare import compare, lrp_method, markdown_table
 from lxt_ext.evaluation.gamma_search import gamma_search, save_grid
 
-EMBEDDED = os.path.join(os.path.dirname(__file__), '..', 'lxt_ext', 'data', 'embedded', 'model.json')
+EMBEDDED = os.path.join(ROOT, 'lxt_ext', 'data', 'embedded', 'model.json')
 
 
 def tiny_vit(seed=0):

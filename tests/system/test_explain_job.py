@@ -16,10 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import require_module
+from conftest import ROOT, require_module
 from lxt_ext import cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')

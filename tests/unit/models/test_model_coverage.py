@@ -7,7 +7,7 @@ For each family, against oracles that are not lxt_ext:
   the forward with the composite registered gives the plain model's output (so the rules compute the
   model, masks, sliding windows and softcaps included);
 - removal restores the model bitwise: outputs, plain gradients, state, module attributes and hooks
-  (``test_faults.Snapshot``, the model's own state taken before);
+  (``support.Snapshot``, the model's own state taken before);
 - ``lxt_ext.diagnostics.audit`` finds no operation on the relevance path that no rule covers, under
   AttnLRP and CP-LRP.
 
@@ -34,7 +34,7 @@ transformers = require_module('transformers')
 from lxt_ext.attribution import Explainer  # noqa: E402
 from lxt_ext.composites import LanguageTransformer, ViTEpsilon, ViTGamma  # noqa: E402
 from lxt_ext.diagnostics import audit  # noqa: E402
-from test_faults import Snapshot, no_lxt_ext_left  # noqa: E402
+from support import ForwardOf, Snapshot, freeze_unused, no_lxt_ext_left  # noqa: E402
 
 TOKENS, VOCAB, TARGET = 10, 64, 5
 
@@ -258,27 +258,6 @@ def test_attnlrp_acts_and_removal_restores_the_model(family):
     assert (results['attnlrp'] - results['cp']).abs().max() > 1e-3 * scale
     snapshot.assert_same(wrapped, case.x)
     no_lxt_ext_left(wrapped)
-
-
-def freeze_unused(model, x):
-    """Parameters the forward does not use (input embeddings, poolers) frozen, as the snapshot takes
-    the plain gradient of every trainable one."""
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(model(x).sum(), parameters, allow_unused=True)
-    for parameter, grad in zip(parameters, grads):
-        parameter.requires_grad_(grad is not None)
-
-
-class ForwardOf(torch.nn.Module):
-    """``model`` called as the case calls it, as a module of one input (for ``Snapshot``)."""
-
-    def __init__(self, model, forward):
-        super().__init__()
-        self.model = model
-        self.call = forward
-
-    def forward(self, x):
-        return self.call(self.model, x)
 
 
 @pytest.mark.parametrize('mode', ['attnlrp', 'cp', 'gamma'])

@@ -1,4 +1,4 @@
-"""Families lxt_ext maps by structure rather than by name (tests/test_model_coverage.py has the named ones).
+"""Families lxt_ext maps by structure rather than by name (tests/unit/models/test_model_coverage.py has the named ones).
 
 Their attention modules dispatch through transformers' attention registry; their ``*RMSNorm``,
 ``*LayerNorm`` and ``*MLP`` classes are recognised by a numeric check at registration (the module's

@@ -17,7 +17,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import require_module
+from conftest import ROOT, require_module
 
 transformers = require_module('transformers')
 bnb = require_module('bitsandbytes')
@@ -128,7 +128,7 @@ def test_an_unquantized_4bit_layer_is_a_clear_error():
 
 PEAK = '''
 import sys, torch
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {here!r}]
 torch.set_num_threads(2)
 import test_quantized as t
 from lxt_ext.attribution import Explainer
@@ -153,7 +153,7 @@ def test_peak_memory_holds_one_layer_in_full_precision_at_a_time():
     """A 4-layer LLaMA (hidden 512, MLP 1536: 54 MB of float32 Linear weights, 7 MB in nf4), gamma on
     every Linear (the rule with the most weight-sized temporaries), batch 1 x 8 tokens: the attribution's
     extra peak stays below a third of a full-precision copy of the Linear weights."""
-    script = PEAK.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    script = PEAK.format(tests=os.path.join(ROOT, 'tests'), here=os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, '-c', textwrap.dedent(script)], env=dict(os.environ, **MEMORY_ENV),
                             capture_output=True, text=True, check=True)
     peak, full, largest = map(float, result.stdout.strip().splitlines()[-1].split())
@@ -184,9 +184,8 @@ def test_zennit_composites_refuse_a_4bit_layer_by_name():
 
 def test_removal_restores_the_quantized_model():
     """After an attribution a 4-bit model is bitwise as before: outputs, plain gradients, the same packed
-    weight objects in the same parameter order, attributes and hooks (``test_faults.Snapshot``)."""
-    from test_faults import Snapshot, no_lxt_ext_left
-    from test_model_coverage import ForwardOf, freeze_unused
+    weight objects in the same parameter order, attributes and hooks (``support.Snapshot``)."""
+    from support import ForwardOf, Snapshot, freeze_unused, no_lxt_ext_left
     model, _, x = models('nf4')
     wrapped = ForwardOf(model, logits)
     freeze_unused(wrapped, x)
@@ -200,7 +199,7 @@ def test_removal_restores_the_quantized_model():
 def test_removal_restores_the_int8_model():
     """torchao's tensors support no ``torch.equal`` (the snapshot's state comparison): the same weight
     objects in the same order in every layer, the plain output bitwise, nothing of lxt_ext left."""
-    from test_faults import no_lxt_ext_left
+    from support import no_lxt_ext_left
     model, _, x = models('int8')
     def parameters():
         return [(name, key, id(value)) for name, module in model.named_modules()

@@ -2,8 +2,8 @@
 parameters, dispatched through ``ALL_EXPERTS_FUNCTIONS``; a router holding a bare weight).
 
 lxt_ext holds the routing weights constant (the router gets no relevance) and runs each expert's
-projections and gated product under the composite's rules. tests/test_coverage_vs_lxt.py compares
-Mixtral and Qwen3-MoE with LXT 2.1's rules on transformers 4.57's experts; tests/test_model_coverage.py
+projections and gated product under the composite's rules. tests/oracle/test_coverage_vs_lxt.py compares
+Mixtral and Qwen3-MoE with LXT 2.1's rules on transformers 4.57's experts; tests/unit/models/test_model_coverage.py
 checks conservation, removal and the audit. Here, without the oracle environment:
 
 - a block whose experts are all the same gated MLP, with routing weights that sum to one per token,
@@ -11,7 +11,7 @@ checks conservation, removal and the audit. Here, without the oracle environment
   (Qwen3-MoE -> Qwen3, Mixtral -> Mistral), though tokens are routed to different experts. A routing
   weight dropped or a token's output sent to the wrong place would differ (a router given relevance
   would not: with identical experts its gradient cancels; test_coverage_vs_lxt.py and the conservation
-  of tests/test_model_coverage.py see that, and here the router's outputs carry no grad);
+  of tests/unit/models/test_model_coverage.py see that, and here the router's outputs carry no grad);
 - every experts implementation of transformers (eager, batched_mm, grouped_mm) gives the same
   relevance, and its own forward again after removal;
 - what the rule cannot take is refused by name (GPT-OSS's clamped, interleaved gate).

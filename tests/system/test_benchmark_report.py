@@ -5,8 +5,8 @@ import os
 import re
 import subprocess
 import sys
+from conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPORT = os.path.join(ROOT, 'python', 'benchmarks', 'benchmark_report.py')
 SECTIONS = ['cnn', 'vit', 'language', 'attention', 'explain', 'checks', 'evaluation']
 
