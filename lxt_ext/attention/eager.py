@@ -82,10 +82,13 @@ def softcapped_attention(query, key, value, attn_mask=None, *, scale=None, is_ca
     if is_causal:
         causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
         scores = scores.masked_fill(causal, float('-inf'))
+    # a query row that sees no key gives 0, as attention_lrp does (its softmax would be 0 / 0)
+    blind = torch.isneginf(scores).all(-1, keepdim=True)
+    scores = scores.masked_fill(blind, 0.)
     if mode == 'cp':
         weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-        return weights.detach() @ value
-    return matmul(_SoftmaxRule.apply(scores).to(query.dtype), value)
+        return weights.detach().masked_fill(blind, 0.) @ value
+    return matmul(_SoftmaxRule.apply(scores).to(query.dtype).masked_fill(blind, 0.), value)
 
 
 def uniform_matmul(a, b):
