@@ -74,7 +74,7 @@ def run(args):
     """
     from ..evaluation.compare import compare, save_plot
     from ..evaluation.gamma_search import gamma_search, save_grid
-    from .models import ModelError, load_model
+    from .models import ModelError, fit_warnings, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -90,6 +90,7 @@ def run(args):
             raise ValueError('--gamma-search tunes ViTGamma, which needs a transformer model')
     except (ModelError, ValueError, FileNotFoundError) as error:
         return _error(str(error))
+    fit_warnings(loaded)  # random weights, as explain and check say
 
     model = loaded.model.to(args.device)
     options = _options(args, loaded, model, masks, target)

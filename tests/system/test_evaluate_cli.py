@@ -212,3 +212,11 @@ def test_cli_gamma_search(tmp_path):
     scores = {name: v['abpc'] for name, v in record['methods'].items()}
     assert f"conv {best['conv_gamma']:g}, linear {best['linear_gamma']:g}" == max(scores, key=scores.get)
     assert (out / 'gamma_search.png').is_file()
+
+
+def test_cli_warns_of_random_weights(hf_files, tmp_path):
+    """A torchvision model named without --weights has random weights: evaluate says so, as explain and check do."""
+    with pytest.warns(UserWarning, match='resnet18 has random weights'):
+        status = main(['evaluate', str(hf_files / 'images'), '--model', 'resnet18', '--methods', 'gradient',
+                       '--units-per-step', '98', '--limit', '1', '--out', str(tmp_path / 'ev'), '--quiet'])
+    assert status == 0
