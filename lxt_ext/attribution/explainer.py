@@ -35,6 +35,7 @@ from typing import NamedTuple
 import torch
 
 from .. import checks
+from ..composites.transformer import TransformerComposite
 from . import targets
 
 __all__ = ['Explanation', 'Explainer', 'explain_batch', 'explain', 'concatenate', 'emits_relevance', 'logits_of',
@@ -101,8 +102,6 @@ def emits_relevance(composite):
     -------
     bool
     """
-    from ..composites.transformer import TransformerComposite
-
     if composite is None:
         return True
     return not isinstance(composite, TransformerComposite) or composite.explicit_first
