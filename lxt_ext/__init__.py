@@ -10,6 +10,6 @@ from .attribution import Explainer, Explanation, explain, explain_batch
 from .job import ExplainJob, JobSettings
 from .ops import cuda_built
 
-__version__ = '0.3.0'  # the one place of the version (setup.py reads it)
+__version__ = '0.4.0'  # the one place of the version (setup.py reads it)
 __all__ = ['explain', 'explain_batch', 'Explainer', 'Explanation', 'ExplainJob', 'JobSettings', 'rules', 'composites',
            'transformer', 'models', 'attention', 'attribution', 'cuda_built', '__version__']

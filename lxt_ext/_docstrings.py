@@ -63,7 +63,12 @@ ENTRIES = {
     'mlp_names': """names : sequence of str, optional
     The module's attribute names of its parts, in the order of the class's ``NAMES`` (its default).""",
     'strict': """strict : bool, optional
-    Leaf modules that get no rule raise ``UnmappedModuleError`` (default True); False: a warning.""",
+    An operation on the relevance path that no rule covers raises ``UncoveredOperationError`` at the forward,
+    before any relevance is returned (default True); False: a warning, and its plain gradient.""",
+    'tables': """tables : bool, optional
+    Modules get the rules of lxt_ext's model tables (default True: fused attention, gated MLPs, norms, Linear
+    layers as modules); False: only ``layer_map`` and the first layer's rule, every other operation its rule
+    from ``lxt_ext.operations`` (slower; the oracle of the tables).""",
     # lxt_ext.attention: the attention functions' arguments
     'attention_inputs': """query, key, value : torch.Tensor
     ``query`` (B, Hq, Nq, D); ``key``, ``value`` (B, Hkv, Nk, D) with Hq a multiple of Hkv (grouped-query

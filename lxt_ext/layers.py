@@ -9,9 +9,8 @@ from typing import Tuple
 import torch
 from zennit.types import Convolution, ConvolutionTranspose
 
+from .errors import UnsupportedLayerError  # noqa: F401  (raised here, imported from here by the rules)
 
-class UnsupportedLayerError(TypeError):
-    """A fused rule was asked to take a module it has no product for."""
 
 
 @dataclass(frozen=True)

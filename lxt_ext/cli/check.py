@@ -135,7 +135,7 @@ def run(args):
     from ..checks import NonFiniteError
     from ..composites import LanguageTransformer
     from ..diagnostics import conservation
-    from ..composites.transformer import UnmappedModuleError
+    from ..errors import NotExplainableError
     from .models import ModelError, build_composite, default_composite, fit_warnings, load_model
 
     if args.threads:
@@ -173,7 +173,7 @@ def run(args):
         report = conservation(model, x, composite, forward=forward, target=args.target,
                               zero_bias=not args.keep_bias, zero=tuple(args.zero), rtol=args.rtol,
                               explode=args.explode)
-    except (UnmappedModuleError, NonFiniteError, ValueError, TypeError) as error:
+    except (NotExplainableError, NonFiniteError, ValueError, TypeError) as error:
         return _error(f'{type(error).__name__}: {error}')
     print(report.table())
     if report.zeroed:

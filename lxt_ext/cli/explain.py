@@ -85,7 +85,7 @@ def run(args):
     from ..job.outputs import SettingsMismatchError
     from ..job.runner import ExplainJob, summary_text
     from ..job.settings import JobSettings
-    from ..composites.transformer import UnmappedModuleError
+    from ..errors import NotExplainableError
     from .models import PARAMETERS, ModelError, build_composite, default_composite, fit_warnings, load_model
 
     if args.threads:
@@ -124,7 +124,7 @@ def run(args):
         summary = job.run()
     except (FileNotFoundError, ValueError, SettingsMismatchError, NonFiniteError) as error:
         return _error(str(error))
-    except UnmappedModuleError as error:
+    except NotExplainableError as error:
         return _error(f'composite {name!r} does not fit {loaded.identity["model"]}: {error}')
     strict_failure = args.strict and summary.failures > 0
     if int(os.environ.get('RANK', '0')) == 0:

@@ -6,17 +6,19 @@ composite's rule templates, element-wise activations the identity rule, LayerNor
 identity rule on the normalisation, dropout none (off), attention AttnLRP or CP-LRP. Every rule runs
 in the Gradient x Input convention (``lxt_ext.transformer``). With ``explicit_first``, the
 first Linear/convolution (the one consuming the input) emits relevance, so
-``zennit.attribution.Gradient`` returns relevance, ready for ``lxt_ext.visualization``. Leaf modules
-that get no rule are reported by name (an error with ``strict``, a warning otherwise).
+``zennit.attribution.Gradient`` returns relevance, ready for ``lxt_ext.visualization``. Every operation
+outside the modules with rules gets its rule from ``lxt_ext.operations``, or is refused at the forward, by name,
+before any relevance is returned.
 """
-import warnings
-
+import torch
 from zennit.core import Composite
 from zennit.types import Linear
 
 from .. import models
 from .._docstrings import shared_parameters
 from ..batch_norm_fold import BatchNormFolding
+from ..errors import UnmappedModuleError
+from ..operations import OperationRules
 from ..rules import Epsilon, Gamma
 from ..transformer.elementwise import INPUT_STABILIZER
 from ..transformer.convention import OutputRelevance, emitting_relevance, gradient_x_input
@@ -25,11 +27,7 @@ from ..transformer.linear import OutputEpsilon
 __all__ = ['TransformerComposite', 'ViTEpsilon', 'ViTGamma', 'LanguageTransformer', 'UnmappedModuleError']
 
 
-class UnmappedModuleError(TypeError):
-    """Leaf modules the composite has no rule for (their plain gradient would be wrong relevance)."""
-
-
-@shared_parameters('attention', 'first_rule', 'layer_map', 'canonizers', 'strict', 'input_stabilizer')
+@shared_parameters('attention', 'first_rule', 'layer_map', 'canonizers', 'strict', 'input_stabilizer', 'tables')
 class TransformerComposite(BatchNormFolding, Composite):
     """A zennit Composite of Gradient x Input rules for transformers.
 
@@ -45,7 +43,7 @@ class TransformerComposite(BatchNormFolding, Composite):
     """
 
     def __init__(self, linear_rule, conv_rule=None, attention='attnlrp', explicit_first=False, first_rule=None,
-                 layer_map=None, canonizers=None, strict=True, input_stabilizer=INPUT_STABILIZER):
+                 layer_map=None, canonizers=None, strict=True, input_stabilizer=INPUT_STABILIZER, tables=True):
         self.options = models.Options(
             attention=attention, input_stabilizer=input_stabilizer, linear=gradient_x_input(linear_rule),
             conv=gradient_x_input(linear_rule if conv_rule is None else conv_rule))
@@ -53,28 +51,21 @@ class TransformerComposite(BatchNormFolding, Composite):
         self.first_rule = None if first_rule is None else gradient_x_input(first_rule)
         self.layer_map = [(types, gradient_x_input(rule, input_stabilizer)) for types, rule in (layer_map or [])]
         self.strict = strict
-        self._unmapped = []
+        self.tables = tables
         super().__init__(module_map=self.mapping, canonizers=canonizers)
 
     def register(self, module):
-        self._unmapped = []
         super().register(module)
-        if self._unmapped:
-            listing = ', '.join(f'{name} ({type(child).__module__}.{type(child).__qualname__})'
-                                for name, child in self._unmapped)
-            message = (f'{type(self).__name__} has no rule for these modules, so their plain gradient would '
-                       f'propagate wrong relevance: {listing}. Map them with layer_map=[(type, rule)], or '
-                       f'register an adapter in lxt_ext.models (models.KeepGradient() for modules that are '
-                       f'linear or off the relevance path).')
-            if self.strict:
-                self.remove()
-                raise UnmappedModuleError(message)
-            warnings.warn(message)
+        # every operation outside the modules with rules: its rule, or a refusal at the forward
+        options = self.options
+        operations = OperationRules(options.attention, options.linear, options.conv, options.input_stabilizer,
+                                    self.strict)
         # the seed at the model's output is relevance (zennit's convention), not a gradient
-        output = OutputRelevance(self.options.input_stabilizer)
-        self.hook_refs.add(output)
-        # removed first: it wraps the forward a rule on the model itself may have swapped
-        self.handles.insert(0, output.register(module))
+        output = OutputRelevance(options.input_stabilizer)
+        for hook in (operations, output):
+            self.hook_refs.add(hook)
+            # removed first (the last one first): each wraps the forward the ones before it swapped
+            self.handles.insert(0, hook.register(module))
 
     def mapping(self, ctx, name, module):
         if any(name.startswith(prefix) for prefix in ctx.get('covered', ())):
@@ -83,21 +74,21 @@ class TransformerComposite(BatchNormFolding, Composite):
         if first:
             ctx['first_visited'] = True
         rule = (self.first_rule if first else None) or self._rule(module)
+        if first and rule is None:  # module tables off: the composite's own rule for the first layer
+            rule = self.options.linear if isinstance(module, torch.nn.Linear) else self.options.conv
         if getattr(rule, 'covers_children', False):
             ctx.setdefault('covered', []).append(f'{name}.')
-        if rule is None and next(module.children(), None) is None:
-            self._unmapped.append((name, module))
         return emitting_relevance(rule) if first else rule
 
     def _rule(self, module):
         rule = next((rule for types, rule in self.layer_map if isinstance(module, types)), None)
-        if rule is None:
+        if rule is None and self.tables:
             rule = models.rule_for(module, self.options)
             rule = None if rule is None else gradient_x_input(rule, self.options.input_stabilizer)
         return rule
 
 
-@shared_parameters('attention', 'first_rule', 'layer_map', 'canonizers', 'strict')
+@shared_parameters('attention', 'first_rule', 'layer_map', 'canonizers', 'strict', 'tables')
 class ViTEpsilon(TransformerComposite):
     """Vision Transformers: epsilon on every Linear (``OutputEpsilon``: from the layer output, which
     the next rule keeps anyway) and fused epsilon on convolutions, AttnLRP (or CP-LRP) in attention;
@@ -111,12 +102,13 @@ class ViTEpsilon(TransformerComposite):
     """
 
     def __init__(self, epsilon=1e-6, attention='attnlrp', first_rule=None, layer_map=None, canonizers=None,
-                 strict=True):
+                 strict=True, tables=True):
         super().__init__(OutputEpsilon(epsilon), conv_rule=Epsilon(epsilon), attention=attention, explicit_first=True,
-                         first_rule=first_rule, layer_map=layer_map, canonizers=canonizers, strict=strict)
+                         first_rule=first_rule, layer_map=layer_map, canonizers=canonizers, strict=strict,
+                         tables=tables)
 
 
-@shared_parameters('attention', 'first_rule', 'layer_map', 'canonizers', 'strict')
+@shared_parameters('attention', 'first_rule', 'layer_map', 'canonizers', 'strict', 'tables')
 class ViTGamma(TransformerComposite):
     """The published LXT recipe for Vision Transformers: fused gamma 0.25 on convolutions (the patch
     embedding, which emits relevance), 0.05 on every Linear (attention projections included),
@@ -133,10 +125,10 @@ class ViTGamma(TransformerComposite):
     """
 
     def __init__(self, conv_gamma=0.25, linear_gamma=0.05, stabilizer=1e-6, attention='cp', first_rule=None,
-                 layer_map=None, canonizers=None, strict=True):
+                 layer_map=None, canonizers=None, strict=True, tables=True):
         super().__init__(Gamma(linear_gamma, stabilizer), conv_rule=Gamma(conv_gamma, stabilizer), attention=attention,
                          explicit_first=True, first_rule=first_rule, layer_map=layer_map, canonizers=canonizers,
-                         strict=strict)
+                         strict=strict, tables=tables)
 
 
 class LanguageTransformer(TransformerComposite):
@@ -161,14 +153,19 @@ class LanguageTransformer(TransformerComposite):
     layer_map : list of (type, rule), optional
         zennit-style rules tried first.
     strict : bool
-        Leaf modules without a rule raise (else warn).
+        Operations on the relevance path without a rule raise at the forward (else warn).
+    tables : bool
+        Modules get the rules of lxt_ext's model tables (else: every operation its rule from
+        ``lxt_ext.operations``).
     """
 
-    def __init__(self, attention='attnlrp', epsilon=0.0, gamma=None, stabilizer=1e-6, layer_map=None, strict=True):
+    def __init__(self, attention='attnlrp', epsilon=0.0, gamma=None, stabilizer=1e-6, layer_map=None, strict=True,
+                 tables=True):
         if gamma is not None:
             linear, conv = Gamma(gamma, stabilizer), None
         elif epsilon < 0:
             raise ValueError(f'epsilon must be >= 0, got {epsilon}')
         else:
             linear, conv = (OutputEpsilon(epsilon), Epsilon(epsilon)) if epsilon > 0 else (models.KeepGradient(), None)
-        super().__init__(linear, conv_rule=conv, attention=attention, layer_map=layer_map, strict=strict)
+        super().__init__(linear, conv_rule=conv, attention=attention, layer_map=layer_map, strict=strict,
+                         tables=tables)

@@ -32,7 +32,10 @@ class ConfigView:
 
 
 class ConfigViewRule(RuleHook):
-    """A rule that gives its module a ``ConfigView`` of its config while registered (``overrides``)."""
+    """A rule that gives its module a ``ConfigView`` of its config while registered (``overrides``). The module's
+    forward still runs its own operations (the view changes only what it dispatches to), so they are left to the
+    operation rules (``covers_operations = False``)."""
+    covers_operations = False
 
     def overrides(self, config):
         """The attributes the view replaces.

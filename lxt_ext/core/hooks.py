@@ -88,9 +88,12 @@ class RuleHook(Hook):
     NaN/Inf, ``lxt_ext.checks``), ``keeps_output`` (backward reads the output the rule returns, so model code
     must not change it in place), ``covers_children`` (the rule computes the module's children functionally: a
     composite maps none of them), ``marks`` (False for hooks that are not a module's rule, such as the output
-    convention on the model itself, which may have a rule of its own).
+    convention on the model itself, which may have a rule of its own), ``covers_operations`` (the rule computes
+    the module's operations, or vouches for them, so ``lxt_ext.operations`` leaves them alone; False for rules
+    that only reconfigure or wrap the module).
     """
     checked = True
+    covers_operations = True
     keeps_output = False
     covers_children = False
     marks = True

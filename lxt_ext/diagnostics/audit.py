@@ -6,13 +6,16 @@ autograd graph (its internals run without grad), so after a forward with the com
 every other node on a path from the explained input to the output must be linear in its
 relevance-carrying inputs. ``audit`` checks that, node by node:
 
-- lxt_ext's autograd Functions are rules: covered. Any other autograd Function is opaque: a finding.
+- lxt_ext's autograd Functions are rules: covered. Any other autograd Function is opaque: a finding
+  (the operation rules of ``lxt_ext.operations`` cannot see inside one);
 - node types of ``LINEAR`` (adds, views, concatenation, casts, sums, selections): covered;
-- element-wise products and matrix products with one relevance-carrying factor: covered, except a
-  matrix product (``F.linear``, ``matmul``, convolution) with a model parameter, whose Linear rule
-  was not applied (transformers 5's MoE experts keep 3-D weights and call ``F.linear``);
+- element-wise products and matrix products with one relevance-carrying factor: covered (a linear map);
 - a product of two relevance-carrying tensors, a division by one, and every other node (softmax,
   exp, ``F.silu``, ``tanh``, ...): findings.
+
+Under lxt_ext's transformer composites the operation rules give every operation they see its rule or refuse it
+in the forward, so an audit there finds what they cannot see (autograd Functions of other libraries) and what
+``strict=False`` let pass.
 
 A ``TorchFunctionMode`` and module hooks record, during the audited forward, which module and which
 source line created each node, so findings name the module, the operation and the line. Nothing of
@@ -26,8 +29,7 @@ import sys
 import torch
 from torch.overrides import TorchFunctionMode
 
-from ..composites.transformer import UnmappedModuleError
-from ..core import rule_of
+from ..errors import UncoveredOperationError
 
 __all__ = ['LINEAR', 'Finding', 'AuditReport', 'UncoveredOperationError', 'audit', 'record']
 
@@ -46,8 +48,16 @@ LINEAR = frozenset({
     'MaskedFillBackward0', 'MaskedFillBackward1', 'WhereBackward0',
     # dropout in training mode: a constant (random) scaling
     'NativeDropoutBackward0',
-    # positively homogeneous, f(x) = f'(x) x: the gradient is the identity rule
-    'ReluBackward0', 'LeakyReluBackward0',
+    'IndexAddBackward0', 'IndexPutBackward0', 'IndexCopyBackward0', 'IndexFillBackward0', 'ScatterBackward0',
+    'ScatterAddBackward0', 'MaskedScatterBackward0', 'CumsumBackward0', 'AvgPool1DBackward0', 'AvgPool2DBackward0',
+    'AvgPool3DBackward0', 'AdaptiveAvgPool2DBackward0', 'PixelShuffleBackward0', 'PixelUnshuffleBackward0',
+    'Im2ColBackward0', 'Col2ImBackward0', 'UnfoldBackward0', 'DiagonalBackward0', 'TakeAlongDimBackward0',
+    'ViewAsComplexBackward0', 'ViewAsRealBackward0',
+    # positively homogeneous, f(x) = f'(x) x, and selections of the largest: the gradient is the identity rule
+    'ReluBackward0', 'LeakyReluBackward0', 'TopkBackward0', 'SortBackward0', 'MaxBackward0', 'MaxBackward1',
+    'AmaxBackward0', 'MinBackward0', 'MinBackward1', 'AminBackward0', 'MaxPool2DWithIndicesBackward0',
+    # AttnLRP's softmax rule is the softmax's plain gradient in this convention (lxt_ext.operations)
+    'SoftmaxBackward0',
 })
 # Element-wise products: linear in each factor.
 _ELEMENTWISE_PRODUCTS = frozenset({'MulBackward0'})
@@ -56,7 +66,9 @@ _MATRIX_PRODUCTS = frozenset({
     'MmBackward0', 'AddmmBackward0', 'BmmBackward0', 'BaddbmmBackward0', 'MvBackward0', 'AddmvBackward0',
     'DotBackward0', 'LinearBackward0', 'ConvolutionBackward0', 'GroupedMmBackward0',
 })
-_TORCH = os.path.dirname(torch.__file__) + os.sep
+# frames skipped when naming the source line: torch's and lxt_ext's own (its rules run the model's calls)
+_SKIPPED = (os.path.dirname(torch.__file__) + os.sep,
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,20 +98,6 @@ class Finding:
 
     def __str__(self):
         return f'{self.module or "(model)"} ({self.module_type}): {self.operation} at {self.source}: {self.reason}'
-
-
-class UncoveredOperationError(UnmappedModuleError):
-    """Operations on the relevance path that no rule covers (their plain gradient is wrong relevance).
-
-    Parameters
-    ----------
-    report : AuditReport
-        The audit's findings (kept as ``.report``; the message lists them).
-    """
-
-    def __init__(self, report):
-        super().__init__(str(report))
-        self.report = report
 
 
 @dataclasses.dataclass
@@ -134,7 +132,9 @@ class AuditReport:
             This report, when nothing was found.
         """
         if self.findings:
-            raise UncoveredOperationError(self)
+            error = UncoveredOperationError(str(self))
+            error.report = self
+            raise error
         return self
 
 
@@ -158,14 +158,8 @@ class _Recorder(TorchFunctionMode):
         self.origins = {}
         self._types = {}
         self._handles = []
-        self._held = set()
 
     def __enter__(self):
-        # parameters held by the registered rules: of modules whose rule is their plain gradient (KeepGradient),
-        # and of modules whose rule computes them (children included) itself, where the composite's Linear rule
-        # may be the plain gradient (epsilon 0: KeepGradient.linear)
-        self._held = {p.untyped_storage().data_ptr() for module in self.model.modules() if _ruled(module)
-                      for p in module.parameters()}
         for name, module in self.model.named_modules():
             self._types[name] = type(module).__qualname__
             self._handles.append(module.register_forward_pre_hook(self._entering(name)))
@@ -212,14 +206,11 @@ class _Recorder(TorchFunctionMode):
         reaches = _reaching(roots, targets)
         if not any(reaches[root] for root in roots):
             raise ValueError('the audited output does not depend on the explained input')
-        held = self._held
-        parameters = {p.untyped_storage().data_ptr(): name for name, p in self.model.named_parameters()
-                      if p.numel() and p.untyped_storage().data_ptr() not in held}
         unknown = _Origin('', '?', '?', len(self.origins))
         findings = {}
         path = [node for node, reached in reaches.items() if reached and node not in targets]
         for node in path:
-            reason = _uncovered(node, reaches, parameters)
+            reason = _uncovered(node, reaches)
             if reason is not None:
                 origin = self.origins.get(node, unknown)
                 finding = Finding(origin.module, self._types.get(origin.module, '?'),
@@ -284,11 +275,6 @@ def audit(model, input, forward=None, composite=None):
     return recorder.report(outputs, [x])
 
 
-def _ruled(module):
-    """Whether an lxt_ext rule is registered on ``module``."""
-    return rule_of(module) is not None
-
-
 def _tensors(value):
     """The tensors in a (nested) result: a tensor, tuples/lists, dicts (transformers' ModelOutput)."""
     if isinstance(value, torch.Tensor):
@@ -301,9 +287,9 @@ def _tensors(value):
 
 
 def _caller():
-    """``file:line`` of the innermost frame outside torch (and this module) that led to this call."""
+    """``file:line`` of the innermost frame outside torch and lxt_ext that led to this call."""
     frame = sys._getframe(1)
-    while frame is not None and (frame.f_code.co_filename.startswith(_TORCH) or frame.f_code.co_filename == __file__):
+    while frame is not None and frame.f_code.co_filename.startswith(_SKIPPED):
         frame = frame.f_back
     return '?' if frame is None else f'{frame.f_code.co_filename}:{frame.f_lineno}'
 
@@ -325,7 +311,7 @@ def _reaching(roots, targets):
     return reaches
 
 
-def _uncovered(node, reaches, parameters):
+def _uncovered(node, reaches):
     """Why ``node``'s plain gradient is wrong relevance, or None where it is right (see the module doc)."""
     forward_cls = getattr(node, '_forward_cls', None)
     if forward_cls is not None:
@@ -338,30 +324,9 @@ def _uncovered(node, reaches, parameters):
     if name in LINEAR:
         return None
     if name in _ELEMENTWISE_PRODUCTS or name in _MATRIX_PRODUCTS:
-        if sum(carrying) > 1:
-            return 'a product of two relevance-carrying tensors'
-        parameter = _parameter_of(node, carrying, parameters) if name in _MATRIX_PRODUCTS else None
-        return None if parameter is None else f'a linear map with the parameter {parameter!r}, which no rule holds'
+        return 'a product of two relevance-carrying tensors' if sum(carrying) > 1 else None
     if name == 'DivBackward0':
         return 'a division by a relevance-carrying tensor' if carrying[1] else None
     if name == 'DivBackward1':  # by a number
         return None
     return 'a non-linear operation'
-
-
-def _parameter_of(node, carrying, parameters):
-    """The name of a model parameter that is a factor of the product ``node``, or None: a saved
-    factor sharing its storage (also for frozen parameters), or a parameter its gradient reaches."""
-    for attribute in dir(node):
-        if attribute.startswith('_saved_'):
-            saved = getattr(node, attribute)
-            if isinstance(saved, torch.Tensor) and saved.untyped_storage().data_ptr() in parameters:
-                return parameters[saved.untyped_storage().data_ptr()]
-    stack = [fn for (fn, _), on_path in zip(node.next_functions, carrying) if fn is not None and not on_path]
-    while stack:
-        fn = stack.pop()
-        variable = getattr(fn, 'variable', None)
-        if variable is not None and variable.untyped_storage().data_ptr() in parameters:
-            return parameters[variable.untyped_storage().data_ptr()]
-        stack.extend(next_fn for next_fn, _ in fn.next_functions if next_fn is not None)
-    return None

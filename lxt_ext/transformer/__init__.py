@@ -21,11 +21,13 @@ from .elementwise import INPUT_STABILIZER, ActivationIdentity, DropoutOff, ident
 from .experts import DenseExperts, RouterConstant
 from .linear import OutputEpsilon
 from .mlp import FusedGatedMLP, GatedMLP, gated_product
-from .norms import NormIdentity, layer_norm_identity, rms_norm_identity
+from .norms import (NormIdentity, functional_rms_norm_identity, group_norm_identity, layer_norm_identity,
+                    rms_norm_identity)
 
 __all__ = [
     'ActivationIdentity', 'DropoutOff', 'NormIdentity', 'OutputEpsilon', 'ZennitRule', 'ExplicitRelevance',
-    'ExplicitConvention', 'OutputRelevance', 'identity_rule', 'uniform_product', 'layer_norm_identity',
+    'ExplicitConvention', 'OutputRelevance', 'identity_rule', 'uniform_product', 'layer_norm_identity', 'group_norm_identity',
+    'functional_rms_norm_identity',
     'rms_norm_identity', 'gradient_x_input', 'emitting_relevance', 'linear_rule_apply', 'relevance_seeded',
     'INPUT_STABILIZER', 'GatedMLP', 'FusedGatedMLP', 'gated_product', 'DenseExperts', 'RouterConstant',
 ]

@@ -6,7 +6,8 @@ from ..checks import first_order
 from ..core import LOW_PRECISION, SwappedForward
 from ..layers import UnsupportedLayerError
 
-__all__ = ['NormIdentity', 'layer_norm_identity', 'rms_norm_identity']
+__all__ = ['NormIdentity', 'layer_norm_identity', 'rms_norm_identity', 'functional_rms_norm_identity',
+           'group_norm_identity']
 
 
 def _float_rstd(x, dims, eps, centred):
@@ -119,6 +120,83 @@ def rms_norm_identity(x, weight, eps, weight_offset=0.0, *, normalized_ndim=1):
         The normalised ``x``.
     """
     return _RMSNormIdentity.apply(x, weight, eps, float(weight_offset), normalized_ndim)
+
+
+class _FunctionalRMSNormIdentity(torch.autograd.Function):
+    """``F.rms_norm(x, shape, w, eps)`` itself (its own precision); backward with ``rstd`` constant:
+    ``g_in = g * w * rstd``. Saves ``rstd`` and the weight."""
+
+    @staticmethod
+    def forward(ctx, x, normalized_shape, weight, eps):
+        output = torch.nn.functional.rms_norm(x, normalized_shape, weight, eps)
+        dims = tuple(range(-len(normalized_shape), 0))
+        statistics = x.float() if x.dtype in LOW_PRECISION else x
+        ctx.save_for_backward(torch.rsqrt(statistics.pow(2).mean(dims, keepdim=True) + eps), weight)
+        return output
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad):
+        rstd, weight = ctx.saved_tensors
+        grad_input = grad * rstd if weight is None else grad * rstd * weight
+        return grad_input.to(grad.dtype), None, None, None
+
+
+def functional_rms_norm_identity(x, normalized_shape, weight=None, eps=None):
+    """``torch.nn.functional.rms_norm(x, normalized_shape, weight, eps)`` (computed by it, in its precision) with the
+    identity rule on the normalisation: ``g_in = g * w * rstd``.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        The input.
+    normalized_shape : sequence of int
+        The normalised trailing dimensions.
+    weight : torch.Tensor, optional
+        The scale (None: none).
+    eps : float, optional
+        Added to ``mean(x^2)`` (None: the dtype's machine epsilon, as ``F.rms_norm``).
+
+    Returns
+    -------
+    torch.Tensor
+        The normalised ``x``.
+    """
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    return _FunctionalRMSNormIdentity.apply(x, tuple(normalized_shape), weight, eps)
+
+
+def group_norm_identity(x, num_groups, weight=None, bias=None, eps=1e-5):
+    """``F.group_norm(x, num_groups, weight, bias, eps)`` with the identity rule on the normalisation: the
+    backward holds each group's ``rstd`` constant (the mean's subtraction is linear and keeps its gradient), so
+    ``g_in = rstd * (g w - mean_group(g w))``. Plain autograd around a detached ``rstd``.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        The input, (N, C, ...).
+    num_groups : int
+        The number of channel groups (C divisible by it).
+    weight, bias : torch.Tensor, optional
+        The per-channel affine parameters (None: none).
+    eps : float, optional
+        Added to the variance (default 1e-5).
+
+    Returns
+    -------
+    torch.Tensor
+        The normalised ``x``.
+    """
+    groups = x.reshape(x.shape[0], num_groups, -1)
+    centred = groups - groups.mean(-1, keepdim=True)
+    rstd = _float_rstd(groups.detach(), (-1,), eps, centred=True).to(x.dtype)
+    output = (centred * rstd).reshape(x.shape)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        output = output * weight.reshape(shape)
+    if bias is not None:
+        output = output + bias.reshape(shape)
+    return output
 
 
 class NormIdentity(SwappedForward):

@@ -80,6 +80,7 @@ class HFExperts(ExpertsRule, ConfigViewRule):
     activation module under its own rule; the routing weights are constants (see ``RouterConstant``).
     Custom gates (``_apply_gate`` overridden: GPT-OSS, ...), interleaved gate/up weights, post-expert
     norms and expert parallelism are refused by name. ``linear_rule`` None raises ``ValueError``."""
+    covers_operations = True  # the experts function it dispatches to computes the whole forward
 
     def prepare(self, module):
         super().prepare(module)

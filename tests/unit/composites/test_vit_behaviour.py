@@ -9,7 +9,8 @@ import zennit.composites
 from torch.utils.checkpoint import checkpoint
 from zennit.attribution import Gradient
 
-from lxt_ext.composites import LanguageTransformer, TransformerComposite, UnmappedModuleError, ViTEpsilon, ViTGamma
+from lxt_ext.composites import LanguageTransformer, TransformerComposite, ViTEpsilon, ViTGamma
+from lxt_ext.errors import UncoveredOperationError
 from lxt_ext.rules import Epsilon
 from lxt_ext.transformer import ActivationIdentity
 
@@ -119,19 +120,25 @@ class Softsign(torch.nn.Module):
         return x / (1 + x.abs())
 
 
-def test_unmapped_module_is_reported_by_name():
+def test_unmapped_module_is_refused_at_its_operation_by_name():
+    """A module no table knows, computing ``x / (1 + |x|)`` by hand: its ``abs`` has no rule, so the forward
+    refuses it by operation, module and line before any relevance; ``strict=False`` warns instead; a rule from
+    ``layer_map`` covers the module."""
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), Softsign(), torch.nn.Linear(8, 2))
+    x = torch.randn(3, 4, requires_grad=True)
     composite = TransformerComposite(Epsilon())
-    with pytest.raises(UnmappedModuleError, match=r'1 \(.*Softsign\)'):
-        composite.register(model)
+    composite.register(model)
+    with pytest.raises(UncoveredOperationError, match=r'abs in 1 \(Softsign\) at .*test_vit_behaviour.py:\d+'):
+        model(x)
+    composite.remove()
     assert not any('forward' in vars(module) for module in model.modules())  # nothing left registered
     lenient = TransformerComposite(Epsilon(), strict=False)
-    with pytest.warns(UserWarning, match='Softsign'):
-        lenient.register(model)
-    lenient.remove()
-    with warnings.catch_warnings():
+    with lenient.context(model), pytest.warns(UserWarning, match=r'(abs|div) in 1 \(Softsign\)'):
+        model(x)
+    with warnings.catch_warnings(), TransformerComposite(Epsilon(), layer_map=[(Softsign, ActivationIdentity())]
+                                                         ).context(model):
         warnings.simplefilter('error')
-        TransformerComposite(Epsilon(), layer_map=[(Softsign, ActivationIdentity())]).register(model)
+        model(x)
 
 
 def test_timm_block_computing_attention_functionally_is_refused():

@@ -1,0 +1,571 @@
+"""Rules at the level of operations: while a transformer composite is registered, every torch operation on the
+relevance path that no module rule covers gets its rule, or a refusal naming it before any relevance is returned.
+
+``OperationRules`` (registered by ``lxt_ext.composites.TransformerComposite`` on the model it explains) runs the
+model's forward under a ``TorchFunctionMode``, which sees every ``torch.*``, ``torch.nn.functional.*`` and Tensor
+method or operator call made in Python. Inside a module whose rule computes it (the module tables of
+``lxt_ext.models``: fused attention, gated MLPs, norms, Linear layers, ...) every call passes unchanged; elsewhere
+a call with a *relevance-carrying* input (one that requires grad and derives from the model's inputs, not from
+parameters alone) gets, by the operation's name (Gradient x Input convention, ``lxt_ext.transformer``):
+
+- linear operations (views, reshapes, adds, concatenation, indexing, sums, scaling by a constant; ``LINEAR``):
+  the plain gradient, which is exact for them;
+- positively homogeneous maps (``relu``, max pooling, ``max``/``topk`` values: ``f(x) = f'(x) x``) and the
+  softmax (AttnLRP's softmax rule is its plain gradient in this convention): the plain gradient;
+- element-wise non-linear maps (GELU, SiLU, sigmoid, tanh and softcaps, softplus, ``exp``, ``clamp``, ...;
+  ``ELEMENTWISE``): the identity rule ``g_in = g_out f(x) / stab(x)``;
+- a product of two relevance-carrying tensors (element-wise or matrix products, ``einsum``, a ``linear`` with a
+  carrying weight): AttnLRP's uniform rule (half of the plain gradient to each factor); under CP-LRP a factor
+  that is a *gate* (the output of a softmax, a sigmoid or another activation, or a view of one) is held
+  constant, as the attention weights and a gated MLP's gate are;
+- ``F.linear`` (and a matrix product with a 2-D right factor) of a carrying input: the composite's Linear rule;
+- layer, RMS and group norms, ``F.normalize``: the identity rule on the normalisation (statistics constant);
+  batch norm in eval mode is linear. Norms written out (``x * rsqrt(mean(x ** 2) + eps)``, ``(x - u) / sqrt(var +
+  eps)``, ``x / x.norm()``) get the same rule: a *statistic* (``var``, ``std``, ``norm``, or ``mean``/``sum`` of a
+  square) and what is computed from it alone (adding constants, ``rsqrt``, ``sqrt``, powers, casts, views) is held
+  constant where it scales or divides a carrying tensor; a square or a statistic used any other way is refused;
+- ``F.scaled_dot_product_attention``: ``lxt_ext.attention.attention_lrp`` with the composite's attention rule;
+- anything else whose output requires grad: ``UncoveredOperationError`` naming the operation, the module and the
+  source line (a warning with ``strict=False``).
+
+A division by a carrying tensor, a power, a logarithm, a square root and every operation not named here are
+refused. The mode cannot see inside an autograd Function another library applies (``Function.apply``), only the
+operations its forward runs without grad: ``lxt_ext.diagnostics.audit`` names those.
+"""
+import os
+import sys
+import warnings
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from ._docstrings import shared_parameters
+from .attention import attention_lrp, uniform_matmul
+from .core import KeepGradient, RuleHook, rule_of
+from .errors import UncoveredOperationError
+from .ops import attention_mode
+from .transformer.convention import linear_rule_apply
+from .transformer.elementwise import INPUT_STABILIZER, identity_rule, uniform_product
+from .transformer.norms import functional_rms_norm_identity, group_norm_identity, layer_norm_identity
+
+__all__ = ['OperationRules', 'LINEAR', 'HOMOGENEOUS', 'ELEMENTWISE', 'PRODUCTS', 'MATRIX_PRODUCTS', 'DIVISIONS',
+           'covers_operations']
+
+# Linear in every relevance-carrying input: the plain gradient is exact (an allow-list: a name missing here is
+# refused, never passed).
+LINEAR = frozenset({
+    # views, copies and casts
+    'view', 'view_as', 'reshape', 'reshape_as', 'flatten', 'unflatten', 'squeeze', 'unsqueeze', 'transpose', 't',
+    'permute', 'movedim', 'moveaxis', 'swapaxes', 'swapdims', 'expand', 'expand_as', 'broadcast_to', 'contiguous',
+    'clone', 'to', 'float', 'double', 'half', 'bfloat16', 'type', 'type_as', 'cpu', 'cuda', 'as_strided',
+    'view_as_real', 'view_as_complex', 'conj', 'resolve_conj', 'resolve_neg', 'requires_grad_', 'detach',
+    # selections and rearrangements
+    'narrow', 'select', '__getitem__', '__setitem__', 'index_select', 'gather', 'take_along_dim', 'split',
+    'split_with_sizes', 'chunk', 'tensor_split', 'unbind', 'cat', 'concat', 'concatenate', 'stack', 'hstack',
+    'vstack', 'repeat', 'repeat_interleave', 'tile', 'roll', 'flip', 'fliplr', 'flipud', 'pad', 'constant_pad_nd',
+    'tril', 'triu', 'diagonal', 'diag_embed', 'unfold', 'fold', 'pixel_shuffle', 'pixel_unshuffle',
+    'channel_shuffle', 'masked_fill', 'masked_fill_', 'where', 'index_put', 'index_put_', 'index_copy',
+    'index_copy_', 'index_add', 'index_add_', 'index_fill', 'index_fill_', 'masked_scatter', 'masked_scatter_',
+    'scatter', 'scatter_', 'scatter_add', 'scatter_add_', 'copy_', 'fill_', 'zero_', 'nan_to_num',
+    # sums, differences, scaling by constants, averages, interpolation
+    'add', 'add_', '__radd__', '__iadd__', 'sub', 'sub_', '__rsub__', '__isub__', 'subtract', 'neg', 'negative',
+    '__neg__', '__pos__', 'positive', 'sum', 'mean', 'nansum', 'cumsum', 'diff', 'trace', 'avg_pool1d',
+    'avg_pool2d', 'avg_pool3d', 'adaptive_avg_pool1d', 'adaptive_avg_pool2d', 'adaptive_avg_pool3d',
+    'interpolate', 'upsample', 'upsample_nearest', 'upsample_bilinear',
+    # dropout: off in eval mode, a constant random scaling in training
+    'dropout', 'dropout1d', 'dropout2d', 'dropout3d', 'alpha_dropout', 'feature_alpha_dropout', 'native_dropout',
+})
+# Positively homogeneous (f(x) = f'(x) x) or selections of the largest: the plain gradient is the identity rule.
+HOMOGENEOUS = frozenset({
+    'relu', 'relu_', 'leaky_relu', 'leaky_relu_', 'prelu', 'max_pool1d', 'max_pool2d', 'max_pool3d',
+    'max_pool1d_with_indices', 'max_pool2d_with_indices', 'max_pool3d_with_indices', 'adaptive_max_pool1d',
+    'adaptive_max_pool2d', 'adaptive_max_pool3d', 'max', 'min', 'amax', 'amin', 'topk', 'sort', 'kthvalue',
+    'median', 'cummax', 'cummin',
+})
+# Element-wise non-linear maps: the identity rule (in-place forms are computed out of place, then copied).
+ELEMENTWISE = frozenset({
+    'gelu', 'silu', 'sigmoid', 'tanh', 'softplus', 'elu', 'selu', 'celu', 'mish', 'hardswish', 'hardsigmoid',
+    'hardtanh', 'relu6', 'logsigmoid', 'softsign', 'erf', 'exp', 'clamp', 'clip', 'clamp_min', 'clamp_max',
+    'sigmoid_', 'tanh_', 'exp_', 'clamp_', 'clip_', 'clamp_min_', 'clamp_max_', 'elu_', 'selu_', 'celu_',
+    'hardtanh_', 'erf_', 'gelu_', 'silu_', 'mish_', 'hardswish_', 'hardsigmoid_',
+})
+# Element-wise products, and matrix products / contractions (bilinear in their two tensor factors).
+PRODUCTS = frozenset({'mul', 'multiply', 'mul_', '__mul__', '__rmul__', '__imul__'})
+MATRIX_PRODUCTS = frozenset({
+    'matmul', '__matmul__', '__rmatmul__', 'mm', 'bmm', 'mv', 'dot', 'vdot', 'inner', 'outer', 'ger', 'einsum',
+    'tensordot', 'baddbmm', 'addbmm', 'addmm', 'addmv',
+})
+DIVISIONS = frozenset({'div', 'divide', 'true_divide', 'div_', '__truediv__', '__rtruediv__', '__rdiv__', '__idiv__',
+                       '__itruediv__'})
+_SOFTMAX = frozenset({'softmax', '_softmax'})
+_EMBEDDING = frozenset({'embedding', 'embedding_bag'})
+_CONVOLUTIONS = frozenset({'conv1d', 'conv2d', 'conv3d', 'conv_transpose1d', 'conv_transpose2d', 'conv_transpose3d'})
+# Operations whose output is still a gate when their carrying input is one (views and casts of a softmax's output).
+_KEEP_GATE = frozenset({
+    'view', 'view_as', 'reshape', 'reshape_as', 'flatten', 'unflatten', 'squeeze', 'unsqueeze', 'transpose', 't',
+    'permute', 'movedim', 'expand', 'expand_as', 'contiguous', 'clone', 'to', 'float', 'double', 'half', 'bfloat16',
+    'type', 'type_as', 'narrow', 'select', '__getitem__', 'split', 'chunk', 'unbind', 'repeat', 'repeat_interleave',
+    'masked_fill', 'where', 'dropout', 'native_dropout', 'tril', 'triu',
+})
+# Normalisation statistics of a carrying tensor, and what keeps a statistic one (its input the statistic alone).
+_STATISTICS = frozenset({'var', 'std', 'var_mean', 'std_mean', 'norm', 'vector_norm'})
+_REDUCTIONS = frozenset({'mean', 'sum', 'nanmean', 'nansum'})
+_KEEP_STATISTIC = frozenset({
+    'add', 'add_', '__radd__', '__iadd__', 'sub', '__rsub__', 'rsqrt', 'rsqrt_', 'sqrt', 'sqrt_', 'reciprocal',
+    'reciprocal_', 'pow', 'clamp', 'clamp_min', 'clamp_max', 'clamp_', 'clamp_min_', 'to', 'float', 'double', 'half',
+    'bfloat16', 'type_as', 'expand', 'expand_as', 'view', 'reshape', 'unsqueeze', 'squeeze', '__getitem__',
+    'contiguous', 'mul', 'div', 'true_divide', '__truediv__', '__rtruediv__', '__rdiv__', 'abs',
+})
+_SDPA_ARGUMENTS = ('query', 'key', 'value', 'attn_mask', 'dropout_p', 'is_causal', 'scale', 'enable_gqa')
+_SKIPPED = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
+
+
+def covers_operations(module):
+    """Whether a rule registered on ``module`` computes the module's operations (so the operation rules leave
+    them alone): every lxt_ext rule but those that only wrap a forward (``covers_operations = False``).
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        Any module.
+
+    Returns
+    -------
+    bool
+    """
+    rule = rule_of(module)
+    return rule is not None and rule.covers_operations
+
+
+def _name(func):
+    # an OpOverload (torch.ops.aten.mul.Tensor) by its op's name; no str methods (torch.compile traces this)
+    return getattr(func, '_opname', None) or getattr(func, '__name__', '')
+
+
+def _flat(values):
+    """The tensors among ``values`` (one level of lists and tuples looked into)."""
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            yield from (item for item in value if isinstance(item, torch.Tensor))
+
+
+def _same(values, tensors):
+    """Whether the sequences ``values`` and ``tensors`` hold the same objects (by identity: ``==`` on tensors
+    compares elements)."""
+    return len(values) == len(tensors) and all(value is tensor for value, tensor in zip(values, tensors))
+
+
+def _outputs(value):
+    """The tensors in a forward's (nested) output: tensors, tuples and lists, dicts (transformers' ModelOutput)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _outputs(item)]
+    return []
+
+
+def _swap(values, old, new):
+    """``values`` (a tuple or dict of call arguments) with the tensor ``old`` replaced by ``new`` (by identity)."""
+    def one(value):
+        if value is old:
+            return new
+        if isinstance(value, (list, tuple)) and any(item is old for item in value):
+            return type(value)(new if item is old else item for item in value)
+        return value
+    if isinstance(values, dict):
+        return {key: one(value) for key, value in values.items()}
+    return tuple(one(value) for value in values)
+
+
+class _Scope:
+    """How deep the running forward is inside modules whose rules cover their operations (module hooks count)."""
+
+    def __init__(self):
+        self.depth = 0
+
+    def enter(self, module, args):
+        self.depth += 1
+
+    def leave(self, module, args, output):
+        self.depth -= 1
+
+
+class _OperationMode(TorchFunctionMode):
+    """The mode of one forward (see the module doc); ``derived`` and ``gates`` hold what it learnt of the
+    tensors it made (tensors computed from parameters alone; gates for CP-LRP) until the forward ends."""
+
+    def __init__(self, hook, root):
+        super().__init__()
+        self.hook, self.root, self.scope = hook, root, hook.scope
+        self.derived, self.gates, self.statistics, self.squares = {}, {}, {}, {}
+        self.pending, self.names = [], None
+
+    def __exit__(self, *exc):
+        self.derived, self.gates, self.statistics, self.squares = {}, {}, {}, {}
+        self.pending = []
+        return super().__exit__(*exc)
+
+    def carries(self, value):
+        return (isinstance(value, torch.Tensor) and value.requires_grad and not isinstance(value, torch.nn.Parameter)
+                and value not in self.derived)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.scope.depth or not torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        carrying = [t for t in _flat(args) if self.carries(t)] + [t for t in _flat(kwargs.values()) if self.carries(t)]
+        name = _name(func)
+        if not carrying:
+            output = func(*args, **kwargs)
+            if name not in _EMBEDDING:  # an embedding's output starts the relevance path
+                for tensor in _flat((output,)):
+                    if tensor.requires_grad:
+                        self.derived[tensor] = True
+            return output
+        if self.statistics or self.squares:
+            if any(t in self.statistics or t in self.squares for t in carrying):
+                return self.statistic(func, name, args, kwargs, carrying)
+        if name in _STATISTICS or (name == 'pow' and len(args) == 2 and args[0] is carrying[0] and isinstance(args[1], (int, float))
+                                   and args[1] == 2) \
+                or (name == 'square' and len(carrying) == 1) \
+                or (name in PRODUCTS and len(args) == 2 and args[0] is args[1]):
+            output = func(*args, **kwargs)
+            for tensor in _flat((output,)):
+                if name in ('var_mean', 'std_mean') and tensor is not output[0]:
+                    continue  # the mean: linear
+                (self.statistics if name in _STATISTICS else self.squares)[tensor] = True
+            # refused if the output depends on it other than through a normalisation (which holds it constant)
+            return self.refuse(name, 'a statistic or square of a relevance-carrying tensor used otherwise than to '
+                                     'normalise it', output, defer=True)
+        if name in LINEAR:
+            output = func(*args, **kwargs)
+            if name in _KEEP_GATE and all(t in self.gates for t in carrying):
+                self._gate(output)
+            return output
+        if name in HOMOGENEOUS or name in _SOFTMAX:
+            return self._gate(func(*args, **kwargs))
+        rule = _RULES.get(name)
+        if rule is None:
+            for names, handler in _GROUPS:
+                if name in names:
+                    rule = handler
+                    break
+        if rule is not None:
+            output = rule(self, func, name, args, kwargs, carrying)
+            if output is not NotImplemented:
+                return output
+        output = func(*args, **kwargs)
+        return self.refuse(name, 'an operation no rule covers', output)
+
+    def _gate(self, output):
+        for tensor in _flat((output,)):
+            self.gates[tensor] = True
+        return output
+
+    def refuse(self, operation, reason, output, defer=False):
+        """``output`` of an uncovered ``operation``: noted with the operation, the module running it and the source
+        line, and refused (``settle``) if the forward's output depends on it through the relevance path (model
+        code may hold it constant later: a router's weights, a norm's statistic); under ``torch.compile``, which
+        keeps no graph to look at, refused at once (``defer``: not at all)."""
+        compiling = torch.compiler.is_compiling()
+        if compiling and defer:
+            return output
+        nodes = [t.grad_fn for t in _flat((output,)) if t.requires_grad and t.grad_fn is not None] \
+            if not compiling else []
+        if not nodes and not any(t.requires_grad for t in _flat((output,))):
+            return output
+        module, source = self._where()
+        message = (f'{operation} in {module} at {source}: {reason}, so its plain gradient would propagate wrong '
+                   f'relevance. Give the module a rule (layer_map=[(type, rule)] or an adapter in lxt_ext.models), '
+                   f'or leave this model out of the composite.')
+        if nodes:
+            self.pending.append((message, nodes))
+        else:
+            self._raise([message])
+        return output
+
+    def settle(self, output):
+        """Refuse the uncovered operations the forward's ``output`` depends on (see ``refuse``)."""
+        if not self.pending:
+            return
+        targets = {node: message for message, nodes in self.pending for node in nodes}
+        found, seen = set(), set()
+        stack = [t.grad_fn for t in _outputs(output) if t.grad_fn is not None]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if node in targets:
+                found.add(targets[node])
+            stack.extend(fn for fn, _ in node.next_functions)
+        self._raise([message for message, _ in self.pending if message in found])
+
+    def _raise(self, messages):
+        messages = list(dict.fromkeys(messages))
+        if not messages:
+            return
+        if self.hook.strict:
+            raise UncoveredOperationError('\n'.join(messages))
+        for message in messages:
+            warnings.warn(message, stacklevel=4)
+
+    def _where(self):
+        """The innermost module of the explained model running now (by its frame's ``self``) and the innermost
+        source line outside torch and lxt_ext."""
+        if self.names is None:
+            self.names = {id(module): name for name, module in self.root.named_modules()}
+        names = self.names
+        frame, module, source = sys._getframe(1), None, None
+        while frame is not None and (module is None or source is None):
+            filename = frame.f_code.co_filename
+            if source is None and not filename.startswith(_SKIPPED):
+                source = f'{filename}:{frame.f_lineno}'
+            owner = frame.f_locals.get('self') if source is not None else None
+            if module is None and id(owner) in names:
+                module = f'{names[id(owner)] or "(model)"} ({type(owner).__qualname__})'
+            frame = frame.f_back
+        return module or '(model)', source or '?'
+
+    # -- rules ---------------------------------------------------------------------------------------------------
+
+    def statistic(self, func, name, args, kwargs, carrying):
+        """A call with a square or a statistic among its carrying inputs (see the module doc)."""
+        special = [t for t in carrying if t in self.statistics or t in self.squares]
+        if name in _REDUCTIONS and len(carrying) == 1 and carrying[0] in self.squares:
+            return self._mark(self.statistics, func(*args, **kwargs))
+        if any(t in self.squares for t in special):
+            return self.refuse(name, 'a square of a relevance-carrying tensor used otherwise than in a normalisation',
+                               func(*args, **kwargs))
+        if len(carrying) == 1 and name in _KEEP_STATISTIC:
+            return self._mark(self.statistics, func(*args, **kwargs))
+        if len(carrying) == 2 and len(special) == 1 and (name in PRODUCTS or name in DIVISIONS):
+            # the normalisation: a carrying tensor scaled by (or divided by) a statistic held constant
+            constant = special[0]
+            if name in DIVISIONS and args[0] is constant:
+                return self.refuse(name, 'a division by a relevance-carrying tensor', func(*args, **kwargs))
+            return func(*_swap(args, constant, constant.detach()), **_swap(kwargs, constant, constant.detach()))
+        return self.refuse(name, 'a normalisation statistic of a relevance-carrying tensor used otherwise than to '
+                                 'scale it', func(*args, **kwargs))
+
+    def _mark(self, kind, output):
+        for tensor in _flat((output,)):
+            kind[tensor] = True
+        return output
+
+    def elementwise(self, func, name, args, kwargs, carrying):
+        if len(carrying) > 1 or args[0] is not carrying[0]:
+            return NotImplemented  # a bound that carries relevance too (clamp(x, min=y))
+        x, rest = args[0], args[1:]
+        inplace = name.endswith('_') or kwargs.get('inplace', False)
+        if 'inplace' in kwargs:
+            kwargs = dict(kwargs, inplace=False)
+        if inplace and name.endswith('_'):
+            func = getattr(torch, name[:-1], None) or getattr(torch.nn.functional, name[:-1])
+        output = identity_rule(lambda t: func(t, *rest, **kwargs), x.clone() if inplace else x,
+                               self.hook.input_stabilizer)
+        if inplace:
+            x.copy_(output)
+            output = x
+        return self._gate(output)
+
+    def product(self, func, name, args, kwargs, carrying):
+        if len(carrying) < 2:
+            return func(*args, **kwargs)  # linear in its one carrying factor
+        if len(carrying) > 2 or 'out' in kwargs:
+            return NotImplemented
+        a, b = carrying
+        if name in ('mul_', '__imul__'):
+            output = self._bilinear(torch.mul, (a.clone(), b), {}, (a.clone(), b))
+            a.copy_(output)
+            return a
+        if name in PRODUCTS and (_same(args, (a, b)) or _same(args, (b, a))) and not kwargs:
+            gate = self._gate_of(a, b)
+            if gate is not None:
+                return a.detach() * b if gate is a else a * b.detach()
+            return uniform_product(args[0], args[1])
+        return self._bilinear(func, args, kwargs, (a, b))
+
+    def _gate_of(self, a, b):
+        """Under CP-LRP, the one of ``a`` and ``b`` that is a gate (None: neither, both, or AttnLRP)."""
+        if self.hook.attention != 'cp':
+            return None
+        gates = [t for t in (a, b) if t in self.gates]
+        return gates[0] if len(gates) == 1 else None
+
+    def _bilinear(self, func, args, kwargs, factors):
+        """``func`` bilinear in the two carrying ``factors``: AttnLRP's uniform rule (each factor gets half of its
+        plain gradient: ``(f(a, b') + f(a', b)) / 2`` with ``'`` detached, exactly ``f(a, b)`` in floating point),
+        or under CP-LRP a gate among them held constant."""
+        a, b = factors
+        gate = self._gate_of(a, b)
+        if gate is not None:
+            return func(*_swap(args, gate, gate.detach()), **_swap(kwargs, gate, gate.detach()))
+        if _name(func) in ('matmul', '__matmul__') and _same(args, (a, b)) and not kwargs and a.dim() > 1 \
+                and b.dim() > 1:
+            return uniform_matmul(a, b)
+        halves = []
+        for constant in (b, a):
+            swapped = _swap(args, constant, constant.detach()), _swap(kwargs, constant, constant.detach())
+            halves.append(func(*swapped[0], **swapped[1]))
+        return halves[0] * 0.5 + halves[1] * 0.5
+
+    def matrix_product(self, func, name, args, kwargs, carrying):
+        if len(carrying) >= 2:
+            return self.product(func, name, args, kwargs, carrying)
+        rule = self.hook.linear_rule
+        if rule is None or isinstance(rule, KeepGradient):
+            return func(*args, **kwargs)  # the composite's Linear rule is the plain gradient
+        x = carrying[0]
+        if name in ('matmul', '__matmul__', 'mm') and args[0] is x and len(args) == 2 and not kwargs \
+                and isinstance(args[1], torch.Tensor) and args[1].dim() == 2:
+            return linear_rule_apply(rule, x, args[1].mT)
+        if name == 'addmm' and len(args) == 3 and args[1] is x and not kwargs and args[2].dim() == 2:
+            return linear_rule_apply(rule, x, args[2].mT, args[0])
+        return func(*args, **kwargs)  # a constant linear map the Linear rule cannot take: its epsilon -> 0 form
+
+    def linear(self, func, name, args, kwargs, carrying):
+        bound = dict(zip(('input', 'weight', 'bias'), args), **kwargs)
+        x, weight, bias = bound['input'], bound['weight'], bound.get('bias')
+        if self.carries(bias):
+            return NotImplemented
+        if not self.carries(x):
+            return func(*args, **kwargs)  # linear in the carrying weight
+        if self.carries(weight):
+            return self._bilinear(func, args, kwargs, (x, weight))
+        return linear_rule_apply(self.hook.linear_rule, x, weight, bias)
+
+    def convolution(self, func, name, args, kwargs, carrying):
+        rule = self.hook.conv_rule
+        x = args[0] if args else kwargs.get('input')
+        if not _same(carrying, [x]):
+            return NotImplemented
+        if rule is None or isinstance(rule, KeepGradient):
+            return func(*args, **kwargs)
+        return self.refuse(name, 'a convolution called functionally, which the composite\'s convolution rule takes '
+                                 'only as a module', func(*args, **kwargs))
+
+    def division(self, func, name, args, kwargs, carrying):
+        if len(args) >= 2 and any(args[1] is t for t in carrying) or name in ('__rtruediv__', '__rdiv__'):
+            return NotImplemented  # divided by a carrying tensor
+        return func(*args, **kwargs)
+
+    def layer_norm(self, func, name, args, kwargs, carrying):
+        bound = dict(zip(('input', 'normalized_shape', 'weight', 'bias', 'eps'), args), **kwargs)
+        if not _same(carrying, [bound['input']]):
+            return NotImplemented
+        return layer_norm_identity(bound['input'], bound['normalized_shape'], bound.get('weight'), bound.get('bias'),
+                                   bound.get('eps', 1e-5))
+
+    def rms_norm(self, func, name, args, kwargs, carrying):
+        bound = dict(zip(('input', 'normalized_shape', 'weight', 'eps'), args), **kwargs)
+        x = bound['input']
+        if not _same(carrying, [x]):
+            return NotImplemented
+        return functional_rms_norm_identity(x, bound['normalized_shape'], bound.get('weight'), bound.get('eps'))
+
+    def group_norm(self, func, name, args, kwargs, carrying):
+        bound = dict(zip(('input', 'num_groups', 'weight', 'bias', 'eps'), args), **kwargs)
+        if not _same(carrying, [bound['input']]):
+            return NotImplemented
+        return group_norm_identity(bound['input'], bound['num_groups'], bound.get('weight'), bound.get('bias'),
+                                   bound.get('eps', 1e-5))
+
+    def normalize(self, func, name, args, kwargs, carrying):
+        bound = dict(zip(('input', 'p', 'dim', 'eps'), args), **kwargs)
+        x = bound['input']
+        if not _same(carrying, [x]) or bound.get('out') is not None:
+            return NotImplemented
+        norm = x.norm(bound.get('p', 2.0), bound.get('dim', 1), keepdim=True).clamp_min(bound.get('eps', 1e-12))
+        return x / norm.detach().expand_as(x)
+
+    def batch_norm(self, func, name, args, kwargs, carrying):
+        bound = dict(zip(('input', 'running_mean', 'running_var', 'weight', 'bias', 'training'), args), **kwargs)
+        if not _same(carrying, [bound['input']]) or bound.get('training', False):
+            return NotImplemented  # batch statistics of the input itself
+        return func(*args, **kwargs)  # running statistics: linear
+
+    def attention(self, func, name, args, kwargs, carrying):
+        bound = dict(zip(_SDPA_ARGUMENTS, args), **kwargs)
+        query, key, value, mask = bound['query'], bound['key'], bound['value'], bound.get('attn_mask')
+        if self.carries(mask) or bound.get('dropout_p', 0.0) or value.shape[-1] != query.shape[-1]:
+            return NotImplemented
+        if key.shape[-3] != query.shape[-3] and not bound.get('enable_gqa', False):
+            return func(*args, **kwargs)  # SDPA's own error
+        return attention_lrp(query, key, value, mask, scale=bound.get('scale'), is_causal=bound.get('is_causal', False),
+                             mode=self.hook.attention)
+
+    def glu(self, func, name, args, kwargs, carrying):
+        bound = dict(zip(('input', 'dim'), args), **kwargs)
+        a, b = bound['input'].chunk(2, dim=bound.get('dim', -1))
+        return self.product(torch.mul, 'mul', (a, self.elementwise(torch.sigmoid, 'sigmoid', (b,), {}, [b])), {},
+                            [a, b])
+
+
+_RULES = {
+    'linear': _OperationMode.linear, 'layer_norm': _OperationMode.layer_norm, 'rms_norm': _OperationMode.rms_norm,
+    'group_norm': _OperationMode.group_norm, 'normalize': _OperationMode.normalize,
+    'batch_norm': _OperationMode.batch_norm, 'scaled_dot_product_attention': _OperationMode.attention,
+    'glu': _OperationMode.glu,
+}
+_GROUPS = (
+    (ELEMENTWISE, _OperationMode.elementwise), (PRODUCTS, _OperationMode.product),
+    (MATRIX_PRODUCTS, _OperationMode.matrix_product), (DIVISIONS, _OperationMode.division),
+    (_CONVOLUTIONS, _OperationMode.convolution),
+)
+
+
+@shared_parameters('attention', 'input_stabilizer')
+class OperationRules(RuleHook):
+    """The operation rules (see the module doc) during the forward of the module it is registered on (the model
+    a composite explains): its forward runs under the mode, and every module whose rule covers its operations
+    (``covers_operations``) is left to that rule. Registered after the module rules.
+
+    Parameters
+    ----------
+    linear_rule, conv_rule : zennit.core.Hook, optional
+        The composite's rules for Linear maps and convolutions (Gradient x Input convention; None or
+        ``KeepGradient``: the plain gradient).
+    strict : bool, optional
+        Uncovered operations raise ``UncoveredOperationError`` (default True); False: a warning each.
+    """
+    marks = False  # not the model's rule: the model may have one of its own
+    checked = False
+
+    def __init__(self, attention='attnlrp', linear_rule=None, conv_rule=None, input_stabilizer=INPUT_STABILIZER,
+                 strict=True):
+        super().__init__()
+        attention_mode(attention)
+        self.attention = attention
+        self.linear_rule, self.conv_rule = linear_rule, conv_rule
+        self.input_stabilizer = input_stabilizer
+        self.strict = strict
+        self.scope = _Scope()
+        self._handles = []
+
+    def attach(self, module):
+        self.scope = _Scope()
+        for child in module.modules():
+            if covers_operations(child):
+                self._handles.append(child.register_forward_pre_hook(self.scope.enter))
+                self._handles.append(child.register_forward_hook(self.scope.leave, always_call=True))
+        inner, hook = module.forward, self
+
+        def forward(*args, **kwargs):
+            if not (hook.active and torch.is_grad_enabled()) or hook.scope.depth:
+                return inner(*args, **kwargs)
+            with _OperationMode(hook, module) as mode:
+                output = inner(*args, **kwargs)
+                mode.settle(output)
+            return output
+
+        self.swap_forward(module, forward)
+
+    def detach(self, module):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

@@ -1,0 +1,283 @@
+"""The operation rules (``lxt_ext.operations``): every operation outside the modules with rules gets its rule or a
+refusal before relevance is returned.
+
+Oracles: the explicit formulas of each rule (identity rule: ``R_in = R_out`` element by element; uniform rule: half
+of the plain gradient to each factor; CP-LRP: a gate gets none), conservation with offsets zeroed, and lxt_ext's
+module tables (fused attention, gated MLPs, norm rules, tested against LXT 2.1 and zennit elsewhere): with the
+tables off, the operation path gives the tables' relevance.
+"""
+import warnings
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import transformers
+
+from lxt_ext.composites import LanguageTransformer, ViTEpsilon, ViTGamma
+from lxt_ext.errors import NotExplainableError, UncoveredOperationError
+
+
+def line_of(marker):
+    """``file:line`` of the line of this file that ends with ``marker``."""
+    with open(__file__) as source:
+        (number,) = [n for n, line in enumerate(source, 1) if line.rstrip().endswith(marker)]
+    return f'{__file__}:{number}'
+
+
+class Body(torch.nn.Module):
+    """A module no table knows: ``body(h)`` is the test's functional code."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, h):
+        return self.body(h)
+
+
+class Net(torch.nn.Module):
+    """Linear -> an unknown module of functional code -> Linear head (no biases: relevance is conserved)."""
+
+    def __init__(self, body, dim=8, out=3, parameter=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner = torch.nn.Linear(dim, dim, bias=False)
+        self.unknown = Body(body)
+        self.head = torch.nn.Linear(dim, out, bias=False)
+        self.scale = torch.nn.Parameter(torch.randn(dim) * 0.1) if parameter else None
+
+    def forward(self, x):
+        return self.head(self.unknown(self.inner(x)))
+
+
+def relevance(model, x, composite, target=0, keep=None):
+    """Input relevance of the ``target`` output (seeded with its value: relevance sums to it), the output, and the
+    gradient arriving at the tensor ``keep(model)`` returns (None: none)."""
+    x = x.detach().clone().requires_grad_()
+    with composite.context(model):
+        output = model(x)
+        picked = output[..., target]
+        (grad,) = torch.autograd.grad(picked, x, picked.detach())
+    return (x * grad).detach(), output.detach()
+
+
+def x_of(shape=(4, 8)):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+@pytest.mark.parametrize('attention', ['attnlrp', 'cp'])
+@pytest.mark.parametrize('body', [
+    lambda h: torch.tanh(h / 4.) * 4.,             # a softcap: identity rule
+    lambda h: F.gelu(h) + F.silu(h),               # activations, summed
+    lambda h: F.softplus(h).clamp(max=2.),         # chained element-wise maps
+    lambda h: h * torch.sigmoid(h),                # a product of two carrying tensors (uniform / the gate constant)
+    lambda h: torch.relu(h).amax(-1, keepdim=True).expand_as(h) + h,  # homogeneous maps
+    lambda h: F.layer_norm(h, h.shape[-1:]),       # the norms: statistics constant
+    lambda h: F.rms_norm(h, h.shape[-1:], eps=1e-6),
+    lambda h: h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6),  # RMSNorm written out
+    lambda h: (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, keepdim=True, unbiased=False) + 1e-5),
+    lambda h: F.normalize(h, dim=-1) * 3.,
+], ids=['softcap', 'activations', 'chain', 'swish', 'homogeneous', 'layer_norm', 'rms_norm', 'rms_written',
+        'layer_norm_written', 'normalize'])
+def test_unknown_functional_code_conserves(body, attention):
+    """Conservation (relevance sums to the explained output) through operations no module rule covers; the
+    forward is unchanged."""
+    model = Net(body).double()
+    x = x_of()
+    plain = model(x)
+    R, output = relevance(model, x, LanguageTransformer(attention=attention))
+    assert torch.equal(output, plain)
+    torch.testing.assert_close(R.sum(-1), output[:, 0], rtol=1e-6, atol=1e-9)
+
+
+def test_attention_written_out_conserves_under_cp():
+    """``softmax(s) @ v`` with both from the input: CP-LRP holds the weights constant, so relevance is conserved
+    (AttnLRP's softmax rule is not conservative by itself: its bias term takes a share; the tables-off oracle
+    below compares it with the fused op)."""
+    model = Net(lambda h: (h.reshape(4, 2, 4).softmax(-1) @ h.reshape(4, 4, 2)).reshape(4, 4).repeat(1, 2)).double()
+    x = x_of()
+    R, output = relevance(model, x, LanguageTransformer(attention='cp'))
+    assert torch.equal(output, model(x))
+    torch.testing.assert_close(R.sum(-1), output[:, 0], rtol=1e-6, atol=1e-9)
+
+
+def gradients(fn, *tensors, composite):
+    """The gradients of ``fn(*tensors).sum()`` with the operation rules active (a model around ``fn``)."""
+    class Wrap(torch.nn.Module):
+        def forward(self, *inputs):
+            return fn(*inputs)
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    with composite.context(Wrap()) as model:
+        output = model(*leaves)
+        # seed the output's relevance with the output itself: the gradient arriving is 1
+        grads = torch.autograd.grad(output, leaves, output.detach(), allow_unused=True)
+    return output, [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
+
+
+def test_identity_rule_gives_each_input_its_output_relevance():
+    x = x_of()
+    output, (g,) = gradients(torch.tanh, x, composite=LanguageTransformer())
+    torch.testing.assert_close(g * x, output.detach(), rtol=1e-6, atol=1e-9)  # R_in = R_out element-wise
+
+
+@pytest.mark.parametrize('op', [torch.mul, torch.matmul, lambda a, b: torch.einsum('ij,jk->ik', a, b)],
+                         ids=['mul', 'matmul', 'einsum'])
+def test_uniform_rule_is_half_the_plain_gradient(op):
+    a, b = x_of((8, 8)), x_of((8, 8)).flip(0)
+    output, (ga, gb) = gradients(op, a, b, composite=LanguageTransformer(attention='attnlrp'))
+    torch.testing.assert_close(output.detach(), op(a, b))
+    ga_plain, gb_plain = torch.autograd.grad(op(a.requires_grad_(), b.requires_grad_()), (a, b), torch.ones(8, 8))
+    torch.testing.assert_close(ga, ga_plain / 2)
+    torch.testing.assert_close(gb, gb_plain / 2)
+
+
+def test_cp_holds_the_gate_constant():
+    """Under CP-LRP the softmax's output (and views of it) is a gate: no relevance through it; under AttnLRP it
+    gets half."""
+    s, v = x_of((4, 8)), x_of((8, 4))
+
+    def attention(scores, values):
+        return scores.softmax(-1).to(torch.float64).contiguous() @ values
+
+    _, (g_scores, g_values) = gradients(attention, s, v, composite=LanguageTransformer(attention='cp'))
+    assert torch.count_nonzero(g_scores) == 0
+    probs = s.softmax(-1)
+    torch.testing.assert_close(g_values, probs.T @ torch.ones(4, 4, dtype=torch.float64))
+    _, (g_scores, g_values) = gradients(attention, s, v, composite=LanguageTransformer(attention='attnlrp'))
+    assert torch.count_nonzero(g_scores) > 0
+    torch.testing.assert_close(g_values, probs.T @ torch.ones(4, 4, dtype=torch.float64) / 2)
+
+
+def test_a_parameter_derived_factor_is_a_constant_not_a_second_factor():
+    """``h * (1 + w)`` (Gemma's norm scale) is linear in ``h``: the parameter side is no relevance-carrying
+    factor, even while the parameters require grad (the uniform rule would halve the relevance)."""
+    model = Net(None, parameter=True).double()
+    model.unknown.body = lambda h: h * (1 + model.scale).exp()
+    x = x_of()
+    R, output = relevance(model, x, LanguageTransformer())
+    torch.testing.assert_close(R.sum(-1), output[:, 0], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize('body,operation', [
+    (lambda h: h / h.sum(-1, keepdim=True), 'div'),  # marker: division
+    (lambda h: h.pow(3), 'pow'),  # marker: power
+    (lambda h: torch.log(h.abs() + 1), 'abs'),  # marker: log
+    (lambda h: h.pow(2) + h, 'add'),  # marker: square
+    (lambda h: h.var(-1, keepdim=True) + h, 'add'),  # marker: statistic
+], ids=['division', 'power', 'log', 'square', 'statistic'])
+def test_uncovered_operations_are_refused_by_operation_module_and_line(body, operation):
+    marker = {'div': 'division', 'pow': 'power', 'abs': 'log'}.get(operation)
+    model = Net(body).double()
+    with pytest.raises(UncoveredOperationError) as raised:
+        relevance(model, x_of(), LanguageTransformer())
+    message = str(raised.value)
+    assert f'{operation} in unknown (Body) at {__file__}:' in message
+    if marker is not None:
+        assert line_of(f'# marker: {marker}') in message
+    assert isinstance(raised.value, NotExplainableError) and isinstance(raised.value, NotImplementedError)
+
+
+def test_refused_before_any_relevance_and_the_model_is_left_as_it_was():
+    model = Net(lambda h: h / h.sum(-1, keepdim=True)).double()
+    x = x_of()
+    plain = model(x)
+    composite = LanguageTransformer()
+    composite.register(model)
+    with pytest.raises(UncoveredOperationError):
+        model(x.requires_grad_())
+    composite.remove()
+    assert torch.equal(model(x), plain)
+    with torch.no_grad(), composite.context(model):
+        assert torch.equal(model(x), plain)  # no gradient, no relevance: nothing to refuse
+
+
+def test_strict_false_warns_and_gives_the_plain_gradient():
+    model = Net(lambda h: h / h.sum(-1, keepdim=True)).double()
+    with pytest.warns(UserWarning, match=r'div in unknown \(Body\)'):
+        R, output = relevance(model, x_of(), LanguageTransformer(strict=False))
+    assert torch.isfinite(R).all()
+
+
+def test_in_place_activation():
+    def body(h):
+        h = h * 1.
+        h.tanh_()
+        return h
+    model = Net(body).double()
+    R, output = relevance(model, x_of(), LanguageTransformer())
+    torch.testing.assert_close(R.sum(-1), output[:, 0], rtol=1e-6, atol=1e-9)
+
+
+# -- with the module tables off, the operation path reproduces the tables' relevance -----------------------------
+
+_TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, head_dim=8)
+
+
+def _causal_lm(config, model, **overrides):
+    def build():
+        torch.manual_seed(0)
+        lm = model(config(**dict(_TEXT, **overrides))).eval().double()
+        embeds = lm.get_input_embeddings()(torch.randint(0, 64, (2, 6))).detach()
+        return lm, embeds, lambda m, x: m(inputs_embeds=x).logits
+    return build
+
+
+def _bert():
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=32, num_labels=3)).eval().double()
+    return model, model.get_input_embeddings()(torch.randint(0, 64, (2, 6))).detach(), \
+        lambda m, x: m(inputs_embeds=x).logits
+
+
+def _gpt2():
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32, activation_function='gelu')).eval().double()
+    return model, model.get_input_embeddings()(torch.randint(0, 64, (2, 6))).detach(), \
+        lambda m, x: m(inputs_embeds=x).logits
+
+
+def _timm_vit():
+    torch.manual_seed(0)
+    model = timm.create_model('vit_base_patch16_224', pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                              depth=2, num_heads=4, num_classes=10).eval().double()
+    return model, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64), \
+        lambda m, x: m(x)
+
+
+TABLES_OFF = {
+    'llama': (_causal_lm(transformers.LlamaConfig, transformers.LlamaForCausalLM), LanguageTransformer),
+    'qwen2': (_causal_lm(transformers.Qwen2Config, transformers.Qwen2ForCausalLM), LanguageTransformer),
+    'gemma': (_causal_lm(transformers.GemmaConfig, transformers.GemmaForCausalLM), LanguageTransformer),
+    'bert': (_bert, LanguageTransformer),
+    'gpt2': (_gpt2, LanguageTransformer),
+    'timm-vit-epsilon': (_timm_vit, ViTEpsilon),
+    'timm-vit-gamma': (_timm_vit, ViTGamma),
+}
+
+
+@pytest.mark.parametrize('attention', ['attnlrp', 'cp'])
+@pytest.mark.parametrize('family', TABLES_OFF)
+def test_operation_path_reproduces_the_module_tables(family, attention):
+    build, composite = TABLES_OFF[family]
+    model, x, forward = build()
+
+    def explained(tables):
+        leaf = x.clone().requires_grad_()
+        with composite(attention=attention, tables=tables).context(model):
+            out = forward(model, leaf)
+            picked = out.reshape(-1, out.shape[-1])[:, 1]
+            (grad,) = torch.autograd.grad(picked, leaf, picked.detach())
+        return (leaf * grad).detach(), out.detach()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # no uncovered operation passed with a warning
+        R_tables, out_tables = explained(True)
+        R_operations, out_operations = explained(False)
+    torch.testing.assert_close(out_operations, out_tables, rtol=1e-12, atol=1e-12)
+    assert R_tables.abs().max() > 0
+    torch.testing.assert_close(R_operations, R_tables, rtol=1e-7, atol=1e-10 * R_tables.abs().max().item())
