@@ -45,7 +45,7 @@ from .core import KeepGradient, RuleHook, rule_of
 from .errors import UncoveredOperationError
 from .ops import attention_mode
 from .transformer.convention import linear_rule_apply
-from .transformer.elementwise import INPUT_STABILIZER, identity_rule, uniform_product
+from .transformer.elementwise import INPUT_STABILIZER, ActivationIdentity, identity_rule, uniform_product
 from .transformer.norms import functional_rms_norm_identity, group_norm_identity, layer_norm_identity
 
 __all__ = ['OperationRules', 'LINEAR', 'HOMOGENEOUS', 'ELEMENTWISE', 'PRODUCTS', 'MATRIX_PRODUCTS', 'DIVISIONS',
@@ -116,6 +116,9 @@ _KEEP_STATISTIC = frozenset({
     'bfloat16', 'type_as', 'expand', 'expand_as', 'view', 'reshape', 'unsqueeze', 'squeeze', '__getitem__',
     'contiguous', 'mul', 'div', 'true_divide', '__truediv__', '__rtruediv__', '__rdiv__', 'abs',
 })
+_CHECKPOINT = ("reentrant activation checkpointing, which re-runs the forward in backward, outside the operation "
+               "rules; enable it as non-reentrant, e.g. for transformers model.activation_checkpointing_enable("
+               "{'use_reentrant': False})")
 _SDPA_ARGUMENTS = ('query', 'key', 'value', 'attn_mask', 'dropout_p', 'is_causal', 'scale', 'enable_gqa')
 _SKIPPED = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
 
@@ -186,12 +189,17 @@ class _Scope:
 
     def __init__(self):
         self.depth = 0
+        self.mode = None  # the mode of the forward running now
 
     def enter(self, module, args):
+        if self.depth == 0 and self.mode is not None:
+            self.mode.inspect(args)  # what enters a covered module from outside: made by another library's Function?
         self.depth += 1
 
     def leave(self, module, args, output):
         self.depth -= 1
+        if self.depth == 0 and self.mode is not None and isinstance(rule_of(module), ActivationIdentity):
+            self.mode.gates[output] = True  # an activation module's output is a gate, as F.silu's is
 
 
 class _OperationMode(TorchFunctionMode):
@@ -202,12 +210,33 @@ class _OperationMode(TorchFunctionMode):
         super().__init__()
         self.hook, self.root, self.scope = hook, root, hook.scope
         self.derived, self.gates, self.statistics, self.squares = {}, {}, {}, {}
-        self.pending, self.names = [], None
+        self.pending, self.names, self.foreign = [], None, set()
+
+    def __enter__(self):
+        self.scope.mode = self
+        return super().__enter__()
 
     def __exit__(self, *exc):
+        self.scope.mode = None
         self.derived, self.gates, self.statistics, self.squares = {}, {}, {}, {}
-        self.pending = []
+        self.pending, self.foreign = [], set()
         return super().__exit__(*exc)
+
+    def inspect(self, values):
+        """Note the carrying tensors among ``values`` that an autograd Function of another library made: the mode
+        cannot see inside ``Function.apply``, so its backward is no rule (refused by ``settle`` if the output
+        depends on it). Not under ``torch.compile``, which keeps no graph to look at."""
+        if torch.compiler.is_compiling():
+            return
+        for tensor in _flat(values):
+            node = tensor.grad_fn if self.carries(tensor) else None
+            cls = getattr(node, '_forward_cls', None)
+            if cls is not None and node not in self.foreign and not cls.__module__.startswith('lxt_ext.'):
+                self.foreign.add(node)
+                name = f'{cls.__module__}.{cls.__qualname__}'
+                self._note(f'{name}.apply', _CHECKPOINT if name == 'torch.utils.checkpoint.CheckpointFunction' else
+                           'an autograd Function of another library, whose backward is no rule (the operation '
+                           'rules cannot see inside it); its output is used here', [node])
 
     def carries(self, value):
         return (isinstance(value, torch.Tensor) and value.requires_grad and not isinstance(value, torch.nn.Parameter)
@@ -218,6 +247,8 @@ class _OperationMode(TorchFunctionMode):
         if self.scope.depth or not torch.is_grad_enabled():
             return func(*args, **kwargs)
         carrying = [t for t in _flat(args) if self.carries(t)] + [t for t in _flat(kwargs.values()) if self.carries(t)]
+        if carrying:
+            self.inspect(carrying)
         name = _name(func)
         if not carrying:
             output = func(*args, **kwargs)
@@ -276,8 +307,12 @@ class _OperationMode(TorchFunctionMode):
             return output
         nodes = [t.grad_fn for t in _flat((output,)) if t.requires_grad and t.grad_fn is not None] \
             if not compiling else []
-        if not nodes and not any(t.requires_grad for t in _flat((output,))):
-            return output
+        if nodes or any(t.requires_grad for t in _flat((output,))):
+            self._note(operation, reason, nodes)
+        return output
+
+    def _note(self, operation, reason, nodes):
+        """A refusal of ``operation`` in the module running now, pending on ``nodes`` (none: at once)."""
         module, source = self._where()
         message = (f'{operation} in {module} at {source}: {reason}, so its plain gradient would propagate wrong '
                    f'relevance. Give the module a rule (layer_map=[(type, rule)] or an adapter in lxt_ext.models), '
@@ -286,10 +321,10 @@ class _OperationMode(TorchFunctionMode):
             self.pending.append((message, nodes))
         else:
             self._raise([message])
-        return output
 
     def settle(self, output):
         """Refuse the uncovered operations the forward's ``output`` depends on (see ``refuse``)."""
+        self.inspect(_outputs(output))
         if not self.pending:
             return
         targets = {node: message for message, nodes in self.pending for node in nodes}

@@ -8,6 +8,7 @@ from ..ops import attention_mode
 from ..ops.masks import additive_from_masked
 from ..transformer.convention import gradient_x_input, linear_rule_apply
 from .lrp import attention_lrp
+from ..errors import NotExplainableError
 
 __all__ = ['MultiheadAttentionRule']
 
@@ -40,7 +41,7 @@ class MultiheadAttentionRule(SwappedForward):
         if not isinstance(module, torch.nn.MultiheadAttention):
             raise TypeError(f'MultiheadAttentionRule takes nn.MultiheadAttention, not {type(module).__name__}')
         if module.bias_k is not None or module.add_zero_attn:
-            raise NotImplementedError(
+            raise NotExplainableError(
                 'MultiheadAttentionRule does not support add_bias_kv or add_zero_attn; leave this module to another '
                 'rule (layer_map) or out of the composite')
 

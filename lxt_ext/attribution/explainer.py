@@ -222,7 +222,9 @@ class Explainer:
         try:
             with torch.enable_grad(), frozen_parameters(self.model):
                 inputs.requires_grad_()
-                output = logits_of(self.forward(self.model, inputs))
+                # a copy: model code may scale its input in place (CTRL), which a leaf that requires grad (or the
+                # caller's tensor, whose storage a detached input shares) must not see
+                output = logits_of(self.forward(self.model, inputs.clone()))
                 if output.shape[:1] != inputs.shape[:1]:
                     raise ValueError(f'expected an output of {inputs.shape[0]} rows, got shape {tuple(output.shape)}')
                 seed, chosen = targets.seed(output, target, top_k, relevance=self.composite is not None)

@@ -19,6 +19,7 @@ import torch
 from zennit.core import Hook, RemovableHandle, RemovableHandleList
 
 from .. import checks
+from ..errors import NotExplainableError
 
 __all__ = ['RuleHook', 'SwappedForward', 'KeepGradient', 'Refused', 'rule_of', 'wants_relevance', 'call_arguments']
 
@@ -319,7 +320,7 @@ class Refused(KeepGradient):
         The exception raised.
     """
 
-    def __init__(self, reason, error=NotImplementedError):
+    def __init__(self, reason, error=NotExplainableError):
         super().__init__()
         self.reason, self.error = reason, error
 

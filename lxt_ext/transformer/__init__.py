@@ -10,7 +10,8 @@ exactly under plain autograd, and rules change only the backward of the rest:
 - ``norms``: LayerNorm / RMSNorm with the std held constant;
 - ``linear``: epsilon from the kept output (``OutputEpsilon``);
 - ``mlp``: gated MLPs (uniform rule on the product, or the gate constant);
-- ``experts``: mixture-of-experts rules with the routing held constant.
+- ``experts``: mixture-of-experts rules with the routing held constant;
+- ``ssm``: MambaLRP's rule on a Mamba mixer's scan (its coefficients held constant).
 
 Rules on single tensor operations belong here too. Attention is ``lxt_ext.attention``; which module gets
 which rule is ``lxt_ext.models``; the composites are ``lxt_ext.composites``.
@@ -21,6 +22,7 @@ from .elementwise import INPUT_STABILIZER, ActivationIdentity, DropoutOff, ident
 from .experts import DenseExperts, RouterConstant
 from .linear import OutputEpsilon
 from .mlp import FusedGatedMLP, GatedMLP, gated_product
+from .ssm import SelectiveSSM
 from .norms import (NormIdentity, functional_rms_norm_identity, group_norm_identity, layer_norm_identity,
                     rms_norm_identity)
 
@@ -30,4 +32,5 @@ __all__ = [
     'functional_rms_norm_identity',
     'rms_norm_identity', 'gradient_x_input', 'emitting_relevance', 'linear_rule_apply', 'relevance_seeded',
     'INPUT_STABILIZER', 'GatedMLP', 'FusedGatedMLP', 'gated_product', 'DenseExperts', 'RouterConstant',
+    'SelectiveSSM',
 ]

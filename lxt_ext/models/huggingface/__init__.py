@@ -3,13 +3,15 @@
 Models are matched by class name (no modeling module is imported), with fallbacks for classes not named here:
 attention modules that dispatch through transformers' registry (``attention``), experts modules
 (``experts``), ``*TopKRouter``/``*TopkRouter`` routers, ``*DropPath``, and ``*RMSNorm`` / ``*LayerNorm`` /
-``*MLP`` modules whose output on a random probe is that of a rule's formula (``probes``). Attention modules
-known to compute attention in their own forward are refused by name.
+``*MLP`` modules whose output on a random probe is that of a rule's formula (``probes``). Attention modules that
+compute attention in their own forward (GPT-Neo, BLOOM's ALiBi, DeBERTa's disentangled terms) get no entry: the
+operation rules (``lxt_ext.operations``) give their matrix products, softmax and scaling their rules.
 
 Gated MLPs get the uniform rule on the product (AttnLRP) or a gate held constant (CP-LRP, as LXT); activation
 modules the identity rule; RMSNorms (T5's included) the identity rule on the normalisation; GPT-2's ``Conv1D``
 the composite's Linear rule; a final-logit softcap (Gemma 2) the identity rule; mixture-of-experts routers are
-held constant (``lxt_ext.transformer.experts``).
+held constant (``lxt_ext.transformer.experts``); Mamba mixers get MambaLRP's rule (``lxt_ext.transformer.ssm``),
+other state-space and linear-attention mixers (an ``A_log`` parameter) are refused by name.
 """
 import torch
 
@@ -17,6 +19,7 @@ from ...transformer.elementwise import ActivationIdentity, DropoutOff
 from ...transformer.experts import DenseExperts, RouterConstant
 from ...transformer.mlp import FusedGatedMLP, GatedMLP
 from ...transformer.norms import NormIdentity
+from ...transformer.ssm import SelectiveSSM
 from .. import KeepGradient, Refused, matcher
 from .attention import HFAttention
 from .experts import HFExperts, SharedExpertMoE
@@ -52,7 +55,7 @@ _RMS_NORM = {'LlamaRMSNorm': 0., 'MistralRMSNorm': 0., 'MixtralRMSNorm': 0., 'Qw
 _ACTIVATIONS = {
     'GELUActivation', 'NewGELUActivation', 'GELUTanh', 'PytorchGELUTanh', 'FastGELUActivation', 'QuickGELUActivation',
     'AccurateGELUActivation', 'ClippedGELUActivation', 'SiLUActivation', 'MishActivation', 'ReLUSquaredActivation',
-    'LaplaceActivation', 'XIELUActivation',
+    'LaplaceActivation', 'XIELUActivation', 'BloomGelu',  # BloomGelu: an autograd Function of its own
 }
 _ROUTERS = {'MixtralTopKRouter', 'Qwen3MoeTopKRouter', 'Llama4Router'}
 _DENSE_EXPERTS = {'Llama4TextExperts'}
@@ -61,12 +64,6 @@ _ROBERTA_LIKE = ('Roberta', 'XLMRoberta', 'Camembert', 'Data2VecText')
 _TANH_HEADS = {f'{name}ClassificationHead' for name in _ROBERTA_LIKE}
 _GELU_LM_HEADS = {f'{name}LMHead' for name in _ROBERTA_LIKE}
 _FINAL_LOGIT_SOFTCAP = {'Gemma2ForCausalLM', 'Gemma3ForCausalLM'}
-# Attention computed in the module's own forward (no registry), refused by name rather than left to the audit.
-_REFUSED = {name: 'computes attention in its own forward (' + why + '), which lxt_ext does not cover yet'
-            for name, why in (('GPTNeoSelfAttention', 'bmm and softmax'), ('BloomAttention', 'ALiBi, baddbmm'),
-                              ('DisentangledSelfAttention', "DeBERTa's disentangled position terms"),
-                              ('Data2VecVisionSelfAttention', 'matmul and softmax'),
-                              ('Data2VecVisionSdpaSelfAttention', 'SDPA with a relative position bias'))}
 # Off the relevance path (position tables; rotary embeddings, matched by suffix too) or linear in their
 # relevance-carrying input (LayerScale: a product with a parameter; drop path: off in eval mode).
 _KEEP_GRADIENT = {'LinearActivation', 'Gemma3TextScaledWordEmbedding', 'Dinov2LayerScale', 'Dinov2DropPath',
@@ -80,14 +77,17 @@ def transformers_rule(module, options):
     if not cls.__module__.startswith('transformers.'):
         return None
     name = cls.__name__
+    if isinstance(getattr(module, 'A_log', None), torch.nn.Parameter):  # a state-space or linear-attention mixer
+        if hasattr(module, 'x_proj') and hasattr(module, 'dt_proj'):
+            return SelectiveSSM('x_proj')  # Mamba-1 form: MambaLRP
+        return Refused('a state-space or linear-attention mixer (Mamba-2 form, gated delta rule, ...) for which '
+                       'lxt_ext has no MambaLRP-style rule yet (the Mamba-1 form, with x_proj, is covered)')
     if name in _ATTENTION or (name not in _GATED_MLP and dispatches_attention(module)):
         return HFAttention(options.attention, options.input_stabilizer)
     if dispatches_experts(module):
         return HFExperts(options.attention, None if options.linear is None else options.linear.copy())
     if name in _DENSE_EXPERTS:
         return DenseExperts(options.attention, None if options.linear is None else options.linear.copy())
-    if name in _REFUSED:
-        return Refused(_REFUSED[name])
     if name in _ROUTERS or (name.endswith(('TopKRouter', 'TopkRouter'))
                             and isinstance(getattr(module, 'weight', None), torch.Tensor)):
         return RouterConstant()

@@ -19,6 +19,7 @@ from ...ops import attention_mode
 from ...ops.masks import additive_from_attend
 from ...transformer.elementwise import INPUT_STABILIZER
 from .registry import IMPLEMENTATIONS
+from ...errors import NotExplainableError
 
 __all__ = ['HFAttention']
 
@@ -41,11 +42,11 @@ def _attention(mode):
                 **kwargs)
         for unsupported in ('s_aux', 'sinks'):
             if kwargs.get(unsupported) is not None:
-                raise NotImplementedError(
+                raise NotExplainableError(
                     f'{type(module).__name__}: lxt_ext attention does not support {unsupported!r} (attention sinks) '
                     f'yet; map this module to another rule or leave it out of the composite')
         if kwargs.get('output_attentions'):
-            raise NotImplementedError(
+            raise NotExplainableError(
                 f'{type(module).__name__}: output_attentions=True would need the N x N attention matrix, which '
                 f'lxt_ext never forms; call the model without it')
         q_length, kv_length = query.shape[2], key.shape[2]

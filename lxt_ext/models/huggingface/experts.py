@@ -14,6 +14,7 @@ from ...transformer.experts import ExpertsRule
 from ...transformer.mlp import gated_product
 from ...core import ConfigViewRule, SwappedForward, rule_of
 from .registry import IMPLEMENTATIONS
+from ...errors import NotExplainableError
 
 try:  # transformers 5: experts as one module with 3-D weights, dispatched through a registry
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface, _default_apply_gate
@@ -92,7 +93,7 @@ class HFExperts(ExpertsRule, ConfigViewRule):
             ('a post-expert norm', module.has_post_expert_norm),
             ('expert parallelism', module._is_expert_parallel)) if present]
         if refused:
-            raise NotImplementedError(f'{cls.__module__}.{cls.__qualname__}: lxt_ext\'s experts rule does not cover '
+            raise NotExplainableError(f'{cls.__module__}.{cls.__qualname__}: lxt_ext\'s experts rule does not cover '
                                       f'{", ".join(refused)}; leave this model out of the composite')
 
     def overrides(self, config):

@@ -9,6 +9,7 @@ from ..._docstrings import shared_parameters
 from ...core import ConfigViewRule, SwappedForward
 from ...transformer.convention import linear_rule_apply
 from ...transformer.elementwise import INPUT_STABILIZER, identity_rule
+from ...errors import NotExplainableError
 
 __all__ = ['TanhClassificationHead', 'GeluLMHead', 'FinalLogitSoftcap', 'Conv1DRule']
 
@@ -75,7 +76,7 @@ class FinalLogitSoftcap(ConfigViewRule):
             if not hasattr(output, 'logits'):
                 raise TypeError(f'{type(module).__name__}: lxt_ext\'s final-logit softcap rule needs return_dict=True')
             if output.get('loss') is not None:
-                raise NotImplementedError(
+                raise NotExplainableError(
                     f'{type(module).__name__}: while lxt_ext holds its final-logit softcap the loss would be of the '
                     f'uncapped logits; call the model without labels')
             logits = output.logits

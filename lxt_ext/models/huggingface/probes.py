@@ -70,7 +70,9 @@ def rms_norm_offset(module):
     weight = getattr(module, 'weight', None)
     eps = next((getattr(module, n) for n in ('variance_epsilon', 'eps') if isinstance(getattr(module, n, None), float)),
                None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or eps is None:
+    # a weight that is no parameter may be a stand-in the forward never reads (Falcon-Mamba's weightless norms of
+    # other widths): no match, the operation rules take the norm written out
+    if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 1 or eps is None:
         return None
     try:
         with torch.no_grad():

@@ -75,9 +75,10 @@ class Checkpointed(torch.nn.Module):
 
 
 @pytest.mark.parametrize('reentrant', [False, True])
-def test_gradient_checkpointing_gives_the_same_relevance(reentrant, generator):
-    """Checkpointed blocks re-run their forward in backward (reentrant: the first forward without
-    grad, i.e. plain): the rules apply to the re-run. (Reentrant checkpointing refuses
+def test_gradient_checkpointing_gives_the_same_relevance_or_is_refused(reentrant, generator):
+    """Checkpointed blocks re-run their forward in backward: non-reentrant, the rules apply to the re-run and the
+    relevance is the same; reentrant, the re-run happens outside the operation rules (its first forward runs
+    without grad), so the forward refuses it, naming the fix. (Reentrant checkpointing refuses
     ``torch.autograd.grad``, so relevance is read from ``.backward()`` here.)"""
     model = small_vit()
     x = torch.randn(2, 3, 32, 32, generator=generator)
@@ -93,6 +94,10 @@ def test_gradient_checkpointing_gives_the_same_relevance(reentrant, generator):
     layers = model.encoder.layers
     for name, block in list(layers.named_children()):
         setattr(layers, name, Checkpointed(block, reentrant))
+    if reentrant:
+        with pytest.raises(UncoveredOperationError, match="CheckpointFunction.*'use_reentrant': False"):
+            relevance()
+        return
     actual = relevance()
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
 

@@ -281,3 +281,27 @@ def test_operation_path_reproduces_the_module_tables(family, attention):
     torch.testing.assert_close(out_operations, out_tables, rtol=1e-12, atol=1e-12)
     assert R_tables.abs().max() > 0
     torch.testing.assert_close(R_operations, R_tables, rtol=1e-7, atol=1e-10 * R_tables.abs().max().item())
+
+
+def test_an_activation_module_output_is_a_gate_too():
+    """Under CP-LRP a gated product of an activation *module* (its own rule, the identity rule) and another
+    carrying tensor holds the activation's output constant, as for ``F.silu`` called functionally."""
+    class Gated(torch.nn.Module):
+        def __init__(self, act):
+            super().__init__()
+            self.act = act
+
+        def forward(self, a, b):
+            return self.act(a) * b
+
+    a, b = x_of((4, 8)), x_of((4, 8)).flip(0)
+    for act in (torch.nn.SiLU(), F.silu):
+        model = Gated(act) if isinstance(act, torch.nn.Module) else Gated(torch.nn.Identity())
+        if not isinstance(act, torch.nn.Module):
+            model.forward = lambda x, y: F.silu(x) * y
+        la, lb = a.clone().requires_grad_(), b.clone().requires_grad_()
+        with LanguageTransformer(attention='cp').context(model):
+            out = model(la, lb)
+            grads = torch.autograd.grad(out, (la, lb), out.detach(), allow_unused=True)
+        assert grads[0] is None or torch.count_nonzero(grads[0]) == 0
+        torch.testing.assert_close(grads[1], F.silu(a))
