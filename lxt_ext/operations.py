@@ -97,6 +97,14 @@ MATRIX_PRODUCTS = frozenset({
 })
 DIVISIONS = frozenset({'div', 'divide', 'true_divide', 'div_', '__truediv__', '__rtruediv__', '__rdiv__', '__idiv__',
                        '__itruediv__'})
+# Operations that add (or place) their inputs into their output: a tensor cut off the relevance path loses its
+# relevance there.
+_ADDITIVE = frozenset({
+    'add', 'add_', '__radd__', '__iadd__', 'sub', 'sub_', '__rsub__', '__isub__', 'subtract', 'cat', 'concat',
+    'concatenate', 'stack', 'hstack', 'vstack', 'where', 'index_put', 'index_put_', 'index_add', 'index_add_',
+    'scatter', 'scatter_', 'scatter_add', 'scatter_add_', 'masked_scatter', 'masked_scatter_', 'copy_', '__setitem__',
+    'lerp', 'addcmul', 'addcdiv',
+})
 _SOFTMAX = frozenset({'softmax', '_softmax'})
 _EMBEDDING = frozenset({'embedding', 'embedding_bag'})
 _CONVOLUTIONS = frozenset({'conv1d', 'conv2d', 'conv3d', 'conv_transpose1d', 'conv_transpose2d', 'conv_transpose3d'})
@@ -190,16 +198,23 @@ class _Scope:
     def __init__(self):
         self.depth = 0
         self.mode = None  # the mode of the forward running now
+        self.cut = []  # per covered module entered from outside: whether a tensor cut off the relevance path went in
 
     def enter(self, module, args):
         if self.depth == 0 and self.mode is not None:
             self.mode.inspect(args)  # what enters a covered module from outside: made by another library's Function?
+            cut = self.mode.cut
+            self.cut.append(bool(cut) and not any(self.mode.carries(t) for t in _flat(args))
+                            and any(t in cut for t in _flat(args)))
         self.depth += 1
 
     def leave(self, module, args, output):
         self.depth -= 1
-        if self.depth == 0 and self.mode is not None and isinstance(rule_of(module), ActivationIdentity):
-            self.mode.gates[output] = True  # an activation module's output is a gate, as F.silu's is
+        if self.depth == 0 and self.mode is not None:
+            if self.cut and self.cut.pop():
+                self.mode._cut(output)  # computed from cut tensors alone: cut too
+            if isinstance(rule_of(module), ActivationIdentity):
+                self.mode.gates[output] = True  # an activation module's output is a gate, as F.silu's is
 
 
 class _OperationMode(TorchFunctionMode):
@@ -209,7 +224,7 @@ class _OperationMode(TorchFunctionMode):
     def __init__(self, hook, root):
         super().__init__()
         self.hook, self.root, self.scope = hook, root, hook.scope
-        self.derived, self.gates, self.statistics, self.squares = {}, {}, {}, {}
+        self.derived, self.gates, self.statistics, self.squares, self.cut = {}, {}, {}, {}, {}
         self.pending, self.names, self.foreign = [], None, set()
 
     def __enter__(self):
@@ -218,7 +233,7 @@ class _OperationMode(TorchFunctionMode):
 
     def __exit__(self, *exc):
         self.scope.mode = None
-        self.derived, self.gates, self.statistics, self.squares = {}, {}, {}, {}
+        self.derived, self.gates, self.statistics, self.squares, self.cut = {}, {}, {}, {}, {}
         self.pending, self.foreign = [], set()
         return super().__exit__(*exc)
 
@@ -244,19 +259,35 @@ class _OperationMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.scope.depth or not torch.is_grad_enabled():
+        if self.scope.depth:
             return func(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            # model code computing from the input without grad (torch.no_grad): the result is cut off the relevance
+            # path, which is right where it scales (a constant factor), and loses relevance where it is added
+            output = func(*args, **kwargs)
+            if any(self.carries(t) or t in self.cut for t in _flat((*args, *kwargs.values()))):
+                self._cut(output)
+            return output
         carrying = [t for t in _flat(args) if self.carries(t)] + [t for t in _flat(kwargs.values()) if self.carries(t)]
         if carrying:
             self.inspect(carrying)
         name = _name(func)
+        cut = self.cut and any(t in self.cut for t in _flat((*args, *kwargs.values())))
         if not carrying:
             output = func(*args, **kwargs)
-            if name not in _EMBEDDING:  # an embedding's output starts the relevance path
+            if cut:
+                self._cut(output)
+            elif name not in _EMBEDDING:  # an embedding's output starts the relevance path
                 for tensor in _flat((output,)):
                     if tensor.requires_grad:
                         self.derived[tensor] = True
             return output
+        if cut and name in _ADDITIVE:
+            return self.refuse(name, 'a tensor computed from the input without grad (torch.no_grad or detach) is '
+                                     'added to the relevance path here, so the relevance through it is lost',
+                               func(*args, **kwargs))
+        if name == 'detach':
+            return self._cut(func(*args, **kwargs))
         if self.statistics or self.squares:
             if any(t in self.statistics or t in self.squares for t in carrying):
                 return self.statistic(func, name, args, kwargs, carrying)
@@ -291,6 +322,12 @@ class _OperationMode(TorchFunctionMode):
                 return output
         output = func(*args, **kwargs)
         return self.refuse(name, 'an operation no rule covers', output)
+
+    def _cut(self, output):
+        for tensor in _flat((output,)):
+            if tensor.is_floating_point() or tensor.is_complex():  # not masks, indices or counts
+                self.cut[tensor] = True
+        return output
 
     def _gate(self, output):
         for tensor in _flat((output,)):

@@ -305,3 +305,31 @@ def test_an_activation_module_output_is_a_gate_too():
             grads = torch.autograd.grad(out, (la, lb), out.detach(), allow_unused=True)
         assert grads[0] is None or torch.count_nonzero(grads[0]) == 0
         torch.testing.assert_close(grads[1], F.silu(a))
+
+
+def _no_grad_then(use):
+    def body(h):
+        with torch.no_grad():
+            side = torch.tanh(h) * 2.  # computed from the input without grad: cut off the relevance path
+        return use(h, side.to(h.dtype))
+    return body
+
+
+@pytest.mark.parametrize('body', [
+    _no_grad_then(lambda h, side: h + side),
+    lambda h: h + h.detach() * 0.5,
+    _no_grad_then(lambda h, side: torch.cat([h[:, :4], side[:, 4:]], -1)),
+], ids=['no_grad-added', 'detach-added', 'no_grad-concatenated'])
+def test_input_cut_off_the_relevance_path_and_added_is_refused(body):
+    """Model code computing from the input without grad and adding the result to the relevance path (as HRM's
+    truncated recurrence does): the relevance through it is lost, so the forward refuses it."""
+    with pytest.raises(UncoveredOperationError, match='without grad'):
+        relevance(Net(body).double(), x_of(), LanguageTransformer())
+
+
+def test_input_cut_off_the_relevance_path_as_a_factor_is_a_constant():
+    """Computed without grad and used as a factor: a constant scaling, relevance conserved (how routers and gates
+    are held constant)."""
+    model = Net(_no_grad_then(lambda h, side: h * torch.sigmoid(side))).double()
+    R, output = relevance(model, x_of(), LanguageTransformer())
+    torch.testing.assert_close(R.sum(-1), output[:, 0], rtol=1e-6, atol=1e-9)
