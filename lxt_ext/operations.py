@@ -44,11 +44,11 @@ from .attention import attention_lrp, uniform_matmul
 from .core import KeepGradient, RuleHook, rule_of
 from .errors import UncoveredOperationError
 from .ops import attention_mode
-from .transformer.convention import linear_rule_apply
+from .transformer.convention import ExplicitRelevance, linear_rule_apply
 from .transformer.elementwise import INPUT_STABILIZER, ActivationIdentity, identity_rule, uniform_product
 from .transformer.norms import functional_rms_norm_identity, group_norm_identity, layer_norm_identity
 
-__all__ = ['OperationRules', 'LINEAR', 'HOMOGENEOUS', 'ELEMENTWISE', 'PRODUCTS', 'MATRIX_PRODUCTS', 'DIVISIONS',
+__all__ = ['OperationRules', 'emits_relevance', 'alias', 'LINEAR', 'HOMOGENEOUS', 'ELEMENTWISE', 'PRODUCTS', 'MATRIX_PRODUCTS', 'DIVISIONS',
            'covers_operations']
 
 # Linear in every relevance-carrying input: the plain gradient is exact (an allow-list: a name missing here is
@@ -124,9 +124,19 @@ _KEEP_STATISTIC = frozenset({
     'bfloat16', 'type_as', 'expand', 'expand_as', 'view', 'reshape', 'unsqueeze', 'squeeze', '__getitem__',
     'contiguous', 'mul', 'div', 'true_divide', '__truediv__', '__rtruediv__', '__rdiv__', 'abs',
 })
+_RAW = ("the input goes into this operation (or module) besides the first layer, whose rule emits the input's "
+        "relevance: the gradient arriving at the input would mix relevance and gradients (a model with more than one "
+        "first layer, such as CrossViT's two patch embeddings, needs a composite without an explicit first layer)")
 _CHECKPOINT = ("reentrant activation checkpointing, which re-runs the forward in backward, outside the operation "
                "rules; enable it as non-reentrant, e.g. for transformers model.activation_checkpointing_enable("
                "{'use_reentrant': False})")
+# Operations that move, copy or cast elements without combining them: explicit relevance (what a first layer emits)
+# passes them as the gradient does.
+_ELEMENT_PRESERVING = frozenset({
+    'view', 'view_as', 'reshape', 'reshape_as', 'flatten', 'unflatten', 'squeeze', 'unsqueeze', 'transpose', 't',
+    'permute', 'movedim', 'contiguous', 'clone', 'to', 'float', 'double', 'half', 'bfloat16', 'type', 'type_as',
+    '__getitem__', 'narrow', 'select', 'split', 'chunk', 'unbind', 'requires_grad_',
+})
 _SDPA_ARGUMENTS = ('query', 'key', 'value', 'attn_mask', 'dropout_p', 'is_causal', 'scale', 'enable_gqa')
 _SKIPPED = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
 
@@ -146,6 +156,22 @@ def covers_operations(module):
     """
     rule = rule_of(module)
     return rule is not None and rule.covers_operations
+
+
+def emits_relevance(module):
+    """Whether the rule registered on ``module`` emits explicit relevance (a transformer composite's first layer).
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        Any module.
+
+    Returns
+    -------
+    bool
+    """
+    rule = rule_of(module)
+    return isinstance(rule, ExplicitRelevance) or bool(getattr(rule, 'explicit_output', False))
 
 
 def _name(func):
@@ -192,6 +218,31 @@ def _swap(values, old, new):
     return tuple(one(value) for value in values)
 
 
+_ACTIVE = []  # the modes of the forwards running now (innermost last)
+
+
+def alias(new, old):
+    """Tell the operation rules of the forwards running now that ``new`` stands for ``old`` (an identity an autograd
+    Function made, such as a diagnostic tap on a module's output), so that what they know of ``old`` (a gate, a
+    statistic, computed from parameters alone, ...) holds for ``new``.
+
+    Parameters
+    ----------
+    new, old : torch.Tensor
+        The stand-in and the tensor it stands for.
+
+    Returns
+    -------
+    torch.Tensor
+        ``new``.
+    """
+    for mode in _ACTIVE:
+        for kind in (mode.derived, mode.gates, mode.statistics, mode.squares, mode.cut, mode.raw):
+            if old in kind:
+                kind[new] = True
+    return new
+
+
 class _Scope:
     """How deep the running forward is inside modules whose rules cover their operations (module hooks count)."""
 
@@ -203,16 +254,22 @@ class _Scope:
     def enter(self, module, args):
         if self.depth == 0 and self.mode is not None:
             self.mode.inspect(args)  # what enters a covered module from outside: made by another library's Function?
-            cut = self.mode.cut
-            self.cut.append(bool(cut) and not any(self.mode.carries(t) for t in _flat(args))
-                            and any(t in cut for t in _flat(args)))
+            mode = self.mode
+            cut = bool(mode.cut) and not any(mode.carries(t) for t in _flat(args)) \
+                and any(mode.is_cut(t) for t in _flat(args))
+            # the input, whose relevance the first layer emits, going into another module
+            raw = bool(mode.raw) and not emits_relevance(module) and any(t in mode.raw for t in _flat(args))
+            self.cut.append((cut, raw))
         self.depth += 1
 
     def leave(self, module, args, output):
         self.depth -= 1
-        if self.depth == 0 and self.mode is not None:
-            if self.cut and self.cut.pop():
+        if self.depth == 0 and self.mode is not None and self.cut:
+            cut, raw = self.cut.pop()
+            if cut:
                 self.mode._cut(output)  # computed from cut tensors alone: cut too
+            if raw:
+                self.mode.refuse(type(module).__qualname__, _RAW, output)
             if isinstance(rule_of(module), ActivationIdentity):
                 self.mode.gates[output] = True  # an activation module's output is a gate, as F.silu's is
 
@@ -226,15 +283,19 @@ class _OperationMode(TorchFunctionMode):
         self.hook, self.root, self.scope = hook, root, hook.scope
         self.derived, self.gates, self.statistics, self.squares, self.cut = {}, {}, {}, {}, {}
         self.pending, self.names, self.foreign = [], None, set()
+        self.raw = {}  # with a first layer that emits relevance: the input and its element-preserving views
 
     def __enter__(self):
         self.scope.mode = self
+        _ACTIVE.append(self)
         return super().__enter__()
 
     def __exit__(self, *exc):
         self.scope.mode = None
+        if _ACTIVE and _ACTIVE[-1] is self:
+            _ACTIVE.pop()
         self.derived, self.gates, self.statistics, self.squares, self.cut = {}, {}, {}, {}, {}
-        self.pending, self.foreign = [], set()
+        self.pending, self.foreign, self.raw = [], set(), {}
         return super().__exit__(*exc)
 
     def inspect(self, values):
@@ -265,14 +326,14 @@ class _OperationMode(TorchFunctionMode):
             # model code computing from the input without grad (torch.no_grad): the result is cut off the relevance
             # path, which is right where it scales (a constant factor), and loses relevance where it is added
             output = func(*args, **kwargs)
-            if any(self.carries(t) or t in self.cut for t in _flat((*args, *kwargs.values()))):
+            if any(self.carries(t) or self.is_cut(t) for t in _flat((*args, *kwargs.values()))):
                 self._cut(output)
             return output
         carrying = [t for t in _flat(args) if self.carries(t)] + [t for t in _flat(kwargs.values()) if self.carries(t)]
         if carrying:
             self.inspect(carrying)
         name = _name(func)
-        cut = self.cut and any(t in self.cut for t in _flat((*args, *kwargs.values())))
+        cut = self.cut and any(self.is_cut(t) for t in _flat((*args, *kwargs.values())))
         if not carrying:
             output = func(*args, **kwargs)
             if cut:
@@ -282,6 +343,13 @@ class _OperationMode(TorchFunctionMode):
                     if tensor.requires_grad:
                         self.derived[tensor] = True
             return output
+        if self.raw and any(t in self.raw for t in carrying):
+            output = func(*args, **kwargs)
+            if name in _ELEMENT_PRESERVING and len(carrying) == 1:
+                for tensor in _flat((output,)):
+                    self.raw[tensor] = True
+                return output
+            return self.refuse(name, _RAW, output)
         if cut and name in _ADDITIVE:
             return self.refuse(name, 'a tensor computed from the input without grad (torch.no_grad or detach) is '
                                      'added to the relevance path here, so the relevance through it is lost',
@@ -322,6 +390,11 @@ class _OperationMode(TorchFunctionMode):
                 return output
         output = func(*args, **kwargs)
         return self.refuse(name, 'an operation no rule covers', output)
+
+    def is_cut(self, tensor):
+        """Whether ``tensor`` was computed from the input without grad. (What an autograd Function's forward makes
+        without grad is its output, which requires grad once ``apply`` returns: not cut.)"""
+        return tensor in self.cut and not tensor.requires_grad
 
     def _cut(self, output):
         for tensor in _flat((output,)):
@@ -621,6 +694,7 @@ class OperationRules(RuleHook):
 
     def attach(self, module):
         self.scope = _Scope()
+        self.explicit_first = any(emits_relevance(child) for child in module.modules())
         for child in module.modules():
             if covers_operations(child):
                 self._handles.append(child.register_forward_pre_hook(self.scope.enter))
@@ -631,6 +705,8 @@ class OperationRules(RuleHook):
             if not (hook.active and torch.is_grad_enabled()) or hook.scope.depth:
                 return inner(*args, **kwargs)
             with _OperationMode(hook, module) as mode:
+                if hook.explicit_first:
+                    mode.raw = {t: True for t in _flat((*args, *kwargs.values())) if mode.carries(t)}
                 output = inner(*args, **kwargs)
                 mode.settle(output)
             return output

@@ -6,7 +6,8 @@ import weakref
 import torch
 
 from ..core import rule_of
-from ..transformer.convention import ExplicitRelevance, seeded_with_relevance
+from ..operations import alias, emits_relevance
+from ..transformer.convention import seeded_with_relevance
 from .report import PROBLEMS, ConservationReport, ModuleRelevance
 
 __all__ = []
@@ -79,12 +80,6 @@ def _on_path(tensor):
     return isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.requires_grad
 
 
-def _emits_relevance(module):
-    """Whether the rule registered on ``module`` emits explicit relevance (a transformer composite's first layer)."""
-    rule = rule_of(module)
-    return isinstance(rule, ExplicitRelevance) or bool(getattr(rule, 'explicit_output', False))
-
-
 def _attention_mode(module):
     """The attention mode of the lxt_ext attention rule on ``module``, or None."""
     rule = rule_of(module)
@@ -130,13 +125,13 @@ class _Monitor:
                     return tensor
                 finite.append(bool(torch.isfinite(tensor.detach()).all()))
                 probe = _Probe(entry, tensor.detach().clone(), 'in', self.explicit, source=tensor)
-                copy = _Tap.apply(tensor, probe)
+                copy = alias(_Tap.apply(tensor, probe), tensor)
                 self._tapped[id(copy)] = copy
                 self._probes[id(copy)] = probe
                 return copy
 
             args, kwargs = _map_tensors(args, tap), _map_tensors(kwargs, tap)
-            if _emits_relevance(module):
+            if emits_relevance(module):
                 # the first layer's rule emits explicit relevance: read it so here and in the modules above
                 # that handed this same tensor down (views included)
                 for tensor in _tensors((args, kwargs)):
@@ -171,7 +166,7 @@ class _Monitor:
                 seeded = seeded_with_relevance(tensor)
                 self.output_seeded |= seeded
                 explicit = self.explicit or seeded
-                return _Tap.apply(tensor, _Probe(entry, tensor.detach(), 'out', explicit))
+                return alias(_Tap.apply(tensor, _Probe(entry, tensor.detach(), 'out', explicit)), tensor)
 
             return None if output is None else _map_tensors(output, tap)
         return hook

@@ -6,18 +6,17 @@ AttnLRP/CP-LRP op, keeping ``qkv``, ``q_norm``/``k_norm``, ``norm`` and ``proj``
 that their own rules apply. timm's LayerNorm/RmsNorm normalise the last dimensions like torch's
 (identity rule on the normalisation); LayerScale, DropPath and PatchDropout are linear in the
 relevance-carrying input (plain gradient). Blocks that compute attention or gated products
-functionally in their own forward are refused by name rather than explained wrongly.
+functionally in their own forward (parallel-scaling blocks, GLU and SwiGLU MLPs, and every module not named here)
+get their operations' rules from ``lxt_ext.operations``.
 """
 import torch
 from timm.layers import Attention, DropPath, LayerNorm, LayerScale, PatchDropout, RmsNorm
-from timm.layers.mlp import GluMlp, SwiGLU
-from timm.models.vision_transformer import DiffParallelScalingBlock, ParallelScalingBlock
 
 from ..attention import attention_lrp
 from ..core import SwappedForward, call_arguments
 from ..transformer.elementwise import identity_rule, uniform_product
 from ..transformer.norms import NormIdentity
-from . import KeepGradient, Refused, adapter
+from . import KeepGradient, adapter
 
 
 class TimmAttention(SwappedForward):
@@ -66,9 +65,3 @@ def _rms_norm(module, options):
 @adapter(LayerScale, DropPath, PatchDropout)
 def _linear(module, options):
     return KeepGradient()
-
-
-@adapter(ParallelScalingBlock, DiffParallelScalingBlock, GluMlp, SwiGLU)
-def _unsupported(module, options):
-    return Refused('computes attention or a gated product in its own forward, which lxt_ext\'s transformer composites '
-                   'do not cover yet')

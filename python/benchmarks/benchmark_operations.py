@@ -9,7 +9,8 @@ torchvision's vit_b_16, batch 4, ``ViTEpsilon`` (AttnLRP), zennit's ``Gradient``
 composite with the operation rules replaced by a hook that does nothing (no mode, no module hooks): what the
 composites were before the rules existed. Each round times one attribution of each, in alternating order; the
 ratio with / without of each round gives the median and its 95 % interval (order statistics of the ratios,
-binomial: no assumption about their distribution). One warm-up of each first.
+binomial: no assumption about their distribution; its exact coverage is printed: 97.3 % for 21 rounds). One
+warm-up of each first.
 """
 import argparse
 import math
@@ -66,7 +67,8 @@ RULES = composites.OperationRules
 
 
 def median_interval(values, level=0.95):
-    """The median of ``values`` and the order-statistic interval that holds it with probability >= ``level``."""
+    """The median of ``values``, the order-statistic interval that holds the true median with probability >=
+    ``level`` (the whole range where too few values cannot), and that probability."""
     values, n = sorted(values), len(values)
     # the largest k with P(Binomial(n, 1/2) < k) <= (1 - level) / 2: [values[k - 1], values[n - k]] covers the median
     k, tail = 0, 0.
@@ -76,7 +78,8 @@ def median_interval(values, level=0.95):
             break
         tail, k = next_tail, k + 1
     k = max(k, 1)
-    return statistics.median(values), values[k - 1], values[n - k]
+    coverage = 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2 ** n
+    return statistics.median(values), values[k - 1], values[n - k], coverage
 
 
 def measure(run, rounds):
@@ -98,7 +101,7 @@ def main(argv=None):
     parser.add_argument('--models', nargs='+', default=['decoder', 'vit'], choices=['decoder', 'vit'])
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    print(f'| workload | with the rules (s) | without (s) | ratio, median of {args.rounds} rounds | 95 % interval |')
+    print(f'| workload | with the rules (s) | without (s) | ratio, median of {args.rounds} rounds | interval (coverage) |')
     print('|---|---|---|---|---|')
     for name in args.models:
         if name == 'decoder':
@@ -106,8 +109,9 @@ def main(argv=None):
                 decoder_run(args.tokens)
         else:
             label, run = 'vit_b_16, batch 4, ViTEpsilon (AttnLRP)', vit_run()
-        (ratio, low, high), with_rules, without = measure(run, args.rounds)
-        print(f'| {label} | {with_rules:.3f} | {without:.3f} | {ratio:.3f} | {low:.3f} - {high:.3f} |', flush=True)
+        (ratio, low, high, coverage), with_rules, without = measure(run, args.rounds)
+        print(f'| {label} | {with_rules:.3f} | {without:.3f} | {ratio:.3f} | {low:.3f} - {high:.3f} '
+              f'({100 * coverage:.1f} %) |', flush=True)
     return 0
 
 

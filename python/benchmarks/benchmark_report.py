@@ -15,6 +15,7 @@ time, fresh processes with mmapped allocations for peak memory, see each script'
 - ``attention``: the attention op alone, 1k-16k tokens, vs LXT's eager recipe and SDPA (benchmark_attention.py);
 - ``explain``: ``lxt-ext explain`` images/s vs an in-process loop and LXT's recipe (benchmark_explain.py);
 - ``checks``: the per-layer NaN/Inf checks on and off (benchmark_checks.py, ViTEpsilon and the decoder);
+- ``operations``: the operation rules on and off (benchmark_operations.py, the decoder and vit_b_16);
 - ``evaluation``: ``lxt-ext evaluate`` on the embedded model, seconds per image per method;
 - ``pytest``: the pytest-benchmark suites (tests/benchmarks), from their JSON.
 GPU results (docs/gpu_*.md, written by python/gpu/gpu_check) are included as they are.
@@ -72,6 +73,11 @@ SECTIONS = {
                'attribution time with the per-layer checks on (the default) and off, interleaved in one process, in '
                "zennit-style use (ViTEpsilon, batch 4; the decoder of the language section); lxt_ext's attributors "
                'defer them (no cost while values are finite)'),
+    'operations': ("The operation rules' share (lxt_ext.operations: the decoder and vit_b_16, 2 threads)",
+                   [script('benchmark_operations.py', '--rounds', 21)],
+                   [script('benchmark_operations.py', '--rounds', 3, '--tokens', 128, '--models', 'decoder')],
+                   'attribution time with the operation rules and without them (the composite as before they '
+                   'existed), alternating in one process; the ratio per round, its median and 95 % interval'),
     'evaluation': ('Evaluation throughput: lxt-ext evaluate on the embedded model',
                    [[PYTHON, '-m', 'lxt_ext', 'evaluate', '--out', '{tmp}/evaluate', '--threads', 2, '--quiet']],
                    [[PYTHON, '-m', 'lxt_ext', 'evaluate', '--out', '{tmp}/evaluate', '--threads', 2, '--quiet',

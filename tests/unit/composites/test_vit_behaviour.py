@@ -146,12 +146,23 @@ def test_unmapped_module_is_refused_at_its_operation_by_name():
         model(x)
 
 
-def test_timm_block_computing_attention_functionally_is_refused():
+@pytest.mark.parametrize('block,mlp', [('ParallelScalingBlock', None), ('Block', 'SwiGLU'), ('Block', 'GluMlp')])
+def test_timm_blocks_computing_attention_or_gates_functionally_conserve(block, mlp):
+    """timm's parallel-scaling blocks (attention and MLP from one fused projection, SDPA called functionally) and
+    GLU/SwiGLU MLPs have no table entry: the operation rules cover them, and CP-LRP conserves."""
+    from lxt_ext.diagnostics.conservation import zeroed
+    kwargs = {'block_fn': getattr(timm.models.vision_transformer, block)}
+    if mlp is not None:
+        kwargs['mlp_layer'] = getattr(timm.layers, mlp)
+    torch.manual_seed(0)
     model = timm.create_model('vit_base_patch16_224', pretrained=False, img_size=32, patch_size=8, embed_dim=32,
-                              depth=1, num_heads=4, num_classes=10, block_fn=timm.models.vision_transformer
-                              .ParallelScalingBlock)
-    with pytest.raises(NotImplementedError, match='ParallelScalingBlock'):
-        ViTEpsilon().register(model)
+                              depth=2, num_heads=4, num_classes=10, **kwargs).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.1)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    with zeroed(model), ViTEpsilon(attention='cp', epsilon=1e-12).context(model):
+        logit = model(x)[:, 3]
+        (relevance,) = torch.autograd.grad(logit, x, logit.detach())
+    torch.testing.assert_close(relevance.flatten(1).sum(1), logit.detach(), rtol=1e-4, atol=1e-6)
 
 
 def test_language_transformer_explains_input_embeddings(generator):

@@ -333,3 +333,57 @@ def test_input_cut_off_the_relevance_path_as_a_factor_is_a_constant():
     model = Net(_no_grad_then(lambda h, side: h * torch.sigmoid(side))).double()
     R, output = relevance(model, x_of(), LanguageTransformer())
     torch.testing.assert_close(R.sum(-1), output[:, 0], rtol=1e-6, atol=1e-9)
+
+
+class TwoStems(torch.nn.Module):
+    """Two first layers: the image into one patch convolution and, downsampled (or as it is), into another (as
+    CrossViT's two branches)."""
+
+    def __init__(self, downsample):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.second = torch.nn.Conv2d(3, 4, 4, stride=4), torch.nn.Conv2d(3, 4, 2, stride=2)
+        self.head = torch.nn.Linear(8, 3)
+        self.downsample = downsample
+
+    def forward(self, x):
+        y = F.interpolate(x, scale_factor=0.5) if self.downsample else x[..., ::2, ::2]
+        return self.head(torch.cat([self.first(x).mean((2, 3)), self.second(y).mean((2, 3))], -1))
+
+
+@pytest.mark.parametrize('downsample,operation', [(True, 'interpolate'), (False, 'Conv2d')])
+def test_an_input_used_besides_the_first_layer_is_refused_with_an_explicit_first_layer(downsample, operation):
+    """With a first layer that emits relevance (the ViT composites), the input's gradient must be relevance: a second
+    path from the input (through an interpolation, or a selection into another convolution) would mix gradient into
+    it, so the forward refuses it; without an explicit first layer the same model conserves."""
+    model, x = TwoStems(downsample).double().eval(), torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with pytest.raises(UncoveredOperationError, match=f'{operation} in .*besides the first layer'):
+        relevance(model, x, ViTEpsilon(attention='cp', epsilon=1e-12))
+    with torch.no_grad():
+        for module in (model.first, model.second, model.head):
+            module.bias.zero_()
+    R, output = relevance(model, x, LanguageTransformer(attention='cp', epsilon=1e-12))
+    torch.testing.assert_close(R.flatten(1).sum(1), output[:, 0], rtol=1e-6, atol=1e-9)
+
+
+def test_the_conservation_check_keeps_the_gates():
+    """The conservation check taps every module's output; under CP-LRP a softmax behind a dropout module (a rule of
+    its own) is still the gate held constant, so an attention written out conserves module by module."""
+    from lxt_ext.diagnostics import conservation
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.q, self.k, self.v = (torch.nn.Linear(8, 8, bias=False) for _ in range(3))
+            self.drop, self.head = torch.nn.Dropout(0.1), torch.nn.Linear(8, 3, bias=False)
+
+        def forward(self, x):
+            weights = self.drop((self.q(x) @ self.k(x).transpose(-1, -2)).softmax(-1))
+            return self.head((weights @ self.v(x)).mean(1))
+
+    report = conservation(Attention().double().eval(), torch.randn(2, 5, 8, dtype=torch.float64),
+                          LanguageTransformer(attention='cp'))
+    report.check()
+    reached = {module.name: module.r_out for module in report.modules}
+    assert reached.get('q', 0) == 0 and reached.get('k', 0) == 0 and reached['v'] != 0  # the weights: constant
