@@ -122,6 +122,9 @@ ENTRIES = {
     The command's sub-parser (``lxt_ext.cli.parser`` makes one per command).""",
     'command_args': """args : argparse.Namespace
     The parsed arguments.""",
+    # lxt_ext.core, lxt_ext.operations: questions about any module's registered rule
+    'any_module': """module : torch.nn.Module
+    Any module.""",
     # lxt_ext.job.outputs
     'batch_number': """batch : int
     The batch number.""",

@@ -48,8 +48,8 @@ from .transformer.convention import ExplicitRelevance, linear_rule_apply
 from .transformer.elementwise import INPUT_STABILIZER, ActivationIdentity, identity_rule, uniform_product
 from .transformer.norms import functional_rms_norm_identity, group_norm_identity, layer_norm_identity
 
-__all__ = ['OperationRules', 'emits_relevance', 'alias', 'LINEAR', 'HOMOGENEOUS', 'ELEMENTWISE', 'PRODUCTS', 'MATRIX_PRODUCTS', 'DIVISIONS',
-           'covers_operations']
+__all__ = ['OperationRules', 'emits_relevance', 'alias', 'tensors_in', 'LINEAR', 'HOMOGENEOUS',
+           'ELEMENTWISE', 'PRODUCTS', 'MATRIX_PRODUCTS', 'DIVISIONS', 'covers_operations']
 
 # Linear in every relevance-carrying input: the plain gradient is exact (an allow-list: a name missing here is
 # refused, never passed).
@@ -141,14 +141,10 @@ _SDPA_ARGUMENTS = ('query', 'key', 'value', 'attn_mask', 'dropout_p', 'is_causal
 _SKIPPED = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
 
 
+@shared_parameters('any_module')
 def covers_operations(module):
     """Whether a rule registered on ``module`` computes the module's operations (so the operation rules leave
     them alone): every lxt_ext rule but those that only wrap a forward (``covers_operations = False``).
-
-    Parameters
-    ----------
-    module : torch.nn.Module
-        Any module.
 
     Returns
     -------
@@ -158,13 +154,9 @@ def covers_operations(module):
     return rule is not None and rule.covers_operations
 
 
+@shared_parameters('any_module')
 def emits_relevance(module):
     """Whether the rule registered on ``module`` emits explicit relevance (a transformer composite's first layer).
-
-    Parameters
-    ----------
-    module : torch.nn.Module
-        Any module.
 
     Returns
     -------
@@ -194,14 +186,24 @@ def _same(values, tensors):
     return len(values) == len(tensors) and all(value is tensor for value, tensor in zip(values, tensors))
 
 
-def _outputs(value):
-    """The tensors in a forward's (nested) output: tensors, tuples and lists, dicts (transformers' ModelOutput)."""
+def tensors_in(value):
+    """The tensors in a forward's (nested) output: tensors, tuples and lists, dicts (transformers' ModelOutput).
+
+    Parameters
+    ----------
+    value : object
+        A tensor, or tuples, lists and dicts of them (and of other objects, ignored).
+
+    Returns
+    -------
+    list of torch.Tensor
+    """
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, dict):
         value = list(value.values())
     if isinstance(value, (tuple, list)):
-        return [t for item in value for t in _outputs(item)]
+        return [t for item in value for t in tensors_in(item)]
     return []
 
 
@@ -359,10 +361,10 @@ class _OperationMode(TorchFunctionMode):
         if self.statistics or self.squares:
             if any(t in self.statistics or t in self.squares for t in carrying):
                 return self.statistic(func, name, args, kwargs, carrying)
-        if name in _STATISTICS or (name == 'pow' and len(args) == 2 and args[0] is carrying[0] and isinstance(args[1], (int, float))
-                                   and args[1] == 2) \
-                or (name == 'square' and len(carrying) == 1) \
-                or (name in PRODUCTS and len(args) == 2 and args[0] is args[1]):
+        squared = (name == 'pow' and len(args) == 2 and args[0] is carrying[0] and isinstance(args[1], (int, float))
+                   and args[1] == 2) or (name == 'square' and len(carrying) == 1) \
+            or (name in PRODUCTS and len(args) == 2 and args[0] is args[1])
+        if name in _STATISTICS or squared:
             output = func(*args, **kwargs)
             for tensor in _flat((output,)):
                 if name in ('var_mean', 'std_mean') and tensor is not output[0]:
@@ -434,12 +436,12 @@ class _OperationMode(TorchFunctionMode):
 
     def settle(self, output):
         """Refuse the uncovered operations the forward's ``output`` depends on (see ``refuse``)."""
-        self.inspect(_outputs(output))
+        self.inspect(tensors_in(output))
         if not self.pending:
             return
         targets = {node: message for message, nodes in self.pending for node in nodes}
         found, seen = set(), set()
-        stack = [t.grad_fn for t in _outputs(output) if t.grad_fn is not None]
+        stack = [t.grad_fn for t in tensors_in(output) if t.grad_fn is not None]
         while stack:
             node = stack.pop()
             if node is None or node in seen:

@@ -19,6 +19,7 @@ import torch
 from zennit.core import Hook, RemovableHandle, RemovableHandleList
 
 from .. import checks
+from .._docstrings import shared_parameters
 from ..errors import NotExplainableError
 
 __all__ = ['RuleHook', 'SwappedForward', 'KeepGradient', 'Refused', 'rule_of', 'wants_relevance', 'call_arguments']
@@ -26,13 +27,9 @@ __all__ = ['RuleHook', 'SwappedForward', 'KeepGradient', 'Refused', 'rule_of', '
 _RULE = '_lxt_ext_rule'  # the module attribute holding its registered rule
 
 
+@shared_parameters('any_module')
 def rule_of(module):
     """The lxt_ext rule registered on ``module``, or None.
-
-    Parameters
-    ----------
-    module : torch.nn.Module
-        Any module.
 
     Returns
     -------

@@ -30,6 +30,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ..errors import UncoveredOperationError
+from ..operations import tensors_in as _tensors
 
 __all__ = ['LINEAR', 'Finding', 'AuditReport', 'UncoveredOperationError', 'audit', 'record']
 
@@ -273,17 +274,6 @@ def audit(model, input, forward=None, composite=None):
     with registered, torch.enable_grad(), record(model) as recorder:
         outputs = [t for t in _tensors(forward(model, x)) if t.requires_grad]
     return recorder.report(outputs, [x])
-
-
-def _tensors(value):
-    """The tensors in a (nested) result: a tensor, tuples/lists, dicts (transformers' ModelOutput)."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (tuple, list)):
-        return [t for item in value for t in _tensors(item)]
-    return []
 
 
 def _caller():
