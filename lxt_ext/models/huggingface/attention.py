@@ -5,7 +5,8 @@ T5, ViT, CLIP, SigLIP, DINOv2, ... through ``ALL_ATTENTION_FUNCTIONS[module.conf
 lxt_ext registers two entries there (``lxt_ext_attnlrp``, ``lxt_ext_cp``), and ``HFAttention`` points one
 module, and only that module, at them (``lxt_ext.core.ConfigView``). The fused op then does the AttnLRP (or
 CP-LRP) backward without an N x N matrix. T5's relative position bias is a constant added to the scores (an
-additive mask of the fused op). Gemma 2's attention softcap goes to ``lxt_ext.attention.softcapped_attention``.
+additive mask of the fused op). Gemma 2's attention softcap and attention sinks (GPT-OSS, Granite-SWA) go to
+``lxt_ext.attention.eager_attention``.
 """
 import sys
 
@@ -13,7 +14,7 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from ..._docstrings import shared_parameters
-from ...attention import attention_lrp, softcapped_attention
+from ...attention import attention_lrp, eager_attention
 from ...core import ConfigViewRule, rule_of
 from ...ops import attention_mode
 from ...ops.masks import additive_from_attend
@@ -40,11 +41,7 @@ def _attention(mode):
             return _original_attention(module, view._lxt_ext_config)(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
                 **kwargs)
-        for unsupported in ('s_aux', 'sinks'):
-            if kwargs.get(unsupported) is not None:
-                raise NotExplainableError(
-                    f'{type(module).__name__}: lxt_ext attention does not support {unsupported!r} (attention sinks) '
-                    f'yet; map this module to another rule or leave it out of the composite')
+        sinks = kwargs.get('s_aux', kwargs.get('sinks'))
         if kwargs.get('output_attentions'):
             raise NotExplainableError(
                 f'{type(module).__name__}: output_attentions=True would need the N x N attention matrix, which '
@@ -64,10 +61,10 @@ def _attention(mode):
             # transformers' own fill for masked positions
             mask = additive_from_attend(attention_mask, query.dtype, torch.finfo(query.dtype).min)
             attention_mask = bias if mask is None else bias + mask
-        if kwargs.get('softcap') is not None:
-            output = softcapped_attention(query, key, value, attention_mask, scale=scaling, is_causal=causal,
-                                          softcap=kwargs['softcap'], mode=mode,
-                                          input_stabilizer=hook.input_stabilizer)
+        if kwargs.get('softcap') is not None or sinks is not None:
+            output = eager_attention(query, key, value, attention_mask, scale=scaling, is_causal=causal,
+                                     softcap=kwargs.get('softcap'), sinks=sinks, mode=mode,
+                                     input_stabilizer=hook.input_stabilizer)
         else:
             output = attention_lrp(query, key, value, attention_mask, scale=scaling, is_causal=causal, mode=mode)
         return output.transpose(1, 2).contiguous(), None
@@ -84,7 +81,7 @@ for _mode, _name in IMPLEMENTATIONS.items():
 class HFAttention(ConfigViewRule):
     """AttnLRP or CP-LRP on one transformers attention module (any module that dispatches through
     ``ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]``); ``input_stabilizer`` serves the identity
-    rule on an attention softcap (``lxt_ext.attention.softcapped_attention``)."""
+    rule on an attention softcap (``lxt_ext.attention.eager_attention``)."""
 
     def __init__(self, attention='attnlrp', input_stabilizer=INPUT_STABILIZER):
         super().__init__()

@@ -269,12 +269,12 @@ def test_audit_finds_no_uncovered_operation(family, mode):
 
 
 @pytest.mark.parametrize('mode', ['attnlrp', 'cp'])
-def test_softcapped_attention_follows_lxt_formulation(mode):
+def test_eager_attention_follows_lxt_formulation(mode):
     """Gemma 2's attention softcap ``c tanh(s / c)``: lxt_ext's eager attention against LXT's way of writing
     the same rules with plain autograd (AttnLRP: query and key gradients / 4, value / 2, the identity rule
     as ``s * stop_gradient(f(s) / s)``, the softmax's own gradient; CP-LRP: query and key stopped), with
     grouped-query heads, a padding mask and the causal mask."""
-    from lxt_ext.attention import softcapped_attention
+    from lxt_ext.attention import eager_attention
     generator = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 7, 8, generator=generator) * 3
     k, v = (torch.randn(2, 2, 7, 8, generator=generator) * 3 for _ in range(2))
@@ -303,7 +303,7 @@ def test_softcapped_attention_follows_lxt_formulation(mode):
     expected_grads = torch.autograd.grad(expected, leaves, seed, allow_unused=True)
 
     mine = [t.clone().requires_grad_() for t in (q, k, v)]
-    output = softcapped_attention(*mine, mask, scale=scale, is_causal=True, softcap=cap, mode=mode)
+    output = eager_attention(*mine, mask, scale=scale, is_causal=True, softcap=cap, mode=mode)
     grads = torch.autograd.grad(output, mine, seed, allow_unused=True)
     torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
     for name, grad, reference in zip('qkv', grads, expected_grads):
