@@ -166,10 +166,32 @@ def functional_rms_norm_identity(x, normalized_shape, weight=None, eps=None):
     return _FunctionalRMSNormIdentity.apply(x, tuple(normalized_shape), weight, eps)
 
 
+class _GroupNormIdentity(torch.autograd.Function):
+    """``F.group_norm(x, G, w, b, eps)`` itself; backward with each group's ``rstd`` constant:
+    ``g_in = rstd * (g w - mean_group(g w))``. Saves ``rstd`` (one number per sample and group) and the weight."""
+
+    @staticmethod
+    def forward(ctx, x, num_groups, weight, bias, eps):
+        output = torch.nn.functional.group_norm(x, num_groups, weight, bias, eps)
+        groups = x.reshape(x.shape[0], num_groups, -1)
+        ctx.save_for_backward(_float_rstd(groups, (-1,), eps, centred=True), weight)
+        ctx.num_groups = num_groups
+        return output
+
+    @staticmethod
+    @first_order
+    def backward(ctx, grad):
+        rstd, weight = ctx.saved_tensors
+        gw = grad.float() if weight is None else grad.float() * weight.float().reshape(1, -1, *(1,) * (grad.dim() - 2))
+        groups = gw.reshape(grad.shape[0], ctx.num_groups, -1)
+        grad_input = (groups - groups.mean(-1, keepdim=True)).mul_(rstd).reshape(grad.shape)
+        return grad_input.to(grad.dtype), None, None, None, None
+
+
 def group_norm_identity(x, num_groups, weight=None, bias=None, eps=1e-5):
     """``F.group_norm(x, num_groups, weight, bias, eps)`` with the identity rule on the normalisation: the
     backward holds each group's ``rstd`` constant (the mean's subtraction is linear and keeps its gradient), so
-    ``g_in = rstd * (g w - mean_group(g w))``. Plain autograd around a detached ``rstd``.
+    ``g_in = rstd * (g w - mean_group(g w))``. Parameters get no gradient.
 
     Parameters
     ----------
@@ -187,16 +209,7 @@ def group_norm_identity(x, num_groups, weight=None, bias=None, eps=1e-5):
     torch.Tensor
         The normalised ``x``.
     """
-    groups = x.reshape(x.shape[0], num_groups, -1)
-    centred = groups - groups.mean(-1, keepdim=True)
-    rstd = _float_rstd(groups.detach(), (-1,), eps, centred=True).to(x.dtype)
-    output = (centred * rstd).reshape(x.shape)
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    if weight is not None:
-        output = output * weight.reshape(shape)
-    if bias is not None:
-        output = output + bias.reshape(shape)
-    return output
+    return _GroupNormIdentity.apply(x, num_groups, weight, bias, eps)
 
 
 class NormIdentity(SwappedForward):

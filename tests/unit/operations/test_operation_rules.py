@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from lxt_ext.composites import LanguageTransformer, ViTEpsilon, ViTGamma
+from lxt_ext.composites import LanguageTransformer, TransformerComposite, ViTEpsilon, ViTGamma
+from lxt_ext.rules import Epsilon
+from lxt_ext.transformer import OutputEpsilon
 from lxt_ext.errors import NotExplainableError, UncoveredOperationError
 
 
@@ -78,8 +80,10 @@ def x_of(shape=(4, 8)):
     lambda h: h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6),  # RMSNorm written out
     lambda h: (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, keepdim=True, unbiased=False) + 1e-5),
     lambda h: F.normalize(h, dim=-1) * 3.,
+    lambda h: F.group_norm(h.reshape(4, 8, 1), 2).reshape(4, 8),
+    lambda h: F.conv1d(h[:, None], torch.ones(2, 1, 3, dtype=h.dtype), padding=1).flatten(1)[:, :8],
 ], ids=['softcap', 'activations', 'chain', 'swish', 'homogeneous', 'layer_norm', 'rms_norm', 'rms_written',
-        'layer_norm_written', 'normalize'])
+        'layer_norm_written', 'normalize', 'group_norm', 'functional_conv'])
 def test_unknown_functional_code_conserves(body, attention):
     """Conservation (relevance sums to the explained output) through operations no module rule covers; the
     forward is unchanged."""
@@ -387,3 +391,11 @@ def test_the_conservation_check_keeps_the_gates():
     report.check()
     reached = {module.name: module.r_out for module in report.modules}
     assert reached.get('q', 0) == 0 and reached.get('k', 0) == 0 and reached['v'] != 0  # the weights: constant
+
+
+def test_a_functional_convolution_is_refused_where_the_convolution_rule_is_no_plain_gradient():
+    """``F.conv2d`` called outside a module: the plain gradient where the composite's convolution rule is (epsilon
+    0), refused where it is not (ViTEpsilon's fused epsilon takes convolutions as modules)."""
+    model = Net(lambda h: F.conv1d(h[:, None], torch.ones(1, 1, 3, dtype=h.dtype), padding=1)[:, 0]).double()
+    with pytest.raises(UncoveredOperationError, match='conv1d in unknown'):
+        relevance(model, x_of(), TransformerComposite(OutputEpsilon(1e-6), conv_rule=Epsilon(1e-6)))
