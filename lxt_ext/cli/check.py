@@ -79,7 +79,8 @@ def _load_text(folder, seed):
     cls = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), transformers.AutoModel)
     try:
         if any(f.endswith(('.safetensors', '.bin')) for f in os.listdir(folder)):
-            model = cls.from_pretrained(folder, local_files_only=True)
+            # use_kernels=False: offline, no kernels fetched from the Hub (transformers 5.25 asks for them by default)
+            model = cls.from_pretrained(folder, local_files_only=True, use_kernels=False)
         else:
             warnings.warn(f'{folder} has no weight files: {getattr(cls, "__name__", cls)} from its config with random '
                           f'weights (seed {seed})')

@@ -262,7 +262,8 @@ def load_huggingface(folder):
     if not os.path.isfile(os.path.join(folder, 'config.json')):
         raise ModelError(f'{folder} is no Hugging Face model folder (no config.json)')
     try:
-        model = AutoModelForImageClassification.from_pretrained(folder, local_files_only=True)
+        # use_kernels=False: offline, no kernels fetched from the Hub (transformers 5.25 asks for them by default)
+        model = AutoModelForImageClassification.from_pretrained(folder, local_files_only=True, use_kernels=False)
     except (OSError, ValueError) as error:
         raise ModelError(f'cannot load the Hugging Face model in {folder}: {error}') from None
     processor = {}
