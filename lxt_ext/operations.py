@@ -105,6 +105,8 @@ _ADDITIVE = frozenset({
     'scatter', 'scatter_', 'scatter_add', 'scatter_add_', 'masked_scatter', 'masked_scatter_', 'copy_', '__setitem__',
     'lerp', 'addcmul', 'addcdiv',
 })
+# Linear operations that keep a gate a gate when applied to it alone (a constant added, a sign flipped).
+_SHIFTS = frozenset({'add', 'add_', '__radd__', '__iadd__', 'sub', 'sub_', '__rsub__', '__isub__', 'neg', '__neg__'})
 _SOFTMAX = frozenset({'softmax', '_softmax'})
 _EMBEDDING = frozenset({'embedding', 'embedding_bag'})
 _CONVOLUTIONS = frozenset({'conv1d', 'conv2d', 'conv3d', 'conv_transpose1d', 'conv_transpose2d', 'conv_transpose3d'})
@@ -242,6 +244,7 @@ def alias(new, old):
         for kind in (mode.derived, mode.gates, mode.statistics, mode.squares, mode.cut, mode.raw):
             if old in kind:
                 kind[new] = True
+        mode.roots[new] = mode.roots.get(old, old)
     return new
 
 
@@ -286,6 +289,7 @@ class _OperationMode(TorchFunctionMode):
         self.derived, self.gates, self.statistics, self.squares, self.cut = {}, {}, {}, {}, {}
         self.pending, self.names, self.foreign = [], None, set()
         self.raw = {}  # with a first layer that emits relevance: the input and its element-preserving views
+        self.roots = {}  # a tensor computed element-wise from one carrying tensor alone -> that tensor
 
     def __enter__(self):
         self.scope.mode = self
@@ -297,7 +301,7 @@ class _OperationMode(TorchFunctionMode):
         if _ACTIVE and _ACTIVE[-1] is self:
             _ACTIVE.pop()
         self.derived, self.gates, self.statistics, self.squares, self.cut = {}, {}, {}, {}, {}
-        self.pending, self.foreign, self.raw = [], set(), {}
+        self.pending, self.foreign, self.raw, self.roots = [], set(), {}, {}
         return super().__exit__(*exc)
 
     def inspect(self, values):
@@ -375,7 +379,9 @@ class _OperationMode(TorchFunctionMode):
                                      'normalise it', output, defer=True)
         if name in LINEAR:
             output = func(*args, **kwargs)
-            if name in _KEEP_GATE and all(t in self.gates for t in carrying):
+            if len(carrying) == 1:
+                self._derive(output, carrying[0], name in _KEEP_GATE or name in _SHIFTS)
+            elif name in _KEEP_GATE and all(t in self.gates for t in carrying):
                 self._gate(output)
             return output
         if name in HOMOGENEOUS or name in _SOFTMAX:
@@ -402,6 +408,16 @@ class _OperationMode(TorchFunctionMode):
         for tensor in _flat((output,)):
             if tensor.is_floating_point() or tensor.is_complex():  # not masks, indices or counts
                 self.cut[tensor] = True
+        return output
+
+    def _derive(self, output, source, keeps_gate):
+        """``output`` was computed from the one carrying tensor ``source`` (and constants): it has its root, and is a
+        gate where ``source`` is one and the operation keeps that (views, casts, a constant added or a scaling)."""
+        root = self.roots.get(source, source)
+        for tensor in _flat((output,)):
+            self.roots[tensor] = root
+            if keeps_gate and source in self.gates:
+                self.gates[tensor] = True
         return output
 
     def _gate(self, output):
@@ -518,14 +534,20 @@ class _OperationMode(TorchFunctionMode):
         if inplace:
             x.copy_(output)
             output = x
+        self._derive(output, x, False)
         return self._gate(output)
 
     def product(self, func, name, args, kwargs, carrying):
-        if len(carrying) < 2:
-            return func(*args, **kwargs)  # linear in its one carrying factor
+        if len(carrying) < 2:  # linear in its one carrying factor: a scaling keeps a gate
+            return self._derive(func(*args, **kwargs), carrying[0], name in PRODUCTS)
         if len(carrying) > 2 or 'out' in kwargs:
             return NotImplemented
         a, b = carrying
+        for gate, other in ((a, b), (b, a)):
+            if gate in self.gates and self.roots.get(gate, gate) is self.roots.get(other, other):
+                # x * g(x), g computed element-wise from x alone (SiLU, GELU written out): an element-wise function
+                # of x, so the identity rule, in either mode: the gate held constant
+                return func(*_swap(args, gate, gate.detach()), **_swap(kwargs, gate, gate.detach()))
         if name in ('mul_', '__imul__'):
             output = self._bilinear(torch.mul, (a.clone(), b), {}, (a.clone(), b))
             a.copy_(output)
@@ -599,7 +621,7 @@ class _OperationMode(TorchFunctionMode):
     def division(self, func, name, args, kwargs, carrying):
         if len(args) >= 2 and any(args[1] is t for t in carrying) or name in ('__rtruediv__', '__rdiv__'):
             return NotImplemented  # divided by a carrying tensor
-        return func(*args, **kwargs)
+        return self._derive(func(*args, **kwargs), carrying[0], True) if len(carrying) == 1 else func(*args, **kwargs)
 
     def layer_norm(self, func, name, args, kwargs, carrying):
         bound = dict(zip(('input', 'normalized_shape', 'weight', 'bias', 'eps'), args), **kwargs)

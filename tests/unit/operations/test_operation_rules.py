@@ -81,9 +81,11 @@ def x_of(shape=(4, 8)):
     lambda h: (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, keepdim=True, unbiased=False) + 1e-5),
     lambda h: F.normalize(h, dim=-1) * 3.,
     lambda h: F.group_norm(h.reshape(4, 8, 1), 2).reshape(4, 8),
+    lambda h: h * 0.5 * (1.0 + torch.erf(h / 2 ** 0.5)),   # GELU written out (ESM): x * g(x), g held constant
+    lambda h: h * torch.sigmoid(1.702 * h),               # QuickGELU written out
     lambda h: F.conv1d(h[:, None], torch.ones(2, 1, 3, dtype=h.dtype), padding=1).flatten(1)[:, :8],
 ], ids=['softcap', 'activations', 'chain', 'swish', 'homogeneous', 'layer_norm', 'rms_norm', 'rms_written',
-        'layer_norm_written', 'normalize', 'group_norm', 'functional_conv'])
+        'layer_norm_written', 'normalize', 'group_norm', 'gelu_written', 'quick_gelu_written', 'functional_conv'])
 def test_unknown_functional_code_conserves(body, attention):
     """Conservation (relevance sums to the explained output) through operations no module rule covers; the
     forward is unchanged."""
