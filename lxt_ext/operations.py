@@ -663,6 +663,15 @@ class _OperationMode(TorchFunctionMode):
         query, key, value, mask = bound['query'], bound['key'], bound['value'], bound.get('attn_mask')
         if self.carries(mask) or bound.get('dropout_p', 0.0) or value.shape[-1] != query.shape[-1]:
             return NotImplemented
+        if query.dim() != 4:  # SDPA takes (..., L, E): heads and batches as leading dimensions of any number
+            if query.dim() < 3 or key.shape[:-2] != query.shape[:-2] or value.shape[:-2] != query.shape[:-2] \
+                    or (mask is not None and mask.dim() > 2):
+                return NotImplemented
+            lead = query.shape[:-2]
+            query, key, value = (t.reshape(-1, 1, *t.shape[-2:]) for t in (query, key, value))
+            output = attention_lrp(query, key, value, mask, scale=bound.get('scale'),
+                                   is_causal=bound.get('is_causal', False), mode=self.hook.attention)
+            return output.reshape(*lead, *output.shape[-2:])
         if key.shape[-3] != query.shape[-3] and not bound.get('enable_gqa', False):
             return func(*args, **kwargs)  # SDPA's own error
         return attention_lrp(query, key, value, mask, scale=bound.get('scale'), is_causal=bound.get('is_causal', False),

@@ -45,6 +45,8 @@ def _activation(module, options):
 
 @adapter(torch.nn.LayerNorm, torch.nn.RMSNorm)
 def _norm(module, options):
+    if type(module).forward not in (torch.nn.LayerNorm.forward, torch.nn.RMSNorm.forward):
+        return None  # a subclass with a forward of its own (timm's LayerNorm2d): the operation rules take its ops
     return NormIdentity()
 
 

@@ -21,10 +21,9 @@ The zoos (``--zoo``, repeatable; default all):
   of that mapping (an audio-language model) w.r.t. its input embeddings;
 - ``image_classification`` (transformers) and ``timm_vit`` (timm's vision-transformer families, one variant per
   architecture, the smallest, shrunk where over 30M parameters): w.r.t. the pixels, with
-  ``ViTEpsilon(attention='cp', epsilon=1e-12)`` where the forward computes attention (a softmax, or a product
-  of two activations), else, for purely convolutional models, a zennit ``LayerMapComposite`` of lxt_ext's
-  ``Epsilon(1e-12)`` on convolutions and Linear layers and ``layer_map_base`` (lxt_ext's CNN composites put
-  z-plus, alpha-beta or gamma on convolutions, none epsilon alone). transformers' image models get their
+  ``ViTEpsilon(attention='cp', epsilon=1e-12)``, convolutional networks too (its fused epsilon takes convolutions,
+  lxt_ext's tables batch norms and activations, the operation rules the rest; lxt_ext's CNN composites put z-plus,
+  alpha-beta or gamma on convolutions, none epsilon alone, so none is checked by conservation). transformers' image models get their
   convolution and Linear weights redrawn with variance 1 / fan-in and their normalisation scales set to 1
   (``variance_preserving``: with transformers' initialisation a deep CNN's logits vanish); a model whose logits
   vanish all the same is ``not built``.
@@ -81,13 +80,12 @@ HOW = {
             'the last token for language-model heads)',
     'seq2seq': "explained with `LanguageTransformer(attention='cp')` w.r.t. the encoder and decoder input "
                'embeddings together (the top logit at the last decoder token)',
-    'image': "explained w.r.t. the pixels with `ViTEpsilon(attention='cp', epsilon=1e-12)` where the forward "
-             'computes attention, else (purely convolutional) with a `LayerMapComposite` of `Epsilon(1e-12)` on '
-             'convolutions and Linear layers',
+    'image': "explained w.r.t. the pixels with `ViTEpsilon(attention='cp', epsilon=1e-12)` (convolutional "
+             'networks too: its fused epsilon takes convolutions, the tables batch norms and activations, the '
+             'operation rules the rest)',
 }
 TEXT_COMPOSITE = "LanguageTransformer(attention='cp')"
 VIT_COMPOSITE = "ViTEpsilon(attention='cp', epsilon=1e-12)"
-CNN_COMPOSITE = 'LayerMapComposite(Epsilon(1e-12))'
 TINY_OUTPUT = 1e-20  # a model whose logits are all below this (with offsets zeroed) is not a test
 
 
@@ -263,53 +261,15 @@ def build_timm(name):
     return model, x, forward, about
 
 
-def computes_attention(model, forward, x):
-    """Whether ``forward(model, x)`` computes attention: a module named for it, a softmax or fused attention, or a
-    product of two activations (no parameter in it: linear attention, XCA)."""
-    import torch
-    from torch.overrides import TorchFunctionMode
-
-    if any(isinstance(m, torch.nn.MultiheadAttention) or 'attention' in type(m).__name__.lower()
-           or 'attn' in type(m).__name__.lower() for m in model.modules()):
-        return True
-    products = {'matmul', '__matmul__', '__rmatmul__', 'bmm', 'baddbmm', 'einsum'}
-
-    class Spy(TorchFunctionMode):
-        seen = False
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            name = getattr(func, '__name__', '')
-            if name in ('softmax', '_softmax', 'scaled_dot_product_attention'):
-                Spy.seen = True
-            elif name in products:
-                tensors = [a for a in (args[1:] if name == 'einsum' else args) if isinstance(a, torch.Tensor)]
-                if name == 'einsum' and len(args) > 1 and isinstance(args[1], (list, tuple)):
-                    tensors = [a for a in args[1] if isinstance(a, torch.Tensor)]
-                if len(tensors) >= 2 and not any(isinstance(t, torch.nn.Parameter) for t in tensors):
-                    Spy.seen = True
-            return func(*args, **(kwargs or {}))
-
-    with torch.no_grad(), Spy():
-        forward(model, x)
-    return Spy.seen
-
-
 def composite_for(kind, model, forward, x):
-    """``(composite, its name)`` for a zoo kind and a built model."""
-    from lxt_ext.composites import LanguageTransformer, ViTEpsilon, layer_map_base
+    """``(composite, its name)`` for a zoo kind and a built model: images, transformers and convolutional networks
+    alike, with ``ViTEpsilon`` (its fused epsilon takes convolutions, its tables batch norms and activations, the
+    operation rules the rest)."""
+    from lxt_ext.composites import LanguageTransformer, ViTEpsilon
 
     if kind != 'image':
         return LanguageTransformer(attention='cp'), TEXT_COMPOSITE
-    if computes_attention(model, forward, x):
-        return ViTEpsilon(attention='cp', epsilon=1e-12), VIT_COMPOSITE
-    import torch
-    from zennit.composites import LayerMapComposite
-    from zennit.types import Convolution
-
-    from lxt_ext.rules import Epsilon
-    layer_map = layer_map_base(stabilizer=1e-12) + [(Convolution, Epsilon(epsilon=1e-12)),
-                                                    (torch.nn.Linear, Epsilon(epsilon=1e-12))]
-    return LayerMapComposite(layer_map=layer_map), CNN_COMPOSITE
+    return ViTEpsilon(attention='cp', epsilon=1e-12), VIT_COMPOSITE
 
 
 def explain(zoo, name, rtol):
