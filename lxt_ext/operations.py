@@ -40,7 +40,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ._docstrings import shared_parameters
-from .attention import attention_lrp, uniform_matmul
+from .attention import attention_lrp, eager_attention, uniform_matmul
 from .core import KeepGradient, RuleHook, rule_of
 from .errors import UncoveredOperationError
 from .ops import attention_mode
@@ -129,6 +129,7 @@ _KEEP_STATISTIC = frozenset({
 _RAW = ("the input goes into this operation (or module) besides the first layer, whose rule emits the input's "
         "relevance: the gradient arriving at the input would mix relevance and gradients (a model with more than one "
         "first layer, such as CrossViT's two patch embeddings, needs a composite without an explicit first layer)")
+_TRUSTED_FUNCTIONS = ('lxt_ext.', 'torch._functorch.')
 _CHECKPOINT = ("reentrant activation checkpointing, which re-runs the forward in backward, outside the operation "
                "rules; enable it as non-reentrant, e.g. for transformers model.activation_checkpointing_enable("
                "{'use_reentrant': False})")
@@ -313,7 +314,8 @@ class _OperationMode(TorchFunctionMode):
         for tensor in _flat(values):
             node = tensor.grad_fn if self.carries(tensor) else None
             cls = getattr(node, '_forward_cls', None)
-            if cls is not None and node not in self.foreign and not cls.__module__.startswith('lxt_ext.'):
+            # torch.compile's graphs are traced through this mode, so their rules are in them
+            if cls is not None and node not in self.foreign and not cls.__module__.startswith(_TRUSTED_FUNCTIONS):
                 self.foreign.add(node)
                 name = f'{cls.__module__}.{cls.__qualname__}'
                 self._note(f'{name}.apply', _CHECKPOINT if name == 'torch.utils.checkpoint.CheckpointFunction' else
@@ -661,8 +663,14 @@ class _OperationMode(TorchFunctionMode):
     def attention(self, func, name, args, kwargs, carrying):
         bound = dict(zip(_SDPA_ARGUMENTS, args), **kwargs)
         query, key, value, mask = bound['query'], bound['key'], bound['value'], bound.get('attn_mask')
-        if self.carries(mask) or bound.get('dropout_p', 0.0) or value.shape[-1] != query.shape[-1]:
+        if self.carries(mask) or bound.get('dropout_p', 0.0):
             return NotImplemented
+        if value.shape[-1] != query.shape[-1] and query.dim() == 4:  # the fused op takes one head dimension
+            if key.shape[-3] != query.shape[-3] and not bound.get('enable_gqa', False):
+                return func(*args, **kwargs)  # SDPA's own error
+            return eager_attention(query, key, value, mask, scale=bound.get('scale'),
+                                   is_causal=bound.get('is_causal', False), mode=self.hook.attention,
+                                   input_stabilizer=self.hook.input_stabilizer)
         if query.dim() != 4:  # SDPA takes (..., L, E): heads and batches as leading dimensions of any number
             if query.dim() < 3 or key.shape[:-2] != query.shape[:-2] or value.shape[:-2] != query.shape[:-2] \
                     or (mask is not None and mask.dim() > 2):

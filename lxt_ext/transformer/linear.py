@@ -17,6 +17,10 @@ class _EpsilonFromOutput(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, epsilon, original):
         output = original(x)
+        if not torch.compiler.is_compiling() and output._is_view():
+            # a view (of an input returned as it is) would forbid model code's in-place changes (NaFlexViT adds its
+            # position embedding in place)
+            output = output.clone()
         ctx.save_for_backward(output, weight)
         ctx.epsilon = epsilon
         return output

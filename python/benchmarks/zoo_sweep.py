@@ -298,7 +298,7 @@ def explain(zoo, name, rtol):
         return {'verdict': 'crash', 'detail': f'choosing the composite: {_short(error)}', **about}
     about = {**about, 'composite': composite_name}
     with zeroed(model) as names, torch.no_grad():
-        plain = forward(model, x).float()
+        plain = forward(model, x.clone()).float()  # a copy: some models scale their input in place (CTRL)
     try:
         with zeroed(model):
             with Explainer(model, composite, forward=forward) as explainer:

@@ -61,7 +61,8 @@ def _attention(mode):
             # transformers' own fill for masked positions
             mask = additive_from_attend(attention_mask, query.dtype, torch.finfo(query.dtype).min)
             attention_mask = bias if mask is None else bias + mask
-        if kwargs.get('softcap') is not None or sinks is not None:
+        # the fused op takes one head dimension for query, key and value (MLA's values are narrower: GLM-4-MoE-Lite)
+        if kwargs.get('softcap') is not None or sinks is not None or value.shape[-1] != query.shape[-1]:
             output = eager_attention(query, key, value, attention_mask, scale=scaling, is_causal=causal,
                                      softcap=kwargs.get('softcap'), sinks=sinks, mode=mode,
                                      input_stabilizer=hook.input_stabilizer)
