@@ -45,6 +45,7 @@ from .core import KeepGradient, RuleHook, rule_of
 from .errors import UncoveredOperationError
 from .ops import attention_mode
 from .transformer.convention import ExplicitRelevance, linear_rule_apply
+from .transformer.convolution import CONVOLUTIONS, convolution_arguments
 from .transformer.elementwise import INPUT_STABILIZER, ActivationIdentity, identity_rule, uniform_product
 from .transformer.norms import functional_rms_norm_identity, group_norm_identity, layer_norm_identity
 
@@ -109,7 +110,6 @@ _ADDITIVE = frozenset({
 _SHIFTS = frozenset({'add', 'add_', '__radd__', '__iadd__', 'sub', 'sub_', '__rsub__', '__isub__', 'neg', '__neg__'})
 _SOFTMAX = frozenset({'softmax', '_softmax'})
 _EMBEDDING = frozenset({'embedding', 'embedding_bag'})
-_CONVOLUTIONS = frozenset({'conv1d', 'conv2d', 'conv3d', 'conv_transpose1d', 'conv_transpose2d', 'conv_transpose3d'})
 # Operations whose output is still a gate when their carrying input is one (views and casts of a softmax's output).
 _KEEP_GATE = frozenset({
     'view', 'view_as', 'reshape', 'reshape_as', 'flatten', 'unflatten', 'squeeze', 'unsqueeze', 'transpose', 't',
@@ -187,6 +187,22 @@ def _same(values, tensors):
     """Whether the sequences ``values`` and ``tensors`` hold the same objects (by identity: ``==`` on tensors
     compares elements)."""
     return len(values) == len(tensors) and all(value is tensor for value, tensor in zip(values, tensors))
+
+
+_IN_PLACE = frozenset({'__iadd__', '__isub__', '__imul__', '__itruediv__', '__idiv__', '__setitem__', '__ipow__'})
+
+
+def _keep_output_copy(target):
+    """Model code is about to change ``target`` in place. Where a rule's autograd Function keeps that tensor (or
+    the tensor it views) for its backward (``keeps_output``: OutputEpsilon), the Function's node gets a copy of it
+    first (``output_copy``), which its backward reads: the change then neither breaks the backward (autograd's
+    version check) nor alters the output the rule saw."""
+    if not isinstance(target, torch.Tensor) or torch.compiler.is_compiling():
+        return
+    base = target._base if target._is_view() else target
+    node = base.grad_fn
+    if getattr(getattr(node, '_forward_cls', None), 'keeps_output', False) and not hasattr(node, 'output_copy'):
+        node.output_copy = base.detach().clone()
 
 
 def tensors_in(value):
@@ -341,6 +357,8 @@ class _OperationMode(TorchFunctionMode):
         if carrying:
             self.inspect(carrying)
         name = _name(func)
+        if name in _IN_PLACE or (name[-1:] == '_' and name[:1] != '_'):
+            _keep_output_copy(args[0] if args else None)
         cut = self.cut and any(self.is_cut(t) for t in _flat((*args, *kwargs.values())))
         if not carrying:
             output = func(*args, **kwargs)
@@ -617,6 +635,8 @@ class _OperationMode(TorchFunctionMode):
             return NotImplemented
         if rule is None or isinstance(rule, KeepGradient):
             return func(*args, **kwargs)
+        if hasattr(rule, 'convolution'):
+            return rule.convolution(**convolution_arguments(name, args, kwargs))
         return self.refuse(name, 'a convolution called functionally, which the composite\'s convolution rule takes '
                                  'only as a module', func(*args, **kwargs))
 
@@ -701,7 +721,7 @@ _RULES = {
 _GROUPS = (
     (ELEMENTWISE, _OperationMode.elementwise), (PRODUCTS, _OperationMode.product),
     (MATRIX_PRODUCTS, _OperationMode.matrix_product), (DIVISIONS, _OperationMode.division),
-    (_CONVOLUTIONS, _OperationMode.convolution),
+    (CONVOLUTIONS, _OperationMode.convolution),
 )
 
 

@@ -150,6 +150,34 @@ class FusedRule(ProductRule):
             return torch.nn.functional.linear(input, weight, bias)
         return _FusedLayer.apply(x, weight, bias, self, _LINEAR, None, original, (), {})
 
+    def convolution(self, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, transposed=False,
+                    output_padding=0):
+        """A convolution called functionally (``F.conv2d``'s arguments; ``transposed`` for ``F.conv_transpose*``)
+        with this rule in backward: a convolution module's own forward (timm's ``Conv2dSame``, weight-standardised
+        convolutions) or model code. Padding ``'same'`` that is uneven pads the input's far side first, as torch
+        does."""
+        dims = weight.dim() - 2
+
+        def spread(value):
+            return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * dims
+        stride, dilation = spread(stride), spread(dilation)
+        if padding == 'valid':
+            padding = 0
+        elif padding == 'same':
+            totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+            extra = [side for total in reversed(totals) for side in (0, total % 2)]
+            if any(extra):
+                x = torch.nn.functional.pad(x, extra)
+            padding = [total // 2 for total in totals]
+        spec = LayerSpec(linear=False, transposed=bool(transposed), stride=stride, padding=spread(padding),
+                         dilation=dilation, groups=int(groups))
+        output_padding = list(spread(output_padding))
+
+        def original(input):
+            return torch.ops.aten.convolution(input, weight, bias, spec.stride, spec.padding, spec.dilation,
+                                              spec.transposed, output_padding, spec.groups)
+        return _FusedLayer.apply(x, weight, bias, self, spec, None, original, (), {})
+
     def backward_op(self, x, weight, bias, grad, spec, output_padding):
         code = ops.RULES[self.rule_name if self.active else 'gradient']
         channels = grad.shape[-1] if spec.linear else grad.shape[1]

@@ -55,7 +55,7 @@ __all__ = ['ADDITIVE', 'ModuleRelevance', 'ConservationReport', 'ConservationErr
 # biases, BatchNorm's running mean (its bias is b - mean * w / std), and the embeddings that
 # torchvision, timm and transformers add to the relevance path (position, class and token-type tokens).
 ADDITIVE = ('*bias', '*running_mean', '*pos_embedding', '*class_token', '*pos_embed', '*cls_token', '*reg_token',
-            '*position_embeddings*', '*token_type_embeddings*', '*wpe.weight', '*embed_positions.weight',
+            '*position_embeddings*', '*token_type_embeddings*', '*wpe.weight', '*pos_encoding', '*embed_positions.weight',
             '*embed_positions.weights', '*positions_embed.weight')
 @contextlib.contextmanager
 def zeroed(model, patterns=ADDITIVE):

@@ -11,6 +11,7 @@ import torch
 from zennit.types import Convolution
 
 from ..attention import MultiheadAttentionRule
+from ..transformer.convolution import TORCH_CONVOLUTION_FORWARDS, OwnForwardConvolution
 from ..transformer.elementwise import ActivationIdentity, DropoutOff
 from ..transformer.norms import NormIdentity
 from . import KeepGradient, adapter, matcher
@@ -34,6 +35,9 @@ def _products(module, options):
             return None  # a transformers module that is a Linear with a forward of its own (Llama 4's router)
         return options.linear
     if isinstance(module, Convolution):
+        if type(module).forward not in TORCH_CONVOLUTION_FORWARDS and options.conv is not None:
+            # its own forward pads the input or standardises the weight first (timm's Conv2dSame, StdConv2d)
+            return OwnForwardConvolution(options.conv)
         return options.conv
     return None
 

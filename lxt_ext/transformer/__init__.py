@@ -9,6 +9,7 @@ exactly under plain autograd, and rules change only the backward of the rest:
 - ``elementwise``: the identity rule on activations, the uniform rule on products, dropout off;
 - ``norms``: LayerNorm / RMSNorm with the std held constant;
 - ``linear``: epsilon from the kept output (``OutputEpsilon``);
+- ``convolution``: convolutions in a module's own forward (``OwnForwardConvolution``);
 - ``mlp``: gated MLPs (uniform rule on the product, or the gate constant);
 - ``experts``: mixture-of-experts rules with the routing held constant;
 - ``ssm``: MambaLRP's rule on a Mamba mixer's scan (its coefficients held constant).
@@ -18,6 +19,7 @@ which rule is ``lxt_ext.models``; the composites are ``lxt_ext.composites``.
 """
 from .convention import (ExplicitConvention, ExplicitRelevance, OutputRelevance, ZennitRule, emitting_relevance,
                          gradient_x_input, linear_rule_apply, relevance_seeded)
+from .convolution import OwnForwardConvolution
 from .elementwise import INPUT_STABILIZER, ActivationIdentity, DropoutOff, identity_rule, uniform_product
 from .experts import DenseExperts, RouterConstant
 from .linear import OutputEpsilon
@@ -27,7 +29,7 @@ from .norms import (NormIdentity, functional_rms_norm_identity, group_norm_ident
                     rms_norm_identity)
 
 __all__ = [
-    'ActivationIdentity', 'DropoutOff', 'NormIdentity', 'OutputEpsilon', 'ZennitRule', 'ExplicitRelevance',
+    'ActivationIdentity', 'DropoutOff', 'OwnForwardConvolution', 'NormIdentity', 'OutputEpsilon', 'ZennitRule', 'ExplicitRelevance',
     'ExplicitConvention', 'OutputRelevance', 'identity_rule', 'uniform_product', 'layer_norm_identity', 'group_norm_identity',
     'functional_rms_norm_identity',
     'rms_norm_identity', 'gradient_x_input', 'emitting_relevance', 'linear_rule_apply', 'relevance_seeded',

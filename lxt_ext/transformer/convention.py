@@ -264,7 +264,7 @@ def emitting_relevance(rule):
         return ZennitRule(rule.rule, explicit_output=True, input_stabilizer=rule.input_stabilizer)
     if isinstance(rule, ExplicitConvention):
         return ExplicitConvention(rule.rule, explicit_output=True, input_stabilizer=rule.input_stabilizer)
-    if hasattr(rule, 'linear'):
+    if hasattr(rule, 'linear') or hasattr(rule, 'convolution'):
         return ExplicitRelevance(rule)
     raise TypeError(f'the first layer needs an lxt_ext or zennit rule for Linear/convolutions, not '
                     f'{type(rule).__name__}')

@@ -12,7 +12,10 @@ __all__ = ['OutputEpsilon']
 
 class _EpsilonFromOutput(torch.autograd.Function):
     """``y = x W^T + b``; backward ``g_in = W^T (g y / stab(y)) = (g |y| / (|y| + eps)) W``.
-    Keeps only ``y`` (and W): no product is recomputed, and the next rule often keeps ``y`` anyway."""
+    Keeps only ``y`` (and W): no product is recomputed, and the next rule often keeps ``y`` anyway.
+    ``keeps_output``: the operation rules give the node a copy of ``y`` (``output_copy``) before model code changes
+    ``y`` in place (NaFlexViT adds its position embedding so), and backward takes that copy."""
+    keeps_output = True
 
     @staticmethod
     def forward(ctx, x, weight, epsilon, original):
@@ -21,14 +24,15 @@ class _EpsilonFromOutput(torch.autograd.Function):
             # a view (of an input returned as it is) would forbid model code's in-place changes (NaFlexViT adds its
             # position embedding in place)
             output = output.clone()
-        ctx.save_for_backward(output, weight)
-        ctx.epsilon = epsilon
+        ctx.save_for_backward(output)
+        ctx.weight, ctx.epsilon = weight, epsilon
         return output
 
     @staticmethod
     @first_order
     def backward(ctx, grad):
-        output, weight = ctx.saved_tensors
+        output = ctx.output_copy if hasattr(ctx, 'output_copy') else ctx.saved_tensors[0]
+        weight = ctx.weight
         ratio = ops.identity_backward(output, output, grad, ctx.epsilon)  # the identity rule's ratio with h = x = y
         return ratio.to(weight.dtype) @ weight, None, None, None
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from conftest import assert_rel_close
 from lxt_ext.composites import LanguageTransformer, TransformerComposite, ViTEpsilon, ViTGamma
 from lxt_ext.rules import Epsilon
 from lxt_ext.transformer import OutputEpsilon
@@ -395,9 +396,26 @@ def test_the_conservation_check_keeps_the_gates():
     assert reached.get('q', 0) == 0 and reached.get('k', 0) == 0 and reached['v'] != 0  # the weights: constant
 
 
-def test_a_functional_convolution_is_refused_where_the_convolution_rule_is_no_plain_gradient():
-    """``F.conv2d`` called outside a module: the plain gradient where the composite's convolution rule is (epsilon
-    0), refused where it is not (ViTEpsilon's fused epsilon takes convolutions as modules)."""
-    model = Net(lambda h: F.conv1d(h[:, None], torch.ones(1, 1, 3, dtype=h.dtype), padding=1)[:, 0]).double()
-    with pytest.raises(UncoveredOperationError, match='conv1d in unknown'):
-        relevance(model, x_of(), TransformerComposite(OutputEpsilon(1e-6), conv_rule=Epsilon(1e-6)))
+def test_a_functional_convolution_takes_the_convolution_rule():
+    """``F.conv1d`` called outside a module takes the composite's convolution rule (``FusedRule.convolution``):
+    LRP-epsilon written out in the Gradient x Input convention, ``g_in = W^T (g_out * y / stab(y))`` for the head,
+    the convolution and the first Linear."""
+    weight = torch.randn(1, 1, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    model = Net(lambda h: F.conv1d(h[:, None], weight, padding=1)[:, 0]).double()
+    x = x_of()
+    actual, output = relevance(model, x, TransformerComposite(Epsilon(1e-9), conv_rule=Epsilon(1e-9)))
+
+    def stab(t, epsilon=1e-9):
+        return t + epsilon * (t.sign() + (t == 0).to(t))
+    with torch.no_grad():
+        h = model.inner(x)
+        z = F.conv1d(h[:, None], weight, padding=1)[:, 0]
+        picked = output[..., 0]
+        g_out = picked / stab(picked, 1e-10)  # the seed is the output's relevance
+        g_z = (g_out * picked / stab(picked))[:, None] * model.head.weight[0]
+    leaf = h.clone().requires_grad_()
+    (g_h,) = torch.autograd.grad(F.conv1d(leaf[:, None], weight, padding=1)[:, 0], leaf, g_z * z / stab(z))
+    expected = x * ((g_h * h / stab(h)) @ model.inner.weight)
+    assert_rel_close(actual, expected, 1e-9)
+
+
