@@ -115,7 +115,8 @@ _KEEP_GATE = frozenset({
     'view', 'view_as', 'reshape', 'reshape_as', 'flatten', 'unflatten', 'squeeze', 'unsqueeze', 'transpose', 't',
     'permute', 'movedim', 'expand', 'expand_as', 'contiguous', 'clone', 'to', 'float', 'double', 'half', 'bfloat16',
     'type', 'type_as', 'narrow', 'select', '__getitem__', 'split', 'chunk', 'unbind', 'repeat', 'repeat_interleave',
-    'masked_fill', 'where', 'dropout', 'native_dropout', 'tril', 'triu',
+    'masked_fill', 'where', 'dropout', 'native_dropout', 'tril', 'triu', 'gather', 'index_select', 'take_along_dim',
+    'sum', 'mean', 'nansum', 'cat', 'concat', 'concatenate', 'stack',
 })
 # Normalisation statistics of a carrying tensor, and what keeps a statistic one (its input the statistic alone).
 _STATISTICS = frozenset({'var', 'std', 'var_mean', 'std_mean', 'norm', 'vector_norm'})
@@ -260,9 +261,26 @@ def alias(new, old):
     for mode in _ACTIVE:
         for kind in (mode.derived, mode.gates, mode.statistics, mode.squares, mode.cut, mode.raw):
             if old in kind:
-                kind[new] = True
+                kind[new] = kind[old]
         mode.roots[new] = mode.roots.get(old, old)
     return new
+
+
+class _ScaledChannels(torch.autograd.Function):
+    """``forward(x)`` (a batch norm in eval mode, computed as torch computes it); backward ``g * scale`` along the
+    channels (dimension 1). Written out because torch's CPU batch-norm backward (2.14) returns wrong gradients for
+    some output-gradient layouts (strides (32, 1, 64, 32) on a (1, 32, 2, 2) input: CvT's value projection)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, forward):
+        ctx.save_for_backward(scale)
+        ctx.dims = x.dim()
+        return forward(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (scale,) = ctx.saved_tensors
+        return grad * scale.view(-1, *(1,) * (ctx.dims - 2)).to(grad.dtype), None, None
 
 
 class _Scope:
@@ -281,19 +299,30 @@ class _Scope:
                 and any(mode.is_cut(t) for t in _flat(args))
             # the input, whose relevance the first layer emits, going into another module
             raw = bool(mode.raw) and not emits_relevance(module) and any(t in mode.raw for t in _flat(args))
-            self.cut.append((cut, raw))
+            carrying = [t for t in _flat(args) if mode.carries(t)]
+            gated = bool(carrying) and all(t in mode.gates for t in carrying)
+            # the mode is off inside (it would pass every call there): no Python call per operation of the module
+            off = not torch.compiler.is_compiling() and torch._C._len_torch_function_stack() > 0 \
+                and torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1) is mode
+            if off:
+                torch._C._pop_torch_function_stack()
+            self.cut.append((cut, raw, gated, off))
         self.depth += 1
 
     def leave(self, module, args, output):
         self.depth -= 1
         if self.depth == 0 and self.mode is not None and self.cut:
-            cut, raw = self.cut.pop()
+            cut, raw, gated, off = self.cut.pop()
+            if off:
+                torch._C._push_on_torch_function_stack(self.mode)
             if cut:
                 self.mode._cut(output)  # computed from cut tensors alone: cut too
             if raw:
                 self.mode.refuse(type(module).__qualname__, _RAW, output)
-            if isinstance(rule_of(module), ActivationIdentity):
-                self.mode.gates[output] = True  # an activation module's output is a gate, as F.silu's is
+            if gated or isinstance(rule_of(module), ActivationIdentity):
+                # an activation module's output is a gate, as F.silu's is; so is what a module computes from gates
+                # alone (Gemma 3n's AltUp coefficients: a Linear layer over a tanh router)
+                self.mode._gate(output)
 
 
 class _OperationMode(TorchFunctionMode):
@@ -304,6 +333,7 @@ class _OperationMode(TorchFunctionMode):
         super().__init__()
         self.hook, self.root, self.scope = hook, root, hook.scope
         self.derived, self.gates, self.statistics, self.squares, self.cut = {}, {}, {}, {}, {}
+        self.gate_count = 0
         self.pending, self.names, self.foreign = [], None, set()
         self.raw = {}  # with a first layer that emits relevance: the input and its element-preserving views
         self.roots = {}  # a tensor computed element-wise from one carrying tensor alone -> that tensor
@@ -415,6 +445,8 @@ class _OperationMode(TorchFunctionMode):
         if rule is not None:
             output = rule(self, func, name, args, kwargs, carrying)
             if output is not NotImplemented:
+                if all(t in self.gates for t in carrying):
+                    self._gate(output)  # computed from gates alone: a gate (as a module's output, see _Scope)
                 return output
         output = func(*args, **kwargs)
         return self.refuse(name, 'an operation no rule covers', output)
@@ -437,12 +469,14 @@ class _OperationMode(TorchFunctionMode):
         for tensor in _flat((output,)):
             self.roots[tensor] = root
             if keeps_gate and source in self.gates:
-                self.gates[tensor] = True
+                self.gates[tensor] = self.gates[source]
         return output
 
     def _gate(self, output):
+        """Mark ``output`` a gate; gates are numbered in the order they are made (see ``_gate_of``)."""
         for tensor in _flat((output,)):
-            self.gates[tensor] = True
+            self.gate_count += 1
+            self.gates[tensor] = self.gate_count
         return output
 
     def refuse(self, operation, reason, output, defer=False):
@@ -531,7 +565,9 @@ class _OperationMode(TorchFunctionMode):
             constant = special[0]
             if name in DIVISIONS and args[0] is constant:
                 return self.refuse(name, 'a division by a relevance-carrying tensor', func(*args, **kwargs))
-            return func(*_swap(args, constant, constant.detach()), **_swap(kwargs, constant, constant.detach()))
+            output = func(*_swap(args, constant, constant.detach()), **_swap(kwargs, constant, constant.detach()))
+            # a gate normalised so (DBRX's routing weights over their norm) is a gate still
+            return self._derive(output, carrying[1] if carrying[0] is constant else carrying[0], True)
         return self.refuse(name, 'a normalisation statistic of a relevance-carrying tensor used otherwise than to '
                                  'scale it', func(*args, **kwargs))
 
@@ -580,11 +616,15 @@ class _OperationMode(TorchFunctionMode):
         return self._bilinear(func, args, kwargs, (a, b))
 
     def _gate_of(self, a, b):
-        """Under CP-LRP, the one of ``a`` and ``b`` that is a gate (None: neither, both, or AttnLRP)."""
+        """Under CP-LRP, the one of ``a`` and ``b`` that is a gate (None: neither, or AttnLRP). Where both are, the
+        one made last: the other passed its non-linearity earlier on the way to this product (attention weights
+        over values that left a ReLU stem: the weights are the gate)."""
         if self.hook.attention != 'cp':
             return None
         gates = [t for t in (a, b) if t in self.gates]
-        return gates[0] if len(gates) == 1 else None
+        if len(gates) == 2:
+            return a if self.gates[a] > self.gates[b] else b
+        return gates[0] if gates else None
 
     def _bilinear(self, func, args, kwargs, factors):
         """``func`` bilinear in the two carrying ``factors``: AttnLRP's uniform rule (each factor gets half of its
@@ -675,10 +715,16 @@ class _OperationMode(TorchFunctionMode):
         return x / norm.detach().expand_as(x)
 
     def batch_norm(self, func, name, args, kwargs, carrying):
-        bound = dict(zip(('input', 'running_mean', 'running_var', 'weight', 'bias', 'training'), args), **kwargs)
-        if not _same(carrying, [bound['input']]) or bound.get('training', False):
+        bound = dict(zip(('input', 'running_mean', 'running_var', 'weight', 'bias', 'training', 'momentum', 'eps'),
+                         args), **kwargs)
+        x, variance = bound['input'], bound['running_var']
+        if not _same(carrying, [x]) or bound.get('training', False) or variance is None:
             return NotImplemented  # batch statistics of the input itself
-        return func(*args, **kwargs)  # running statistics: linear
+        # running statistics: linear, g_in = g_out * weight / sqrt(running_var + eps)
+        scale = torch.rsqrt(variance.detach() + bound.get('eps', 1e-5))
+        if bound.get('weight') is not None:
+            scale = scale * bound['weight'].detach()
+        return _ScaledChannels.apply(x, scale, lambda t: func(*_swap(args, x, t), **_swap(kwargs, x, t)))
 
     def attention(self, func, name, args, kwargs, carrying):
         bound = dict(zip(_SDPA_ARGUMENTS, args), **kwargs)

@@ -87,5 +87,8 @@ def attention_lrp(query, key, value, attn_mask=None, *, scale=None, is_causal=Fa
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     scale, is_causal, cp = float(scale), bool(is_causal), mode == 'cp'
+    # unit stride along the head dimension: ATen's CPU flash kernel (torch 2.14) returns wrong outputs for other
+    # layouts (LowFormer's q, k, v, viewed out of a channels-first convolution), which F.sdpa copies first
+    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     plan = fused_attention.plan(query, key, value, attn_mask, scale, is_causal, cp, fused_attention.resolve(backend))
     return _AttentionLRP.apply(query, key, value, attn_mask, scale, is_causal, code, plan)

@@ -49,18 +49,32 @@ from ..transformer.convention import relevance_seeded
 from .monitor import _Monitor
 from .report import ConservationError, ConservationReport, ModuleRelevance
 
-__all__ = ['ADDITIVE', 'ModuleRelevance', 'ConservationReport', 'ConservationError', 'conservation', 'zeroed']
+__all__ = ['ADDITIVE', 'ADDITIVE_MODULES', 'ModuleRelevance', 'ConservationReport', 'ConservationError',
+           'conservation', 'zeroed']
 
 # Names (fnmatch patterns of parameter and buffer names) of the additive constants ``zero_bias`` zeroes:
 # biases, BatchNorm's running mean (its bias is b - mean * w / std), and the embeddings that
-# torchvision, timm and transformers add to the relevance path (position, class and token-type tokens).
-ADDITIVE = ('*bias', '*running_mean', '*pos_embedding', '*class_token', '*pos_embed', '*cls_token', '*reg_token',
-            '*position_embeddings*', '*token_type_embeddings*', '*wpe.weight', '*pos_encoding', '*embed_positions.weight',
-            '*embed_positions.weights', '*positions_embed.weight')
+# torchvision, timm and transformers add to the relevance path: position tables (TNT's, Hiera's windowed ones
+# too), class, distillation and register tokens (CoaT's per stage), token types, the per-layer token embeddings of
+# Gemma 3n and 4, ProphetNet's n-gram and PEGASUS-X's global tokens, Perceiver's latents.
+ADDITIVE = ('*bias', '*running_mean', '*pos_embedding', '*pos_embed', '*pos_embed[0-9]', '*pos_embed_[0-9]',
+            '*pos_embed_window', '*pos_embed_spatial', '*pos_embed_temporal', '*patch_pos', '*pixel_pos',
+            '*pos_encoding', '*class_token', '*cls_token*', '*dist_token', '*reg_token', '*class_embedding',
+            '*embeddings.latents', '*position_embedding.weight', '*position_embeddings*', '*token_type_embeddings*',
+            '*wpe.weight', '*embed_positions.weight', '*embed_positions.weights', '*positions_embed.weight',
+            '*embed_tokens_per_layer.weight', '*ngram_embeddings.weight', '*embed_global.weight')
+# Class names (fnmatch patterns) of modules that compute an additive constant, a function of the positions alone:
+# sinusoidal position tables (PEGASUS-X, Marian, M2M100, ...; not RoFormer's, which rotates), XCiT's Fourier
+# encoding, MarkupLM's XPath embeddings of the (absent) tag ids. ``zeroed`` zeroes their outputs.
+ADDITIVE_MODULES = ('*SinusoidalPositionalEmbedding', 'PositionalEncodingFourier', 'XPathEmbeddings')
+_ROTARY = ('RoFormerSinusoidalPositionalEmbedding',)
+
+
 @contextlib.contextmanager
-def zeroed(model, patterns=ADDITIVE):
-    """Zero the floating parameters and buffers of ``model`` whose names match ``patterns`` (fnmatch)
-    while in the context (yielding their names); restored bitwise afterwards.
+def zeroed(model, patterns=ADDITIVE, modules=ADDITIVE_MODULES):
+    """Zero the floating parameters and buffers of ``model`` whose names match ``patterns`` (fnmatch), and the
+    outputs of its modules whose class names match ``modules``, while in the context (yielding their names);
+    restored bitwise afterwards.
 
     Parameters
     ----------
@@ -69,21 +83,38 @@ def zeroed(model, patterns=ADDITIVE):
     patterns : tuple of str, optional
         fnmatch patterns of parameter and buffer names (default ``ADDITIVE``: biases, position and
         class-token embeddings, running means).
+    modules : tuple of str, optional
+        fnmatch patterns of module class names (default ``ADDITIVE_MODULES``: position tables computed in the
+        forward).
 
     Yields
     ------
     list of str
-        The names of the tensors zeroed.
+        The names of the tensors and modules zeroed.
     """
-    saved = []
+    saved, handles = [], []
+
+    def zero_output(module, args, output):
+        if isinstance(output, torch.Tensor) and output.is_floating_point():
+            return torch.zeros_like(output)
+        return None
+
     with torch.no_grad():
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             if tensor.is_floating_point() and any(fnmatch.fnmatchcase(name, p) for p in patterns):
                 saved.append((name, tensor, tensor.clone()))
                 tensor.zero_()
+    names = [name for name, _, _ in saved]
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if any(fnmatch.fnmatchcase(kind, p) for p in modules) and kind not in _ROTARY:
+            handles.append(module.register_forward_hook(zero_output))
+            names.append(name)
     try:
-        yield [name for name, _, _ in saved]
+        yield names
     finally:
+        for handle in handles:
+            handle.remove()
         with torch.no_grad():
             for _, tensor, value in saved:
                 tensor.copy_(value)

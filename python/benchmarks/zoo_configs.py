@@ -337,6 +337,17 @@ TIMM_SHRINKS = (
     dict(num_layers=2), dict(layers=(1, 1, 1, 1)), dict(stages=(1, 1, 1, 1)))
 
 
+# timm models whose registered function takes none of TIMM_SHRINKS (its own arguments clash with them) or whose
+# input is too large for the sweep's memory limit: (model class in timm.models or None for the registered function,
+# its keyword arguments, the input size)
+TIMM_OVERRIDES = {
+    'focalnet_large_fl3': ('focalnet.FocalNet', dict(
+        depths=(1, 1, 1, 1), embed_dim=64, focal_levels=(3,) * 4, focal_windows=(5,) * 4, use_post_norm=True,
+        use_overlap_down=True, layerscale_value=1e-4), None),
+    'vit_base_patch16_sapiens2': (None, dict(depth=2, num_kv_heads=6, img_size=224), (3, 224, 224)),
+}
+
+
 def architecture(name):
     """The architecture a timm model name stands for: its family (the first token) and the tokens that are
     neither a size, a resolution, a patch size nor pretrained weights."""

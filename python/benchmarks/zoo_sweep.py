@@ -244,10 +244,19 @@ def build_timm(name):
     import torch
 
     try:
-        kwargs, parameters = zoo_configs.timm_variant(name)
+        cls, kwargs, size = zoo_configs.TIMM_OVERRIDES.get(name, (None, None, None))
         torch.manual_seed(0)
-        model = timm.create_model(name, pretrained=False, **kwargs).eval()
-        size = timm.data.resolve_model_data_config(model)['input_size']
+        if cls is not None:
+            module, cls = cls.split('.')
+            model = getattr(getattr(timm.models, module), cls)(**kwargs).eval()
+            parameters = sum(p.numel() for p in model.parameters())
+        else:
+            if kwargs is None:
+                kwargs, parameters = zoo_configs.timm_variant(name)
+            else:
+                parameters = zoo_configs.parameter_count(name, **kwargs)
+            model = timm.create_model(name, pretrained=False, **kwargs).eval()
+        size = size or timm.data.resolve_model_data_config(model)['input_size']
         x = torch.randn(1, *size, generator=torch.Generator().manual_seed(1))
 
         def forward(m, x):
@@ -299,6 +308,10 @@ def explain(zoo, name, rtol):
     about = {**about, 'composite': composite_name}
     with zeroed(model) as names, torch.no_grad():
         plain = forward(model, x.clone()).float()  # a copy: some models scale their input in place (CTRL)
+    if kind == 'image' and not float(plain.abs().max()) > TINY_OUTPUT and _tokens(model):
+        # the learned tokens carry the whole output (CoaT's class tokens, under factorised attention): kept, and
+        # their relevance counted
+        return _explain_counting_tokens(model, x, forward, composite, rtol, about)
     try:
         with zeroed(model):
             with Explainer(model, composite, forward=forward) as explainer:
@@ -321,6 +334,52 @@ def explain(zoo, name, rtol):
     verdict = 'exact' if error <= rtol else 'leaks'
     detail = f'relative error {error:.2g} (logit {logit:.3g}, zeroed {len(names)} offsets)'
     return {'verdict': verdict, 'detail': detail, 'error': error, 'logit': logit, **about}
+
+
+TOKENS = ('*cls_token*', '*dist_token', '*class_token', '*reg_token', '*class_embedding', '*embeddings.latents')
+
+
+def _tokens(model):
+    """The learned tokens of ``model`` (class and register tokens, latents) among the offsets ``zeroed`` zeroes."""
+    import fnmatch
+    return [(name, p) for name, p in model.named_parameters() if any(fnmatch.fnmatchcase(name, t) for t in TOKENS)]
+
+
+def _explain_counting_tokens(model, x, forward, composite, rtol, about):
+    """The verdict of an image model whose output vanishes with its learned tokens zeroed: the other offsets
+    zeroed, the tokens kept, and conservation over the pixels' relevance plus the tokens' (``R = token * g`` in the
+    Gradient x Input convention: a token is an input the model holds)."""
+    import fnmatch
+
+    import torch
+    from lxt_ext.attribution import logits_of
+    from lxt_ext.diagnostics.conservation import ADDITIVE, zeroed
+
+    tokens = _tokens(model)
+    with zeroed(model, [p for p in ADDITIVE if not any(fnmatch.fnmatchcase(t, p) for t in TOKENS)]) as names:
+        with torch.no_grad():
+            plain = logits_of(forward(model, x.clone())).float()
+        with composite.context(model):
+            pixels = x.clone().requires_grad_()
+            output = logits_of(forward(model, pixels))
+            seed = torch.zeros_like(output)
+            top = output.detach().flatten(1).argmax(1)
+            seed.view(len(seed), -1)[torch.arange(len(seed)), top] = output.detach().view(len(seed), -1)[
+                torch.arange(len(seed)), top]
+            grads = torch.autograd.grad(output, [pixels] + [p for _, p in tokens], seed, allow_unused=True)
+    if not torch.allclose(output.detach().float(), plain, rtol=1e-4, atol=1e-5 * float(plain.abs().max())):
+        return {'verdict': 'changes output', 'detail': 'max |difference| '
+                f'{float((output.detach().float() - plain).abs().max()):.3g}', **about}
+    # the first layer emits relevance: the pixels' gradient is their relevance
+    pixel_relevance = float(grads[0].double().sum())
+    token_relevance = sum(float((p.detach().double() * g.double()).sum()) for (_, p), g in zip(tokens, grads[1:])
+                          if g is not None)
+    logit = float(seed.double().sum())
+    error = abs(pixel_relevance + token_relevance - logit) / max(abs(logit), 1e-12)
+    detail = (f'relative error {error:.2g} (logit {logit:.3g}, zeroed {len(names)} offsets; the tokens kept, '
+              f'their relevance {token_relevance / logit:.0%} of the logit)')
+    return {'verdict': 'exact' if error <= rtol else 'leaks', 'detail': detail, 'error': error, 'logit': logit,
+            **about}
 
 
 def _child(zoo, name, rtol, memory_gb, send):

@@ -31,6 +31,21 @@ def _original_attention(module, config):
     return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager)
 
 
+def _selected_keys(indices, attention_mask, causal, query, key):
+    """DeepSeek's sparse attention (V3.2, GLM-5's DSA): each query attends to the keys its indexer selected
+    (``indices``, ``(B, N, top-k)``), as transformers' eager path masks them: the mask with the others masked out
+    (and the causal flag written into it), and no causal flag."""
+    batch, length, keys = query.shape[0], query.shape[2], key.shape[2]
+    masked = torch.ones(batch, length, keys, dtype=torch.bool, device=query.device)
+    masked = masked.scatter(-1, indices.long(), False).unsqueeze(1)  # True: not selected
+    if causal:
+        masked = masked | torch.ones(length, keys, dtype=torch.bool, device=query.device).triu(1 + keys - length)
+    if attention_mask is None or attention_mask.dtype == torch.bool:
+        attend = ~masked if attention_mask is None else attention_mask & ~masked
+        return additive_from_attend(attend, query.dtype, torch.finfo(query.dtype).min), False
+    return attention_mask.masked_fill(masked, torch.finfo(attention_mask.dtype).min), False
+
+
 def _attention(mode):
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
         """``(B, H, N, D)`` query, key, value -> ``((B, N, H, D) output, None)``, as transformers'
@@ -54,6 +69,8 @@ def _attention(mode):
             key, value = key[:, :, :q_length], value[:, :, :q_length]
         if attention_mask is not None and attention_mask.dim() == 4:
             attention_mask = attention_mask[:, :, :, :key.shape[2]]
+        if kwargs.get('indices') is not None:
+            attention_mask, causal = _selected_keys(kwargs['indices'], attention_mask, causal, query, key)
         bias = kwargs.get('position_bias')
         if bias is not None:
             # T5's relative position bias: a function of the positions only, off the relevance path
