@@ -118,6 +118,14 @@ _KEEP_GATE = frozenset({
     'masked_fill', 'where', 'dropout', 'native_dropout', 'tril', 'triu', 'gather', 'index_select', 'take_along_dim',
     'sum', 'mean', 'nansum', 'cat', 'concat', 'concatenate', 'stack',
 })
+# Linear operations that map each element of their input to one element of their output, in place (views, casts,
+# a constant added, a scaling): x * g(x) computed through them is still an element-wise function of x.
+_SAME_ELEMENTS = frozenset({
+    'view', 'view_as', 'reshape', 'reshape_as', 'flatten', 'unflatten', 'squeeze', 'unsqueeze', 'transpose', 't',
+    'permute', 'movedim', 'moveaxis', 'swapaxes', 'swapdims', 'expand', 'expand_as', 'broadcast_to', 'contiguous',
+    'clone', 'to', 'float', 'double', 'half', 'bfloat16', 'type', 'type_as', 'neg', 'negative', '__neg__', '__pos__',
+    'positive', 'dropout', 'native_dropout',
+}) | _SHIFTS
 # Normalisation statistics of a carrying tensor, and what keeps a statistic one (its input the statistic alone).
 _STATISTICS = frozenset({'var', 'std', 'var_mean', 'std_mean', 'norm', 'vector_norm'})
 _REDUCTIONS = frozenset({'mean', 'sum', 'nanmean', 'nansum'})
@@ -394,7 +402,8 @@ class _OperationMode(TorchFunctionMode):
             output = func(*args, **kwargs)
             if cut:
                 self._cut(output)
-            elif name not in _EMBEDDING:  # an embedding's output starts the relevance path
+            if name not in _EMBEDDING:  # an embedding's output starts the relevance path
+                # computed from parameters (and tensors cut off the relevance path) alone: no relevance carrier
                 for tensor in _flat((output,)):
                     if tensor.requires_grad:
                         self.derived[tensor] = True
@@ -430,7 +439,7 @@ class _OperationMode(TorchFunctionMode):
         if name in LINEAR:
             output = func(*args, **kwargs)
             if len(carrying) == 1:
-                self._derive(output, carrying[0], name in _KEEP_GATE or name in _SHIFTS)
+                self._derive(output, carrying[0], name in _KEEP_GATE or name in _SHIFTS, name in _SAME_ELEMENTS)
             elif name in _KEEP_GATE and all(t in self.gates for t in carrying):
                 self._gate(output)
             return output
@@ -462,12 +471,15 @@ class _OperationMode(TorchFunctionMode):
                 self.cut[tensor] = True
         return output
 
-    def _derive(self, output, source, keeps_gate):
-        """``output`` was computed from the one carrying tensor ``source`` (and constants): it has its root, and is a
-        gate where ``source`` is one and the operation keeps that (views, casts, a constant added or a scaling)."""
+    def _derive(self, output, source, keeps_gate, keeps_root=True):
+        """``output`` was computed from the one carrying tensor ``source`` (and constants): it has ``source``'s root
+        where the operation maps each element to its own (``keeps_root``: views, casts, element-wise maps, a
+        constant added or a scaling; not selections such as a split, whose pieces are other elements), and is a
+        gate where ``source`` is one and the operation keeps that."""
         root = self.roots.get(source, source)
         for tensor in _flat((output,)):
-            self.roots[tensor] = root
+            if keeps_root:
+                self.roots[tensor] = root
             if keeps_gate and source in self.gates:
                 self.gates[tensor] = self.gates[source]
         return output
@@ -567,7 +579,7 @@ class _OperationMode(TorchFunctionMode):
                 return self.refuse(name, 'a division by a relevance-carrying tensor', func(*args, **kwargs))
             output = func(*_swap(args, constant, constant.detach()), **_swap(kwargs, constant, constant.detach()))
             # a gate normalised so (DBRX's routing weights over their norm) is a gate still
-            return self._derive(output, carrying[1] if carrying[0] is constant else carrying[0], True)
+            return self._derive(output, carrying[1] if carrying[0] is constant else carrying[0], True, False)
         return self.refuse(name, 'a normalisation statistic of a relevance-carrying tensor used otherwise than to '
                                  'scale it', func(*args, **kwargs))
 

@@ -10,8 +10,9 @@ operation rules (``lxt_ext.operations``) give their matrix products, softmax and
 Gated MLPs get the uniform rule on the product (AttnLRP) or a gate held constant (CP-LRP, as LXT); activation
 modules the identity rule; RMSNorms (T5's included) the identity rule on the normalisation; GPT-2's ``Conv1D``
 the composite's Linear rule; a final-logit softcap (Gemma 2) the identity rule; mixture-of-experts routers are
-held constant (``lxt_ext.transformer.experts``); Mamba mixers get MambaLRP's rule (``lxt_ext.transformer.ssm``),
-other state-space and linear-attention mixers (an ``A_log`` parameter) are refused by name.
+held constant (``lxt_ext.transformer.experts``); Mamba-1 and Mamba-2 mixers get MambaLRP's rule
+(``lxt_ext.transformer.ssm``), other state-space and linear-attention mixers (an ``A_log`` parameter) are refused
+by name.
 """
 import torch
 
@@ -78,10 +79,10 @@ def transformers_rule(module, options):
         return None
     name = cls.__name__
     if isinstance(getattr(module, 'A_log', None), torch.nn.Parameter):  # a state-space or linear-attention mixer
-        if hasattr(module, 'x_proj') and hasattr(module, 'dt_proj'):
-            return SelectiveSSM('x_proj')  # Mamba-1 form: MambaLRP
-        return Refused('a state-space or linear-attention mixer (Mamba-2 form, gated delta rule, ...) for which '
-                       'lxt_ext has no MambaLRP-style rule yet (the Mamba-1 form, with x_proj, is covered)')
+        if SelectiveSSM.takes(module):
+            return SelectiveSSM('x_proj')  # Mamba-1 or Mamba-2 form: MambaLRP
+        return Refused('a state-space or linear-attention mixer (gated delta rule, ...) for which lxt_ext has no '
+                       'MambaLRP-style rule yet (Mamba-1 and Mamba-2 mixers are covered)')
     if name in _ATTENTION or (name not in _GATED_MLP and dispatches_attention(module)):
         return HFAttention(options.attention, options.input_stabilizer)
     if dispatches_experts(module):
