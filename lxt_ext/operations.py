@@ -13,11 +13,15 @@ parameters alone) gets, by the operation's name (Gradient x Input convention, ``
 - positively homogeneous maps (``relu``, max pooling, ``max``/``topk`` values: ``f(x) = f'(x) x``) and the
   softmax (AttnLRP's softmax rule is its plain gradient in this convention): the plain gradient;
 - element-wise non-linear maps (GELU, SiLU, sigmoid, tanh and softcaps, softplus, ``exp``, ``clamp``, ...;
-  ``ELEMENTWISE``): the identity rule ``g_in = g_out f(x) / stab(x)``;
+  ``ELEMENTWISE``): the identity rule ``g_in = g_out f(x) / stab(x)``; a map whose value at 0 is not 0 (sigmoid,
+  softplus, ``exp``; ``_OFFSET_MAPS``) would pass its offset's relevance on that way, so its output is a gate held
+  constant in every product (AttnLRP's too) and refused where relevance passes it otherwise;
 - a product of two relevance-carrying tensors (element-wise or matrix products, ``einsum``, a ``linear`` with a
   carrying weight): AttnLRP's uniform rule (half of the plain gradient to each factor); under CP-LRP a factor
-  that is a *gate* (the output of a softmax, a sigmoid or another activation, or a view of one) is held
-  constant, as the attention weights and a gated MLP's gate are;
+  that is a *gate* (the output of a softmax, a sigmoid or another activation, a view, sum or normalisation of
+  one, or a module's output computed from gates alone) is held constant, as the attention weights and a gated
+  MLP's gate are (of two gates the one made last); ``x * g(x)`` with ``g`` element-wise from ``x`` alone (SiLU
+  written out) holds ``g`` constant in both modes;
 - ``F.linear`` (and a matrix product with a 2-D right factor) of a carrying input: the composite's Linear rule;
 - layer, RMS and group norms, ``F.normalize``: the identity rule on the normalisation (statistics constant);
   batch norm in eval mode is linear. Norms written out (``x * rsqrt(mean(x ** 2) + eps)``, ``(x - u) / sqrt(var +
@@ -90,6 +94,14 @@ ELEMENTWISE = frozenset({
     'sigmoid_', 'tanh_', 'exp_', 'clamp_', 'clip_', 'clamp_min_', 'clamp_max_', 'elu_', 'selu_', 'celu_',
     'hardtanh_', 'erf_', 'gelu_', 'silu_', 'mish_', 'hardswish_', 'hardsigmoid_',
 })
+# Element-wise maps whose value at 0 is not 0 (sigmoid(0) = 1/2): the identity rule on them, R_in = R_out, would
+# give the input the relevance of that offset too (through f(x) / x, exploding where x is near 0). Their outputs are
+# gates held constant in every product, AttnLRP's too; relevance passing them otherwise is refused.
+_OFFSET_MAPS = frozenset({'sigmoid', 'sigmoid_', 'hardsigmoid', 'hardsigmoid_', 'softplus', 'logsigmoid', 'exp',
+                          'exp_'})
+_OFFSET_MODULES = (torch.nn.Sigmoid, torch.nn.Hardsigmoid, torch.nn.Softplus, torch.nn.LogSigmoid)
+_OFFSET = ('relevance passes an element-wise map whose value at 0 is not 0 (not only as a gate held constant in a '
+           'product): the identity rule would give its input the relevance of that offset')
 # Element-wise products, and matrix products / contractions (bilinear in their two tensor factors).
 PRODUCTS = frozenset({'mul', 'multiply', 'mul_', '__mul__', '__rmul__', '__imul__'})
 MATRIX_PRODUCTS = frozenset({
@@ -267,7 +279,7 @@ def alias(new, old):
         ``new``.
     """
     for mode in _ACTIVE:
-        for kind in (mode.derived, mode.gates, mode.statistics, mode.squares, mode.cut, mode.raw):
+        for kind in (mode.derived, mode.gates, mode.offsets, mode.statistics, mode.squares, mode.cut, mode.raw):
             if old in kind:
                 kind[new] = kind[old]
         mode.roots[new] = mode.roots.get(old, old)
@@ -327,6 +339,8 @@ class _Scope:
                 self.mode._cut(output)  # computed from cut tensors alone: cut too
             if raw:
                 self.mode.refuse(type(module).__qualname__, _RAW, output)
+            if isinstance(module, _OFFSET_MODULES) and isinstance(rule_of(module), ActivationIdentity):
+                self.mode.offset(type(module).__name__, output)
             if gated or isinstance(rule_of(module), ActivationIdentity):
                 # an activation module's output is a gate, as F.silu's is; so is what a module computes from gates
                 # alone (Gemma 3n's AltUp coefficients: a Linear layer over a tanh router)
@@ -341,7 +355,7 @@ class _OperationMode(TorchFunctionMode):
         super().__init__()
         self.hook, self.root, self.scope = hook, root, hook.scope
         self.derived, self.gates, self.statistics, self.squares, self.cut = {}, {}, {}, {}, {}
-        self.gate_count = 0
+        self.gate_count, self.offsets = 0, {}
         self.pending, self.names, self.foreign = [], None, set()
         self.raw = {}  # with a first layer that emits relevance: the input and its element-preserving views
         self.roots = {}  # a tensor computed element-wise from one carrying tensor alone -> that tensor
@@ -356,7 +370,7 @@ class _OperationMode(TorchFunctionMode):
         if _ACTIVE and _ACTIVE[-1] is self:
             _ACTIVE.pop()
         self.derived, self.gates, self.statistics, self.squares, self.cut = {}, {}, {}, {}, {}
-        self.pending, self.foreign, self.raw, self.roots = [], set(), {}, {}
+        self.pending, self.foreign, self.raw, self.roots, self.offsets = [], set(), {}, {}, {}
         return super().__exit__(*exc)
 
     def inspect(self, values):
@@ -482,6 +496,8 @@ class _OperationMode(TorchFunctionMode):
                 self.roots[tensor] = root
             if keeps_gate and source in self.gates:
                 self.gates[tensor] = self.gates[source]
+                if source in self.offsets:
+                    self.offsets[tensor] = True
         return output
 
     def _gate(self, output):
@@ -603,7 +619,16 @@ class _OperationMode(TorchFunctionMode):
             x.copy_(output)
             output = x
         self._derive(output, x, False)
+        if name in _OFFSET_MAPS:
+            self.offset(name, output)
         return self._gate(output)
+
+    def offset(self, name, output):
+        """``output`` of an element-wise map whose value at 0 is not 0: held constant in every product, refused where
+        relevance would pass it otherwise."""
+        for tensor in _flat((output,)):
+            self.offsets[tensor] = True
+        self.refuse(name, _OFFSET, output, defer=True)
 
     def product(self, func, name, args, kwargs, carrying):
         if len(carrying) < 2:  # linear in its one carrying factor: a scaling keeps a gate
@@ -631,6 +656,9 @@ class _OperationMode(TorchFunctionMode):
         """Under CP-LRP, the one of ``a`` and ``b`` that is a gate (None: neither, or AttnLRP). Where both are, the
         one made last: the other passed its non-linearity earlier on the way to this product (attention weights
         over values that left a ReLU stem: the weights are the gate)."""
+        offsets = [t for t in (a, b) if t in self.offsets]
+        if len(offsets) == 1:
+            return offsets[0]  # in either mode: the identity rule cannot pass relevance through it
         if self.hook.attention != 'cp':
             return None
         gates = [t for t in (a, b) if t in self.gates]

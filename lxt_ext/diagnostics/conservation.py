@@ -54,15 +54,17 @@ __all__ = ['ADDITIVE', 'ADDITIVE_MODULES', 'ModuleRelevance', 'ConservationRepor
 
 # Names (fnmatch patterns of parameter and buffer names) of the additive constants ``zero_bias`` zeroes:
 # biases, BatchNorm's running mean (its bias is b - mean * w / std), and the embeddings that
-# torchvision, timm and transformers add to the relevance path: position tables (TNT's, Hiera's windowed ones
-# too), class, distillation and register tokens (CoaT's per stage), token types, the per-layer token embeddings of
-# Gemma 3n and 4, ProphetNet's n-gram and PEGASUS-X's global tokens, Perceiver's latents.
+# torchvision, timm and transformers add to the relevance path: position tables (TNT's, Hiera's windowed ones,
+# NaFlexViT's factorised ones too), class, distillation and register tokens (CoaT's per stage), token types, the
+# per-layer token embeddings of Gemma 3n and 4, ProphetNet's n-gram and PEGASUS-X's global tokens, Perceiver's
+# latents.
 ADDITIVE = ('*bias', '*running_mean', '*pos_embedding', '*pos_embed', '*pos_embed[0-9]', '*pos_embed_[0-9]',
-            '*pos_embed_window', '*pos_embed_spatial', '*pos_embed_temporal', '*patch_pos', '*pixel_pos',
-            '*pos_encoding', '*class_token', '*cls_token*', '*dist_token', '*reg_token', '*class_embedding',
-            '*embeddings.latents', '*position_embedding.weight', '*position_embeddings*', '*token_type_embeddings*',
-            '*wpe.weight', '*embed_positions.weight', '*embed_positions.weights', '*positions_embed.weight',
-            '*embed_tokens_per_layer.weight', '*ngram_embeddings.weight', '*embed_global.weight')
+            '*pos_embed_window', '*pos_embed_spatial', '*pos_embed_temporal', '*pos_embed_x', '*pos_embed_y',
+            '*patch_pos', '*pixel_pos', '*pos_encoding', '*class_token', '*cls_token*', '*dist_token', '*reg_token',
+            '*class_embedding', '*embeddings.latents', '*position_embedding.weight', '*position_embeddings*',
+            '*token_type_embeddings*', '*wpe.weight', '*embed_positions.weight', '*embed_positions.weights',
+            '*positions_embed.weight', '*embed_tokens_per_layer.weight', '*ngram_embeddings.weight',
+            '*embed_global.weight')
 # Class names (fnmatch patterns) of modules that compute an additive constant, a function of the positions alone:
 # sinusoidal position tables (PEGASUS-X, Marian, M2M100, ...; not RoFormer's, which rotates), XCiT's Fourier
 # encoding, MarkupLM's XPath embeddings of the (absent) tag ids. ``zeroed`` zeroes their outputs.

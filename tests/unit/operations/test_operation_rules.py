@@ -73,7 +73,7 @@ def x_of(shape=(4, 8)):
 @pytest.mark.parametrize('body', [
     lambda h: torch.tanh(h / 4.) * 4.,             # a softcap: identity rule
     lambda h: F.gelu(h) + F.silu(h),               # activations, summed
-    lambda h: F.softplus(h).clamp(max=2.),         # chained element-wise maps
+    lambda h: F.elu(h).clamp(max=2.),              # chained element-wise maps
     lambda h: h * torch.sigmoid(h),                # a product of two carrying tensors (uniform / the gate constant)
     lambda h: torch.relu(h).amax(-1, keepdim=True).expand_as(h) + h,  # homogeneous maps
     lambda h: F.layer_norm(h, h.shape[-1:]),       # the norms: statistics constant
@@ -120,6 +120,30 @@ def gradients(fn, *tensors, composite):
         # seed the output's relevance with the output itself: the gradient arriving is 1
         grads = torch.autograd.grad(output, leaves, output.detach(), allow_unused=True)
     return output, [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
+
+
+@pytest.mark.parametrize('attention', ['attnlrp', 'cp'])
+def test_a_map_with_an_offset_is_a_gate_in_every_product(attention):
+    """``a * sigmoid(b)``: sigmoid(0) = 1/2, so the identity rule cannot pass relevance through it; the sigmoid's
+    output is held constant, AttnLRP's uniform rule included: g_a = sigmoid(b), g_b = 0 (written out)."""
+    a, b = x_of(), x_of().flip(0)
+    output, (g_a, g_b) = gradients(lambda u, v: u * torch.sigmoid(v), a, b,
+                                   composite=LanguageTransformer(attention=attention))
+    torch.testing.assert_close(g_a, torch.sigmoid(b), rtol=1e-6, atol=1e-9)
+    assert not g_b.any()
+
+
+@pytest.mark.parametrize('body,name', [
+    (lambda h: F.softplus(h), 'softplus'),
+    (lambda h: torch.sigmoid(h) + h, 'sigmoid'),
+    (torch.nn.Sigmoid(), 'Sigmoid'),  # a module: the identity rule from the tables, its output watched all the same
+], ids=['softplus', 'sigmoid_added', 'sigmoid_module'])
+def test_relevance_through_a_map_with_an_offset_is_refused(body, name):
+    model = Net(body).double()
+    if isinstance(body, torch.nn.Module):
+        model.unknown = body
+    with pytest.raises(UncoveredOperationError, match=f'{name} in .*value at 0 is not 0'):
+        relevance(model, x_of(), LanguageTransformer(attention='cp'))
 
 
 def test_identity_rule_gives_each_input_its_output_relevance():
