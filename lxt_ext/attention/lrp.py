@@ -90,5 +90,11 @@ def attention_lrp(query, key, value, attn_mask=None, *, scale=None, is_causal=Fa
     # unit stride along the head dimension: ATen's CPU flash kernel (torch 2.14) returns wrong outputs for other
     # layouts (LowFormer's q, k, v, viewed out of a channels-first convolution), which F.sdpa copies first
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    # what gets no gradient leaves the graph here (the mask always, the query and key under CP-LRP), so that a walk
+    # of the graph (lxt_ext.operations' refusals) does not find what no relevance reaches through this op
+    if attn_mask is not None:
+        attn_mask = attn_mask.detach()
+    if cp:
+        query, key = query.detach(), key.detach()
     plan = fused_attention.plan(query, key, value, attn_mask, scale, is_causal, cp, fused_attention.resolve(backend))
     return _AttentionLRP.apply(query, key, value, attn_mask, scale, is_causal, code, plan)

@@ -35,9 +35,10 @@ def _products(module, options):
             return None  # a transformers module that is a Linear with a forward of its own (Llama 4's router)
         return options.linear
     if isinstance(module, Convolution):
-        if type(module).forward not in TORCH_CONVOLUTION_FORWARDS and options.conv is not None:
-            # its own forward pads the input or standardises the weight first (timm's Conv2dSame, StdConv2d)
-            return OwnForwardConvolution(options.conv)
+        if type(module).forward not in TORCH_CONVOLUTION_FORWARDS:
+            # its own forward pads the input or standardises the weight first (timm's Conv2dSame, StdConv2d): the
+            # convolution it calls takes a fused rule, or (no rule that takes it) the operation rules take its calls
+            return OwnForwardConvolution(options.conv) if hasattr(options.conv, 'convolution') else None
         return options.conv
     return None
 

@@ -16,6 +16,8 @@ CASES = [
     ('causal_lm', 'deepseek_v32', "DeepSeek's sparse attention: the indexer's keys"),
     ('causal_lm', 'longcat_flash', 'zero experts: a sum of routing weights'),
     ('causal_lm', 'prophetnet', 'n-gram tokens: offsets'),
+    ('causal_lm', 'doge', 'a dynamic attention mask through softplus: no relevance reaches it under CP-LRP'),
+    ('causal_lm', 'gemma3n', "its towers' own-forward convolutions under a composite without a fused conv rule"),
     ('seq2seq_lm', 'pegasus_x', 'sinusoidal positions computed in the forward, global tokens'),
     ('image_classification', 'bit', 'weight-standardised convolutions'),
     ('image_classification', 'cvt', "torch's batch-norm backward in a permuted layout"),
