@@ -2,7 +2,9 @@
 offsets zeroed, explained with lxt_ext, and given one verdict:
 
 - ``exact``: the registered forward gives the plain output and the input relevance sums to the explained logit
-  within ``--rtol`` (LRP with CP attention and epsilon -> 0 conserves once biases and position tables are zero);
+  within ``--rtol`` (LRP with CP attention and epsilon -> 0 conserves once biases and position tables are zero),
+  and the same composite with AttnLRP runs too (forward unchanged, relevance finite; a refusal or error there is
+  the verdict instead, its detail starting with "AttnLRP");
 - ``refused``: lxt_ext refused it by name (``NotExplainableError`` and its kind, at registration, or in the
   forward before any relevance), as it should when it has no rule;
 - ``leaks``: relevance came back and does not sum to the logit: a wrong heatmap without a word (the worst case);
@@ -333,7 +335,42 @@ def explain(zoo, name, rtol):
     error = abs(total - logit) / max(abs(logit), 1e-12)
     verdict = 'exact' if error <= rtol else 'leaks'
     detail = f'relative error {error:.2g} (logit {logit:.3g}, zeroed {len(names)} offsets)'
+    if verdict == 'exact':
+        failed = attnlrp_runs(kind, model, forward, x, plain)
+        if failed is not None:
+            return {**failed, **about}
     return {'verdict': verdict, 'detail': detail, 'error': error, 'logit': logit, **about}
+
+
+def attnlrp_runs(kind, model, forward, x, plain, patterns=None):
+    """None where the same model explained under AttnLRP (not conservative by design: no sum to check) runs with
+    the forward unchanged and finite relevance, else the verdict it earns (``refused``, ``changes output``,
+    ``crash``), its detail naming AttnLRP. The offsets are zeroed as for ``plain`` (``patterns``: those of
+    ``zeroed``, default all)."""
+    import torch
+    from lxt_ext.attribution import Explainer
+    from lxt_ext.composites import LanguageTransformer, ViTEpsilon
+    from lxt_ext.diagnostics.conservation import zeroed
+
+    composite = LanguageTransformer(attention='attnlrp') if kind != 'image' else \
+        ViTEpsilon(attention='attnlrp', epsilon=1e-12)
+    try:
+        with zeroed(model) if patterns is None else zeroed(model, patterns):
+            with Explainer(model, composite, forward=forward) as explainer:
+                e = explainer(x)
+    except Exception as error:  # noqa: BLE001
+        text = f'{type(error).__name__}: {error}'
+        if lxt_ext_refusal(error, text):
+            return {'verdict': 'refused', 'detail': 'AttnLRP: ' + (text.strip().splitlines() or [text])[0][:290]}
+        return {'verdict': 'crash', 'detail': 'AttnLRP: ' + ' '.join(text.split())[:290]}
+    output = e.output.float()
+    scale = float(plain.abs().max()) or 1.
+    if not torch.allclose(output, plain, rtol=1e-4, atol=1e-5 * scale):
+        return {'verdict': 'changes output', 'detail': f'AttnLRP: max |difference| '
+                f'{float((output - plain).abs().max()):.3g}'}
+    if not bool(torch.isfinite(e.relevance).all()):
+        return {'verdict': 'crash', 'detail': 'AttnLRP: non-finite relevance'}
+    return None
 
 
 TOKENS = ('*cls_token*', '*dist_token', '*class_token', '*reg_token', '*class_embedding', '*embeddings.latents')
@@ -356,7 +393,8 @@ def _explain_counting_tokens(model, x, forward, composite, rtol, about):
     from lxt_ext.diagnostics.conservation import ADDITIVE, zeroed
 
     tokens = _tokens(model)
-    with zeroed(model, [p for p in ADDITIVE if not any(fnmatch.fnmatchcase(t, p) for t in TOKENS)]) as names:
+    patterns = [p for p in ADDITIVE if not any(fnmatch.fnmatchcase(t, p) for t in TOKENS)]
+    with zeroed(model, patterns) as names:
         with torch.no_grad():
             plain = logits_of(forward(model, x.clone())).float()
         with composite.context(model):
@@ -378,6 +416,10 @@ def _explain_counting_tokens(model, x, forward, composite, rtol, about):
     error = abs(pixel_relevance + token_relevance - logit) / max(abs(logit), 1e-12)
     detail = (f'relative error {error:.2g} (logit {logit:.3g}, zeroed {len(names)} offsets; the tokens kept, '
               f'their relevance {token_relevance / logit:.0%} of the logit)')
+    if error <= rtol:
+        failed = attnlrp_runs('image', model, forward, x, plain, patterns)
+        if failed is not None:
+            return {**failed, **about}
     return {'verdict': 'exact' if error <= rtol else 'leaks', 'detail': detail, 'error': error, 'logit': logit,
             **about}
 
