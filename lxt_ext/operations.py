@@ -138,6 +138,11 @@ _SAME_ELEMENTS = frozenset({
     'clone', 'to', 'float', 'double', 'half', 'bfloat16', 'type', 'type_as', 'neg', 'negative', '__neg__', '__pos__',
     'positive', 'dropout', 'native_dropout',
 }) | _SHIFTS
+# Linear operations whose second tensor is a template (its shape or dtype), not an operand.
+_TEMPLATES = frozenset({'expand_as', 'view_as', 'reshape_as', 'type_as'})
+# Element-wise maps without a rule (refused where relevance passes them), whose outputs keep their input's root.
+_ELEMENTWISE_UNRULED = frozenset({'pow', '__pow__', 'float_power', 'reciprocal', 'sqrt', 'rsqrt', 'log', 'log1p',
+                                  'cos', 'sin', 'abs', 'sign'})
 # Normalisation statistics of a carrying tensor, and what keeps a statistic one (its input the statistic alone).
 _STATISTICS = frozenset({'var', 'std', 'var_mean', 'std_mean', 'norm', 'vector_norm'})
 _REDUCTIONS = frozenset({'mean', 'sum', 'nanmean', 'nansum'})
@@ -356,6 +361,7 @@ class _OperationMode(TorchFunctionMode):
         self.hook, self.root, self.scope = hook, root, hook.scope
         self.derived, self.gates, self.statistics, self.squares, self.cut = {}, {}, {}, {}, {}
         self.gate_count, self.offsets = 0, {}
+        self.sums = {}  # a sum or mean over a carrying tensor -> that tensor (a normaliser where it divides it)
         self.pending, self.names, self.foreign = [], None, set()
         self.raw = {}  # with a first layer that emits relevance: the input and its element-preserving views
         self.roots = {}  # a tensor computed element-wise from one carrying tensor alone -> that tensor
@@ -370,7 +376,7 @@ class _OperationMode(TorchFunctionMode):
         if _ACTIVE and _ACTIVE[-1] is self:
             _ACTIVE.pop()
         self.derived, self.gates, self.statistics, self.squares, self.cut = {}, {}, {}, {}, {}
-        self.pending, self.foreign, self.raw, self.roots, self.offsets = [], set(), {}, {}, {}
+        self.pending, self.foreign, self.raw, self.roots, self.offsets, self.sums = [], set(), {}, {}, {}, {}
         return super().__exit__(*exc)
 
     def inspect(self, values):
@@ -452,10 +458,18 @@ class _OperationMode(TorchFunctionMode):
                                      'normalise it', output, defer=True)
         if name in LINEAR:
             output = func(*args, **kwargs)
+            if name in _TEMPLATES and args:
+                carrying = [t for t in carrying if t is args[0]]  # the other tensor gives a shape or a dtype only
             if len(carrying) == 1:
                 self._derive(output, carrying[0], name in _KEEP_GATE or name in _SHIFTS, name in _SAME_ELEMENTS)
+                if name in ('sum', 'mean') or (name in _SAME_ELEMENTS and carrying[0] in self.sums):
+                    for tensor in _flat((output,)):
+                        self.sums[tensor] = self.sums.get(carrying[0], carrying[0])
             elif name in _KEEP_GATE and all(t in self.gates for t in carrying):
                 self._gate(output)
+            elif name in _SHIFTS and len({id(self.roots.get(t, t)) for t in carrying}) == 1:
+                # a sum of element-wise functions of one tensor is one too (GELU's tanh form: x + 0.044715 x^3)
+                self.roots[output] = self.roots.get(carrying[0], carrying[0])
             return output
         if name in HOMOGENEOUS or name in _SOFTMAX:
             return self._gate(func(*args, **kwargs))
@@ -472,6 +486,8 @@ class _OperationMode(TorchFunctionMode):
                     self._gate(output)  # computed from gates alone: a gate (as a module's output, see _Scope)
                 return output
         output = func(*args, **kwargs)
+        if name in _ELEMENTWISE_UNRULED and len(carrying) == 1 and args and args[0] is carrying[0]:
+            self._derive(output, carrying[0], False)  # an element-wise map: x * g(x) through it is still one
         return self.refuse(name, 'an operation no rule covers', output)
 
     def is_cut(self, tensor):
@@ -588,6 +604,12 @@ class _OperationMode(TorchFunctionMode):
                                func(*args, **kwargs))
         if len(carrying) == 1 and name in _KEEP_STATISTIC:
             return self._mark(self.statistics, func(*args, **kwargs))
+        if len(carrying) == 2 and len(special) == 1 and name in _SHIFTS:
+            # a threshold shifted by a statistic (Gemma 3n's activation sparsity: mean + k std): the statistic held
+            # constant, an offset
+            constant = special[0]
+            output = func(*_swap(args, constant, constant.detach()), **_swap(kwargs, constant, constant.detach()))
+            return self._derive(output, carrying[1] if carrying[0] is constant else carrying[0], True)
         if len(carrying) == 2 and len(special) == 1 and (name in PRODUCTS or name in DIVISIONS):
             # the normalisation: a carrying tensor scaled by (or divided by) a statistic held constant
             constant = special[0]
@@ -721,6 +743,10 @@ class _OperationMode(TorchFunctionMode):
                                  'only as a module', func(*args, **kwargs))
 
     def division(self, func, name, args, kwargs, carrying):
+        if len(args) == 2 and len(carrying) == 2 and self.sums.get(args[1]) is args[0] \
+                and name not in ('__rtruediv__', '__rdiv__'):
+            # x / x.sum(): a normalisation, its sum held constant (ConViT's gated attention weights)
+            return self._derive(func(args[0], args[1].detach(), **kwargs), args[0], True)
         if len(args) >= 2 and any(args[1] is t for t in carrying) or name in ('__rtruediv__', '__rdiv__'):
             return NotImplemented  # divided by a carrying tensor
         return self._derive(func(*args, **kwargs), carrying[0], True) if len(carrying) == 1 else func(*args, **kwargs)

@@ -95,8 +95,8 @@ class SelectiveSSM(RuleHook):
         inner = module.forward
 
         def forward(*args, **kwargs):
-            if not (hook.wants_relevance(*[a for a in args if isinstance(a, torch.Tensor)])
-                    and torch.is_grad_enabled()):
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]  # Bamba passes keywords
+            if not (hook.wants_relevance(*tensors) and torch.is_grad_enabled()):
                 return inner(*args, **kwargs)
             with _Coefficients(module) as coefficients:
                 output = inner(*args, **kwargs)

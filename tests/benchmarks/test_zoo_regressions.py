@@ -1,7 +1,8 @@
 """Model types of the zoo sweep (python/benchmarks/zoo_sweep.py) that once leaked, changed the output or crashed,
 each explained as the sweep explains it (tiny config, random weights, offsets zeroed) and held to its verdict:
-exact, i.e. the forward unchanged and the relevance summing to the explained logit within 1e-3. Oracle:
-conservation (CP-LRP with epsilon -> 0 conserves once the additive constants are zero)."""
+exact, i.e. the forward unchanged and the relevance summing to the explained logit within 1e-3, and AttnLRP
+running on it as well. Oracle: conservation (CP-LRP with epsilon -> 0 conserves once the additive constants are
+zero)."""
 import pytest
 import torch
 
@@ -16,6 +17,10 @@ CASES = [
     ('causal_lm', 'deepseek_v32', "DeepSeek's sparse attention: the indexer's keys"),
     ('causal_lm', 'longcat_flash', 'zero experts: a sum of routing weights'),
     ('causal_lm', 'prophetnet', 'n-gram tokens: offsets'),
+    ('causal_lm', 'bamba', 'a Mamba-2 mixer called with keyword arguments (AttnLRP: dt was not held constant)'),
+    ('sequence_classification', 'big_bird', "GELU's tanh form written out in the head (AttnLRP: pow refused)"),
+    ('timm_vit', 'convit_tiny', 'attention weights normalised by their sum (AttnLRP: the division refused)'),
+    ('timm_vit', 'eca_botnext26ts_256', 'a sigmoid gate broadcast with expand_as (AttnLRP: refused)'),
     ('causal_lm', 'doge', 'a dynamic attention mask through softplus: no relevance reaches it under CP-LRP'),
     ('causal_lm', 'gemma3n', "its towers' own-forward convolutions under a composite without a fused conv rule"),
     ('seq2seq_lm', 'pegasus_x', 'sinusoidal positions computed in the forward, global tokens'),

@@ -85,8 +85,15 @@ def x_of(shape=(4, 8)):
     lambda h: h * 0.5 * (1.0 + torch.erf(h / 2 ** 0.5)),   # GELU written out (ESM): x * g(x), g held constant
     lambda h: h * torch.sigmoid(1.702 * h),               # QuickGELU written out
     lambda h: F.conv1d(h[:, None], torch.ones(2, 1, 3, dtype=h.dtype), padding=1).flatten(1)[:, :8],
+    # GELU's tanh form written out (GPT-2's gelu_new): x * g(x) through a sum of x and x ** 3
+    lambda h: 0.5 * h * (1.0 + torch.tanh(0.7978845608 * (h + 0.044715 * torch.pow(h, 3.0)))),
+    # a sigmoid gate broadcast with expand_as (ECA): the template tensor is no operand
+    lambda h: h * torch.sigmoid(h.mean(-1, keepdim=True) * 2.).expand_as(h),
+    # normalised by its own sum (ConViT's gated attention weights): the sum held constant
+    lambda h: (lambda r: r / r.sum(-1, keepdim=True))(torch.relu(h)),
 ], ids=['softcap', 'activations', 'chain', 'swish', 'homogeneous', 'layer_norm', 'rms_norm', 'rms_written',
-        'layer_norm_written', 'normalize', 'group_norm', 'gelu_written', 'quick_gelu_written', 'functional_conv'])
+        'layer_norm_written', 'normalize', 'group_norm', 'gelu_written', 'quick_gelu_written', 'functional_conv',
+        'gelu_tanh_written', 'expand_as_gate', 'sum_normalised'])
 def test_unknown_functional_code_conserves(body, attention):
     """Conservation (relevance sums to the explained output) through operations no module rule covers; the
     forward is unchanged."""
@@ -146,6 +153,16 @@ def test_relevance_through_a_map_with_an_offset_is_refused(body, name):
         relevance(model, x_of(), LanguageTransformer(attention='cp'))
 
 
+def test_a_threshold_shifted_by_a_statistic_holds_the_statistic_constant():
+    """``relu(h - (mean(h) + std(h) / 2))`` (Gemma 3n's activation sparsity): the std is an offset held constant,
+    the mean linear: g_h = m - mean(m) with m the ReLU's mask (written out), not refused."""
+    h = x_of()
+    output, (g,) = gradients(lambda t: torch.relu(t - (t.mean(-1, keepdim=True) + t.std(-1, keepdim=True) * 0.5)),
+                             h, composite=LanguageTransformer(attention='attnlrp'))
+    mask = (output > 0).to(h)
+    torch.testing.assert_close(g, mask - mask.mean(-1, keepdim=True), rtol=1e-6, atol=1e-9)
+
+
 def test_identity_rule_gives_each_input_its_output_relevance():
     x = x_of()
     output, (g,) = gradients(torch.tanh, x, composite=LanguageTransformer())
@@ -191,11 +208,11 @@ def test_a_parameter_derived_factor_is_a_constant_not_a_second_factor():
 
 
 @pytest.mark.parametrize('body,operation', [
-    (lambda h: h / h.sum(-1, keepdim=True), 'div'),  # marker: division
+    (lambda h: h / h.flip(-1), 'div'),  # a carrying divisor, not its own sum # marker: division
     (lambda h: h.pow(3), 'pow'),  # marker: power
     (lambda h: torch.log(h.abs() + 1), 'abs'),  # marker: log
     (lambda h: h.pow(2) + h, 'add'),  # marker: square
-    (lambda h: h.var(-1, keepdim=True) + h, 'add'),  # marker: statistic
+    (lambda h: torch.exp(h.var(-1, keepdim=True)) + h, 'exp'),  # marker: statistic (a map of it added)
 ], ids=['division', 'power', 'log', 'square', 'statistic'])
 def test_uncovered_operations_are_refused_by_operation_module_and_line(body, operation):
     marker = {'div': 'division', 'pow': 'power', 'abs': 'log'}.get(operation)
@@ -210,7 +227,7 @@ def test_uncovered_operations_are_refused_by_operation_module_and_line(body, ope
 
 
 def test_refused_before_any_relevance_and_the_model_is_left_as_it_was():
-    model = Net(lambda h: h / h.sum(-1, keepdim=True)).double()
+    model = Net(lambda h: h / h.flip(-1)).double()
     x = x_of()
     plain = model(x)
     composite = LanguageTransformer()
@@ -224,7 +241,7 @@ def test_refused_before_any_relevance_and_the_model_is_left_as_it_was():
 
 
 def test_strict_false_warns_and_gives_the_plain_gradient():
-    model = Net(lambda h: h / h.sum(-1, keepdim=True)).double()
+    model = Net(lambda h: h / h.flip(-1)).double()
     with pytest.warns(UserWarning, match=r'div in unknown \(Body\)'):
         R, output = relevance(model, x_of(), LanguageTransformer(strict=False))
     assert torch.isfinite(R).all()
