@@ -16,6 +16,7 @@ time, fresh processes with mmapped allocations for peak memory, see each script'
 - ``explain``: ``lxt-ext explain`` images/s vs an in-process loop and LXT's recipe (benchmark_explain.py);
 - ``checks``: the per-layer NaN/Inf checks on and off (benchmark_checks.py, ViTEpsilon and the decoder);
 - ``operations``: the operation rules on and off (benchmark_operations.py, the decoder and vit_b_16);
+- ``zoo``: the zoo sweep's verdicts per zoo (zoo_sweep.py, about 7 minutes with 2 jobs);
 - ``evaluation``: ``lxt-ext evaluate`` on the embedded model, seconds per image per method;
 - ``pytest``: the pytest-benchmark suites (tests/benchmarks), from their JSON.
 GPU results (docs/gpu_*.md, written by python/gpu/gpu_check) are included as they are.
@@ -78,6 +79,11 @@ SECTIONS = {
                    [script('benchmark_operations.py', '--rounds', 3, '--tokens', 128, '--models', 'decoder')],
                    'attribution time with the operation rules and without them (the composite as before they '
                    'existed), alternating in one process; the ratio per round, its median and 95 % interval'),
+    'zoo': ('The zoos: every transformers model type and timm vision-transformer architecture explained or refused',
+            [script('zoo_sweep.py', '--out', '{tmp}/zoo', '--jobs', 2)],
+            [script('zoo_sweep.py', '--zoo', 'causal_lm', 'llama', '--out', '{tmp}/zoo')],
+            'verdicts per zoo (zoo_sweep.py: tiny random-weight models, offsets zeroed; exact = CP-LRP conserves, '
+            'the forward is unchanged and AttnLRP runs); the per-type tables are docs/zoo/*.md'),
     'evaluation': ('Evaluation throughput: lxt-ext evaluate on the embedded model',
                    [[PYTHON, '-m', 'lxt_ext', 'evaluate', '--out', '{tmp}/evaluate', '--threads', 2, '--quiet']],
                    [[PYTHON, '-m', 'lxt_ext', 'evaluate', '--out', '{tmp}/evaluate', '--threads', 2, '--quiet',
@@ -256,6 +262,9 @@ def main():
                 # quick mode runs the suites once each as smoke tests (the project's --benchmark-disable): no JSON
                 outputs = [pytest_table(os.path.join(tmp, 'pytest_benchmark.json')) if not args.quick else
                            f'smoke run, no timings: {outputs[0].splitlines()[-1]}']
+            if name == 'zoo' and name not in failed:
+                with open(os.path.join(tmp, 'zoo', 'summary.md')) as file:
+                    outputs = ['\n'.join(line for line in file.read().splitlines() if line.startswith('|'))]
             if name == 'evaluation' and name not in failed:
                 outputs = [evaluation_table(os.path.join(tmp, 'evaluate'))]
             lines += ['', f'Load average at the start of the section: {load:.2f}; '

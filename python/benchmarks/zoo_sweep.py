@@ -534,7 +534,7 @@ def summary(zoo_results):
              '| zoo | ' + ' | '.join(columns) + ' | exact % |', '|---|' + '---|' * (len(columns) + 1)]
 
     def row(name, counts):
-        share = f'{100 * counts["exact"] / counts["built"]:.0f} %' if counts['built'] else '-'
+        share = f'{100 * counts["exact"] / counts["built"]:.1f} %' if counts['built'] else '-'
         return f'| {name} | ' + ' | '.join(str(counts[c]) for c in columns) + f' | {share} |'
 
     total = dict.fromkeys(columns, 0)
