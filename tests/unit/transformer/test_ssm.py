@@ -45,24 +45,30 @@ def mamba_lrp(m, x, attention):
     return m.out_proj(y.transpose(1, 2))
 
 
-@pytest.mark.parametrize('attention', ['attnlrp', 'cp'])
-def test_mixer_relevance_is_mamba_lrp(attention):
-    m = mixer()
+def assert_relevance_is(m, reference_of, attention, forward_tolerance):
+    """The mixer's input relevance under ``LanguageTransformer(attention)`` is that of ``reference_of(m, x,
+    attention)`` (MambaLRP written out, float64), whose forward matches the mixer's within ``forward_tolerance``
+    ((rtol, atol): transformers computes parts of the scan in float32)."""
     x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     plain = m(x)
     xr = x.clone().requires_grad_()
-    reference = mamba_lrp(m, xr, attention)
-    # the forward written out is the mixer's (which computes the scan's coefficients in float32)
-    torch.testing.assert_close(reference, plain, rtol=1e-6, atol=1e-9)
+    reference = reference_of(m, xr, attention)
+    torch.testing.assert_close(reference, plain, rtol=forward_tolerance[0], atol=forward_tolerance[1])
     (g_ref,) = torch.autograd.grad(reference, xr, torch.ones_like(reference))
     xl = x.clone().requires_grad_()
     with LanguageTransformer(attention=attention).context(m):
+        assert isinstance(rule_of(m), SelectiveSSM)
         out = m(xl)
         (g,) = torch.autograd.grad(out, xl, out.detach())                  # the seed is relevance: g = 1 at the output
     assert torch.equal(out.detach(), plain.detach())
     expected = xr.detach() * g_ref
-    # transformers computes the scan in float32 (its .float() casts), the reference in float64
     torch.testing.assert_close(xl * g, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize('attention', ['attnlrp', 'cp'])
+def test_mixer_relevance_is_mamba_lrp(attention):
+    # the forward written out is the mixer's (which computes the scan's coefficients in float32)
+    assert_relevance_is(mixer(), mamba_lrp, attention, (1e-6, 1e-9))
 
 
 def test_mamba_conserves_and_the_rule_is_registered_and_removed():
@@ -126,22 +132,8 @@ def mamba2_lrp(m, x, attention):
 
 @pytest.mark.parametrize('attention', ['attnlrp', 'cp'])
 def test_mamba2_mixer_relevance_is_mamba_lrp(attention):
-    m = mamba2_mixer()
-    x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    plain = m(x)
-    xr = x.clone().requires_grad_()
-    reference = mamba2_lrp(m, xr, attention)
     # transformers' chunked scan and gated norm run in float32, the recurrence written out in float64
-    torch.testing.assert_close(reference, plain, rtol=1e-5, atol=1e-6)
-    (g_ref,) = torch.autograd.grad(reference, xr, torch.ones_like(reference))
-    xl = x.clone().requires_grad_()
-    with LanguageTransformer(attention=attention).context(m):
-        assert isinstance(rule_of(m), SelectiveSSM)
-        out = m(xl)
-        (g,) = torch.autograd.grad(out, xl, out.detach())                  # the seed is relevance: g = 1 at the output
-    assert torch.equal(out.detach(), plain.detach())
-    expected = xr.detach() * g_ref
-    torch.testing.assert_close(xl * g, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    assert_relevance_is(mamba2_mixer(), mamba2_lrp, attention, (1e-5, 1e-6))
 
 
 class _Unsplit(transformers.models.mamba2.modeling_mamba2.Mamba2Mixer):
