@@ -39,7 +39,7 @@ from ..composites.transformer import TransformerComposite
 from . import targets
 
 __all__ = ['Explanation', 'Explainer', 'explain_batch', 'explain', 'concatenate', 'emits_relevance', 'logits_of',
-           'frozen_parameters']
+           'frozen_parameters', 'check_input']
 
 
 class Explanation(NamedTuple):
@@ -211,7 +211,7 @@ class Explainer:
         -------
         Explanation
         """
-        self._check_input(x)
+        check_input(self.model, x)
         return checks.located(lambda: self._explain(x, target, top_k))
 
     def _explain(self, x, target, top_k):
@@ -262,19 +262,30 @@ class Explainer:
             outputs[name] = tensor
         return hook
 
-    def _check_input(self, x):
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-            raise TypeError(f'the input must be a floating-point tensor (images, input embeddings: a floating tensor '
-                            f'input), got {got}')
-        parameters = self.model.parameters() if isinstance(self.model, torch.nn.Module) else ()
-        parameter = next((p for p in parameters if p.is_floating_point()), None)
-        if parameter is not None and x.device != parameter.device:
-            raise ValueError(f'the input is on {x.device} but {type(self.model).__name__} is on {parameter.device}')
-        if parameter is not None and x.dtype != parameter.dtype:
-            raise TypeError(f'the input dtype {x.dtype} differs from the dtype {parameter.dtype} of '
-                            f'{type(self.model).__name__}\'s parameters')
-        checks.ensure_finite(x, 'the input')
+
+def check_input(model, x):
+    """Refuse an input the model cannot be explained for: not a floating tensor, on another device or in another
+    dtype than the model's parameters, or not finite.
+
+    Parameters
+    ----------
+    model : torch.nn.Module or callable
+        The model.
+    x : torch.Tensor
+        The input batch.
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f'the input must be a floating-point tensor (images, input embeddings: a floating tensor '
+                        f'input), got {got}')
+    parameters = model.parameters() if isinstance(model, torch.nn.Module) else ()
+    parameter = next((p for p in parameters if p.is_floating_point()), None)
+    if parameter is not None and x.device != parameter.device:
+        raise ValueError(f'the input is on {x.device} but {type(model).__name__} is on {parameter.device}')
+    if parameter is not None and x.dtype != parameter.dtype:
+        raise TypeError(f'the input dtype {x.dtype} differs from the dtype {parameter.dtype} of '
+                        f'{type(model).__name__}\'s parameters')
+    checks.ensure_finite(x, 'the input')
 
 
 def _gradients(output, tensors, seed):

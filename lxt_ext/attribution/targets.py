@@ -14,7 +14,7 @@ A target is one of:
 """
 import torch
 
-__all__ = ['scores_of', 'classes', 'class_seed', 'seed', 'contrastive', 'from_captum']
+__all__ = ['scores_of', 'classes', 'class_seed', 'seed', 'contrastive', 'token_seeds', 'TOKEN_TARGETS', 'from_captum']
 
 
 def scores_of(output):
@@ -185,6 +185,58 @@ def contrastive(target=None, position=-1):
         return mask * output.detach()
 
     return contrast
+
+
+TOKEN_TARGETS = ('logit', 'log_prob', 'contrastive')
+
+
+def token_seeds(scores, tokens, kind='logit', relevance=True):
+    """The seed rows that explain one chosen token per row of ``scores``, as relevance (``z * m``).
+
+    ``m`` is the gradient seed of LXT's recipes, and the relevance seed ``z * m`` keeps their meaning: the input
+    relevance sums to ``sum_j z_j m_j`` under a conservative composite (CP-LRP, biases zero).
+
+    - ``'logit'``: ``m`` one-hot at the chosen token ``t``; the relevance sums to ``z_t``.
+    - ``'log_prob'``: ``m = onehot(t) - softmax(z)``, the gradient of ``log softmax(z)_t``; the relevance sums to
+      ``z_t - sum_j p_j z_j`` (what makes ``t`` more likely than the model's expectation).
+    - ``'contrastive'``: ``m`` is 1 at ``t`` and ``-1 / (C - 1)`` elsewhere (:func:`contrastive`); the relevance
+      sums to ``z_t - mean_{j != t} z_j``.
+
+    Parameters
+    ----------
+    scores : torch.Tensor
+        ``(rows, classes)`` logits, e.g. one row per generated token (the logits of the position before it).
+    tokens : torch.Tensor
+        ``(rows,)`` the chosen token of each row.
+    kind : {'logit', 'log_prob', 'contrastive'}
+        What each row explains.
+    relevance : bool
+        The relevance seed ``z * m`` (default), or the gradient seed ``m`` itself (gradient-based methods).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(rows, classes)`` seeds; each row's sum is the value it explains.
+    """
+    if kind not in TOKEN_TARGETS:
+        raise ValueError(f'the token target must be one of {TOKEN_TARGETS}, got {kind!r}')
+    scores = scores.detach()
+    rows, width = scores.shape
+    tokens = torch.as_tensor(tokens, device=scores.device).long().reshape(-1)
+    if tokens.shape != (rows,):
+        raise ValueError(f'expected one token per row ({rows}), got shape {tuple(tokens.shape)}')
+    if bool(((tokens < 0) | (tokens >= width)).any()):
+        raise IndexError(f'tokens must lie in 0..{width - 1}, got {tokens.tolist()}')
+    onehot = torch.zeros_like(scores).scatter_(1, tokens[:, None], 1.)
+    if kind == 'logit':
+        mask = onehot
+    elif kind == 'log_prob':
+        mask = onehot - scores.float().softmax(1).to(scores.dtype)
+    else:
+        if width < 2:
+            raise ValueError('a contrastive target needs at least two classes')
+        mask = onehot - (1 - onehot) / (width - 1)
+    return mask * scores if relevance else mask
 
 
 def from_captum(target, rows, device):
