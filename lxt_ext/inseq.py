@@ -43,7 +43,7 @@ except ImportError as error:
 
 from .attribution.explainer import frozen_parameters
 from .composites import LanguageTransformer
-from .transformer.convention import _TimesInput
+from .transformer.convention import times_input
 
 __all__ = ['AttnLRPAttribution', 'CPLRPAttribution', 'SUPPORTED_ATTRIBUTED_FNS']
 
@@ -56,7 +56,7 @@ _SUPPORTED = {logit_fn: 'logit', probability_fn: 'probability'}
 def _seed_as_relevance(module, args, output):
     """Forward hook: the gradient arriving at the logits leaves multiplied by them (LXT's seed: relevance
     ``z * df/dz``, which the composite's output conversion reads as relevance)."""
-    output['logits'] = _TimesInput.apply(output['logits'])
+    output['logits'] = times_input(output['logits'])
     return output
 
 

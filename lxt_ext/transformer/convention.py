@@ -24,8 +24,8 @@ from ..core import FusedRule, ProductRule, RuleHook, SwappedForward, wants_relev
 from ..rules import Norm, Pass
 from .elementwise import INPUT_STABILIZER, ActivationIdentity
 
-__all__ = ['ZennitRule', 'ExplicitRelevance', 'ExplicitConvention', 'OutputRelevance', 'relevance_seeded',
-           'seeded_with_relevance', 'gradient_x_input', 'emitting_relevance', 'linear_rule_apply']
+__all__ = ['ZennitRule', 'times_input', 'ExplicitRelevance', 'ExplicitConvention', 'OutputRelevance',
+           'relevance_seeded', 'seeded_with_relevance', 'gradient_x_input', 'emitting_relevance', 'linear_rule_apply']
 
 
 class _ZennitBackward(torch.autograd.Function):
@@ -114,6 +114,23 @@ class _TimesInput(torch.autograd.Function):
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         return grad * x
+
+
+def times_input(x):
+    """``x`` unchanged in the forward; in the backward the gradient arriving at it leaves multiplied by ``x``: a
+    gradient seed ``df/dx`` becomes the relevance seed ``x * df/dx`` (LXT's reading of ``f(x).backward()``).
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        E.g. the logits.
+
+    Returns
+    -------
+    torch.Tensor
+        ``x``, as a new node of the graph.
+    """
+    return _TimesInput.apply(x)
 
 
 class _ConventionWrapper(SwappedForward):
