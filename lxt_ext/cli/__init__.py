@@ -6,6 +6,7 @@ import importlib
 COMMANDS = {
     'demo': 'lxt_ext.cli.demo',
     'explain': 'lxt_ext.cli.explain',
+    'explain-text': 'lxt_ext.cli.explain_text',
     'evaluate': 'lxt_ext.cli.evaluate',
     'check': 'lxt_ext.cli.check',
 }

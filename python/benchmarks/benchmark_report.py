@@ -12,6 +12,7 @@ time, fresh processes with mmapped allocations for peak memory, see each script'
   (benchmark_time.py, benchmark_memory.py);
 - ``vit``: vit_b_16, ViTEpsilon and ViTGamma vs LXT 2.1's recipe and plain (benchmark_vit.py);
 - ``language``: a LLaMA-style decoder at 2,048 tokens, AttnLRP vs LXT 2.1 and plain (benchmark_language.py);
+- ``generation``: a generated answer explained from one forward vs the step-by-step loop (benchmark_generation.py);
 - ``attention``: the attention op alone, 1k-16k tokens, vs LXT's eager recipe and SDPA (benchmark_attention.py);
 - ``explain``: ``lxt-ext explain`` images/s vs an in-process loop and LXT's recipe (benchmark_explain.py);
 - ``checks``: the per-layer NaN/Inf checks on and off (benchmark_checks.py, ViTEpsilon and the decoder);
@@ -60,6 +61,13 @@ SECTIONS = {
                  [script('benchmark_language.py', '--repeats', 7, '--relevance')],
                  [script('benchmark_language.py', '--tokens', 128, '--repeats', 1)],
                  'AttnLRP relevance of the top logit at the last token, each method in its own process'),
+    'generation': ('Generated text explained from one forward vs the step-by-step loop (the decoder above, 512 prompt '
+                   'tokens, 64 generated)',
+                   [script('benchmark_generation.py', '--prompt', 512, '--generated', 64, '--repeats', 3)],
+                   [script('benchmark_generation.py', '--prompt', 32, '--generated', 4, '--repeats', 1)],
+                   'AttnLRP relevance of every generated token\'s logit: the whole answer in one backward, the '
+                   'token-to-token matrix one backward per generated token, against a forward and a backward per '
+                   'step on the growing prefix'),
     'attention': ('Attention alone, 1k-16k tokens (4 heads, D = 64, forward+backward)',
                   [script('benchmark_attention.py', '--lengths', 1024, 2048, 4096, 8192, 16384, '--repeats', 5)],
                   [script('benchmark_attention.py', '--lengths', 256, 512, '--repeats', 1)],
