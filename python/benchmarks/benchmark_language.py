@@ -41,16 +41,20 @@ CONFIG = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hid
               num_key_value_heads=2, max_position_embeddings=16384)
 
 
-def workload(tokens, lxt=False, weights=None):
+def workload(tokens, lxt=False, weights=None, attention=None):
     """``(model, embeds)``: the seeded random-weight decoder and one sequence's input embeddings (from the
-    file ``weights`` when given: transformers 4.x and 5.x need not draw the same weights from one seed)."""
+    file ``weights`` when given: transformers 4.x and 5.x need not draw the same weights from one seed);
+    ``attention`` names transformers' attention implementation (default: the library's, SDPA)."""
     import transformers
     if lxt:
         from lxt.efficient import monkey_patch
         from transformers.models.llama import modeling_llama
         monkey_patch(modeling_llama, verbose=False)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).eval()
+    config = transformers.LlamaConfig(**CONFIG)
+    if attention:
+        config._attn_implementation = attention
+    model = transformers.LlamaForCausalLM(config).eval()
     ids = torch.randint(0, CONFIG['vocab_size'], (1, tokens))
     with torch.no_grad():
         embeds = model.get_input_embeddings()(ids)
@@ -61,10 +65,10 @@ def workload(tokens, lxt=False, weights=None):
     return model, embeds
 
 
-def attribution(method, tokens, weights=None):
+def attribution(method, tokens, weights=None, attention=None):
     """A function running one attribution of ``method``, returning the relevance (1, tokens, 512)."""
     torch.set_num_threads(2)
-    model, embeds = workload(tokens, lxt=method == 'lxt', weights=weights)
+    model, embeds = workload(tokens, lxt=method == 'lxt', weights=weights, attention=attention)
 
     def logits(x):
         return model(inputs_embeds=x, logits_to_keep=1).logits[:, -1]

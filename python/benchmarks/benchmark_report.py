@@ -13,6 +13,8 @@ time, fresh processes with mmapped allocations for peak memory, see each script'
 - ``vit``: vit_b_16, ViTEpsilon and ViTGamma vs LXT 2.1's recipe and plain (benchmark_vit.py);
 - ``language``: a LLaMA-style decoder at 2,048 tokens, AttnLRP vs LXT 2.1 and plain (benchmark_language.py);
 - ``generation``: a generated answer explained from one forward vs the step-by-step loop (benchmark_generation.py);
+- ``long_context``: which lengths (2k-64k tokens) lxt_ext, LXT 2.1 (SDPA and eager) and plain backward explain
+  under a time and memory cap (benchmark_long_context.py; hours: only with ``--only long_context``);
 - ``attention``: the attention op alone, 1k-16k tokens, vs LXT's eager recipe and SDPA (benchmark_attention.py);
 - ``explain``: ``lxt-ext explain`` images/s vs an in-process loop and LXT's recipe (benchmark_explain.py);
 - ``checks``: the per-layer NaN/Inf checks on and off (benchmark_checks.py, ViTEpsilon and the decoder);
@@ -68,6 +70,13 @@ SECTIONS = {
                    'AttnLRP relevance of every generated token\'s logit: the whole answer in one backward, the '
                    'token-to-token matrix one backward per generated token, against a forward and a backward per '
                    'step on the growing prefix'),
+    'long_context': ('Long contexts: the lengths each method explains (the decoder above, 2k-64k tokens, 15 minutes '
+                     'and 22 GiB per run)',
+                     [script('benchmark_long_context.py')],
+                     [script('benchmark_long_context.py', '--lengths', 256, '--methods', 'plain', 'lxt_ext',
+                             'lxt_eager', '--cap', 300)],
+                     'one attribution per method and length in a fresh process, time and extra peak memory, or '
+                     'why it did not finish (hours on 2 cores: run it with --only long_context)'),
     'attention': ('Attention alone, 1k-16k tokens (4 heads, D = 64, forward+backward)',
                   [script('benchmark_attention.py', '--lengths', 1024, 2048, 4096, 8192, 16384, '--repeats', 5)],
                   [script('benchmark_attention.py', '--lengths', 256, 512, '--repeats', 1)],
@@ -103,6 +112,10 @@ SECTIONS = {
                [[PYTHON, '-m', 'pytest', '-q', os.path.join(ROOT, 'tests', 'benchmarks'), '-p', 'no:cacheprovider']],
                'median seconds per case from pytest-benchmark\'s JSON'),
 }
+
+
+# sections the full suite leaves out (hours): run them with --only
+SEPARATE = ('long_context',)
 
 
 def markdown_tables(text):
@@ -249,7 +262,7 @@ def main():
     failed = []
     env = dict(os.environ, OMP_WAIT_POLICY='PASSIVE')
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.only or SECTIONS:
+        for name in args.only or [name for name in SECTIONS if name not in SEPARATE]:
             title, full, quick, what = SECTIONS[name]
             commands = [[part.format(tmp=tmp) for part in map(str, command)] for command in (quick if args.quick else full)]
             print(f'== {name}: {title}', file=sys.stderr, flush=True)
