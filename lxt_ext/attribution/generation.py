@@ -33,7 +33,7 @@ from .. import checks
 from .explainer import Explainer, check_input, emits_relevance, frozen_parameters, logits_of
 from .targets import TOKEN_TARGETS, token_seeds
 
-__all__ = ['GenerationExplanation', 'explain_generation', 'TOKEN_TARGETS']
+__all__ = ['GenerationExplanation', 'explain_generation', 'one_forward', 'TOKEN_TARGETS']
 
 
 class GenerationExplanation(NamedTuple):
@@ -67,17 +67,18 @@ class GenerationExplanation(NamedTuple):
     target: str
 
 
-def _default_forward(model, embeds, keep):
-    """transformers' causal LMs from input embeddings, with logits only at the ``keep`` last positions where the
-    model takes ``logits_to_keep`` (the LM head over every position would cost a vocabulary-wide matmul each)."""
+def _default_forward(model, embeds, keep, **inputs):
+    """transformers' causal LMs from input embeddings (and the keyword ``inputs``), with logits only at the ``keep``
+    last positions where the model takes ``logits_to_keep`` (the LM head over every position would cost a
+    vocabulary-wide matmul each)."""
     forward = getattr(model, 'forward', model)
     try:
         parameters = inspect.signature(forward).parameters
     except (TypeError, ValueError):
         parameters = {}
     if 'logits_to_keep' in parameters:
-        return logits_of(model(inputs_embeds=embeds, logits_to_keep=keep))
-    return logits_of(model(inputs_embeds=embeds))
+        return logits_of(model(inputs_embeds=embeds, logits_to_keep=keep, **inputs))
+    return logits_of(model(inputs_embeds=embeds, **inputs))
 
 
 def _output_head(model):
@@ -136,6 +137,32 @@ def explain_generation(model, ids, prompt_length, composite, target='logit', mat
     -------
     GenerationExplanation
     """
+    explanation, _ = one_forward(model, ids, prompt_length, composite, target, matrix, forward, embed, progress)
+    return explanation
+
+
+def one_forward(model, ids, prompt_length, composite, target='logit', matrix=True, forward=None, embed=None,
+                progress=False, inputs=()):
+    """:func:`explain_generation`, and the relevance of more differentiable ``inputs`` of the same forward (the
+    pixels of a vision-language model: ``lxt_ext.attribution.multimodal``).
+
+    Parameters
+    ----------
+    model, ids, prompt_length, composite, target, matrix, embed, progress
+        As in :func:`explain_generation`.
+    forward : callable, optional
+        ``forward(model, embeds, keep, *inputs) -> logits`` (as in :func:`explain_generation`, the ``inputs``
+        after ``keep``).
+    inputs : sequence of torch.Tensor
+        Floating tensors the forward takes besides the embeddings (on the model's device, in its dtype).
+
+    Returns
+    -------
+    tuple of (GenerationExplanation, list of (torch.Tensor, torch.Tensor or None))
+        The explanation of the tokens, and per tensor of ``inputs`` its relevance (shaped like it: ``x * grad``,
+        or the gradient where the composite emits relevance) for the whole answer and, with ``matrix``, per
+        generated token (``(answer, *shape)``, rows as the token matrix's).
+    """
     if target not in TOKEN_TARGETS:
         raise ValueError(f'target must be one of {TOKEN_TARGETS}, got {target!r}')
     ids, prompt_length = _token_ids(ids, prompt_length)
@@ -145,6 +172,9 @@ def explain_generation(model, ids, prompt_length, composite, target='logit', mat
     with torch.no_grad():
         embeds = embed(ids[None])
     check_input(model, embeds)
+    inputs = tuple(inputs)
+    for tensor in inputs:
+        check_input(model, tensor)
     explicit = emits_relevance(composite) and composite is not None
 
     def attempt():
@@ -153,9 +183,10 @@ def explain_generation(model, ids, prompt_length, composite, target='logit', mat
         hook = head.register_forward_pre_hook(lambda module, args: captured.append(args[0])) if head else None
         with Explainer(model, composite), torch.enable_grad(), frozen_parameters(model):
             x = embeds.detach().requires_grad_()
+            leaves = [tensor.detach().requires_grad_() for tensor in inputs]
             try:
-                # a copy: model code may scale its input in place, which the leaf must not see
-                logits = forward(model, x.clone(), answer + 1)
+                # copies: model code may scale its input in place, which the leaves must not see
+                logits = forward(model, x.clone(), answer + 1, *(leaf.clone() for leaf in leaves))
             finally:
                 if hook is not None:
                     hook.remove()
@@ -175,12 +206,14 @@ def explain_generation(model, ids, prompt_length, composite, target='logit', mat
             seed[0, start:start + answer] = seeds
 
             def relevance_of(output, seed, retain):
-                grad, = torch.autograd.grad(output, x, seed, retain_graph=retain)
-                value = grad if explicit else x.detach() * grad
-                return value.sum(-1)[0]
+                grads = torch.autograd.grad(output, [x] + leaves, seed, retain_graph=retain, allow_unused=True)
+                values = [torch.zeros_like(leaf) if grad is None else grad if explicit else leaf.detach() * grad
+                          for leaf, grad in zip([x] + leaves, grads)]
+                return values[0].sum(-1)[0], values[1:]
 
             if not matrix:
-                return relevance_of(logits, seed, False), None, scores, log_probs
+                relevance, others = relevance_of(logits, seed, False)
+                return relevance, None, scores, log_probs, [(other, None) for other in others]
             # The output head (a Linear, then element-wise maps such as soft-capping) works per position: one
             # backward through it gives every row's seed at its input, and each row's backward starts below it
             # (the vocabulary-wide matmul once, not once per generated token).
@@ -190,13 +223,20 @@ def explain_generation(model, ids, prompt_length, composite, target='logit', mat
             else:
                 output = logits
             table = torch.zeros(answer, ids.shape[0], dtype=embeds.dtype, device=embeds.device)
+            tables = [torch.zeros(answer, *tensor.shape, dtype=tensor.dtype, device=tensor.device)
+                      for tensor in inputs]
             row = torch.zeros_like(seed)
             for i in tqdm(range(answer), desc='generated tokens', disable=not progress, leave=False):
                 row.zero_()
                 row[0, start + i] = seed[0, start + i]
-                table[i] = relevance_of(output, row, i < answer - 1)
-            return table.sum(0), table, scores, log_probs
+                table[i], others = relevance_of(output, row, i < answer - 1)
+                for rows_of, other in zip(tables, others):
+                    rows_of[i] = other
+            return table.sum(0), table, scores, log_probs, [(rows_of.sum(0), rows_of) for rows_of in tables]
 
-    relevance, table, scores, log_probs = checks.located(attempt)
+    relevance, table, scores, log_probs, others = checks.located(attempt)
     checks.ensure_finite(relevance, 'the token relevance (check the model and the stabilizers of the composite)')
-    return GenerationExplanation(ids, prompt_length, relevance.detach(), table, scores, log_probs, target)
+    for other, _ in others:
+        checks.ensure_finite(other, 'the relevance of an input besides the tokens')
+    explanation = GenerationExplanation(ids, prompt_length, relevance.detach(), table, scores, log_probs, target)
+    return explanation, [(other.detach(), None if rows_of is None else rows_of.detach()) for other, rows_of in others]
