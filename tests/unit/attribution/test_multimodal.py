@@ -11,8 +11,14 @@ prompt tokens, on tiny random-weight LLaVA, Qwen2-VL, Qwen2.5-VL, PaliGemma, Ide
 - AttnLRP runs with the offsets kept and gives finite relevance;
 - each generated token's row equals the step-by-step oracle written out here: a forward over the prefix through the
   model's own input-id path (the embedding's output replaced by a leaf), the logit seeded, relevance ``x * grad``;
-- heatmaps in the image's grid (Qwen2-VL's flattened patches unflattened, checked against its image processor);
+- heatmaps in the image's grid (Qwen2-VL's flattened patches unflattened, checked against its image processor), one
+  per image for several images of several sizes;
+- python/examples/example_vlm.py writes its image and text heatmaps, and its sums add up;
 - refusals: a model of no known family, floating inputs besides the pixels, a composite that emits relevance."""
+import importlib
+import os
+import sys
+
 import pytest
 import torch
 import transformers
@@ -194,6 +200,39 @@ def test_heatmaps_lie_in_the_image_grid():
     torch.testing.assert_close(maps[0], pixels[0].sum(0))
     model, _, pixels, _ = tiny('smolvlm')
     assert [tuple(h.shape) for h in image_heatmaps(model, pixels)] == [(16, 16)]
+
+
+def test_several_images_of_several_sizes():
+    model, _, _, _ = tiny('qwen2_vl')
+    config = model.config
+    grid = torch.tensor([[1, 4, 6], [1, 2, 4]])  # 16 x 24 and 8 x 16 pixels
+    pixels = torch.randn(24 + 8, 96, generator=torch.Generator().manual_seed(4))
+    image, start, end = config.image_token_id, config.vision_start_token_id, config.vision_end_token_id
+    prompt = torch.tensor([1, start] + [image] * 6 + [end, 5, start] + [image] * 2 + [end, 7, 9])
+    with zeroed(model):
+        ids, logits = generated('qwen2_vl', model, prompt, pixels, {'image_grid_thw': grid})
+        e = explain_vision_language(model, ids, len(prompt), pixels, LanguageTransformer(attention='cp'),
+                                    model_inputs={'image_grid_thw': grid})
+    torch.testing.assert_close(e.scores, logits, rtol=1e-4, atol=1e-5)
+    assert [tuple(h.shape) for h in e.heatmaps] == [(16, 24), (8, 16)]
+    total = e.relevance.double().sum() + sum(h.double().sum() for h in e.heatmaps)
+    assert abs(float(total) - float(logits.double().sum())) <= 1e-4 * float(logits.abs().sum())
+    assert all(float(h.abs().sum()) > 0 for h in e.heatmaps)
+
+
+def test_the_example_writes_its_pictures(tmp_path, monkeypatch, capsys):
+    examples = os.path.join(os.path.dirname(__file__), '..', '..', '..', 'python', 'examples')
+    monkeypatch.syspath_prepend(os.path.abspath(examples))
+    monkeypatch.setattr(sys, 'argv', ['example_vlm.py', '--out', str(tmp_path)])
+    importlib.import_module('example_vlm').main()
+    names = sorted(os.listdir(tmp_path))
+    assert names == ['image.png', 'image_token0.png', 'image_token1.png', 'image_token2.png', 'image_token3.png',
+                     'page.html', 'text.html']
+    text = (tmp_path / 'text.html').read_text(encoding='utf-8')
+    assert text.count('<span') >= 10 and '&lt;image&gt;' not in text  # the placeholders are left to the heatmap
+    line = [line for line in capsys.readouterr().out.splitlines() if line.startswith('relevance:')][0]
+    summed, explained = float(line.split('= ')[1].split(',')[0]), float(line.split('explained ')[1].split(';')[0])
+    assert abs(summed - explained) <= 1e-3 * abs(explained)
 
 
 def test_refusals_are_named():
