@@ -119,7 +119,8 @@ def _rope_positions(model, ids, prompt_length, given):
     if types is None:
         types = (ids == _image_token(model)).int()[None]
     inner = getattr(model, 'model', model)
-    positions, _ = inner.get_rope_index(ids[None], mm_token_type_ids=types, image_grid_thw=given['image_grid_thw'])
+    positions, _ = inner.get_rope_index(ids[None], mm_token_type_ids=types, image_grid_thw=given['image_grid_thw'],
+                                        attention_mask=given.get('attention_mask'))
     return {'position_ids': positions}
 
 
@@ -201,9 +202,32 @@ def _family(model):
     return FAMILIES.get(getattr(getattr(model, 'config', None), 'model_type', None))
 
 
+# per-token inputs a processor gives for the prompt, and their value over the answer (text tokens, attended to)
+_PER_TOKEN = {'attention_mask': 1, 'token_type_ids': 0, 'mm_token_type_ids': 0}
+_ANSWER_TYPES = {'paligemma': 1}  # PaliGemma's answer: the causal suffix after the bidirectional prefix
+
+
+def _over_answer(model, ids, prompt_length, given):
+    """``given`` with its per-token inputs of the prompt's length (as the processor gives them) extended over the
+    answer."""
+    kind = getattr(getattr(model, 'config', None), 'model_type', None)
+    extended = dict(given)
+    for name, value in _PER_TOKEN.items():
+        tensor = given.get(name)
+        if isinstance(tensor, torch.Tensor) and tensor.dim() in (1, 2) and tensor.shape[-1] == prompt_length \
+                and len(ids) > prompt_length:
+            tensor = tensor.reshape(1, -1)
+            fill = _ANSWER_TYPES.get(kind, value) if name == 'token_type_ids' else value
+            answer = torch.full((1, len(ids) - prompt_length), fill, dtype=tensor.dtype, device=tensor.device)
+            extended[name] = torch.cat([tensor, answer], 1)
+    return extended
+
+
 def model_inputs_for(model, ids, prompt_length, model_inputs=None):
     """The keyword inputs (besides ``inputs_embeds`` and ``pixel_values``) of the one forward over prompt + answer:
-    ``model_inputs`` and what the model's family adds (``FAMILIES``); also for the forward over a prefix.
+    ``model_inputs`` and what the model's family adds (``FAMILIES``); also for the forward over a prefix. Per-token
+    inputs of the prompt's length (``attention_mask``, ``token_type_ids``, ``mm_token_type_ids`` as the processor
+    gives them) are extended over the answer (1, the answer's token type, 0).
 
     Parameters
     ----------
@@ -220,7 +244,7 @@ def model_inputs_for(model, ids, prompt_length, model_inputs=None):
     -------
     dict
     """
-    given = dict(model_inputs or {})
+    given = _over_answer(model, ids, prompt_length, dict(model_inputs or {}))
     family = _family(model)
     if family is None:
         return given
@@ -274,8 +298,10 @@ def explain_vision_language(model, ids, prompt_length, pixel_values, composite, 
         Also every generated token's own relevance (one backward per generated token; the pixel rows take
         ``answer`` times the memory of ``pixel_values``).
     model_inputs : dict, optional
-        More inputs of the model (``image_grid_thw``, ``pixel_attention_mask``, ``attention_mask``, ...); per-token
-        ones cover prompt + answer. Floating tensors are refused (their relevance would be lost).
+        More inputs of the model (``image_grid_thw``, ``pixel_attention_mask``, ``attention_mask``, ...): the
+        processor's output but ``input_ids`` and ``pixel_values``; per-token ones of the prompt's length are
+        extended over the answer (:func:`model_inputs_for`). Floating tensors are refused (their relevance would
+        be lost).
     forward : callable, optional
         ``forward(model, embeds, keep, pixel_values, **inputs) -> logits`` (as ``explain_generation``'s, with the
         pixels and the inputs); required for a model of no known family.

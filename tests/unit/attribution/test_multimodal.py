@@ -13,6 +13,7 @@ prompt tokens, on tiny random-weight LLaVA, Qwen2-VL, Qwen2.5-VL, PaliGemma, Ide
   model's own input-id path (the embedding's output replaced by a leaf), the logit seeded, relevance ``x * grad``;
 - heatmaps in the image's grid (Qwen2-VL's flattened patches unflattened, checked against its image processor), one
   per image for several images of several sizes;
+- the processor's per-token inputs of the prompt (token types, attention mask) are extended over the answer;
 - python/examples/example_vlm.py writes its image and text heatmaps, and its sums add up;
 - refusals: a model of no known family, floating inputs besides the pixels, a composite that emits relevance."""
 import importlib
@@ -218,6 +219,22 @@ def test_several_images_of_several_sizes():
     total = e.relevance.double().sum() + sum(h.double().sum() for h in e.heatmaps)
     assert abs(float(total) - float(logits.double().sum())) <= 1e-4 * float(logits.abs().sum())
     assert all(float(h.abs().sum()) > 0 for h in e.heatmaps)
+
+
+@pytest.mark.parametrize('kind', ['qwen2_vl', 'paligemma', 'gemma3'])
+def test_the_processors_prompt_inputs_are_extended_over_the_answer(kind):
+    model, prompt, pixels, inputs = tiny(kind)
+    ids, logits = generated(kind, model, prompt, pixels, inputs)
+    composite = LanguageTransformer(attention='attnlrp')
+    e = explain_vision_language(model, ids, len(prompt), pixels, composite, model_inputs=inputs)
+    # as a processor gives them for the prompt: token types, an attention mask
+    processor = {**own_inputs(kind, model, prompt, len(prompt), inputs),
+                 'attention_mask': torch.ones(1, len(prompt), dtype=torch.long)}
+    assert all(v.shape[-1] == len(prompt) for k, v in processor.items() if k != 'image_grid_thw')
+    given = explain_vision_language(model, ids, len(prompt), pixels, composite, model_inputs=processor)
+    torch.testing.assert_close(given.scores, logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(given.relevance, e.relevance, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(given.pixel_relevance, e.pixel_relevance, rtol=1e-4, atol=1e-6)
 
 
 def test_the_example_writes_its_pictures(tmp_path, monkeypatch, capsys):
