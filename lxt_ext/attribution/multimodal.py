@@ -332,6 +332,10 @@ def explain_vision_language(model, ids, prompt_length, pixel_values, composite, 
             f'model_inputs {floating}: floating inputs besides pixel_values (videos, audio, image embeddings) would '
             f'take relevance that is not returned; only pixel_values and the token embeddings are explained')
     ids, prompt_length = _token_ids(ids, prompt_length)
+    token = _image_token(model)
+    if token is not None and bool((ids[prompt_length:] == token).any()):
+        raise ValueError(f'the answer holds the image token ({token}): the one forward would take it for an image '
+                         f'placeholder, which generation did not (explain the answer up to it)')
     inputs = model_inputs_for(model, ids, prompt_length, model_inputs)
     user_forward = forward
 
@@ -342,7 +346,6 @@ def explain_vision_language(model, ids, prompt_length, pixel_values, composite, 
 
     explanation, [(pixel_relevance, pixel_matrix)] = one_forward(
         model, ids, prompt_length, composite, target, matrix, run, progress=progress, inputs=(pixel_values,))
-    token = _image_token(model)
     image_tokens = ids == token if token is not None else torch.zeros_like(ids, dtype=torch.bool)
     heatmaps = family.heatmaps(model, pixel_relevance, inputs) if family else None
     g = explanation

@@ -15,7 +15,8 @@ prompt tokens, on tiny random-weight LLaVA, Qwen2-VL, Qwen2.5-VL, PaliGemma, Ide
   per image for several images of several sizes;
 - the processor's per-token inputs of the prompt (token types, attention mask) are extended over the answer;
 - python/examples/example_vlm.py writes its image and text heatmaps, and its sums add up;
-- refusals: a model of no known family, floating inputs besides the pixels, a composite that emits relevance."""
+- refusals: a model of no known family, floating inputs besides the pixels, a composite that emits relevance, an
+  answer holding the image token."""
 import importlib
 import os
 import sys
@@ -266,6 +267,9 @@ def test_refusals_are_named():
         num_key_value_heads=2)).eval()
     with pytest.raises(NotExplainableError, match="model type 'llama'"):
         explain_vision_language(text, ids, len(prompt), pixels, LanguageTransformer())
+    with pytest.raises(ValueError, match='the answer holds the image token'):
+        explain_vision_language(model, torch.cat([prompt, torch.tensor([3, _image_token(model)])]), len(prompt),
+                                pixels, LanguageTransformer())
     qwen, prompt, pixels, _ = tiny('qwen2_vl')
     with pytest.raises(ValueError, match='image_grid_thw'):
         explain_vision_language(qwen, torch.cat([prompt, torch.tensor([3])]), len(prompt), pixels,
