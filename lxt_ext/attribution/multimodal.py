@@ -325,6 +325,9 @@ def explain_vision_language(model, ids, prompt_length, pixel_values, composite, 
             f'types as its generate gives them)')
     if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
         raise TypeError('pixel_values must be a floating tensor (the processor\'s pixel_values)')
+    twice = sorted({'input_ids', 'inputs_embeds', 'pixel_values'} & set(model_inputs or {}))
+    if twice:
+        raise ValueError(f'model_inputs must not hold {twice}: the ids and pixel_values are arguments of their own')
     floating = [name for name, value in (model_inputs or {}).items()
                 if isinstance(value, torch.Tensor) and value.is_floating_point()]
     if floating:

@@ -261,6 +261,9 @@ def test_refusals_are_named():
     with pytest.raises(NotExplainableError, match='pixel_values_videos'):
         explain_vision_language(model, ids, len(prompt), pixels, LanguageTransformer(),
                                 model_inputs={'pixel_values_videos': torch.zeros(2, 3)})
+    with pytest.raises(ValueError, match='arguments of their own'):
+        explain_vision_language(model, ids, len(prompt), pixels, LanguageTransformer(),
+                                model_inputs={'input_ids': ids[None], 'pixel_values': pixels})
     torch.manual_seed(0)
     text = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
