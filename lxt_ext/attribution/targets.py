@@ -141,11 +141,12 @@ def seed(output, target=None, top_k=None, relevance=True):
 def contrastive(target=None, position=-1):
     """The contrastive seed of LXT's GPT-2 recipe, the chosen logit against all the others, as relevance.
 
-    LXT backpropagates the gradient mask ``m`` (1 at the chosen class ``t``, ``-1 / (C - 1)`` at every other of
-    the ``C`` classes at the explained position, 0 elsewhere), so its relevance sums to ``sum_j z_j m_j``. The
-    seed is relevance here, so the callable returns ``z * m``: under a conservative composite (CP-LRP, biases
-    zero) the input relevance sums to ``z_t - mean_{j != t} z_j``, what makes t more likely than the rest, not
-    what raises every logit alike.
+    The gradient mask ``m`` is 1 at the chosen class ``t`` and ``-1 / (C - 1)`` at every other of the ``C``
+    classes at the explained position (0 elsewhere), so it sums to zero; LXT's recipe writes ``-1 / C`` there,
+    which scales the others' part by ``(C - 1) / C`` (0.99998 for GPT-2's vocabulary). Backpropagated as a
+    gradient, ``m`` gives relevance summing to ``sum_j z_j m_j``; the seed is relevance here, so the callable
+    returns ``z * m``: under a conservative composite (CP-LRP, biases zero) the input relevance sums to
+    ``z_t - mean_{j != t} z_j``, what makes t more likely than the rest, not what raises every logit alike.
 
     Parameters
     ----------

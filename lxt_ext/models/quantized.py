@@ -79,12 +79,15 @@ class _DequantizedRule(torch.autograd.Function):
     @first_order
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        weight = dequantized_weight(ctx.module)
+        # in the input's dtype: bitsandbytes may dequantize in another (bfloat16 scales after its CPU repacking
+        # of a float32-compute layer) while the bias stays in the model's
+        bias = ctx.module.bias
+        weight = dequantized_weight(ctx.module).to(x.dtype)
         with torch.enable_grad():
-            leaf = x.detach().to(weight.dtype).requires_grad_()
-            output = linear_rule_apply(ctx.rule, leaf, weight, ctx.module.bias)
+            leaf = x.detach().requires_grad_()
+            output = linear_rule_apply(ctx.rule, leaf, weight, None if bias is None else bias.to(x.dtype))
             (grad_input,) = torch.autograd.grad(output, leaf, grad.to(output.dtype))
-        return grad_input.to(x.dtype), None, None, None
+        return grad_input, None, None, None
 
 
 class DequantizedLinear(SwappedForward):

@@ -23,7 +23,7 @@ transformers = require_module('transformers')
 bnb = require_module('bitsandbytes')
 
 from harness.memory import MEMORY_ENV  # noqa: E402  (python/benchmarks/, on sys.path from conftest)
-from lxt_ext.attribution import Explainer  # noqa: E402
+from lxt_ext.attribution import Explainer, explain_batch  # noqa: E402
 from lxt_ext.composites import LanguageTransformer  # noqa: E402
 from lxt_ext.layers import UnsupportedLayerError  # noqa: E402
 
@@ -102,6 +102,27 @@ def test_relevance_equals_the_model_dequantized_up_front(quant_type, mode, linea
     assert error <= 1e-5, f'max |difference| = {error:.2e} x max |relevance of the dequantized model|'
     # the quantized weights are what they were
     assert all(type(m.weight) is type(quantized[0].weight) for m in quantized)
+
+
+def test_a_weight_dequantized_in_bfloat16_meets_a_float32_input_and_bias():
+    """bitsandbytes' CPU path may dequantize a float32-compute layer's weight in bfloat16 (its scales repacked in
+    bfloat16, stood in for here by the quant state's dtype) while input and bias stay float32: the rule computes
+    in the input's dtype, equal to an nn.Linear holding that weight."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 8)
+    linear.bias.data.uniform_(-1, 1)
+    layer = to_4bit('nf4')(linear)
+    layer.weight.quant_state.dtype = torch.bfloat16
+    reference = dequantized(layer)
+    assert reference.weight.dtype == torch.bfloat16 and layer.bias.dtype == torch.float32
+    reference.weight = torch.nn.Parameter(reference.weight.detach().float())
+    torch.manual_seed(1)
+    first = torch.nn.Linear(16, 16)
+    x = torch.randn(3, 16)
+    relevance = explain_batch(torch.nn.Sequential(first, layer), x, LanguageTransformer(), target=1).relevance
+    expected = explain_batch(torch.nn.Sequential(first, reference), x, LanguageTransformer(), target=1).relevance
+    assert relevance.dtype == torch.float32
+    torch.testing.assert_close(relevance, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_8bit_layers_are_refused_by_name():
