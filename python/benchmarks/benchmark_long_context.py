@@ -1,7 +1,7 @@
 """Long contexts: which sequence lengths each method explains on this machine, with time and peak memory.
 
     python python/benchmarks/benchmark_long_context.py [--lengths 2048 4096 8192 16384 32768 65536]
-        [--methods plain lxt_ext lxt_sdpa lxt_eager] [--cap 900] [--memory-cap 22]
+        [--methods plain lxt_ext lxt_sdpa lxt_eager] [--cap 900] [--memory-cap 20]
 
 The workload is the language section's decoder (benchmark_language.py: LlamaForCausalLM, random weights, 8
 layers, width 512, GQA 8/2, vocabulary 32000, float32, 2 threads), one sequence of each length, the top logit
@@ -82,7 +82,7 @@ def main():
     parser.add_argument('--lengths', type=int, nargs='+', default=[2048, 4096, 8192, 16384, 32768, 65536])
     parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=METHODS)
     parser.add_argument('--cap', type=float, default=900., help='seconds per run (default 900)')
-    parser.add_argument('--memory-cap', type=float, default=22., help='GiB of address space per run (default 22)')
+    parser.add_argument('--memory-cap', type=float, default=20., help='GiB of address space per run (default 20)')
     args = parser.parse_args()
     results = {method: {} for method in args.methods}
     for method in args.methods:

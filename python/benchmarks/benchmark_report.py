@@ -71,7 +71,7 @@ SECTIONS = {
                    'token-to-token matrix one backward per generated token, against a forward and a backward per '
                    'step on the growing prefix'),
     'long_context': ('Long contexts: the lengths each method explains (the decoder above, 2k-64k tokens, 15 minutes '
-                     'and 22 GiB per run)',
+                     'and 20 GiB per run)',
                      [script('benchmark_long_context.py')],
                      [script('benchmark_long_context.py', '--lengths', 256, '--methods', 'plain', 'lxt_ext',
                              'lxt_eager', '--cap', 300)],
