@@ -65,6 +65,9 @@ class MultiheadAttentionRule(SwappedForward):
         causal = bool(is_causal and mask is None)
         output = attention_lrp(q, k, v, mask, is_causal=causal, mode=self.attention)
         output = output.transpose(1, 2).reshape(batch, length, module.embed_dim)
+        tap = module._modules.get('heads')  # lxt_ext.concepts.input_taps: the heads' concatenation as a module output
+        if tap is not None:
+            output = tap(output)
         output = linear_rule_apply(self.linear_rule, output, module.out_proj.weight, module.out_proj.bias)
         if not module.batch_first or unbatched:
             output = output.transpose(0, 1)
