@@ -69,6 +69,9 @@ MODELS = {'vit': vit, 'llama': lambda: language_model('llama'), 'gpt2': lambda: 
 
 
 def composite_for(name, attention='cp'):
+    """Epsilon (near 0) with ``attention``; ``'gamma'``: the gamma rules (ViTGamma's recipe, CP-LRP)."""
+    if attention == 'gamma':
+        return ViTGamma() if name == 'vit' else LanguageTransformer(attention='cp', gamma=0.05)
     if name == 'vit':
         return ViTEpsilon(epsilon=1e-9, attention=attention)
     return LanguageTransformer(attention=attention, epsilon=1e-12)
@@ -183,7 +186,7 @@ def branch_oracles(name, layers, block):
 
 # (a) layer relevances = activation x gradient; (d) the class heatmap sums to the logit
 
-@pytest.mark.parametrize('attention', ['cp', 'attnlrp'])
+@pytest.mark.parametrize('attention', ['cp', 'attnlrp', 'gamma'])
 def test_layer_relevances_are_activation_times_gradient(case, attention):
     name, model, x, layers = case
     composite = composite_for(name, attention)
@@ -282,8 +285,10 @@ def test_one_head_equals_the_heatmap_through_that_head(family):
         mask = torch.zeros(4 * head_dim, dtype=x.dtype)
         mask[head * head_dim:(head + 1) * head_dim] = 1
         tensor = layers.taps[heads]
-        masked, _ = plain(model, x, composite, seed_of(target), inputs=[tensor], grad_hooks={tensor: lambda g: g * mask})
-        without, _ = plain(model, x, composite, seed_of(target), inputs=[tensor], grad_hooks={tensor: torch.zeros_like})
+        masked, _ = plain(model, x, composite, seed_of(target), inputs=[tensor],
+                          grad_hooks={tensor: lambda g: g * mask})
+        without, _ = plain(model, x, composite, seed_of(target), inputs=[tensor],
+                           grad_hooks={tensor: torch.zeros_like})
         close(result.heatmap, masked - without, scale=masked)
 
 
@@ -402,7 +407,7 @@ def test_cnn_composite_gives_zennits_conditional_relevance():
     model = torchvision.models.vgg11(weights=None).eval()
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     layer = 'features.13'
-    conditions = [{layer: [c], 'y': [7]} for c in (3, 100, 400)]
+    conditions = [{'y': [7]}] + [{layer: [c], 'y': [7]} for c in (3, 100, 400)]
     record = ['features.3', layer, 'classifier.0']
 
     def run(attribution, composite):
