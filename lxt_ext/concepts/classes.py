@@ -1,0 +1,235 @@
+"""Concepts of token-major layers for zennit-crp: hidden channels and MLP neurons (:class:`HiddenConcept`),
+attention heads (:class:`HeadConcept`)."""
+import torch
+from crp.concepts import Concept
+
+__all__ = ['HiddenConcept', 'HeadConcept']
+
+_NOT_YET = ('{}: reference samples (relevance maximisation) under lxt_ext\'s transformer composites are not '
+            'implemented yet')
+
+
+def _normed(relevance, abs_norm):
+    return relevance / (relevance.abs().sum(-1, keepdim=True) + 1e-10) if abs_norm else relevance
+
+
+class HiddenConcept(Concept):
+    """Hidden channels of a token-major layer output ``(batch, tokens, hidden)`` (a block's output, the
+    residual stream) or the neurons of an MLP (``(batch, tokens, intermediate)``): concept ``c`` is index ``c``
+    of the LAST dimension, at every token. zennit-crp's ``ChannelConcept`` masks dimension 1 instead, the
+    tokens there."""
+
+    @staticmethod
+    def mask(batch_id, concept_ids, layer_name=None):
+        """A gradient mask (zennit-crp's ``mask_map`` signature): row ``batch_id`` keeps channels
+        ``concept_ids`` of the last dimension, at every token.
+
+        Parameters
+        ----------
+        batch_id : int
+            The row of the batch the condition belongs to.
+        concept_ids : list of int
+            The channels kept.
+        layer_name : str, optional
+            Unused (zennit-crp passes it).
+
+        Returns
+        -------
+        callable
+            ``grad -> grad`` with the other channels of row ``batch_id`` zeroed.
+        """
+        def mask_fn(grad):
+            mask = torch.zeros(grad.shape[-1], dtype=grad.dtype, device=grad.device)
+            mask[concept_ids] = 1
+            grad[batch_id] = grad[batch_id] * mask
+            return grad
+
+        return mask_fn
+
+    @staticmethod
+    def mask_rf(batch_id, c_n_map, layer_name=None):
+        """A gradient mask of channels at given tokens: ``c_n_map`` maps a channel to the token indices kept
+        (over the flattened dimensions between batch and channel, the tokens of a ``(batch, tokens, hidden)``
+        output).
+
+        Parameters
+        ----------
+        batch_id : int
+            The row of the batch the condition belongs to.
+        c_n_map : dict of int to list of int
+            Channel -> the tokens where it is kept.
+        layer_name : str, optional
+            Unused (zennit-crp passes it).
+
+        Returns
+        -------
+        callable
+            ``grad -> grad`` with everything else of row ``batch_id`` zeroed.
+        """
+        def mask_fn(grad):
+            row = grad[batch_id]
+            mask = torch.zeros(row.shape[-1], row[..., 0].numel(), dtype=grad.dtype, device=grad.device)
+            for channel, tokens in c_n_map.items():
+                mask[channel, tokens] = 1
+            grad[batch_id] = row * mask.T.reshape(row.shape)
+            return grad
+
+        return mask_fn
+
+    def attribute(self, relevance, mask=None, layer_name=None, abs_norm=True):
+        """The relevance of each channel: summed over the tokens (every dimension between batch and channel).
+
+        Parameters
+        ----------
+        relevance : torch.Tensor
+            A layer's relevance, ``(batch, ..., channels)``.
+        mask : torch.Tensor, optional
+            Multiplies ``relevance`` first.
+        layer_name : str, optional
+            Unused (zennit-crp passes it).
+        abs_norm : bool, optional
+            Divide each row by its summed absolute value (default True, as zennit-crp).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(batch, channels)``.
+        """
+        if isinstance(mask, torch.Tensor):
+            relevance = relevance * mask
+        return _normed(relevance.reshape(relevance.shape[0], -1, relevance.shape[-1]).sum(1), abs_norm)
+
+    def reference_sampling(self, relevance, layer_name=None, max_target='sum', abs_norm=True):
+        """Not implemented yet (reference samples are the next step).
+
+        Parameters
+        ----------
+        relevance : torch.Tensor
+            A layer's relevance.
+        layer_name : str, optional
+            The layer.
+        max_target : {'sum', 'max'}, optional
+            zennit-crp's maximisation target.
+        abs_norm : bool, optional
+            zennit-crp's normalisation.
+
+        Raises
+        ------
+        NotImplementedError
+            Always.
+        """
+        raise NotImplementedError(_NOT_YET.format(type(self).__name__))
+
+    def get_rf_indices(self, output_shape, layer_name=None):
+        """Not implemented yet (receptive fields of reference samples are the next step).
+
+        Parameters
+        ----------
+        output_shape : tuple of int
+            The layer's output shape.
+        layer_name : str, optional
+            The layer.
+
+        Raises
+        ------
+        NotImplementedError
+            Always.
+        """
+        raise NotImplementedError(_NOT_YET.format(type(self).__name__))
+
+
+class HeadConcept(HiddenConcept):
+    """Attention heads at the input of the attention's output projection, ``(batch, tokens, heads * head_dim)``
+    (the heads' outputs concatenated, as transformers' ``o_proj``/``c_proj`` and ``nn.MultiheadAttention``'s
+    ``out_proj`` take them): concept ``h`` is channels ``h * head_dim .. (h + 1) * head_dim - 1``.
+
+    Parameters
+    ----------
+    head_dim : int
+        The channels of one head.
+    """
+
+    def __init__(self, head_dim):
+        self.head_dim = int(head_dim)
+
+    def _heads(self, channels):
+        if channels % self.head_dim:
+            raise ValueError(f'{channels} channels are not whole heads of {self.head_dim}')
+        return channels // self.head_dim
+
+    def mask(self, batch_id, concept_ids, layer_name=None):
+        """A gradient mask: row ``batch_id`` keeps heads ``concept_ids``, at every token.
+
+        Parameters
+        ----------
+        batch_id : int
+            The row of the batch the condition belongs to.
+        concept_ids : list of int
+            The heads kept.
+        layer_name : str, optional
+            Unused (zennit-crp passes it).
+
+        Returns
+        -------
+        callable
+            ``grad -> grad`` with the other heads of row ``batch_id`` zeroed.
+        """
+        def mask_fn(grad):
+            mask = torch.zeros(self._heads(grad.shape[-1]), self.head_dim, dtype=grad.dtype, device=grad.device)
+            mask[concept_ids] = 1
+            grad[batch_id] = grad[batch_id] * mask.flatten()
+            return grad
+
+        return mask_fn
+
+    def mask_rf(self, batch_id, c_n_map, layer_name=None):
+        """A gradient mask of heads at given tokens: ``c_n_map`` maps a head to the token indices kept.
+
+        Parameters
+        ----------
+        batch_id : int
+            The row of the batch the condition belongs to.
+        c_n_map : dict of int to list of int
+            Head -> the tokens where it is kept.
+        layer_name : str, optional
+            Unused (zennit-crp passes it).
+
+        Returns
+        -------
+        callable
+            ``grad -> grad`` with everything else of row ``batch_id`` zeroed.
+        """
+        def mask_fn(grad):
+            row = grad[batch_id]
+            mask = torch.zeros(self._heads(row.shape[-1]), row[..., 0].numel(), dtype=grad.dtype,
+                               device=grad.device)
+            for head, tokens in c_n_map.items():
+                mask[head, tokens] = 1
+            mask = mask.T.repeat_interleave(self.head_dim, dim=-1)
+            grad[batch_id] = row * mask.reshape(row.shape)
+            return grad
+
+        return mask_fn
+
+    def attribute(self, relevance, mask=None, layer_name=None, abs_norm=True):
+        """The relevance of each head: summed over its channels and the tokens.
+
+        Parameters
+        ----------
+        relevance : torch.Tensor
+            The relevance of the output projection's input, ``(batch, ..., heads * head_dim)``.
+        mask : torch.Tensor, optional
+            Multiplies ``relevance`` first.
+        layer_name : str, optional
+            Unused (zennit-crp passes it).
+        abs_norm : bool, optional
+            Divide each row by its summed absolute value (default True, as zennit-crp).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(batch, heads)``.
+        """
+        channels = super().attribute(relevance, mask, layer_name, abs_norm=False)
+        heads = channels.reshape(channels.shape[0], self._heads(channels.shape[-1]), self.head_dim).sum(-1)
+        return _normed(heads, abs_norm)
