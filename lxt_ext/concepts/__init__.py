@@ -58,6 +58,8 @@ except ImportError as error:
 from .attribution import TransformerCondAttribution, relevance_to_gradient
 from .classes import HeadConcept, HiddenConcept
 from .layers import ConceptLayers, InputTap, concept_layers, input_taps
+from .steering import Steering, UnitRelevance, most_relevant_units, steer
 
 __all__ = ['HiddenConcept', 'HeadConcept', 'InputTap', 'input_taps', 'ConceptLayers', 'concept_layers',
-           'TransformerCondAttribution', 'relevance_to_gradient']
+           'TransformerCondAttribution', 'relevance_to_gradient', 'Steering', 'steer', 'UnitRelevance',
+           'most_relevant_units']
