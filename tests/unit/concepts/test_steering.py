@@ -30,6 +30,15 @@ from lxt_ext.diagnostics.conservation import zeroed  # noqa: E402
 NEURONS = 'encoder.layers.encoder_layer_3.mlp.1'  # the last block's MLP neurons (GELU output)
 
 
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """Tiny models: on a busy 2-core machine a second thread only spins (the file ran 30 s instead of 3 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope='module')
 def vit():
     model = embedded.load_model()
