@@ -39,6 +39,11 @@ input). zennit-crp records module outputs; the heads' concatenation (and a gated
 a projection, which :func:`input_taps` makes the output of an identity module inserted for the call only
 (:class:`InputTap`; the model is unchanged afterwards).
 
+Steering (:func:`steer`, :mod:`lxt_ext.concepts.steering`): scale chosen units (channels, MLP neurons, heads at a
+tap) by a factor while the model runs, classification or ``generate``, with or without a composite registered
+(LRP explains the steered model exactly: it is the model with one more diagonal linear map);
+:func:`most_relevant_units` picks the units with the highest relevance at a layer.
+
 Needs zennit-crp 0.6.0, which pins zennit<=0.4.6 but works beside zennit 0.5.1: install it without its
 dependencies, ``pip install --no-deps -r requirements-crp.txt`` (from a checkout of lxt_ext) or
 ``pip install --no-deps zennit-crp==0.6.0``. Not covered yet: relevance maximisation and reference samples

@@ -14,6 +14,7 @@ allowed (they flip a unit: still a linear map); NaN and infinite factors are not
 
 Usage::
 
+    from lxt_ext.attribution import explain_batch
     from lxt_ext.composites import ViTGamma
     from lxt_ext.concepts import steer, most_relevant_units
 

@@ -145,8 +145,8 @@ def tiny_llama():
 
 
 def generate(model, ids):
-    out = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True,
-                         pad_token_id=0)
+    out = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, pad_token_id=0)
     return out.sequences, torch.stack(out.logits, 1)
 
 
