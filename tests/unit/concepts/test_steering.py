@@ -207,3 +207,19 @@ def test_bad_input_is_named(vit):
         with torch.no_grad(), steer(model, {NEURONS: ([500], 0.0)}):
             model(x)
     assert hooks_of(model) == before
+
+
+def test_the_example_runs(tmp_path, monkeypatch, capsys):
+    """``python/examples/example_steering.py`` on the embedded model: its printed mean drops and its PNG."""
+    import os
+    import runpy
+
+    from PIL import Image
+
+    script = os.path.join(os.path.dirname(__file__), '..', '..', '..', 'python', 'examples', 'example_steering.py')
+    monkeypatch.setattr('sys.argv', ['example_steering.py', '--out', str(tmp_path), '--draws', '3'])
+    runpy.run_path(script, run_name='__main__')
+    printed = capsys.readouterr().out
+    assert 'top-8 relevant neurons suppressed 0.676' in printed
+    with Image.open(tmp_path / 'steering.png') as image:
+        assert image.size == (64 * 5 * 3, 64 * 12 * 3)
