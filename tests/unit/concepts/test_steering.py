@@ -21,7 +21,7 @@ from conftest import require_module
 
 require_module('crp')
 
-from lxt_ext.attribution import explain_batch  # noqa: E402
+from lxt_ext.attribution import Explainer, explain_batch  # noqa: E402
 from lxt_ext.composites import ViTEpsilon, ViTGamma  # noqa: E402
 from lxt_ext.concepts import concept_layers, most_relevant_units, steer  # noqa: E402
 from lxt_ext.data import embedded  # noqa: E402
@@ -114,8 +114,13 @@ def test_the_steered_model_conserves_under_cp_lrp(vit, factor):
             logits = model(x)
         with steer(model, {layer: ([1, 2, 30], factor)}):
             e = explain_batch(model, x, ViTEpsilon(attention='cp', epsilon=1e-12), target=labels)
+        # the other order (the composite registered first, then the steering hook): the same relevance
+        with Explainer(model, ViTEpsilon(attention='cp', epsilon=1e-12)) as explainer, \
+                steer(model, {layer: ([1, 2, 30], factor)}):
+            inside = explainer(x, labels)
     torch.testing.assert_close(e.output, logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(e.relevance.flatten(1).sum(1), e.score, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(inside.relevance, e.relevance, rtol=1e-6, atol=1e-7)
     assert hooks_of(model) == before
 
 
