@@ -29,8 +29,8 @@ Layers are module names (the module's output is scaled; a tuple output's first t
 :func:`lxt_ext.concepts.concept_layers` (``<llama block>.mlp.neurons``: the gated neurons, ``<attention>.heads``:
 then units are heads, each ``head_dim`` channels of the output projection's input), steered by a forward
 pre-hook on the projection. torchvision's ``nn.MultiheadAttention`` computes its output projection
-functionally: its heads cannot be steered with a hook (steer its ``out_proj`` columns' source, the block's
-input, or use a model whose projection is a module call). Hooks are removed on exit: the model's hook
+functionally: its heads cannot be steered with a hook (a ``ValueError`` says so; steer the block's output or
+its MLP neurons, or use a model whose output projection is a module call). Hooks are removed on exit: the model's hook
 dictionaries are as before.
 """
 import contextlib
@@ -104,7 +104,7 @@ class Steering:
     KeyError
         An unknown layer name.
     IndexError
-        A negative unit index, or (at the first forward) one beyond the layer's width.
+        A negative unit index, or (in the forward) one beyond the layer's width.
     ValueError, TypeError
         A non-finite factor, a factor count that matches neither 1 nor the units, non-integer units.
     """
