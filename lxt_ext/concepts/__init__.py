@@ -46,9 +46,10 @@ tap) by a factor while the model runs, classification or ``generate``, with or w
 
 Needs zennit-crp 0.6.0, which pins zennit<=0.4.6 but works beside zennit 0.5.1: install it without its
 dependencies, ``pip install --no-deps -r requirements-crp.txt`` (from a checkout of lxt_ext) or
-``pip install --no-deps zennit-crp==0.6.0``. Not covered yet: relevance maximisation and reference samples
-(``crp.visualization.FeatureVisualization`` reads the gradient at layer outputs as relevance in hooks of its
-own; under a transformer composite it needs the same ``a * g``).
+``pip install --no-deps zennit-crp==0.6.0``.
+
+Reference samples (:class:`TransformerFeatureVisualization`, :mod:`lxt_ext.concepts.maximization`): zennit-crp's
+relevance and activation maximisation, the relevance recorded as ``a * g`` under a transformer composite.
 """
 import importlib
 
@@ -63,8 +64,9 @@ except ImportError as error:
 from .attribution import TransformerCondAttribution, relevance_to_gradient
 from .classes import HeadConcept, HiddenConcept
 from .layers import ConceptLayers, InputTap, concept_layers, input_taps
+from .maximization import RelevanceFeatVisHook, TransformerFeatureVisualization
 from .steering import Steering, UnitRelevance, most_relevant_units, steer
 
 __all__ = ['HiddenConcept', 'HeadConcept', 'InputTap', 'input_taps', 'ConceptLayers', 'concept_layers',
            'TransformerCondAttribution', 'relevance_to_gradient', 'Steering', 'steer', 'UnitRelevance',
-           'most_relevant_units']
+           'most_relevant_units', 'TransformerFeatureVisualization', 'RelevanceFeatVisHook']

@@ -53,7 +53,8 @@ class TransformerCondAttribution(CondAttribution):
 
     The taps (``taps``, e.g. ``concept_layers(model).taps``) are inserted for each call and removed after it
     (``generate``: when the generator finishes or is closed). ``FeatureVisualization`` registers the composite
-    itself and calls with none: it gets zennit-crp's reading (not supported yet under transformer composites).
+    itself and calls with none: it gets zennit-crp's reading (use :class:`~lxt_ext.concepts.TransformerFeatureVisualization`, which
+    records ``a * g`` in its own hooks).
     The model's output must be ``(N, classes)`` for class conditions (``'y'``): explain a language model's
     last-token logits.
 

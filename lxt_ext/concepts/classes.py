@@ -1,13 +1,10 @@
 """Concepts of token-major layers for zennit-crp: hidden channels and MLP neurons (:class:`HiddenConcept`),
 attention heads (:class:`HeadConcept`)."""
+import numpy as np
 import torch
 from crp.concepts import Concept
 
 __all__ = ['HiddenConcept', 'HeadConcept']
-
-_NOT_YET = ('{}: reference samples (relevance maximisation) under lxt_ext\'s transformer composites are not '
-            'implemented yet')
-
 
 def _normed(relevance, abs_norm):
     return relevance / (relevance.abs().sum(-1, keepdim=True) + 1e-10) if abs_norm else relevance
@@ -99,43 +96,61 @@ class HiddenConcept(Concept):
             relevance = relevance * mask
         return _normed(relevance.reshape(relevance.shape[0], -1, relevance.shape[-1]).sum(1), abs_norm)
 
+    def _per_token(self, relevance):
+        """``(batch, tokens, units)``: the tokens flattened (every dimension between batch and channel)."""
+        return relevance.reshape(relevance.shape[0], -1, relevance.shape[-1])
+
     def reference_sampling(self, relevance, layer_name=None, max_target='sum', abs_norm=True):
-        """Not implemented yet (reference samples are the next step).
+        """The samples of a batch ranked per unit (zennit-crp's reference sampling, run by its
+        ``Maximization`` for relevances and activations alike): a unit's value per sample is summed over the
+        tokens (``'sum'``) or its largest token (``'max'``), divided by the sample's summed absolute value over
+        the units when ``abs_norm``; its "receptive field" is the token of its largest value.
 
         Parameters
         ----------
         relevance : torch.Tensor
-            A layer's relevance.
+            A layer's relevance (or activation), ``(batch, ..., channels)``.
         layer_name : str, optional
-            The layer.
+            Unused (zennit-crp passes it).
         max_target : {'sum', 'max'}, optional
-            zennit-crp's maximisation target.
+            The unit's value per sample (default ``'sum'``).
         abs_norm : bool, optional
-            zennit-crp's normalisation.
+            The normalisation (default True, as zennit-crp).
 
-        Raises
-        ------
-        NotImplementedError
-            Always.
+        Returns
+        -------
+        tuple of torch.Tensor
+            ``(batch_sorted, values_sorted, tokens_sorted)``, each ``(batch, units)``: per unit the batch rows
+            in descending order of value, the values, the token of the unit's largest value in that row.
         """
-        raise NotImplementedError(_NOT_YET.format(type(self).__name__))
+        per_token = self._per_token(relevance)
+        token = per_token.argmax(1)
+        if max_target == 'sum':
+            value = per_token.sum(1)
+        elif max_target == 'max':
+            value = per_token.gather(1, token[:, None]).squeeze(1)
+        else:
+            raise ValueError("'max_target' supports only 'max' or 'sum'.")
+        value = _normed(value, abs_norm)
+        order = torch.argsort(value, dim=0, descending=True)
+        return order, value.gather(0, order), token.gather(0, order)
 
     def get_rf_indices(self, output_shape, layer_name=None):
-        """Not implemented yet (receptive fields of reference samples are the next step).
+        """The "receptive fields" of a unit: its tokens.
 
         Parameters
         ----------
         output_shape : tuple of int
-            The layer's output shape.
+            The layer's output shape of one sample, ``(..., channels)``.
         layer_name : str, optional
-            The layer.
+            Unused.
 
-        Raises
-        ------
-        NotImplementedError
-            Always.
+        Returns
+        -------
+        numpy.ndarray
+            ``0 .. tokens - 1`` (the flattened dimensions before the channels).
         """
-        raise NotImplementedError(_NOT_YET.format(type(self).__name__))
+        return np.arange(int(np.prod(output_shape[:-1])) if len(output_shape) > 1 else 1)
 
 
 class HeadConcept(HiddenConcept):
@@ -210,6 +225,11 @@ class HeadConcept(HiddenConcept):
             return grad
 
         return mask_fn
+
+    def _per_token(self, relevance):
+        """``(batch, tokens, heads)``: each head's channels summed."""
+        per_token = super()._per_token(relevance)
+        return per_token.reshape(*per_token.shape[:2], self._heads(per_token.shape[-1]), self.head_dim).sum(-1)
 
     def attribute(self, relevance, mask=None, layer_name=None, abs_norm=True):
         """The relevance of each head: summed over its channels and the tokens.

@@ -504,5 +504,8 @@ def test_concepts_on_a_tensor():
     assert masked[0].sum() == 3 and masked[0, :, 7].eq(1).all()
     with pytest.raises(ValueError, match='whole heads'):
         HeadConcept(3).attribute(relevance)
-    with pytest.raises(NotImplementedError, match='reference samples'):
-        hidden.reference_sampling(relevance)
+    order, value, token = heads.reference_sampling(-relevance, abs_norm=False)  # the samples ranked per head
+    per_head = -relevance.sum(1).reshape(2, 4, 2).sum(-1)
+    assert order.eq(torch.tensor([[0] * 4, [1] * 4])).all() and token.eq(0).all()
+    torch.testing.assert_close(value, per_head)
+    assert hidden.get_rf_indices((3, 8)).tolist() == [0, 1, 2]
