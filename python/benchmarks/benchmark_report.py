@@ -19,6 +19,7 @@ time, fresh processes with mmapped allocations for peak memory, see each script'
 - ``explain``: ``lxt-ext explain`` images/s vs an in-process loop and LXT's recipe (benchmark_explain.py);
 - ``checks``: the per-layer NaN/Inf checks on and off (benchmark_checks.py, ViTEpsilon and the decoder);
 - ``operations``: the operation rules on and off (benchmark_operations.py, the decoder and vit_b_16);
+- ``quantus``: perturbation curves vs Quantus 0.6, values and time against the forwards (benchmark_quantus.py);
 - ``zoo``: the zoo sweep's verdicts per zoo (zoo_sweep.py, about 7 minutes with 2 jobs);
 - ``evaluation``: ``lxt-ext evaluate`` on the embedded model, seconds per image per method;
 - ``pytest``: the pytest-benchmark suites (tests/benchmarks), from their JSON.
@@ -96,6 +97,14 @@ SECTIONS = {
                    [script('benchmark_operations.py', '--rounds', 3, '--tokens', 128, '--models', 'decoder')],
                    'attribution time with the operation rules and without them (the composite as before they '
                    'existed), alternating in one process; the ratio per round, its median and 95 % interval'),
+    'quantus': ("Perturbation curves vs Quantus 0.6 (region perturbation, every step): values and time against the "
+                "batched forwards they need",
+                [script('benchmark_quantus.py', '--workloads', 'embedded', '--repeats', 9),
+                 script('benchmark_quantus.py', '--workloads', 'vit_b_16', '--images', 8, '--repeats', 1)],
+                [script('benchmark_quantus.py', '--workloads', 'embedded', '--repeats', 1)],
+                'lxt_ext.evaluation.perturbation_curve (batched) and quantus.RegionPerturbation (per sample) on the '
+                'embedded model (12 samples, 8 x 8 patches, 64 steps) and vit_b_16 (8 images, 224 x 224, 16 x 16 '
+                'patches, 196 steps), interleaved in one process'),
     'zoo': ('The zoos: every transformers model type and timm vision-transformer architecture explained or refused',
             [script('zoo_sweep.py', '--out', '{tmp}/zoo', '--jobs', 2)],
             [script('zoo_sweep.py', '--zoo', 'causal_lm', 'llama', '--out', '{tmp}/zoo')],

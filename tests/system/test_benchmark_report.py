@@ -8,7 +8,8 @@ import sys
 from conftest import ROOT
 
 REPORT = os.path.join(ROOT, 'python', 'benchmarks', 'benchmark_report.py')
-SECTIONS = ['cnn', 'vit', 'language', 'generation', 'long_context', 'attention', 'explain', 'checks', 'operations', 'zoo', 'evaluation']
+SECTIONS = ['cnn', 'vit', 'language', 'generation', 'long_context', 'attention', 'explain', 'checks', 'operations',
+            'quantus', 'zoo', 'evaluation']
 
 
 def test_quick_report_has_every_section(tmp_path):
