@@ -10,6 +10,31 @@ def _normed(relevance, abs_norm):
     return relevance / (relevance.abs().sum(-1, keepdim=True) + 1e-10) if abs_norm else relevance
 
 
+def _units(channels, size):
+    if channels % size:
+        raise ValueError(f'{channels} channels are not whole heads of {size}')
+    return channels // size
+
+
+def _keep_units(grad, batch_id, units, size):
+    """``grad`` with row ``batch_id`` kept only at ``units`` (groups of ``size`` channels of the last dimension)."""
+    mask = torch.zeros(_units(grad.shape[-1], size), size, dtype=grad.dtype, device=grad.device)
+    mask[units] = 1
+    grad[batch_id] = grad[batch_id] * mask.flatten()
+    return grad
+
+
+def _keep_units_at(grad, batch_id, units_tokens, size):
+    """``grad`` with row ``batch_id`` kept only at each unit's tokens (``units_tokens``: unit -> token indices,
+    over the flattened dimensions between batch and channels)."""
+    row = grad[batch_id]
+    mask = torch.zeros(_units(row.shape[-1], size), row[..., 0].numel(), dtype=grad.dtype, device=grad.device)
+    for unit, tokens in units_tokens.items():
+        mask[unit, tokens] = 1
+    grad[batch_id] = row * mask.T.repeat_interleave(size, dim=-1).reshape(row.shape)
+    return grad
+
+
 class HiddenConcept(Concept):
     """Hidden channels of a token-major layer output ``(batch, tokens, hidden)`` (a block's output, the
     residual stream) or the neurons of an MLP (``(batch, tokens, intermediate)``): concept ``c`` is index ``c``
@@ -35,13 +60,7 @@ class HiddenConcept(Concept):
         callable
             ``grad -> grad`` with the other channels of row ``batch_id`` zeroed.
         """
-        def mask_fn(grad):
-            mask = torch.zeros(grad.shape[-1], dtype=grad.dtype, device=grad.device)
-            mask[concept_ids] = 1
-            grad[batch_id] = grad[batch_id] * mask
-            return grad
-
-        return mask_fn
+        return lambda grad: _keep_units(grad, batch_id, concept_ids, 1)
 
     @staticmethod
     def mask_rf(batch_id, c_n_map, layer_name=None):
@@ -63,15 +82,7 @@ class HiddenConcept(Concept):
         callable
             ``grad -> grad`` with everything else of row ``batch_id`` zeroed.
         """
-        def mask_fn(grad):
-            row = grad[batch_id]
-            mask = torch.zeros(row.shape[-1], row[..., 0].numel(), dtype=grad.dtype, device=grad.device)
-            for channel, tokens in c_n_map.items():
-                mask[channel, tokens] = 1
-            grad[batch_id] = row * mask.T.reshape(row.shape)
-            return grad
-
-        return mask_fn
+        return lambda grad: _keep_units_at(grad, batch_id, c_n_map, 1)
 
     def attribute(self, relevance, mask=None, layer_name=None, abs_norm=True):
         """The relevance of each channel: summed over the tokens (every dimension between batch and channel).
@@ -168,9 +179,7 @@ class HeadConcept(HiddenConcept):
         self.head_dim = int(head_dim)
 
     def _heads(self, channels):
-        if channels % self.head_dim:
-            raise ValueError(f'{channels} channels are not whole heads of {self.head_dim}')
-        return channels // self.head_dim
+        return _units(channels, self.head_dim)
 
     def mask(self, batch_id, concept_ids, layer_name=None):
         """A gradient mask: row ``batch_id`` keeps heads ``concept_ids``, at every token.
@@ -189,13 +198,7 @@ class HeadConcept(HiddenConcept):
         callable
             ``grad -> grad`` with the other heads of row ``batch_id`` zeroed.
         """
-        def mask_fn(grad):
-            mask = torch.zeros(self._heads(grad.shape[-1]), self.head_dim, dtype=grad.dtype, device=grad.device)
-            mask[concept_ids] = 1
-            grad[batch_id] = grad[batch_id] * mask.flatten()
-            return grad
-
-        return mask_fn
+        return lambda grad: _keep_units(grad, batch_id, concept_ids, self.head_dim)
 
     def mask_rf(self, batch_id, c_n_map, layer_name=None):
         """A gradient mask of heads at given tokens: ``c_n_map`` maps a head to the token indices kept.
@@ -214,17 +217,7 @@ class HeadConcept(HiddenConcept):
         callable
             ``grad -> grad`` with everything else of row ``batch_id`` zeroed.
         """
-        def mask_fn(grad):
-            row = grad[batch_id]
-            mask = torch.zeros(self._heads(row.shape[-1]), row[..., 0].numel(), dtype=grad.dtype,
-                               device=grad.device)
-            for head, tokens in c_n_map.items():
-                mask[head, tokens] = 1
-            mask = mask.T.repeat_interleave(self.head_dim, dim=-1)
-            grad[batch_id] = row * mask.reshape(row.shape)
-            return grad
-
-        return mask_fn
+        return lambda grad: _keep_units_at(grad, batch_id, c_n_map, self.head_dim)
 
     def _per_token(self, relevance):
         """``(batch, tokens, heads)``: each head's channels summed."""
