@@ -50,6 +50,10 @@ dependencies, ``pip install --no-deps -r requirements-crp.txt`` (from a checkout
 
 Reference samples (:class:`TransformerFeatureVisualization`, :mod:`lxt_ext.concepts.maximization`): zennit-crp's
 relevance and activation maximisation, the relevance recorded as ``a * g`` under a transformer composite.
+
+Neuron labels (:func:`label_units`, :func:`label_text_units`, :mod:`lxt_ext.concepts.labels`): each unit labelled
+by what its reference samples share (their majority class, or the most common n-gram of text spans around its top
+token), with a purity score.
 """
 import importlib
 
@@ -63,10 +67,12 @@ except ImportError as error:
 
 from .attribution import TransformerCondAttribution, relevance_to_gradient
 from .classes import HeadConcept, HiddenConcept
+from .labels import TextLabel, UnitLabels, label_text_units, label_units
 from .layers import ConceptLayers, InputTap, concept_layers, input_taps
 from .maximization import RelevanceFeatVisHook, TransformerFeatureVisualization
 from .steering import Steering, UnitRelevance, most_relevant_units, steer
 
 __all__ = ['HiddenConcept', 'HeadConcept', 'InputTap', 'input_taps', 'ConceptLayers', 'concept_layers',
            'TransformerCondAttribution', 'relevance_to_gradient', 'Steering', 'steer', 'UnitRelevance',
-           'most_relevant_units', 'TransformerFeatureVisualization', 'RelevanceFeatVisHook']
+           'most_relevant_units', 'TransformerFeatureVisualization', 'RelevanceFeatVisHook', 'UnitLabels',
+           'label_units', 'TextLabel', 'label_text_units']
