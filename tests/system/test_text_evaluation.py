@@ -244,3 +244,28 @@ def test_resample():
     assert torch.allclose(text.resample(torch.tensor([2., 4.]), 3), torch.tensor([2., 3., 4.], dtype=torch.float64))
     with pytest.raises(ValueError, match='curve'):
         text.resample(torch.tensor([1.]))
+
+
+def test_evaluate_text_script(corpus, minilm, tmp_path):
+    """python/benchmarks/evaluate_text.py on 3 sentences: its markdown, JSON and PNG; the JSON's ABPC is the
+    trapezoid areas of its own curves, its summary the mean of its sentences."""
+    import json
+    import evaluate_text  # python/benchmarks (on sys.path through conftest)
+    record = evaluate_text.main(['--sentences', '3', '--out', str(tmp_path), '--resamples', '200',
+                                 '--ig-steps', '4', '--no-progress'])
+    assert {p.name for p in tmp_path.iterdir()} == {'evaluation_text.md', 'evaluation_text.json',
+                                                    'evaluation_text.png'}
+    assert json.loads((tmp_path / 'evaluation_text.json').read_text()) == json.loads(json.dumps(record))
+    assert [s['sentence'] for s in record['sentences']] == text.select_sentences(3)
+    assert len(record['comparisons']) == 6 and record['settings']['reference'] == text.REFERENCE
+    for name in text.METHODS:
+        abpc = []
+        for s in record['sentences']:
+            m = s['methods'][name]
+            assert len(m['morf']) == len(m['lerf']) == len(s['tokens']) + 1 == len(m['relevance']) + 1
+            mean_height = lambda c: sum((a + b) / 2 for a, b in zip(c[:-1], c[1:])) / (len(c) - 1)  # noqa: E731
+            assert m['abpc'] == pytest.approx(mean_height(m['lerf']) - mean_height(m['morf']), abs=1e-12)
+            assert m['morf'][0] == pytest.approx(s['score'], abs=1e-6)
+            abpc.append(m['abpc'])
+        assert record['summary'][name]['ABPC']['mean'] == pytest.approx(sum(abpc) / 3, abs=1e-12)
+    assert '| rank | method | ABPC (mean) |' in (tmp_path / 'evaluation_text.md').read_text()
