@@ -25,6 +25,7 @@ from ..attribution import explain_batch, logits_of
 from .._docstrings import shared_parameters
 from .localization import pointing_game, relevance_mass_accuracy
 from .perturbation import _OPTIONS, Faithfulness, faithfulness
+from .statistics import bootstrap_band
 
 __all__ = ['MethodResult', 'lrp_method', 'compare', 'markdown_table', 'results_json', 'save_plot']
 
@@ -254,10 +255,10 @@ def results_json(results, settings=None):
     return record
 
 
-def save_plot(results, path, image=None, title=None):
+def save_plot(results, path, image=None, title=None, band=None):
     """A PNG: the mean MoRF (solid) and LeRF (dashed) curves of every method over the fraction of units
-    perturbed, and below them each method's heatmap of the first image (``image`` (3, H, W) in 0..1, if
-    given, shown first).
+    perturbed (with ``band``, each in its pointwise bootstrap band), and below them each method's heatmap of
+    the first image (``image`` (3, H, W) in 0..1, if given, shown first).
 
     Parameters
     ----------
@@ -269,6 +270,9 @@ def save_plot(results, path, image=None, title=None):
         (3, H, W) in 0..1, shown before the heatmaps.
     title : str, optional
         The figure's title.
+    band : float, optional
+        Shade each mean curve's pointwise percentile-bootstrap band of this confidence (e.g. 0.95;
+        :func:`lxt_ext.evaluation.statistics.bootstrap_band`).
     """
     import matplotlib
     matplotlib.use('Agg')
@@ -288,10 +292,14 @@ def save_plot(results, path, image=None, title=None):
         s = r.summary()
         axes.plot(fraction, r.morf.mean(0), color=palette(i % 10), label=f"{r.name} (ABPC {s['abpc']:.3g})")
         axes.plot(fraction, r.lerf.mean(0), color=palette(i % 10), linestyle='--')
+        if band:
+            for curves in (r.morf, r.lerf):
+                low, high = bootstrap_band(curves, confidence=band)
+                axes.fill_between(fraction, low, high, color=palette(i % 10), alpha=0.15, linewidth=0)
     mode = results[0].mode
     axes.set_xlabel(f'fraction of units {"deleted" if mode == "deletion" else "inserted"} '
                     f'(solid: most relevant first, dashed: least relevant first)')
-    axes.set_ylabel('explained logit (mean over images)')
+    axes.set_ylabel('explained logit (mean over images' + (f', {band * 100:g} % bands)' if band else ')'))
     axes.set_title(title or f'{mode} curves')
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc='best')

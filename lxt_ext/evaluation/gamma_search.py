@@ -12,7 +12,7 @@ import torch
 
 from .compare import compare, lrp_method
 
-__all__ = ['CONV_GAMMAS', 'LINEAR_GAMMAS', 'GammaSearch', 'gamma_search', 'save_grid']
+__all__ = ['CONV_GAMMAS', 'LINEAR_GAMMAS', 'GammaSearch', 'gamma_search', 'grid_methods', 'save_grid']
 
 CONV_GAMMAS = (0.1, 0.25, 100.)
 LINEAR_GAMMAS = (0., 0.01, 0.05, 0.1, 1.)
@@ -54,6 +54,29 @@ class GammaSearch:
         index = int(torch.nan_to_num(self.abpc, nan=-float('inf')).flatten().argmax())
         return self.conv_gammas[index // len(self.linear_gammas)], self.linear_gammas[index % len(self.linear_gammas)]
 
+    @classmethod
+    def of(cls, conv_gammas, linear_gammas, attention, results):
+        """The search of the grid's ``results`` (one per pair, conv-major, as :func:`grid_methods` orders them).
+
+        Parameters
+        ----------
+        conv_gammas, linear_gammas : sequence of float
+            The grid's axes.
+        attention : str
+            The attention rule.
+        results : list of MethodResult
+            One per pair.
+
+        Returns
+        -------
+        GammaSearch
+            Mean ABPC and the first image's heatmap per pair.
+        """
+        shape = (len(conv_gammas), len(linear_gammas))
+        abpc = torch.tensor([r.summary()['abpc'] for r in results]).view(shape)
+        heatmaps = torch.stack([r.example for r in results]).view(*shape, *results[0].example.shape)
+        return cls(tuple(conv_gammas), tuple(linear_gammas), attention, abpc, heatmaps, results)
+
 
 def gamma_search(model, images, conv_gammas=CONV_GAMMAS, linear_gammas=LINEAR_GAMMAS, attention='cp', **options):
     """:class:`GammaSearch` of ``ViTGamma(conv_gamma, linear_gamma, attention=attention)`` over the grid on
@@ -80,6 +103,29 @@ def gamma_search(model, images, conv_gammas=CONV_GAMMAS, linear_gammas=LINEAR_GA
     GammaSearch
         Mean ABPC and the first image's heatmap per pair; ``.best`` is the pair of the largest ABPC.
     """
+    results = compare(model, images, grid_methods(conv_gammas, linear_gammas, attention, options.get('forward')),
+                      **options)
+    return GammaSearch.of(conv_gammas, linear_gammas, attention, results)
+
+
+def grid_methods(conv_gammas=CONV_GAMMAS, linear_gammas=LINEAR_GAMMAS, attention='cp', forward=None):
+    """The grid's methods, conv-major: ``'conv <g>, linear <g>'`` -> ``method(model, x, target)`` of
+    ``ViTGamma(conv_gamma, linear_gamma, attention=attention)``.
+
+    Parameters
+    ----------
+    conv_gammas, linear_gammas : sequence of float, optional
+        The grid's axes (non-negative).
+    attention : {'cp', 'attnlrp'}, optional
+        The attention rule.
+    forward : callable, optional
+        ``forward(model, x) -> logits``.
+
+    Returns
+    -------
+    dict
+        Name -> method, in the order ``GammaSearch.of`` expects.
+    """
     from ..composites import ViTGamma
 
     if not conv_gammas or not linear_gammas:
@@ -91,12 +137,8 @@ def gamma_search(model, images, conv_gammas=CONV_GAMMAS, linear_gammas=LINEAR_GA
         for linear in linear_gammas:
             methods[f'conv {conv:g}, linear {linear:g}'] = lrp_method(
                 lambda conv=conv, linear=linear: ViTGamma(conv_gamma=conv, linear_gamma=linear, attention=attention),
-                forward=options.get('forward'))
-    results = compare(model, images, methods, **options)
-    shape = (len(conv_gammas), len(linear_gammas))
-    abpc = torch.tensor([r.summary()['abpc'] for r in results]).view(shape)
-    heatmaps = torch.stack([r.example for r in results]).view(*shape, *results[0].example.shape)
-    return GammaSearch(tuple(conv_gammas), tuple(linear_gammas), attention, abpc, heatmaps, results)
+                forward=forward)
+    return methods
 
 
 def save_grid(search, path, image=None):

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ['Interval', 'Comparison', 'bootstrap_interval', 'paired_comparisons', 'holm', 'statistics_markdown',
+__all__ = ['Interval', 'Comparison', 'bootstrap_interval', 'bootstrap_band', 'paired_comparisons', 'holm', 'statistics_markdown',
            'RESAMPLES', 'CONFIDENCE']
 
 RESAMPLES = 10000
@@ -89,12 +89,14 @@ def _check(confidence, resamples):
 
 
 def _resampled_means(values, resamples, seed):
-    """(B, ...) means of ``values`` (N, ...) over B seeded resamples of the N indices, in chunks."""
+    """(B, ...) means of ``values`` (N, ...) over B seeded resamples of the N indices, in chunks of about
+    2e7 gathered elements (bounded memory for long curves and many items)."""
     generator = torch.Generator().manual_seed(seed)
     n = values.shape[0]
+    chunk = max(1, min(1000, int(2e7) // max(1, values.numel())))
     means = []
-    for start in range(0, resamples, 1000):  # bounded memory: 1000 x N indices at a time
-        indices = torch.randint(n, (min(1000, resamples - start), n), generator=generator)
+    for start in range(0, resamples, chunk):
+        indices = torch.randint(n, (min(chunk, resamples - start), n), generator=generator)
         means.append(values[indices].mean(1))
     return torch.cat(means)
 
@@ -128,6 +130,33 @@ def bootstrap_interval(values, confidence=CONFIDENCE, resamples=RESAMPLES, seed=
     values = _scores(values)
     low, high = _quantiles(_resampled_means(values, resamples, seed), confidence).tolist()
     return Interval(float(values.mean()), low, high)
+
+
+def bootstrap_band(curves, confidence=CONFIDENCE, resamples=1000, seed=0):
+    """The pointwise percentile-bootstrap band of a mean curve.
+
+    Parameters
+    ----------
+    curves : array_like
+        (N, S) one curve per item.
+    confidence : float, optional
+        The band's pointwise coverage (default 0.95).
+    resamples : int, optional
+        Bootstrap resamples (default 1,000: a band for plots).
+    seed : int, optional
+        The seed of the resampling.
+
+    Returns
+    -------
+    low, high : torch.Tensor
+        (S,) each, float64.
+    """
+    _check(confidence, resamples)
+    curves = torch.as_tensor(curves, dtype=torch.float64)
+    if curves.dim() != 2 or curves.shape[0] == 0:
+        raise ValueError(f'curves must be (N, S) with N > 0, got shape {tuple(curves.shape)}')
+    low, high = _quantiles(_resampled_means(curves, resamples, seed), confidence)
+    return low, high
 
 
 def holm(p_values):

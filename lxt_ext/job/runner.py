@@ -1,4 +1,5 @@
-"""``ExplainJob``: attribute a set of image files and write heatmaps, relevance and an index.
+"""The job runner (``BatchJob``) and ``ExplainJob``, which attributes a set of image files and writes heatmaps,
+relevance and an index (``lxt_ext.job.evaluation.EvaluationJob`` runs on the same runner).
 
 The global order of the inputs fixes the batches (batch ``b`` holds images ``b*B .. b*B+B-1``); a
 process takes the batches ``b % world == rank``, so a run with N processes computes exactly the batches
@@ -16,6 +17,7 @@ summary), not a failure of the job: after the index merge rank 0 hands the count
 ranks return the same ``Summary`` and, with ``--strict``, the CLI exits 1 in every rank alike.
 """
 import concurrent.futures
+import contextlib
 import math
 import os
 import sys
@@ -88,7 +90,163 @@ def is_out_of_memory(error):
     return isinstance(error, RuntimeError) and ('out of memory' in message or "can't allocate memory" in message)
 
 
-class ExplainJob:
+class BatchJob:
+    """The job runner: items in fixed batches, spread over the processes of a job, into an output folder.
+
+    The global order of the items fixes the batches (batch ``b`` holds items ``b*B .. b*B+B-1``); a process
+    takes the batches ``b % world == rank`` and skips those an earlier run finished (their index part
+    exists); the rest are loaded, computed in this thread and written by background threads (a few batches
+    in flight), then rank 0 merges the index. What the items are and what is computed and written is the
+    subclasses' (:class:`ExplainJob`: image files into heatmaps; ``lxt_ext.job.evaluation.EvaluationJob``:
+    generated images into faithfulness scores).
+
+    Parameters
+    ----------
+    out : str
+        The output folder.
+    batch_size : int
+        Items per batch (recorded: it fixes the batches a resume skips).
+    device : str
+        The torch device (under ``torchrun`` a bare ``'cuda'`` is each process's local GPU).
+    resume : bool, optional
+        Whether a folder holding a run of the same settings may be continued.
+    progress : bool, optional
+        Show a progress bar (rank 0).
+    writers : int, optional
+        Background threads writing outputs.
+    """
+
+    verb, unit = 'processing', 'item'  # the progress bar's words
+
+    def __init__(self, out, batch_size, device, resume=True, progress=True, writers=2):
+        self.folder = OutputFolder(out)
+        self.batch_size, self.device, self.resume = batch_size, device, resume
+        self.progress, self.writers = progress, writers
+
+    # -- what a subclass defines --
+
+    def recorded(self):
+        """The settings that fix the outputs, recorded in ``run.json`` (a resume with others is refused)."""
+        raise NotImplementedError
+
+    def items(self):
+        """``(root, names)``: the items in their global order, named relative to ``root``."""
+        raise NotImplementedError
+
+    def load(self, root, names, spans):
+        """One loaded batch per span (the item indices of each batch to compute), in order."""
+        raise NotImplementedError
+
+    def compute(self, state, batch, indices, loaded, names):
+        """``(result, done, failures)`` of one loaded batch: what ``write`` gets, how many items were
+        computed, and failure rows (``path``, ``error``)."""
+        raise NotImplementedError
+
+    def write(self, batch, result, failures):
+        """Write a batch's outputs, then its index part (``self.folder.write_part``); on a writer thread."""
+        raise NotImplementedError
+
+    def session(self, group):
+        """A context manager around the computation of this process's batches; ``compute`` gets what it
+        enters to (default: nothing)."""
+        return contextlib.nullcontext()
+
+    # -- the run --
+
+    def run(self):
+        """Compute every batch not finished by an earlier run, then merge the index.
+
+        Under ``torchrun`` every process calls it; rank 0 prepares the folder and merges the index.
+
+        Returns
+        -------
+        Summary
+            This process's work and the job's failures (the same ``failures`` in every rank).
+
+        Raises
+        ------
+        FileNotFoundError
+            An input does not exist, or no item was found.
+        SettingsMismatchError
+            The output folder holds a run with other settings (or any run, with ``resume=False``).
+        """
+        from tqdm import tqdm
+
+        group = Group(self.device)
+        try:
+            return self._run(group, tqdm)
+        finally:
+            group.close()
+
+    def _prepare(self, group):
+        """Rank 0 checks (or records) the settings and removes the debris of killed runs while the other
+        ranks wait, so nothing is removed that a rank of this run writes; all get its root, or its error."""
+        root, names = self.items()
+        outcome = None
+        if group.rank == 0:
+            try:
+                outcome = ('root', self.folder.start(self.recorded(), root, self.resume))
+            except SettingsMismatchError as error:
+                outcome = ('refused', str(error))
+        kind, value = group.broadcast(outcome)
+        if kind == 'refused':
+            raise SettingsMismatchError(value)
+        if value != root:
+            names = [os.path.relpath(os.path.join(root, name), value) for name in names]
+        return value, names
+
+    def _run(self, group, tqdm):
+        used_root, names = self._prepare(group)
+        size = self.batch_size
+        batches = math.ceil(len(names) / size)
+        mine = [b for b in range(group.rank, batches, group.world)]
+        todo = []
+        for b in mine:
+            part = self.folder.read_part(b)
+            if part is None or part[1]:  # unfinished, or with failures to retry
+                todo.append(b)
+        span = [list(range(b * size, min(len(names), (b + 1) * size))) for b in todo]
+        skipped = sum(len(range(b * size, min(len(names), (b + 1) * size))) for b in mine) - sum(map(len, span))
+        done = failed = 0
+        start = time.perf_counter()
+        verb = self.verb if group.world == 1 else f'rank {group.rank}'
+        bar = tqdm(total=sum(map(len, span)), unit=self.unit, desc=verb,
+                   disable=not self.progress or (group.rank != 0), file=sys.stderr, dynamic_ncols=True)
+        pending = []
+        with concurrent.futures.ThreadPoolExecutor(max_workers=self.writers) as pool, self.session(group) as state:
+            for b, indices, loaded in zip(todo, span, self.load(used_root, names, span)):
+                result, computed, failures = self.compute(state, b, indices, loaded, names)
+                for failure in failures:
+                    tqdm.write(f'failed: {os.path.join(used_root, failure["path"])}: {failure["error"]}',
+                               file=sys.stderr)
+                while len(pending) >= 2 * self.writers:
+                    pending.pop(0).result()
+                pending.append(pool.submit(self.write, b, result, failures))
+                done += computed
+                failed += len(failures)
+                bar.update(len(indices))
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(failed=failed, refresh=False)
+                if elapsed > 0:
+                    bar.set_description_str(f'{verb} ({done / elapsed:.1f} {self.unit}/s)', refresh=False)
+            for future in pending:
+                future.result()
+        bar.close()
+        seconds = time.perf_counter() - start
+        group.barrier()
+        merged = None
+        if group.rank == 0:
+            _, failures = self.folder.merge(range(batches))
+            merged = (len(failures), tuple((f['path'], f['error']) for f in failures[:SHOWN_FAILURES]))
+            self.merged(used_root, names)
+        failures, shown = group.broadcast(merged)  # every rank reports, and exits with, the same outcome
+        return Summary(done, skipped, failures, seconds, self.folder.out, shown)
+
+    def merged(self, root, names):
+        """Called in rank 0 after the index merge (default: nothing), e.g. to write a report."""
+
+
+class ExplainJob(BatchJob):
     """Explain image files with a model and a composite into an output folder.
 
     See the module doc, and ``lxt_ext.job.outputs`` for the layout of the folder.
@@ -106,14 +264,54 @@ class ExplainJob:
         Face models); None calls ``model(x)``.
     """
 
+    verb, unit = 'explaining', 'img'
+
     def __init__(self, model, composite, settings, forward=None):
         if not isinstance(settings, JobSettings):
             raise TypeError(f'settings must be a JobSettings, got {type(settings).__name__}')
+        super().__init__(settings.out, settings.batch_size, settings.device, settings.resume, settings.progress,
+                         settings.writers)
         self.model, self.composite, self.settings, self.forward = model, composite, settings, forward
-        self.folder = OutputFolder(settings.out)
         self.mean = torch.tensor(settings.mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(settings.std, dtype=torch.float32).view(1, -1, 1, 1)
         self.chunk = settings.batch_size  # attribution chunk; halved on out-of-memory
+
+    def recorded(self):
+        return self.settings.recorded()
+
+    def items(self):
+        return job_inputs.collect(self.settings.inputs)
+
+    def load(self, root, names, spans):
+        dataset = job_inputs.ImageFiles(root, names, self.settings.size, self.settings.resize)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=spans, num_workers=self.settings.workers,
+                                           collate_fn=job_inputs.collate)
+
+    @contextlib.contextmanager
+    def session(self, group):
+        self._device, self._dtype = group.device, DTYPES[self.settings.dtype]
+        model = self.model.to(device=group.device, dtype=self._dtype)
+        with Explainer(model, self.composite, self.forward) as explainer:
+            yield explainer
+
+    def compute(self, explainer, batch, indices, loaded, names):
+        _, images, done, errors = loaded
+        failures = [{'path': names[i], 'error': errors[i]} for i in indices if i in errors]
+        if images is None:
+            return (images, None, 0.0, []), 0, failures
+        tic = time.perf_counter()
+        explanation = self._attribute(explainer, self._preprocess(images, self._device, self._dtype))
+        explanation = explanation._replace(**{field: value.detach().cpu() for field, value in
+                                              explanation._asdict().items() if torch.is_tensor(value)})
+        seconds = (time.perf_counter() - tic) / len(done)
+        return (images, explanation, seconds, [names[i] for i in done]), len(done), failures
+
+    def write(self, batch, result, failures):
+        images, explanation, seconds, names = result
+        if explanation is None:
+            self.folder.write_part(batch, [], failures)
+        else:
+            self._write_batch(batch, names, images, explanation, seconds, failures)
 
     # -- outputs of one batch (run on a writer thread) --
 
@@ -181,119 +379,6 @@ class ExplainJob:
         x = (images - self.mean) / self.std
         return x.to(device=device, dtype=dtype, non_blocking=True)
 
-    def run(self):
-        """Explain every input not finished by an earlier run, then merge the index.
-
-        Under ``torchrun`` every process calls it; rank 0 prepares the folder and merges the index.
-
-        Returns
-        -------
-        Summary
-            This process's work and the job's failures (the same ``failures`` in every rank).
-
-        Raises
-        ------
-        FileNotFoundError
-            An input does not exist, or no image was found.
-        SettingsMismatchError
-            The output folder holds a run with other settings (or any run, with ``resume=False``).
-        """
-        from tqdm import tqdm
-
-        group = Group(self.settings.device)
-        try:
-            return self._run(group, tqdm)
-        finally:
-            group.close()
-
-    def _prepare(self, group):
-        """Rank 0 checks (or records) the settings and removes the debris of killed runs while the other
-        ranks wait, so nothing is removed that a rank of this run writes; all get its root, or its error."""
-        root, names = job_inputs.collect(self.settings.inputs)
-        outcome = None
-        if group.rank == 0:
-            try:
-                outcome = ('root', self.folder.start(self.settings.recorded(), root, self.settings.resume))
-            except SettingsMismatchError as error:
-                outcome = ('refused', str(error))
-        kind, value = group.broadcast(outcome)
-        if kind == 'refused':
-            raise SettingsMismatchError(value)
-        if value != root:
-            names = [os.path.relpath(os.path.join(root, name), value) for name in names]
-        return value, names
-
-    def _run(self, group, tqdm):
-        settings = self.settings
-        used_root, names = self._prepare(group)
-        size = settings.batch_size
-        dataset = job_inputs.ImageFiles(used_root, names, settings.size, settings.resize)
-        batches = math.ceil(len(names) / size)
-        mine = [b for b in range(group.rank, batches, group.world)]
-        todo = []
-        for b in mine:
-            part = self.folder.read_part(b)
-            if part is None or part[1]:  # unfinished, or with failures to retry
-                todo.append(b)
-        span = [list(range(b * size, min(len(names), (b + 1) * size))) for b in todo]
-        skipped = sum(len(range(b * size, min(len(names), (b + 1) * size))) for b in mine) - sum(map(len, span))
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=span, num_workers=settings.workers,
-                                             collate_fn=job_inputs.collate)
-        dtype = DTYPES[settings.dtype]
-        model = self.model.to(device=group.device, dtype=dtype)
-        images_done = failed = 0
-        start = time.perf_counter()
-        bar = tqdm(total=sum(map(len, span)), unit='img', desc=f'explaining (rank {group.rank})' if group.world > 1
-                   else 'explaining', disable=not settings.progress or (group.rank != 0), file=sys.stderr,
-                   dynamic_ncols=True)
-        pending = []
-        with concurrent.futures.ThreadPoolExecutor(max_workers=settings.writers) as pool, \
-                Explainer(model, self.composite, self.forward) as explainer:
-            for b, (indices, images, loaded, errors) in zip(todo, loader):
-                failures = [{'path': names[i], 'error': errors[i]} for i in indices if i in errors]
-                for failure in failures:
-                    tqdm.write(f'failed: {os.path.join(used_root, failure["path"])}: {failure["error"]}',
-                               file=sys.stderr)
-                tic = time.perf_counter()
-                if images is not None:
-                    explanation = self._attribute(explainer, self._preprocess(images, group.device, dtype))
-                    explanation = explanation._replace(**{field: value.detach().cpu() for field, value in
-                                                          explanation._asdict().items() if torch.is_tensor(value)})
-                    seconds = (time.perf_counter() - tic) / len(loaded)
-                    batch_names = [names[i] for i in loaded]
-                else:
-                    explanation, seconds, batch_names = None, 0.0, []
-                while len(pending) >= 2 * settings.writers:
-                    pending.pop(0).result()
-                pending.append(pool.submit(self._finish_batch, b, batch_names, images, explanation, seconds,
-                                           failures))
-                images_done += len(loaded)
-                failed += len(failures)
-                bar.update(len(indices))
-                elapsed = time.perf_counter() - start
-                bar.set_postfix(failed=failed, refresh=False)
-                if elapsed > 0:
-                    bar.set_description_str(f'explaining ({images_done / elapsed:.1f} img/s)'
-                                            if group.world == 1 else
-                                            f'rank {group.rank} ({images_done / elapsed:.1f} img/s)', refresh=False)
-            for future in pending:
-                future.result()
-        bar.close()
-        seconds = time.perf_counter() - start
-        group.barrier()
-        merged = None
-        if group.rank == 0:
-            _, failures = self.folder.merge(range(batches))
-            merged = (len(failures), tuple((f['path'], f['error']) for f in failures[:SHOWN_FAILURES]))
-        failures, shown = group.broadcast(merged)  # every rank reports, and exits with, the same outcome
-        return Summary(images_done, skipped, failures, seconds, self.folder.out, shown)
-
-    def _finish_batch(self, batch, names, images, explanation, seconds, failures):
-        if explanation is None:
-            self.folder.write_part(batch, [], failures)
-        else:
-            self._write_batch(batch, names, images, explanation, seconds, failures)
-
 
 def summary_text(summary, world=1):
     """The closing lines of a job for people: images, images/s, failures (the first ones named), outputs.
@@ -323,4 +408,4 @@ def summary_text(summary, world=1):
     return '\n'.join(lines)
 
 
-__all__ = ['ExplainJob', 'JobSettings', 'Summary', 'summary_text', 'RELEVANCE_FORMATS', 'DTYPES', 'is_out_of_memory']
+__all__ = ['BatchJob', 'ExplainJob', 'JobSettings', 'Summary', 'summary_text', 'RELEVANCE_FORMATS', 'DTYPES', 'is_out_of_memory']

@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy import stats
 
-from lxt_ext.evaluation.statistics import (Comparison, bootstrap_interval, holm, paired_comparisons,
+from lxt_ext.evaluation.statistics import (Comparison, bootstrap_band, bootstrap_interval, holm, paired_comparisons,
                                            statistics_markdown)
 
 
@@ -116,3 +116,18 @@ def test_bad_options_named():
         bootstrap_interval([1.0, 2.0], confidence=95)
     with pytest.raises(ValueError, match='resamples'):
         bootstrap_interval([1.0, 2.0], resamples=0)
+
+
+def test_band_is_each_steps_percentile_interval():
+    rng = np.random.default_rng(5)
+    curves = rng.normal(0, 1, size=(300, 4)).cumsum(1)
+    low, high = bootstrap_band(curves, resamples=4000, seed=1)
+    assert low.shape == high.shape == (4,)
+    for k in range(4):
+        theirs = stats.bootstrap((curves[:, k],), np.mean, n_resamples=4000, method='percentile',
+                                 random_state=np.random.default_rng(k)).confidence_interval
+        se = curves[:, k].std(ddof=1) / 300 ** 0.5
+        assert float(low[k]) == pytest.approx(theirs.low, abs=0.1 * se)
+        assert float(high[k]) == pytest.approx(theirs.high, abs=0.1 * se)
+    with pytest.raises(ValueError, match='curves must be'):
+        bootstrap_band(np.zeros(5))
