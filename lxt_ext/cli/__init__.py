@@ -9,6 +9,7 @@ COMMANDS = {
     'explain-text': 'lxt_ext.cli.explain_text',
     'evaluate': 'lxt_ext.cli.evaluate',
     'check': 'lxt_ext.cli.check',
+    'concepts': 'lxt_ext.cli.concepts',
 }
 
 

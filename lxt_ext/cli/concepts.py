@@ -1,0 +1,703 @@
+"""``lxt-ext concepts``: neuron labels and their ground truth on the embedded model.
+
+The embedded ViT was trained on procedural shapes (:mod:`lxt_ext.data.shapes`) whose classes and object masks
+are known. The command
+
+1. draws held-out images with a seed that training (seeds 0, 1, 2 of ``python/training/train_default_model.py``)
+   and the tests never use (default :data:`HELD_OUT_SEED`);
+2. finds every unit's reference samples among them: relevance maximisation (each image explained for its
+   label) and activation maximisation, zennit-crp's under lxt_ext's transformer composite
+   (:class:`~lxt_ext.concepts.TransformerFeatureVisualization`);
+3. labels each unit by the majority class of its top ``k`` references, with the share of them carrying it
+   (purity, :func:`~lxt_ext.concepts.label_units`);
+4. picks for each class the units most relevant to it on the shipped demo samples
+   (:func:`~lxt_ext.concepts.most_relevant_units` over the demo samples of that class, explained for it: images
+   disjoint from the references) and compares their purity with as many random units (``--draws`` draws, and all
+   units) and with ``k`` random images (chance);
+5. measures whether a unit's relevance localises on the object: the relevance mass (share of positive relevance
+   inside the object mask, ``lxt_ext.evaluation.relevance_mass_accuracy``) of its conditional heatmaps on its
+   top ``k`` relevance references (each explained for its label, through that unit alone), against the
+   unconditional heatmaps of the same images and the mask's area share (the mass of relevance spread evenly).
+
+Written to the output folder: ``heatmaps.png`` (the demo samples: image, class heatmap, the conditional
+heatmaps of the class's most relevant units with their labels and purities), ``references.png`` (reference
+sheets: the top references of each class's first unit and of two random units, with their conditional
+heatmaps), ``index.html`` (the tables and pictures), ``concepts.json`` (every figure) and zennit-crp's
+maximisation files under ``maximization/``. The purity table is printed. Exit status 0, 2 on bad arguments
+(or without zennit-crp).
+"""
+import html
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+from .._docstrings import shared_parameters
+
+HELP = 'label the embedded model\'s units by their reference samples; purity and localisation against ground truth'
+HELD_OUT_SEED = 20261207   # training used 0, 1, 2; the tests use 20261202 (test_embedded_model) and the demo samples
+LAYER_KINDS = ('neurons', 'residual', 'heads')
+MAX_K = 40                 # zennit-crp's Maximization keeps the 40 best samples per unit
+SCALE = 2                  # picture cells are the 64 x 64 images enlarged twice (nearest neighbour)
+SHOWN = 8                  # references per unit in references.png
+OUTLINE = (0.2, 1.0, 0.2)
+
+EPILOG = f'''layers: neurons:<block> (the MLP's neurons, GELU output), residual:<block> (the block's output),
+heads:<block> (attention heads), or a name of lxt_ext.concepts.concept_layers; blocks 0..3, negative from the end.
+Default: neurons:3 with ViTGamma (CP-LRP), 1000 held-out images of seed {HELD_OUT_SEED}, k = 20.
+Output folder: heatmaps.png, references.png, index.html, concepts.json, maximization/.
+Exit status: 0 done, 2 bad arguments (or zennit-crp not installed).'''
+
+
+@shared_parameters('command_parser')
+def add_arguments(parser):
+    """Add the arguments of ``lxt-ext concepts``."""
+    parser.epilog = EPILOG
+    parser.add_argument('--out', default='concepts', help='output folder (default: concepts)')
+    parser.add_argument('--images', type=int, default=1000, help='held-out images searched (default 1000)')
+    parser.add_argument('--seed', type=int, default=HELD_OUT_SEED,
+                        help=f'seed of the held-out images (default {HELD_OUT_SEED}; training used 0, 1, 2)')
+    parser.add_argument('--layer', default='neurons:3', help='concept layer (default neurons:3, see below)')
+    parser.add_argument('--k', type=int, default=20, help=f'reference samples per unit (1..{MAX_K}, default 20)')
+    parser.add_argument('--units-per-class', type=int, default=3,
+                        help='most relevant units per class (default 3)')
+    parser.add_argument('--draws', type=int, default=100,
+                        help='draws of random units (and of random references for the chance level; default 100)')
+    parser.add_argument('--composite', default='vit_gamma',
+                        help='vit_gamma or vit_epsilon, optionally :cp or :attnlrp (default vit_gamma, i.e. CP-LRP)')
+    parser.add_argument('--batch-size', type=int, default=50, help='images per backward (default 50)')
+    parser.add_argument('--threads', type=int, help='torch CPU threads')
+
+
+def _error(message):
+    print(f'lxt-ext concepts: error: {message}', file=sys.stderr)
+    return 2
+
+
+def resolve_layer(spec, layers):
+    """The concept layer of ``spec``.
+
+    Parameters
+    ----------
+    spec : str
+        ``neurons:<block>``, ``residual:<block>``, ``heads:<block>`` (negative blocks count from the end) or a
+        name of ``layers.layer_map``.
+    layers : lxt_ext.concepts.ConceptLayers
+        The model's concept layers.
+
+    Returns
+    -------
+    str
+        The layer's name.
+
+    Raises
+    ------
+    ValueError
+        An unknown layer or block.
+    """
+    if spec in layers.layer_map:
+        return spec
+    kind, _, block = spec.partition(':')
+    if kind not in LAYER_KINDS:
+        raise ValueError(f'unknown layer {spec!r}: give {", ".join(k + ":<block>" for k in LAYER_KINDS)} or one of '
+                         f'{list(layers.layer_map)}')
+    names = getattr(layers, kind)
+    try:
+        return names[int(block)]
+    except (ValueError, IndexError):
+        raise ValueError(f'layer {spec!r}: the block must be an integer in {-len(names)}..{len(names) - 1}') from None
+
+
+def _composite_factory(spec):
+    """A function building the composite of ``spec`` (``vit_gamma[:cp|:attnlrp]``, ``vit_epsilon[...]``)."""
+    from .models import build_composite, load_embedded
+
+    name, _, attention = spec.partition(':')
+    if name not in ('vit_gamma', 'vit_epsilon'):
+        raise ValueError(f'unknown composite {spec!r}: give vit_gamma or vit_epsilon, optionally with :cp or '
+                         f':attnlrp')
+    if attention and attention not in ('cp', 'attnlrp'):
+        raise ValueError(f'composite {spec!r}: the attention rule must be cp or attnlrp')
+    loaded = load_embedded()
+    parameters = {'attention': attention or None}
+    build_composite(name, loaded, parameters)        # refuses what does not fit before any work
+
+    def make():
+        return build_composite(name, loaded, parameters)[0]
+    return make
+
+
+def class_units(model, x, labels, layer, make_composite, per_class, classes):
+    """For each class the units most relevant to it on the given samples of that class (their relevance for
+    it summed over tokens and the samples: :func:`lxt_ext.concepts.most_relevant_units`).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model.
+    x : torch.Tensor
+        ``(N, 3, H, W)`` normalised samples.
+    labels : torch.Tensor
+        ``(N,)`` their classes (each class present).
+    layer : str
+        The concept layer.
+    make_composite : callable
+        Builds the composite.
+    per_class : int
+        Units per class.
+    classes : int
+        The number of classes.
+
+    Returns
+    -------
+    list of list of int
+        Per class its units, most relevant first.
+    """
+    from tqdm import tqdm
+
+    from ..concepts import most_relevant_units
+
+    chosen = []
+    for c in tqdm(range(classes), desc='units per class', dynamic_ncols=True):
+        rows = labels == c
+        if not rows.any():
+            raise ValueError(f'no selection sample of class {c}')
+        top = most_relevant_units(model, x[rows], make_composite(), layer, target=labels[rows], k=per_class)
+        chosen.append(top.units.tolist())
+    return chosen
+
+
+def random_purity(purity, count, draws, generator):
+    """``(draws,)``: the mean purity of ``count`` units drawn at random (without replacement within a draw).
+
+    Parameters
+    ----------
+    purity : torch.Tensor
+        ``(units,)`` every unit's purity.
+    count : int
+        Units per draw.
+    draws : int
+        How many draws.
+    generator : torch.Generator
+        The random draws' generator.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(draws,)`` float64; and the first draw's units as a second value.
+    """
+    picks = torch.stack([torch.randperm(len(purity), generator=generator)[:count] for _ in range(draws)])
+    return purity.double()[picks].mean(1), picks[0].tolist()
+
+
+def chance_purity(labels, k, draws, generator, classes):
+    """``(draws,)``: the purity of ``k`` images drawn at random (without replacement): the chance level.
+
+    Parameters
+    ----------
+    labels : torch.Tensor
+        ``(N,)`` the images' classes.
+    k : int
+        Images per draw.
+    draws : int
+        How many draws.
+    generator : torch.Generator
+        The random draws' generator.
+    classes : int
+        The number of classes.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(draws,)`` float64.
+    """
+    from ..concepts import label_units
+
+    picks = torch.stack([torch.randperm(len(labels), generator=generator)[:k] for _ in range(draws)], 1)
+    return label_units(picks, labels, num_classes=classes).purity
+
+
+def conditional_heatmaps(attribution, make_composite, layer, mask_map, x, labels, unit=None, batch_size=50):
+    """``(N, H, W)``: each image's heatmap for its label, through ``unit`` of ``layer`` alone (``None``: the
+    unconditional class heatmap).
+
+    Parameters
+    ----------
+    attribution : lxt_ext.concepts.TransformerCondAttribution
+        The attribution.
+    make_composite : callable
+        Builds the composite.
+    layer : str
+        The concept layer.
+    mask_map : dict
+        zennit-crp's ``mask_map`` (the layers' concepts' masks).
+    x : torch.Tensor
+        ``(N, 3, H, W)`` normalised images.
+    labels : torch.Tensor
+        ``(N,)`` the classes explained.
+    unit : int, optional
+        The unit conditioned on.
+    batch_size : int, optional
+        Images per backward.
+
+    Returns
+    -------
+    torch.Tensor
+    """
+    heatmaps = []
+    for start in range(0, len(x), batch_size):
+        rows = slice(start, start + batch_size)
+        conditions = [{'y': [int(label)], **({layer: [int(unit)]} if unit is not None else {})}
+                      for label in labels[rows]]
+        result = attribution(x[rows].clone().requires_grad_(), conditions, make_composite(), mask_map=mask_map)
+        heatmaps.append(result.heatmap.detach())
+    return torch.cat(heatmaps)
+
+
+def localisation(heatmaps, unconditional, masks):
+    """The relevance mass (share of positive relevance inside the mask) of conditional and unconditional
+    heatmaps of the same images, and the mask's area share (chance level).
+
+    Parameters
+    ----------
+    heatmaps, unconditional : torch.Tensor
+        ``(N, H, W)`` a unit's conditional heatmaps and the class heatmaps.
+    masks : torch.Tensor
+        ``(N, H, W)`` bool.
+
+    Returns
+    -------
+    dict
+        ``conditional``, ``unconditional``, ``area``: ``(N,)`` each (NaN where a heatmap has no positive
+        relevance); ``share``: ``(N,)`` the conditional heatmap's sum over the unconditional one's.
+    """
+    from ..evaluation import relevance_mass_accuracy
+
+    return dict(conditional=relevance_mass_accuracy(heatmaps, masks),
+                unconditional=relevance_mass_accuracy(unconditional, masks),
+                area=masks.flatten(1).double().mean(1),
+                share=heatmaps.flatten(1).sum(1) / unconditional.flatten(1).sum(1))
+
+
+def ground_truth(images, masks, labels, layer_spec='neurons:3', k=20, per_class=3, draws=100,
+                 composite='vit_gamma', batch_size=50, path=None, seed=0, held_out_seed=None):
+    """The whole experiment (module doc): reference samples, labels and purities, top vs random units,
+    relevance mass, and the demo samples' conditional heatmaps.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        ``(N, 3, H, W)`` held-out images in 0..1.
+    masks : torch.Tensor
+        ``(N, H, W)`` bool object masks.
+    labels : torch.Tensor
+        ``(N,)`` their classes.
+    layer_spec : str, optional
+        The concept layer (:func:`resolve_layer`).
+    k : int, optional
+        References per unit.
+    per_class : int, optional
+        Most relevant units per class.
+    draws : int, optional
+        Random draws (units; images for the chance level).
+    composite : str, optional
+        The composite's spec.
+    batch_size : int, optional
+        Images per backward.
+    path : str, optional
+        Where zennit-crp's maximisation files go (default a temporary folder).
+    seed : int, optional
+        The seed of the random draws.
+    held_out_seed : int, optional
+        The seed the images were drawn with (recorded only).
+
+    Returns
+    -------
+    dict
+        Everything the pictures, the page and the JSON show (tensors).
+
+    Raises
+    ------
+    ValueError
+        Bad arguments.
+    """
+    from tqdm import tqdm
+
+    from ..concepts import (TransformerCondAttribution, TransformerFeatureVisualization, concept_layers,
+                            label_units, most_relevant_units)
+    from ..data import embedded
+
+    if not 1 <= k <= min(MAX_K, len(images)):
+        raise ValueError(f'k must be in 1..{min(MAX_K, len(images))} (at most {MAX_K}, and at most the images), '
+                         f'got {k}')
+    for name, value in (('draws', draws), ('units per class', per_class), ('batch size', batch_size)):
+        if value < 1:
+            raise ValueError(f'{name} must be at least 1, got {value}')
+    make_composite = _composite_factory(composite)
+    model = embedded.load_model()
+    layers = concept_layers(model)
+    layer = resolve_layer(layer_spec, layers)
+    classes = len(embedded.CLASSES)
+
+    def preprocess(x):
+        return (x - embedded.MEAN) / embedded.STD
+
+    units = most_relevant_units(model, preprocess(images[:1]), make_composite(), layer, k=1).relevance.numel()
+    if per_class > units:
+        raise ValueError(f'{layer} has {units} units: at most {units} units per class')
+
+    attribution = TransformerCondAttribution(model, taps=layers.taps)
+    dataset = torch.utils.data.TensorDataset(images, labels)
+    path = path or tempfile.mkdtemp(prefix='lxt-ext-concepts-')
+    fv = TransformerFeatureVisualization(attribution, dataset, {layer: layers.layer_map[layer]},
+                                         preprocess_fn=preprocess, path=path)
+    checkpoints = fv.run_distributed(make_composite(), 0, len(dataset), batch_size=batch_size)
+    fv.collect_results(checkpoints)
+
+    references, values, labelled = {}, {}, {}
+    for mode in ('relevance', 'activation'):
+        indices, unit_values, _ = fv.reference_indices(layer, mode, r_range=(0, k))
+        references[mode], values[mode] = indices.long(), unit_values
+        labelled[mode] = label_units(indices, labels, k=k, num_classes=classes)
+
+    demo_images, demo_masks, demo_labels, demo_names = embedded.load_samples()
+    demo_x = preprocess(demo_images)
+    chosen = class_units(model, demo_x, demo_labels, layer, make_composite, per_class, classes)
+    top = sorted({u for units_of_class in chosen for u in units_of_class})
+
+    generator = torch.Generator().manual_seed(seed)
+    purity = {}
+    random_units = None
+    for mode in ('relevance', 'activation'):
+        p = labelled[mode].purity
+        draws_mean, first = random_purity(p, len(top), draws, generator)
+        random_units = random_units or first
+        purity[mode] = dict(top=p[top].mean().item(), random=draws_mean.mean().item(),
+                            random_low=draws_mean.min().item(), random_high=draws_mean.max().item(),
+                            all=p.mean().item())
+    chance = chance_purity(labels, k, draws, generator, classes)
+
+    x = preprocess(images)
+    shown = top + [u for u in random_units if u not in top]
+    heat, mass = {}, {}
+    for unit in tqdm(shown, desc='conditional heatmaps of references', dynamic_ncols=True):
+        refs = references['relevance'][:, unit]
+        heat[unit] = conditional_heatmaps(attribution, make_composite, layer, layers.mask_map, x[refs], labels[refs],
+                                          unit, batch_size)
+        unconditional = conditional_heatmaps(attribution, make_composite, layer, layers.mask_map, x[refs],
+                                             labels[refs], None, batch_size)
+        mass[unit] = localisation(heat[unit], unconditional, masks[refs])
+
+    def pooled(group, key):
+        return torch.cat([mass[u][key] for u in group]).nanmean().item()
+
+    relevance_mass = {group: {key: pooled(units_of, key) for key in ('conditional', 'unconditional', 'area')}
+                      for group, units_of in (('top', top), ('random', random_units))}
+
+    demo_unconditional = conditional_heatmaps(attribution, make_composite, layer, layers.mask_map, demo_x,
+                                              demo_labels, None, batch_size)
+    demo_heat = [torch.cat([conditional_heatmaps(attribution, make_composite, layer, layers.mask_map,
+                                                 demo_x[i:i + 1], demo_labels[i:i + 1], u, batch_size)
+                            for u in chosen[int(demo_labels[i])]])
+                 for i in tqdm(range(len(demo_x)), desc='demo samples', dynamic_ncols=True)]
+    demo_mass = localisation(torch.stack([h[0] for h in demo_heat]), demo_unconditional, demo_masks)
+    return dict(layer=layer, units=units, k=k, images=len(images), classes=embedded.CLASSES, chosen=chosen, top=top,
+                random_units=random_units, draws=draws, labels=labelled, references=references, values=values,
+                purity=purity, chance=chance.mean().item(), heatmaps=heat, mass=mass, relevance_mass=relevance_mass,
+                demo=dict(images=demo_images, masks=demo_masks, labels=demo_labels, names=demo_names,
+                          unconditional=demo_unconditional, heatmaps=demo_heat, first_unit_mass=demo_mass),
+                composite=composite, path=path, seed=held_out_seed,
+                data=dict(images=images, masks=masks, labels=labels))
+
+
+def _text(draw, xy, text, fill='black'):
+    draw.text(xy, text, fill=fill)
+
+
+def _cells(rows, size):
+    """A PIL image of rows of (H, W, 3) float arrays, enlarged :data:`SCALE` times."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = (np.concatenate([np.concatenate(row, axis=1) for row in rows], axis=0).clip(0, 1) * 255)
+    pixels = pixels.round().astype(np.uint8)
+    return Image.fromarray(pixels).resize((pixels.shape[1] * SCALE, pixels.shape[0] * SCALE), Image.NEAREST)
+
+
+def _unit_caption(results, unit, mode='relevance'):
+    labelled = results['labels'][mode]
+    return f'unit {unit}: {results["classes"][int(labelled.label[unit])]} {labelled.purity[unit].item():.2f}'
+
+
+def heatmap_figure(results):
+    """The demo samples: image (object outlined), class heatmap, then the conditional heatmaps of the class's
+    most relevant units, each captioned with the unit's label and purity (relevance maximisation, top ``k``)
+    and its share of the class heatmap's relevance.
+
+    Parameters
+    ----------
+    results : dict
+        :func:`ground_truth`'s results.
+
+    Returns
+    -------
+    PIL.Image.Image
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from ..visualization.image import colours
+    from .demo import _outline
+
+    demo = results['demo']
+    size = demo['images'].shape[-1] * SCALE
+    band, header = 26, 30
+    columns = 2 + max(len(c) for c in results['chosen'])
+    canvas = Image.new('RGB', (columns * size, header + len(demo['names']) * (size + band)), 'white')
+    draw = ImageDraw.Draw(canvas)
+    titles = ['image (object outlined)', 'class heatmap'] + [f'unit {i + 1} of the class' for i in range(columns - 2)]
+    for column, title in enumerate(titles):
+        _text(draw, (column * size + 4, 2), title)
+    _text(draw, (4, 15), f'{results["layer"]}, labels: majority class of the top {results["k"]} relevance references')
+    for i, name in enumerate(demo['names']):
+        outline = _outline(demo['masks'][i]).numpy()
+        label = int(demo['labels'][i])
+        cells = [demo['images'][i].permute(1, 2, 0).numpy().astype(np.float64), colours(demo['unconditional'][i])]
+        cells += [colours(h) for h in demo['heatmaps'][i]]
+        for cell in cells:
+            cell[outline] = OUTLINE
+        top = header + i * (size + band)
+        canvas.paste(_cells([cells], size), (0, top + band))
+        _text(draw, (4, top + 2), f'{name}')
+        _text(draw, (4, top + 13), f'class {results["classes"][label]}')
+        total = demo['unconditional'][i].sum().item()
+        for j, unit in enumerate(results['chosen'][label]):
+            share = demo['heatmaps'][i][j].sum().item() / total if total else float('nan')
+            _text(draw, ((2 + j) * size + 4, top + 2), _unit_caption(results, unit))
+            _text(draw, ((2 + j) * size + 4, top + 13), f'{share:.0%} of the relevance')
+    return canvas
+
+
+def reference_sheet(results, units=None):
+    """Reference sheets: per unit its top references (up to :data:`SHOWN`, object outlined) above their
+    conditional heatmaps (each image explained for its label through the unit), captioned with the unit's
+    label and purity.
+
+    Parameters
+    ----------
+    results : dict
+        :func:`ground_truth`'s results.
+    units : list of int, optional
+        The units (default each class's most relevant unit, then two of the random units not chosen for a class);
+        each needs its heatmaps in ``results['heatmaps']``.
+
+    Returns
+    -------
+    PIL.Image.Image
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from ..visualization.image import colours
+    from .demo import _outline
+
+    if units is None:
+        others = [u for u in results['random_units'] if u not in results['top']]
+        units = list(dict.fromkeys([c[0] for c in results['chosen']] + others[:2]))
+    chosen_for = {}
+    for c, units_of_class in enumerate(results['chosen']):
+        for unit in units_of_class:
+            chosen_for.setdefault(unit, results['classes'][c])
+    images, masks = results['data']['images'], results['data']['masks']
+    count = min(SHOWN, results['k'])
+    size = images.shape[-1] * SCALE
+    band = 16
+    canvas = Image.new('RGB', (count * size, len(units) * (2 * size + band)), 'white')
+    draw = ImageDraw.Draw(canvas)
+    for row, unit in enumerate(units):
+        refs = results['references']['relevance'][:count, unit]
+        pictures, maps = [], []
+        for j, index in enumerate(refs.tolist()):
+            outline = _outline(masks[index]).numpy()
+            picture = images[index].permute(1, 2, 0).numpy().astype(np.float64)
+            heatmap = colours(results['heatmaps'][unit][j])
+            picture[outline] = OUTLINE
+            heatmap[outline] = OUTLINE
+            pictures.append(picture)
+            maps.append(heatmap)
+        top = row * (2 * size + band)
+        why = f'most relevant to {chosen_for[unit]}' if unit in chosen_for else 'random unit'
+        shown = ', '.join(results['classes'][int(results['data']['labels'][i])] for i in refs.tolist())
+        _text(draw, (4, top + 2), f'{_unit_caption(results, unit)} (purity of the top {results["k"]}; {why}); '
+                                  f'reference classes: {shown}')
+        canvas.paste(_cells([pictures, maps], size), (0, top + band))
+    return canvas
+
+
+def table(results):
+    """The purity table (markdown): top units, random units, all units, random references.
+
+    Parameters
+    ----------
+    results : dict
+        :func:`ground_truth`'s results.
+
+    Returns
+    -------
+    str
+    """
+    p, k, n = results['purity'], results['k'], len(results['top'])
+    lines = [f'| units | count | purity, relevance maximisation | purity, activation maximisation |',
+             '|---|---|---|---|',
+             f'| most relevant to each class ({len(results["chosen"][0])} per class, on the demo samples) | {n} | '
+             f'{p["relevance"]["top"]:.3f} | {p["activation"]["top"]:.3f} |']
+    lines.append(f'| random ({results["draws"]} draws of {n}: mean, min..max) | {n} | '
+                 + ' | '.join(f'{p[m]["random"]:.3f} ({p[m]["random_low"]:.3f}..{p[m]["random_high"]:.3f})'
+                              for m in ('relevance', 'activation')) + ' |')
+    lines.append(f'| all units | {results["units"]} | {p["relevance"]["all"]:.3f} | {p["activation"]["all"]:.3f} |')
+    lines.append(f'| {k} random images (chance level) | - | {results["chance"]:.3f} | {results["chance"]:.3f} |')
+    return '\n'.join(lines)
+
+
+def class_table(results):
+    """Per class its units with their labels and purities (markdown)."""
+    lines = ['| class | units (label, purity: relevance / activation maximisation) | label = class |', '|---|---|---|']
+    rel, act = results['labels']['relevance'], results['labels']['activation']
+    for c, units in enumerate(results['chosen']):
+        cells = [f'{u} ({results["classes"][int(rel.label[u])]} {rel.purity[u]:.2f} / '
+                 f'{results["classes"][int(act.label[u])]} {act.purity[u]:.2f})' for u in units]
+        agree = sum(int(rel.label[u]) == c for u in units)
+        lines.append(f'| {results["classes"][c]} | {", ".join(cells)} | {agree}/{len(units)} |')
+    return '\n'.join(lines)
+
+
+def mass_table(results):
+    """The relevance mass (markdown): conditional vs unconditional heatmaps vs the mask's area share."""
+    lines = ['| units | conditional heatmap | unconditional heatmap | mask area (chance) |', '|---|---|---|---|']
+    for group, values in results['relevance_mass'].items():
+        count = len(results['top'] if group == 'top' else results['random_units'])
+        lines.append(f'| {group} ({count} units x {results["k"]} references) | {values["conditional"]:.3f} | '
+                     f'{values["unconditional"]:.3f} | {values["area"]:.3f} |')
+    demo = results['demo']['first_unit_mass']
+    lines.append(f'| demo samples, their class\'s first unit ({len(demo["area"])} images) | '
+                 f'{demo["conditional"].nanmean():.3f} | {demo["unconditional"].nanmean():.3f} | '
+                 f'{demo["area"].mean():.3f} |')
+    return '\n'.join(lines)
+
+
+def summary(results):
+    """One paragraph: what was searched, with which settings."""
+    return (f'{results["images"]} held-out images (seed {results["seed"]}), layer {results["layer"]} '
+            f'({results["units"]} units), composite {results["composite"]}, k = {results["k"]} references per unit; '
+            f'purity = share of a unit\'s top {results["k"]} references carrying its majority class; relevance '
+            f'mass = share of positive relevance inside the object mask, on the units\' top {results["k"]} '
+            f'relevance references')
+
+
+def _html_table(markdown):
+    rows = [line.strip('|').split(' | ') for line in markdown.splitlines() if not line.startswith('|---')]
+    head, body = rows[0], rows[1:]
+    cells = ''.join(f'<th>{html.escape(c.strip())}</th>' for c in head)
+    out = [f'<table><tr>{cells}</tr>']
+    for row in body:
+        out.append('<tr>' + ''.join(f'<td>{html.escape(c.strip())}</td>' for c in row) + '</tr>')
+    return '\n'.join(out) + '</table>'
+
+
+def page(results):
+    """The HTML page: the settings, the tables and the two pictures."""
+    style = ('body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;'
+             'margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}img{max-width:100%}')
+    return f'''<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>lxt-ext concepts: {html.escape(results["layer"])}</title>
+<style>{style}</style></head><body>
+<h1>Neuron labels of the embedded model</h1>
+<p>{html.escape(summary(results))}.</p>
+<h2>Purity: the units most relevant to each class vs random units</h2>
+{_html_table(table(results))}
+{_html_table(class_table(results))}
+<h2>Relevance mass: does a unit's relevance lie on the object?</h2>
+{_html_table(mass_table(results))}
+<h2>Conditional heatmaps on the demo samples</h2>
+<img src="heatmaps.png" alt="conditional heatmaps of the most relevant units">
+<h2>Reference samples</h2>
+<img src="references.png" alt="reference samples and their conditional heatmaps">
+</body></html>
+'''
+
+
+def to_json(results):
+    """The figures of ``results`` as JSON-serialisable data."""
+    rel, act = results['labels']['relevance'], results['labels']['activation']
+    return dict(
+        layer=results['layer'], units=results['units'], images=results['images'], seed=results['seed'],
+        composite=results['composite'], k=results['k'], draws=results['draws'], classes=list(results['classes']),
+        chosen=results['chosen'], top=results['top'], random_units=results['random_units'], purity=results['purity'],
+        chance=results['chance'], relevance_mass=results['relevance_mass'],
+        unit_labels={mode: dict(label=lab.label.tolist(), purity=lab.purity.tolist())
+                     for mode, lab in (('relevance', rel), ('activation', act))},
+        references={mode: r.tolist() for mode, r in results['references'].items()},
+        unit_mass={str(u): {key: value.tolist() for key, value in m.items()} for u, m in results['mass'].items()})
+
+
+@shared_parameters('command_args')
+def run(args):
+    """Run ``lxt-ext concepts``: the experiment of the module doc on held-out images, its pictures, page and
+    figures.
+
+    Returns
+    -------
+    int
+        The exit status: 0, or 2 on bad arguments.
+    """
+    import time
+
+    from ..data import shapes
+
+    start = time.perf_counter()
+    if args.threads is not None:
+        if args.threads < 1:
+            return _error(f'--threads must be at least 1, got {args.threads}')
+        torch.set_num_threads(args.threads)
+    if args.images < 1:
+        return _error(f'--images must be at least 1, got {args.images}')
+    if not 1 <= args.k <= min(MAX_K, args.images):
+        return _error(f'--k must be in 1..{min(MAX_K, args.images)} (zennit-crp keeps {MAX_K} references per unit, '
+                      f'and at most --images), got {args.k}')
+    for flag, value in (('--units-per-class', args.units_per_class), ('--draws', args.draws),
+                        ('--batch-size', args.batch_size)):
+        if value < 1:
+            return _error(f'{flag} must be at least 1, got {value}')
+    try:
+        import lxt_ext.concepts  # noqa: F401  (zennit-crp installed?)
+    except ImportError as error:
+        return _error(str(error))
+    try:
+        _composite_factory(args.composite)
+        from ..concepts import concept_layers
+        from ..data import embedded
+        resolve_layer(args.layer, concept_layers(embedded.load_model()))
+    except ValueError as error:
+        return _error(str(error))
+    images, masks, labels = shapes.generate(args.images, seed=args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    try:
+        results = ground_truth(images, masks, labels, args.layer, args.k, args.units_per_class, args.draws,
+                               args.composite, args.batch_size, os.path.join(args.out, 'maximization'),
+                               held_out_seed=args.seed)
+    except ValueError as error:
+        return _error(str(error))
+    heatmap_figure(results).save(os.path.join(args.out, 'heatmaps.png'))
+    reference_sheet(results).save(os.path.join(args.out, 'references.png'))
+    with open(os.path.join(args.out, 'index.html'), 'w') as file:
+        file.write(page(results))
+    data = to_json(results)
+    data['wall_s'] = time.perf_counter() - start
+    with open(os.path.join(args.out, 'concepts.json'), 'w') as file:
+        json.dump(data, file, indent=1)
+    print(f'{summary(results)}\n\n{table(results)}\n\n{class_table(results)}\n\n{mass_table(results)}\n\n'
+          f'wall time {data["wall_s"]:.0f} s; wrote {os.path.join(args.out, "index.html")}, heatmaps.png, '
+          f'references.png, concepts.json')
+    return 0
