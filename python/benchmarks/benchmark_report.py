@@ -22,6 +22,9 @@ time, fresh processes with mmapped allocations for peak memory, see each script'
 - ``quantus``: perturbation curves vs Quantus 0.6, values and time against the forwards (benchmark_quantus.py);
 - ``zoo``: the zoo sweep's verdicts per zoo (zoo_sweep.py, about 7 minutes with 2 jobs);
 - ``evaluation``: ``lxt-ext evaluate`` on the embedded model, seconds per image per method;
+- ``faithfulness``: the methods' faithfulness at scale with intervals and paired tests (2,000 generated images,
+  AttnLRP and DynamicLRP protocols, the gamma grid; real text with MiniLM; about an hour: only with ``--only
+  faithfulness``);
 - ``pytest``: the pytest-benchmark suites (tests/benchmarks), from their JSON.
 GPU results (docs/gpu_*.md, written by python/gpu/gpu_check) are included as they are.
 Hand-written reasoning about the figures lives in docs/benchmarks_notes.md.
@@ -44,6 +47,12 @@ PYTHON = sys.executable
 
 def script(name, *args):
     return [PYTHON, os.path.join(ROOT, 'python', 'benchmarks', name), *map(str, args)]
+
+
+def evaluate_at_scale(run, *args):
+    """``lxt-ext evaluate`` on generated images under torchrun, 2 processes of 1 thread, into {tmp}/faithfulness/run."""
+    return [PYTHON, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29731', '-m', 'lxt_ext',
+            'evaluate', *map(str, args), '--threads', 1, '--quiet', '--out', '{tmp}/faithfulness/' + run]
 
 
 # name -> (title, full command(s), quick command(s), what it shows)
@@ -115,6 +124,19 @@ SECTIONS = {
                    [[PYTHON, '-m', 'lxt_ext', 'evaluate', '--out', '{tmp}/evaluate', '--threads', 2, '--quiet',
                      '--limit', 2, '--max-steps', 4]],
                    'perturbation curves and localisation per method; seconds per image'),
+    'faithfulness': ('Faithfulness at scale: attribution methods on thousands of generated held-out images and on real text',
+                     [evaluate_at_scale('attnlrp', '--protocol', 'attnlrp', '--generate', 2000),
+                      evaluate_at_scale('dynamiclrp', '--protocol', 'dynamiclrp', '--generate', 1000),
+                      evaluate_at_scale('gamma_search', '--protocol', 'attnlrp', '--generate', 500, '--gamma-search'),
+                      script('evaluate_text.py', '--threads', 2, '--out', '{tmp}/faithfulness/text')],
+                     [evaluate_at_scale('attnlrp', '--protocol', 'attnlrp', '--generate', 8, '--max-steps', 4,
+                                        '--methods', 'vit_epsilon:attnlrp,gradient_x_input'),
+                      script('evaluate_text.py', '--threads', 2, '--sentences', 4, '--out', '{tmp}/faithfulness/text')],
+                     'lxt-ext evaluate --generate under torchrun (2 processes of 1 thread; the statistics fixed before '
+                     'the run: ABPC primary, 95 % percentile-bootstrap intervals over the images, paired bootstrap '
+                     'differences Holm-corrected across the pairs) with the AttnLRP protocol (2,000 images) and the DynamicLRP '
+                     'protocol (1,000), the ViTGamma grid on 500 images, and token deletion on real sentences with the pretrained '
+                     'all-MiniLM-L6-v2 (evaluate_text.py)'),
     'pytest': ('pytest-benchmark suites (tests/benchmarks)',
                [[PYTHON, '-m', 'pytest', '-q', os.path.join(ROOT, 'tests', 'benchmarks'), '--benchmark-enable',
                  '--benchmark-json={tmp}/pytest_benchmark.json', '-p', 'no:cacheprovider']],
@@ -124,7 +146,28 @@ SECTIONS = {
 
 
 # sections the full suite leaves out (hours): run them with --only
-SEPARATE = ('long_context',)
+SEPARATE = ('long_context', 'faithfulness')
+
+
+def faithfulness_outputs(folder, figures):
+    """The faithfulness section's results: each run's markdown (what lxt-ext evaluate and evaluate_text.py
+    wrote into ``folder``), its PNG copied into ``figures`` as ``faithfulness_<run>.png``."""
+    import shutil
+
+    outputs = []
+    for run in sorted(os.listdir(folder)):
+        found = sorted(glob.glob(os.path.join(folder, run, '*.md')))
+        if not found:
+            raise FileNotFoundError(f'the faithfulness run {run} wrote no markdown into {folder}/{run}')
+        with open(found[0]) as file:
+            # the runs' own headings sit below the run's (the report's sections are its '## ' lines)
+            text = '\n'.join('#### ' + line.lstrip('#').strip() if line.startswith('#') else line
+                              for line in file.read().strip().splitlines())
+        outputs.append(f'### {run}\n\n{text}')
+        for png in sorted(glob.glob(os.path.join(folder, run, '*.png')))[:1]:
+            shutil.copyfile(png, os.path.join(figures, f'faithfulness_{run}.png'))
+            outputs.append(f'![{run}](benchmarks/faithfulness_{run}.png)')
+    return outputs
 
 
 def markdown_tables(text):
@@ -297,11 +340,13 @@ def main():
                     outputs = ['\n'.join(line for line in file.read().splitlines() if line.startswith('|'))]
             if name == 'evaluation' and name not in failed:
                 outputs = [evaluation_table(os.path.join(tmp, 'evaluate'))]
+            if name == 'faithfulness' and name not in failed:
+                outputs = faithfulness_outputs(os.path.join(tmp, 'faithfulness'), figures)
             lines += ['', f'Load average at the start of the section: {load:.2f}; '
                       f'{time.perf_counter() - start:.0f} s in all.', '']
             text = '\n\n'.join(outputs)
             lines.append(text)
-            png = plot(name, markdown_tables(text), os.path.join(figures, f'{name}.png'))
+            png = None if name == 'faithfulness' else plot(name, markdown_tables(text), os.path.join(figures, f'{name}.png'))
             if png is not None:
                 lines += ['', f'![{name}](benchmarks/{name}.png)']
             blocks[f'## {title}'] = lines + ['']
