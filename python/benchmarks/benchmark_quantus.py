@@ -1,12 +1,15 @@
 """lxt_ext's perturbation curves against Quantus 0.6's RegionPerturbation: the same values, and each one's time
 against the batched forwards the curves need (2 threads).
 
-    python python/benchmarks/benchmark_quantus.py [--workloads embedded vit_b_16] [--images 8] [--repeats 3]
+    python python/benchmarks/benchmark_quantus.py [--workloads embedded vit_b_16 generated] [--images 8]
+        [--generated 2000] [--repeats 3]
 
 Workloads (region perturbation, most relevant first, a 0.0 fill, every step until every patch is gone):
 
 - ``embedded``: the embedded model on its 12 sample images (64 x 64, 8 x 8 patches: 64 steps), the true class,
   relevance from ``ViTGamma`` (the embedded model's default composite);
+- ``generated``: the embedded model on ``--generated`` freshly generated held-out images (``lxt-ext evaluate
+  --generate``'s images: seeds from 1,000,000), otherwise as ``embedded`` (the thousands-of-images scale);
 - ``vit_b_16``: torchvision's vit_b_16 with random weights on ``--images`` random 224 x 224 images (16 x 16
   patches: 196 steps), the top class, Gaussian relevance (continuous: no ties in the ranking, whose order Quantus's
   unstable argsort would break differently).
@@ -43,16 +46,23 @@ class Normalised(torch.nn.Module):
         return self.model((x - self.mean) / self.std)
 
 
-def workload(name, images):
+def workload(name, images, generated=2000):
     """``(model, x, relevance, target, patch)``."""
-    if name == 'embedded':
+    if name in ('embedded', 'generated'):
         from lxt_ext.attribution import explain_batch
         from lxt_ext.composites import ViTGamma
-        from lxt_ext.data import embedded
+        from lxt_ext.data import embedded, shapes
+        from lxt_ext.job.evaluation import BLOCK, DEFAULT_SEED
         model = Normalised(embedded.load_model(), embedded.MEAN, embedded.STD).eval()
-        x, _, target, _ = embedded.load_samples()
-        relevance = explain_batch(model.model, (x - embedded.MEAN) / embedded.STD, ViTGamma(), target).relevance
-        return model, x, relevance.detach(), target, 8
+        if name == 'embedded':
+            x, _, target, _ = embedded.load_samples()
+        else:
+            blocks = [shapes.generate(BLOCK, seed=DEFAULT_SEED + k) for k in range(-(-generated // BLOCK))]
+            x, target = torch.cat([b[0] for b in blocks])[:generated], torch.cat([b[2] for b in blocks])[:generated]
+        relevance = torch.cat([explain_batch(model.model, (chunk - embedded.MEAN) / embedded.STD, ViTGamma(),
+                                             labels).relevance.detach()
+                               for chunk, labels in zip(x.split(256), target.split(256))])
+        return model, x, relevance, target, 8
     generator = torch.Generator().manual_seed(0)
     model = Normalised(vit(), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)).eval()
     x = torch.rand(images, 3, 224, 224, generator=generator)
@@ -62,10 +72,10 @@ def workload(name, images):
     return model, x, relevance, target, 16
 
 
-def measure(name, images, repeats):
+def measure(name, images, repeats, generated=2000):
     import quantus
     from lxt_ext.evaluation import perturbation_curve
-    model, x, relevance, target, patch = workload(name, images)
+    model, x, relevance, target, patch = workload(name, images, generated)
     steps = (x.shape[2] // patch) * (x.shape[3] // patch)
     metric = quantus.RegionPerturbation(patch_size=patch, order='morf', regions_evaluation=steps, abs=False,
                                         normalise=False, perturb_baseline=0.0, disable_warnings=True,
@@ -97,15 +107,17 @@ def measure(name, images, repeats):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--workloads', nargs='+', default=['embedded', 'vit_b_16'], choices=['embedded', 'vit_b_16'])
+    parser.add_argument('--workloads', nargs='+', default=['embedded', 'vit_b_16'],
+                        choices=['embedded', 'vit_b_16', 'generated'])
     parser.add_argument('--images', type=int, default=8, help='vit_b_16 images (default 8)')
+    parser.add_argument('--generated', type=int, default=2000, help='generated images (default 2000)')
     parser.add_argument('--repeats', type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(2)
     print(f'load average before: {os.getloadavg()[0]:.1f}', file=sys.stderr)
     rows = []
     for name in args.workloads:
-        steps, n, seconds, difference = measure(name, args.images, args.repeats)
+        steps, n, seconds, difference = measure(name, args.images, args.repeats, args.generated)
         print(f'  {name}: {seconds} (load {os.getloadavg()[0]:.1f})', file=sys.stderr)
         rows.append((name, steps, n, seconds, difference))
     print('| workload | images | steps | forwards (s) | lxt_ext (s) | Quantus (s) | lxt_ext / forwards | '
