@@ -20,8 +20,8 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ['Interval', 'Comparison', 'bootstrap_interval', 'bootstrap_band', 'paired_comparisons', 'holm', 'statistics_markdown',
-           'RESAMPLES', 'CONFIDENCE']
+__all__ = ['Interval', 'Comparison', 'bootstrap_interval', 'bootstrap_band', 'paired_comparisons', 'holm',
+           'statistics_markdown', 'RESAMPLES', 'CONFIDENCE']
 
 RESAMPLES = 10000
 CONFIDENCE = 0.95

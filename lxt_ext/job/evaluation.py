@@ -95,7 +95,8 @@ class EvaluationJob(BatchJob):
             raise ValueError('no methods to evaluate')
         used = sorted(set(_block_seeds(seed, count)) & set(TRAINING_SEEDS))
         if used:
-            raise ValueError(f'seed {seed} draws {count} images from the seeds {list(_block_seeds(seed, count))[:3]}..., '
+            seeds = _block_seeds(seed, count)
+            raise ValueError(f'seed {seed} draws {count} images from the seeds {seeds.start}..{seeds.stop - 1}, '
                              f'which include {used}, the embedded model\'s training seeds: choose a seed above '
                              f'{max(TRAINING_SEEDS)}')
         super().__init__(out, batch_size, device, resume, progress, writers)
@@ -104,8 +105,8 @@ class EvaluationJob(BatchJob):
         self.preprocess, self.forward = preprocess, forward or (lambda model, x: model(x))
 
     def recorded(self):
-        return dict(self.identity, methods=list(self.methods), images=self.count, data_seed=self.seed, target=self.target,
-                    batch_size=self.batch_size, **self.perturbation)
+        return dict(self.identity, methods=list(self.methods), images=self.count, data_seed=self.seed,
+                    target=self.target, batch_size=self.batch_size, **self.perturbation)
 
     def items(self):
         return ROOT, [f'{i:06d}' for i in range(self.count)]

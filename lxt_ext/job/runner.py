@@ -408,4 +408,5 @@ def summary_text(summary, world=1):
     return '\n'.join(lines)
 
 
-__all__ = ['BatchJob', 'ExplainJob', 'JobSettings', 'Summary', 'summary_text', 'RELEVANCE_FORMATS', 'DTYPES', 'is_out_of_memory']
+__all__ = ['BatchJob', 'ExplainJob', 'JobSettings', 'Summary', 'summary_text', 'RELEVANCE_FORMATS', 'DTYPES',
+           'is_out_of_memory']
