@@ -38,6 +38,7 @@ from .._docstrings import shared_parameters
 
 HELP = 'label the embedded model\'s units by their reference samples; purity and localisation against ground truth'
 HELD_OUT_SEED = 20261207   # training used 0, 1, 2; the tests use 20261202 (test_embedded_model) and the demo samples
+TRAINING_SEEDS = (0, 1, 2)  # python/training/train_default_model.py: training set, augmentation, its held-out set
 LAYER_KINDS = ('neurons', 'residual', 'heads')
 MAX_K = 40                 # zennit-crp's Maximization keeps the 40 best samples per unit
 SCALE = 2                  # picture cells are the 64 x 64 images enlarged twice (nearest neighbour)
@@ -663,6 +664,9 @@ def run(args):
         torch.set_num_threads(args.threads)
     if args.images < 1:
         return _error(f'--images must be at least 1, got {args.images}')
+    if args.seed in TRAINING_SEEDS:
+        return _error(f'--seed {args.seed} drew the embedded model\'s training data (seeds {TRAINING_SEEDS}); '
+                      f'choose another (default {HELD_OUT_SEED})')
     if not 1 <= args.k <= min(MAX_K, args.images):
         return _error(f'--k must be in 1..{min(MAX_K, args.images)} (zennit-crp keeps {MAX_K} references per unit, '
                       f'and at most --images), got {args.k}')

@@ -145,7 +145,7 @@ def test_ground_truth_claims_at_a_small_scale(output):
 
 def test_bad_arguments_exit_2(capsys, tmp_path):
     cases = [(['--k', '0'], '--k must be'), (['--k', '41'], '--k must be'), (['--images', '5', '--k', '8'], '--k must'),
-             (['--images', '0'], '--images'), (['--layer', 'bogus'], 'unknown layer'),
+             (['--images', '0'], '--images'), (['--seed', '0'], 'training data'), (['--layer', 'bogus'], 'unknown layer'),
              (['--layer', 'neurons:9'], 'block must be'), (['--composite', 'epsilon_plus'], 'unknown composite'),
              (['--composite', 'vit_gamma:flash'], 'attention rule'), (['--units-per-class', '0'], '--units-per-class'),
              (['--draws', '0'], '--draws'), (['--threads', '0'], '--threads'),
