@@ -27,7 +27,9 @@ maximisation files under ``maximization/``. The purity table is printed. Exit st
 (or without zennit-crp).
 """
 import html
+import importlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -413,8 +415,9 @@ def ground_truth(images, masks, labels, layer_spec='neurons:3', k=20, per_class=
                 data=dict(images=images, masks=masks, labels=labels))
 
 
-def _text(draw, xy, text, fill='black'):
-    draw.text(xy, text, fill=fill)
+def _write(draw, xy, text):
+    """Black text on the white bands of a picture."""
+    draw.text(xy, text, fill='black')
 
 
 def _cells(rows, size):
@@ -460,8 +463,8 @@ def heatmap_figure(results):
     draw = ImageDraw.Draw(canvas)
     titles = ['image (object outlined)', 'class heatmap'] + [f'unit {i + 1} of the class' for i in range(columns - 2)]
     for column, title in enumerate(titles):
-        _text(draw, (column * size + 4, 2), title)
-    _text(draw, (4, 15), f'{results["layer"]}, labels: majority class of the top {results["k"]} relevance references')
+        _write(draw, (column * size + 4, 2), title)
+    _write(draw, (4, 15), f'{results["layer"]}, labels: majority class of the top {results["k"]} relevance references')
     for i, name in enumerate(demo['names']):
         outline = _outline(demo['masks'][i]).numpy()
         label = int(demo['labels'][i])
@@ -471,13 +474,13 @@ def heatmap_figure(results):
             cell[outline] = OUTLINE
         top = header + i * (size + band)
         canvas.paste(_cells([cells], size), (0, top + band))
-        _text(draw, (4, top + 2), f'{name}')
-        _text(draw, (4, top + 13), f'class {results["classes"][label]}')
+        _write(draw, (4, top + 2), f'{name}')
+        _write(draw, (4, top + 13), f'class {results["classes"][label]}')
         total = demo['unconditional'][i].sum().item()
         for j, unit in enumerate(results['chosen'][label]):
             share = demo['heatmaps'][i][j].sum().item() / total if total else float('nan')
-            _text(draw, ((2 + j) * size + 4, top + 2), _unit_caption(results, unit))
-            _text(draw, ((2 + j) * size + 4, top + 13), f'{share:.0%} of the relevance')
+            _write(draw, ((2 + j) * size + 4, top + 2), _unit_caption(results, unit))
+            _write(draw, ((2 + j) * size + 4, top + 13), f'{share:.0%} of the relevance')
     return canvas
 
 
@@ -531,7 +534,7 @@ def reference_sheet(results, units=None):
         top = row * (2 * size + band)
         why = f'most relevant to {chosen_for[unit]}' if unit in chosen_for else 'random unit'
         shown = ', '.join(results['classes'][int(results['data']['labels'][i])] for i in refs.tolist())
-        _text(draw, (4, top + 2), f'{_unit_caption(results, unit)} (purity of the top {results["k"]}; {why}); '
+        _write(draw, (4, top + 2), f'{_unit_caption(results, unit)} (purity of the top {results["k"]}; {why}); '
                                   f'reference classes: {shown}')
         canvas.paste(_cells([pictures, maps], size), (0, top + band))
     return canvas
@@ -550,7 +553,7 @@ def table(results):
     str
     """
     p, k, n = results['purity'], results['k'], len(results['top'])
-    lines = [f'| units | count | purity, relevance maximisation | purity, activation maximisation |',
+    lines = ['| units | count | purity, relevance maximisation | purity, activation maximisation |',
              '|---|---|---|---|',
              f'| most relevant to each class ({len(results["chosen"][0])} per class, on the demo samples) | {n} | '
              f'{p["relevance"]["top"]:.3f} | {p["activation"]["top"]:.3f} |']
@@ -630,7 +633,8 @@ def page(results):
 
 
 def to_json(results):
-    """The figures of ``results`` as JSON-serialisable data."""
+    """The figures of ``results`` as JSON-serialisable data (a relevance mass that is NaN, a heatmap without
+    positive relevance, is None)."""
     rel, act = results['labels']['relevance'], results['labels']['activation']
     return dict(
         layer=results['layer'], units=results['units'], images=results['images'], seed=results['seed'],
@@ -640,7 +644,8 @@ def to_json(results):
         unit_labels={mode: dict(label=lab.label.tolist(), purity=lab.purity.tolist())
                      for mode, lab in (('relevance', rel), ('activation', act))},
         references={mode: r.tolist() for mode, r in results['references'].items()},
-        unit_mass={str(u): {key: value.tolist() for key, value in m.items()} for u, m in results['mass'].items()})
+        unit_mass={str(u): {key: [v if math.isfinite(v) else None for v in value.tolist()] for key, value in m.items()}
+                   for u, m in results['mass'].items()})
 
 
 @shared_parameters('command_args')
@@ -675,7 +680,7 @@ def run(args):
         if value < 1:
             return _error(f'{flag} must be at least 1, got {value}')
     try:
-        import lxt_ext.concepts  # noqa: F401  (zennit-crp installed?)
+        importlib.import_module('lxt_ext.concepts')        # zennit-crp installed?
     except ImportError as error:
         return _error(str(error))
     try:

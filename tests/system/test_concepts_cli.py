@@ -6,10 +6,10 @@ the held-out images' labels (``shapes.generate`` with the same seed) by an expli
 by its formula (positive relevance inside the mask over all positive relevance, written out) on a unit's
 conditional heatmaps recomputed here without zennit-crp (``explain_batch`` under the same composite with the
 gradient at the layer masked by a tensor hook: kept at the unit, less kept nowhere, is the relevance through that
-unit alone) and on the unconditional ones; the random units' purity as the mean over all units' purities. The ground-truth claims are
-checked with margins at this scale (deterministic seeds): the units most relevant to each class are labelled
-with that class, their references are purer than random units' and far purer than random images', and their
-conditional relevance lies on the object several times more than the mask's area share.
+unit alone) and on the unconditional ones; the random units' purity as the mean over all units' purities. The
+ground-truth claims are checked with margins at this scale (deterministic seeds): the units most relevant to each
+class are labelled with that class, their references are purer than all units' and far purer than random
+images', and their conditional relevance lies on the object several times more than the mask's area share.
 """
 import argparse
 import collections
@@ -145,7 +145,8 @@ def test_ground_truth_claims_at_a_small_scale(output):
 
 def test_bad_arguments_exit_2(capsys, tmp_path):
     cases = [(['--k', '0'], '--k must be'), (['--k', '41'], '--k must be'), (['--images', '5', '--k', '8'], '--k must'),
-             (['--images', '0'], '--images'), (['--seed', '0'], 'training data'), (['--layer', 'bogus'], 'unknown layer'),
+             (['--images', '0'], '--images'), (['--seed', '0'], 'training data'),
+             (['--layer', 'bogus'], 'unknown layer'),
              (['--layer', 'neurons:9'], 'block must be'), (['--composite', 'epsilon_plus'], 'unknown composite'),
              (['--composite', 'vit_gamma:flash'], 'attention rule'), (['--units-per-class', '0'], '--units-per-class'),
              (['--draws', '0'], '--draws'), (['--threads', '0'], '--threads'),

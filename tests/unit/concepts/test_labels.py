@@ -233,9 +233,9 @@ def test_text_labels_match_a_per_sample_computation(tmp_path):
     layers = concept_layers(model)
     name = layers.neurons[0]
     taps = {name: layers.taps[name]}
-    fv = TransformerFeatureVisualization(TransformerCondAttribution(model, taps=taps),
-                                         torch.utils.data.TensorDataset(embeds, targets), {name: layers.layer_map[name]},
-                                         path=tmp_path)
+    dataset = torch.utils.data.TensorDataset(embeds, targets)
+    fv = TransformerFeatureVisualization(TransformerCondAttribution(model, taps=taps), dataset,
+                                         {name: layers.layer_map[name]}, path=tmp_path)
     fv.run(LanguageTransformer(), 0, len(ids), batch_size=8)
     k = 6
     indices, _, tokens = fv.reference_indices(name, 'relevance', r_range=(0, k))
