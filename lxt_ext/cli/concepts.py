@@ -37,10 +37,10 @@ import tempfile
 import torch
 
 from .._docstrings import shared_parameters
+from ..job.evaluation import TRAINING_SEEDS  # the seeds python/training/train_default_model.py drew from
 
 HELP = 'label the embedded model\'s units by their reference samples; purity and localisation against ground truth'
 HELD_OUT_SEED = 20261207   # training used 0, 1, 2; the tests use 20261202 (test_embedded_model) and the demo samples
-TRAINING_SEEDS = (0, 1, 2)  # python/training/train_default_model.py: training set, augmentation, its held-out set
 LAYER_KINDS = ('neurons', 'residual', 'heads')
 MAX_K = 40                 # zennit-crp's Maximization keeps the 40 best samples per unit
 SCALE = 2                  # picture cells are the 64 x 64 images enlarged twice (nearest neighbour)
