@@ -10,6 +10,7 @@ COMMANDS = {
     'evaluate': 'lxt_ext.cli.evaluate',
     'check': 'lxt_ext.cli.check',
     'concepts': 'lxt_ext.cli.concepts',
+    'references': 'lxt_ext.cli.references',
 }
 
 

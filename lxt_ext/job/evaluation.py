@@ -28,7 +28,7 @@ from ..evaluation.perturbation import Faithfulness, faithfulness
 from .outputs import INDEX_FILE, atomic_write
 from .runner import BatchJob
 
-__all__ = ['EvaluationJob', 'collect', 'BLOCK', 'TRAINING_SEEDS', 'DEFAULT_SEED']
+__all__ = ['EvaluationJob', 'collect', 'BLOCK', 'TRAINING_SEEDS', 'DEFAULT_SEED', 'check_generated', 'generated']
 
 BLOCK = 256  # images drawn per seed
 # python/training/train_default_model.py draws its training set from --seed (0), its augmentation from
@@ -40,6 +40,61 @@ ROOT = 'generated'
 
 def _block_seeds(seed, count):
     return range(seed, seed + -(-count // BLOCK))
+
+
+def check_generated(seed, count):
+    """Refuse a set of generated images that would draw from the embedded model's training seeds.
+
+    Parameters
+    ----------
+    seed : int
+        The first seed of the images' blocks.
+    count : int
+        How many images.
+
+    Raises
+    ------
+    ValueError
+        Naming the seed range and the training seeds in it.
+    """
+    used = sorted(set(_block_seeds(seed, count)) & set(TRAINING_SEEDS))
+    if used:
+        seeds = _block_seeds(seed, count)
+        raise ValueError(f'seed {seed} draws {count} images from the seeds {seeds.start}..{seeds.stop - 1}, '
+                         f'which include {used}, the embedded model\'s training seeds: choose a seed above '
+                         f'{max(TRAINING_SEEDS)}')
+
+
+def generated(seed, spans):
+    """The generated images of each span, in order (module doc: image ``i`` is image ``i mod BLOCK`` of the
+    block of seed ``seed + i // BLOCK``); one block is kept at a time, so spans in increasing order generate
+    each block once.
+
+    Parameters
+    ----------
+    seed : int
+        The first seed of the blocks.
+    spans : iterable of list of int
+        Image indices, one list per batch.
+
+    Yields
+    ------
+    tuple of torch.Tensor
+        ``(images, masks, labels)`` of a span: ``(n, 3, 64, 64)`` in 0..1, ``(n, 64, 64)`` bool, ``(n,)``.
+    """
+    from ..data import shapes
+
+    cached = {}
+    for span in spans:
+        parts = []
+        for i in span:
+            block = seed + i // BLOCK
+            if block not in cached:
+                cached.clear()  # batches run in order: one block at a time stays in memory
+                cached[block] = shapes.generate(BLOCK, seed=block)
+            images, masks, labels = cached[block]
+            parts.append((images[i % BLOCK], masks[i % BLOCK], labels[i % BLOCK]))
+        yield tuple(torch.stack(column) for column in zip(*parts))
 
 
 class EvaluationJob(BatchJob):
@@ -93,12 +148,7 @@ class EvaluationJob(BatchJob):
             raise ValueError(f"target must be 'label' or 'predicted', got {target!r}")
         if not methods:
             raise ValueError('no methods to evaluate')
-        used = sorted(set(_block_seeds(seed, count)) & set(TRAINING_SEEDS))
-        if used:
-            seeds = _block_seeds(seed, count)
-            raise ValueError(f'seed {seed} draws {count} images from the seeds {seeds.start}..{seeds.stop - 1}, '
-                             f'which include {used}, the embedded model\'s training seeds: choose a seed above '
-                             f'{max(TRAINING_SEEDS)}')
+        check_generated(seed, count)
         super().__init__(out, batch_size, device, resume, progress, writers)
         self.model, self.methods, self.count, self.seed, self.target = model, dict(methods), count, seed, target
         self.identity, self.perturbation = dict(identity), dict(perturbation)
@@ -112,19 +162,7 @@ class EvaluationJob(BatchJob):
         return ROOT, [f'{i:06d}' for i in range(self.count)]
 
     def load(self, root, names, spans):
-        from ..data import shapes
-
-        cached = {}
-        for span in spans:
-            parts = []
-            for i in span:
-                block = self.seed + i // BLOCK
-                if block not in cached:
-                    cached.clear()  # batches run in order: one block at a time stays in memory
-                    cached[block] = shapes.generate(BLOCK, seed=block)
-                images, masks, labels = cached[block]
-                parts.append((images[i % BLOCK], masks[i % BLOCK], labels[i % BLOCK]))
-            yield tuple(torch.stack(column) for column in zip(*parts))
+        return generated(self.seed, spans)
 
     def session(self, group):
         self._device = group.device

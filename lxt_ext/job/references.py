@@ -1,0 +1,674 @@
+"""``ReferenceJob`` (``lxt-ext references``): every chosen unit's reference samples over a data set, its top-``k``
+images by relevance and by activation (zennit-crp's relevance and activation maximisation), streamed on the job
+runner of ``lxt-ext explain`` (:class:`~lxt_ext.job.runner.BatchJob`: fixed batches, resumable, sharded over
+``torchrun`` processes), written as image sheets and an HTML page per layer.
+
+What is ranked (as :class:`lxt_ext.concepts.TransformerFeatureVisualization` ranks it): each image is explained
+for its class (its label, its predicted class or a given class) under a transformer composite; the relevance of a
+layer's output is ``a * g`` (activation times the gradient arriving there, the Gradient x Input convention). A
+unit's value in an image is its relevance (or activation) summed over the tokens (``max_target='sum'``, a head's
+channels summed too) or at its largest token (``'max'``), divided by the image's summed absolute value over ALL
+units of the layer when ``abs_norm`` (zennit-crp's default), then the images are ranked per unit, ties to the
+smaller image index. The unit's token in an image is the token of its largest relevance (activation): the patch
+the sheets box and crop.
+
+Streaming: each batch writes only its own per-unit top ``k`` (value, image index, token; ``topk/batch-<b>.pt``)
+before its index part; at the end rank 0 merges the top ``k`` over all parts, one part at a time, so memory does
+not grow with the number of images, and the top ``k`` of the union is the top ``k`` of the per-batch tops. A run
+killed at any moment and rerun gives the outputs of an uninterrupted run; a run under ``torchrun`` those of one
+process (the batches are the same).
+
+Output folder (beside ``run.json``, ``parts/``, ``index.jsonl`` (one row per image: ``path``, ``image``,
+``label``, ``predicted``, ``explained``, ``logit``) and ``failures.jsonl`` of ``lxt_ext.job.outputs``)::
+
+    topk/batch-<b>.pt             the batch's per-unit top k, per layer and mode
+    references.json               the merged references: per layer, mode and unit the ranked images
+                                  (rank, image, path, value, token, label, explained)
+    index.html                    a link per layer
+    layers/<layer>/index.html     the layer's page: per unit its strips and its references with their values
+    layers/<layer>/<mode>-<p>.png the sheets: one row per unit (up to ``SHEET_UNITS`` units a page), each its top
+                                  images (the unit's patch boxed) over their conditional heatmaps (and crops)
+    layers/<layer>/units/<mode>-<unit>.png   each unit's strip, as the page shows it
+
+A reference's conditional heatmap is zennit-crp's: the unit's activation as relevance at the layer, the other
+units masked, propagated to the pixels (:class:`lxt_ext.concepts.TransformerCondAttribution` with
+``start_layer``), as ``FeatureVisualization.get_max_reference`` draws it.
+"""
+import contextlib
+import json
+import math
+import os
+import sys
+
+import torch
+
+from ..attribution import Explainer, logits_of
+from . import inputs as job_inputs
+from .evaluation import DEFAULT_SEED, check_generated, generated
+from .outputs import INDEX_FILE, atomic_write
+from .runner import BatchJob
+
+__all__ = ['ReferenceJob', 'collect', 'unit_values', 'top_k', 'ranges', 'MODES', 'MAX_TARGETS', 'SHEET_UNITS', 'REFERENCES_FILE']
+
+MODES = ('relevance', 'activation')
+MAX_TARGETS = ('sum', 'max')
+SHEET_UNITS = 16            # units per sheet page
+REFERENCES_FILE = 'references.json'
+ROOT = 'generated'          # the input root of generated images
+
+
+def unit_values(concept, tensor, max_target='sum', abs_norm=True):
+    """Each unit's value and token per sample, as zennit-crp's reference sampling computes them.
+
+    Parameters
+    ----------
+    concept : lxt_ext.concepts.HiddenConcept or HeadConcept
+        The layer's concept (its ``reference_sampling``).
+    tensor : torch.Tensor
+        The layer's relevance or activation, ``(samples, tokens, channels)``.
+    max_target : {'sum', 'max'}, optional
+        Summed over the tokens, or the largest token.
+    abs_norm : bool, optional
+        Divided by the sample's summed absolute value over all units of the layer.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        ``(values, tokens)``, each ``(samples, units)``, in sample order.
+    """
+    order, values, tokens = concept.reference_sampling(tensor, max_target=max_target, abs_norm=abs_norm)
+    return (torch.empty_like(values).scatter_(0, order, values), torch.empty_like(tokens).scatter_(0, order, tokens))
+
+
+def top_k(values, indices, tokens, k):
+    """Per column the ``k`` rows of largest value, ties to the smaller index: a total order, so the top ``k`` of
+    a union is the top ``k`` of its parts' tops, whatever the parts.
+
+    Parameters
+    ----------
+    values : torch.Tensor
+        ``(rows, units)``.
+    indices : torch.Tensor
+        ``(rows, units)`` int64 sample indices.
+    tokens : torch.Tensor
+        ``(rows, units)`` int64.
+    k : int
+        How many rows to keep (fewer when there are fewer).
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        ``(values, indices, tokens)``, each ``(min(k, rows), units)``, best first.
+    """
+    order = torch.sort(indices, dim=0, stable=True).indices
+    values, indices, tokens = (t.gather(0, order) for t in (values, indices, tokens))
+    order = torch.sort(values, dim=0, descending=True, stable=True).indices[:k]
+    return tuple(t.gather(0, order) for t in (values, indices, tokens))
+
+
+def collect(out):
+    """The merged references of a finished folder (``references.json``).
+
+    Parameters
+    ----------
+    out : str
+        The folder a :class:`ReferenceJob` wrote.
+
+    Returns
+    -------
+    dict
+        ``settings``, ``images``, ``layers``: ``layer -> {'units': [...], 'tokens': int, mode: {unit (str):
+        [reference rows, best first]}}``.
+
+    Raises
+    ------
+    FileNotFoundError
+        When the folder holds no finished search.
+    """
+    path = os.path.join(out, REFERENCES_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{out} holds no finished reference search (no {REFERENCES_FILE})')
+    with open(path, encoding='utf-8') as file:
+        return json.load(file)
+
+
+def ranges(units):
+    """Units as compact text: runs of consecutive indices as ``a-b`` (``[0, 1, 2, 5]`` -> ``'0-2,5'``).
+
+    Parameters
+    ----------
+    units : sequence of int
+        Unit indices.
+
+    Returns
+    -------
+    str
+    """
+    parts, units = [], list(units)
+    start = 0
+    for i in range(1, len(units) + 1):
+        if i == len(units) or units[i] != units[i - 1] + 1:
+            first, last = units[start], units[i - 1]
+            parts.append(str(first) if first == last else f'{first}-{last}')
+            start = i
+    return ','.join(parts)
+
+
+def _file_name(layer):
+    return ''.join(c if c.isalnum() or c in '._-' else '_' for c in layer)
+
+
+class ReferenceJob(BatchJob):
+    """Find the reference samples of chosen units over an image folder or generated images (module doc).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model, in eval mode (a transformer that :func:`lxt_ext.concepts.concept_layers` knows, or give
+        ``layers`` as a dict with ``taps``).
+    composite : lxt_ext.composites.TransformerComposite
+        The transformer composite (e.g. ``ViTGamma()``); registered while the images are explained and for the
+        heatmaps.
+    layers : sequence of str or dict of str to Concept
+        Layer names of ``concept_layers(model)``, or names mapped to their concepts.
+    out : str
+        The output folder.
+    k : int, optional
+        References per unit and mode (default 8).
+    units : sequence of int or dict of str to sequence of int, optional
+        The units of every layer, or per layer (default all units).
+    inputs : sequence of str, optional
+        Image files, folders, globs or list files (as ``lxt-ext explain``); exclusive with ``generate``.
+    generate : int, optional
+        Search ``generate`` generated shapes images of the embedded model (``lxt_ext.job.evaluation``'s seeded
+        blocks from ``data_seed``; the training seeds are refused).
+    data_seed : int, optional
+        The first seed of the generated images.
+    size : int, optional
+        The model's input size (default 64, the generated images' size).
+    mean, std : sequence of float, optional
+        The model's normalisation of images in 0..1.
+    resize : {'stretch', 'none'}, optional
+        As ``lxt-ext explain``.
+    target : {'label', 'predicted'} or int, optional
+        The class each image is explained for: its label (generated images only; their default), its predicted
+        class (the default for files) or a class index.
+    max_target : {'sum', 'max'}, optional
+        A unit's value per image (module doc).
+    abs_norm : bool, optional
+        Normalise per image over the layer's units (module doc).
+    identity : dict, optional
+        What identifies the model and the composite (recorded; a resume with other values is refused).
+    forward : callable, optional
+        ``forward(model, x) -> logits`` (default ``model(x)``).
+    taps : dict of str to str, optional
+        Input taps (default those of ``concept_layers(model)`` the layers need).
+    classes : sequence of str, optional
+        Class names, for the pages (default the embedded model's for generated images).
+    rows : sequence of {'image', 'heatmap', 'crop'}, optional
+        What each reference shows in the sheets (default image and heatmap).
+    cmap : str, optional
+        The heatmaps' colour map.
+    batch_size : int, optional
+        Images per batch (recorded: it fixes the batches a resume skips).
+    heatmap_batch : int, optional
+        Conditional heatmaps per backward at the end.
+    workers : int, optional
+        DataLoader processes decoding image files.
+    device : str, optional
+        The torch device.
+    resume, progress, writers
+        As in :class:`~lxt_ext.job.runner.BatchJob`.
+
+    Raises
+    ------
+    ValueError
+        Bad arguments (named), e.g. an unknown layer, a unit out of range, k below 1, both or neither of
+        ``inputs`` and ``generate``, a label target without labels.
+    TypeError
+        A composite that is no transformer composite.
+    """
+
+    verb, unit = 'searching', 'img'
+
+    def __init__(self, model, composite, layers, out, k=8, units=None, inputs=None, generate=None,
+                 data_seed=DEFAULT_SEED, size=None, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), resize='stretch',
+                 target=None, max_target='sum', abs_norm=True, identity=None, forward=None, taps=None, classes=None,
+                 rows=('image', 'heatmap'), cmap='coldnhot', batch_size=32, heatmap_batch=64, workers=0, device='cpu',
+                 resume=True, progress=True, writers=1):
+        from ..composites.transformer import TransformerComposite
+        from ..visualization.references import ROWS
+
+        if not isinstance(composite, TransformerComposite):
+            raise TypeError(f'reference samples need a transformer composite (lxt_ext.composites.ViTGamma, ...; the '
+                            f'relevance at a layer is a * g there), got {type(composite).__name__}')
+        if (inputs is None) == (generate is None):
+            raise ValueError('give either inputs (image files, folders) or a number of images to generate')
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f'k must be a positive integer, got {k!r}')
+        if max_target not in MAX_TARGETS:
+            raise ValueError(f'max_target must be one of {MAX_TARGETS}, got {max_target!r}')
+        for name, value in (('batch_size', batch_size), ('heatmap_batch', heatmap_batch), ('writers', writers)):
+            if value < 1:
+                raise ValueError(f'{name} must be positive, got {value}')
+        if workers < 0:
+            raise ValueError(f'workers must be 0 or more, got {workers}')
+        if not rows or any(r not in ROWS for r in rows):
+            raise ValueError(f'rows must be some of {ROWS}, got {tuple(rows)}')
+        if generate is not None:
+            if generate < 1:
+                raise ValueError(f'the number of generated images must be positive, got {generate}')
+            check_generated(data_seed, generate)
+            target = 'label' if target is None else target
+            if classes is None:
+                from ..data import shapes
+                classes = shapes.CLASSES
+            size = size or 64
+        else:
+            if isinstance(inputs, str):
+                inputs = [inputs]
+            if not inputs:
+                raise ValueError('no inputs given')
+            target = 'predicted' if target is None else target
+            if size is None:
+                raise ValueError('give the model\'s input size for image files')
+            if resize not in job_inputs.RESIZE_MODES:
+                raise ValueError(f'resize must be one of {job_inputs.RESIZE_MODES}, got {resize!r}')
+            if target == 'label':
+                raise ValueError('target label needs labelled images (generated ones); image files are explained for '
+                                 'their predicted class or a given class')
+        if not (target in ('label', 'predicted') or (isinstance(target, int) and not isinstance(target, bool)
+                                                      and target >= 0)):
+            raise ValueError(f"target must be 'label', 'predicted' or a class index, got {target!r}")
+        super().__init__(out, batch_size, device, resume, progress, writers)
+        self.model, self.composite, self.forward = model, composite, forward or (lambda model, x: model(x))
+        self.k, self.inputs, self.generate, self.data_seed = k, inputs, generate, data_seed
+        self.size, self.resize, self.target = int(size), resize, target
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.max_target, self.abs_norm = max_target, bool(abs_norm)
+        self.identity, self.classes = dict(identity or {}), (list(classes) if classes is not None else None)
+        self.rows, self.cmap, self.heatmap_batch, self.workers = tuple(rows), cmap, heatmap_batch, workers
+        self.layer_map, self.taps = self._layers(layers, taps)
+        self.shapes = self._probe()
+        self.units = self._units(units)
+
+    # -- the layers and their units --
+
+    def _layers(self, layers, taps):
+        if isinstance(layers, str):
+            layers = [layers]
+        if not layers:
+            raise ValueError('no layers given')
+        known = None
+        if not isinstance(layers, dict) or taps is None:
+            from ..concepts import concept_layers
+            try:
+                known = concept_layers(self.model)
+            except TypeError as error:
+                if not isinstance(layers, dict):
+                    raise ValueError(str(error)) from None
+        if isinstance(layers, dict):
+            layer_map = dict(layers)
+        else:
+            unknown = [name for name in layers if name not in known.layer_map]
+            if unknown:
+                raise ValueError(f'unknown layer{"s" * (len(unknown) > 1)} {", ".join(unknown)}: the concept layers '
+                                 f'of {type(self.model).__name__} are {", ".join(known.layer_map)}')
+            layer_map = {name: known.layer_map[name] for name in dict.fromkeys(layers)}
+        if taps is None:
+            taps = {} if known is None else {name: t for name, t in known.taps.items() if name in layer_map}
+        return layer_map, dict(taps)
+
+    @contextlib.contextmanager
+    def _registered(self, model):
+        """The taps inserted and forward hooks recording each layer's output (``self._outputs``)."""
+        from ..concepts import input_taps
+
+        self._outputs = {}
+        with input_taps(model, self.taps):
+            modules = dict(model.named_modules())
+            missing = [name for name in self.layer_map if name not in modules]
+            if missing:
+                raise ValueError(f'no module {", ".join(missing)} in {type(model).__name__}')
+
+            def hook(name):
+                def record(module, args, output):
+                    tensor = output[0] if isinstance(output, (tuple, list)) else output
+                    self._outputs[name] = tensor.detach()
+                return record
+            handles = [modules[name].register_forward_hook(hook(name)) for name in self.layer_map]
+            try:
+                yield
+            finally:
+                for handle in handles:
+                    handle.remove()
+
+    def _probe(self):
+        """Each layer's output shape for one image (a forward of a blank image with the composite registered: an
+        attention rule calls its heads tap)."""
+        x = ((torch.full((1, 3, self.size, self.size), 0.5) - self.mean) / self.std)
+        parameter = next(self.model.parameters(), None)
+        if parameter is not None:
+            x = x.to(device=parameter.device, dtype=parameter.dtype)
+        with self._registered(self.model), self.composite.context(self.model) as modified, torch.enable_grad():
+            logits_of(self.forward(modified, x.requires_grad_()))
+        missing = [name for name in self.layer_map if name not in self._outputs]
+        if missing:
+            raise ValueError(f'layer{"s" * (len(missing) > 1)} {", ".join(missing)} did not run in a forward pass')
+        shapes = {name: tuple(self._outputs[name].shape[1:]) for name in self.layer_map}
+        self._outputs = {}
+        return shapes
+
+    def unit_count(self, layer):
+        """The number of units of a layer (channels, neurons, or heads).
+
+        Parameters
+        ----------
+        layer : str
+            One of the job's layers.
+
+        Returns
+        -------
+        int
+        """
+        channels = self.shapes[layer][-1]
+        head_dim = getattr(self.layer_map[layer], 'head_dim', 1)
+        return channels // head_dim
+
+    def tokens(self, layer):
+        """The tokens of a layer's output (the dimensions between batch and channels, flattened).
+
+        Parameters
+        ----------
+        layer : str
+            One of the job's layers.
+
+        Returns
+        -------
+        int
+        """
+        return math.prod(self.shapes[layer][:-1])
+
+    def _units(self, units):
+        chosen = {}
+        for name in self.layer_map:
+            count = self.unit_count(name)
+            given = units.get(name) if isinstance(units, dict) else units
+            given = list(range(count)) if given is None else [int(u) for u in given]
+            if not given:
+                raise ValueError(f'no units chosen for {name}')
+            bad = [u for u in given if not 0 <= u < count]
+            if bad:
+                raise ValueError(f'unit{"s" * (len(bad) > 1)} {ranges(bad)} out of range: {name} has '
+                                 f'{count} units (0..{count - 1})')
+            if len(set(given)) != len(given):
+                raise ValueError(f'units of {name} given twice: {given}')
+            chosen[name] = given
+        if isinstance(units, dict):
+            extra = [name for name in units if name not in self.layer_map]
+            if extra:
+                raise ValueError(f'units given for layers not searched: {", ".join(extra)}')
+        return chosen
+
+    # -- BatchJob --
+
+    def recorded(self):
+        data = (dict(generated=self.generate, data_seed=self.data_seed) if self.generate is not None else
+                dict(size=self.size, resize=self.resize, mean=self.mean.flatten().tolist(),
+                     std=self.std.flatten().tolist()))
+        return dict(self.identity, kind='references', layers={name: ranges(self.units[name]) for name in self.layer_map},
+                    k=self.k, max_target=self.max_target, abs_norm=self.abs_norm, target=self.target,
+                    batch_size=self.batch_size, **data)
+
+    def items(self):
+        if self.generate is not None:
+            return ROOT, [f'{i:06d}' for i in range(self.generate)]
+        return job_inputs.collect(self.inputs)
+
+    def load(self, root, names, spans):
+        if self.generate is not None:
+            return ((span, images, span, {}, labels) for span, (images, _, labels) in
+                    zip(spans, generated(self.data_seed, spans)))
+        dataset = job_inputs.ImageFiles(root, names, self.size, self.resize)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=spans, num_workers=self.workers,
+                                             collate_fn=job_inputs.collate)
+        return ((*batch, None) for batch in loader)
+
+    @contextlib.contextmanager
+    def session(self, group):
+        self._device = group.device
+        parameter = next(self.model.parameters(), None)
+        self._dtype = parameter.dtype if parameter is not None else torch.float32
+        model = self.model.to(group.device)
+        with self._registered(model), Explainer(model, self.composite, self.forward, list(self.layer_map)) as explainer:
+            yield explainer
+
+    def compute(self, explainer, batch, indices, loaded, names):
+        _, images, done, errors, labels = loaded
+        failures = [{'path': names[i], 'error': errors[i]} for i in indices if i in errors]
+        if images is None:
+            return ([], {}), 0, failures
+        x = ((images - self.mean) / self.std).to(device=self._device, dtype=self._dtype)
+        if self.target == 'label':
+            target = labels.to(self._device)
+        elif self.target == 'predicted':
+            target = None
+        else:
+            target = self.target
+        explanation = explainer(x, target)
+        part = {}
+        index = torch.tensor(done, dtype=torch.int64)[:, None]
+        for name, concept in self.layer_map.items():
+            columns = torch.tensor(self.units[name])
+            for mode, tensor in (('relevance', explanation.latent[name]), ('activation', self._outputs[name])):
+                values, tokens = unit_values(concept, tensor.detach().float().cpu(), self.max_target, self.abs_norm)
+                values, tokens = values[:, columns], tokens[:, columns].long()
+                part[f'{name}\t{mode}'] = top_k(values, index.expand_as(values), tokens, self.k)
+        self._outputs = {}
+        predicted = explanation.output.float().argmax(1).cpu()
+        explained, logit = explanation.target.cpu(), explanation.score.float().cpu()
+        rows = [{'path': names[i], 'image': i, 'label': None if labels is None else int(labels[j]),
+                 'predicted': int(predicted[j]), 'explained': int(explained[j]), 'logit': float(logit[j])}
+                for j, i in enumerate(done)]
+        return (rows, part), len(done), failures
+
+    def write(self, batch, result, failures):
+        rows, part = result
+        data = {f'{key}\t{field}': tensor.contiguous() for key, tensors in part.items()
+                for field, tensor in zip(('value', 'index', 'token'), tensors)}
+        atomic_write(self.folder.path('topk', f'batch-{batch:07d}.pt'), lambda f: torch.save(data, f))
+        self.folder.write_part(batch, rows, failures)
+
+    # -- the merge and the pictures (rank 0) --
+
+    def merge_parts(self, batches):
+        """The top ``k`` per layer, mode and unit over the parts of ``batches``, read one at a time.
+
+        Parameters
+        ----------
+        batches : iterable of int
+            The batch numbers (those without a top-k file are skipped).
+
+        Returns
+        -------
+        dict
+            ``(layer, mode) -> (values, indices, tokens)``, each ``(min(k, images), units)``.
+        """
+        merged = {}
+        for b in batches:
+            path = self.folder.path('topk', f'batch-{b:07d}.pt')
+            if not os.path.exists(path):
+                continue
+            data = torch.load(path, weights_only=True)
+            for name in self.layer_map:
+                for mode in MODES:
+                    key = f'{name}\t{mode}'
+                    if f'{key}\tvalue' not in data:
+                        continue
+                    part = tuple(data[f'{key}\t{field}'] for field in ('value', 'index', 'token'))
+                    if (name, mode) in merged:
+                        part = tuple(torch.cat([a, b]) for a, b in zip(merged[name, mode], part))
+                    merged[name, mode] = top_k(*part, self.k)
+        return merged
+
+    def merged(self, root, names):
+        batches = math.ceil(len(names) / self.batch_size)
+        merged = self.merge_parts(range(batches))
+        wanted = {int(i) for tensors in merged.values() for i in tensors[1].flatten().tolist()}
+        rows = {}
+        with open(self.folder.path(INDEX_FILE), encoding='utf-8') as file:
+            for line in file:
+                row = json.loads(line)
+                if row['image'] in wanted:
+                    rows[row['image']] = row
+        layers = {}
+        for name in self.layer_map:
+            entry = {'units': self.units[name], 'tokens': self.tokens(name)}
+            for mode in MODES:
+                values, indices, tokens = merged.get((name, mode), (torch.zeros(0, len(self.units[name])),) * 3)
+                entry[mode] = {str(unit): [
+                    {'rank': r, 'image': int(indices[r, u]), 'path': rows[int(indices[r, u])]['path'],
+                     'value': float(values[r, u]), 'token': int(tokens[r, u]),
+                     'label': rows[int(indices[r, u])]['label'], 'explained': rows[int(indices[r, u])]['explained']}
+                    for r in range(values.shape[0])] for u, unit in enumerate(self.units[name])}
+            layers[name] = entry
+        result = {'settings': self.recorded(), 'images': len(names), 'layers': layers}
+        self._render(root, layers)
+        text = json.dumps(result, indent=1).encode()
+        atomic_write(self.folder.path(REFERENCES_FILE), lambda f: f.write(text))
+
+    def _settings_lines(self):
+        data = (f'{self.generate:,} generated shapes images (seeds from {self.data_seed}, {self.size} x {self.size})'
+                if self.generate is not None else f'image files: {", ".join(map(str, self.inputs))}')
+        target = {'label': 'its label', 'predicted': 'its predicted class'}.get(self.target, f'class {self.target}')
+        composite = self.identity.get('composite', type(self.composite).__name__)
+        return [f'model: {self.identity.get("model", type(self.model).__name__)}, composite: {composite}', data,
+                f'each image explained for {target}; a unit\'s value: its relevance (a * g at the layer output) or '
+                f'activation {"summed over" if self.max_target == "sum" else "at the largest of"} the tokens'
+                + (', divided by the image\'s summed |value| over the layer\'s units' if self.abs_norm else ''),
+                f'top {self.k} images per unit and mode, ties to the smaller image index; box: the unit\'s largest '
+                f'token (patch) in the image; heatmap: the unit\'s activation propagated back from the layer, the '
+                f'other units masked (zennit-crp\'s conditional heatmap; red positive, blue negative)']
+
+    def _images(self, root, indices):
+        """``{index: (3, H, W) uint8}`` of the generated images among ``indices`` (each block generated once), or
+        None for image files (decoded when drawn)."""
+        if self.generate is None:
+            return None
+        from .evaluation import BLOCK
+
+        wanted = sorted(set(indices))
+        images = {}
+        blocks = {}
+        for i in wanted:
+            blocks.setdefault(i // BLOCK, []).append(i)
+        for block, members in blocks.items():
+            span = [list(range(block * BLOCK, min(self.generate, (block + 1) * BLOCK)))]
+            block_images = next(generated(self.data_seed, span))[0]
+            for i in members:
+                images[i] = (block_images[i - block * BLOCK] * 255).round().to(torch.uint8)
+        return images
+
+    def _image(self, cache, root, path, index):
+        if cache is not None:
+            return cache[index].float() / 255
+        return job_inputs.decode(os.path.join(root, path), self.size, self.resize)
+
+    def _render(self, root, layers):
+        from tqdm import tqdm
+
+        from ..concepts import TransformerCondAttribution
+        from ..visualization.references import Reference, index_page, layer_page, patch_box, sheet, unit_strip
+
+        progress = tqdm(total=sum(len(self.units[n]) * len(MODES) for n in self.layer_map), unit='unit',
+                        desc='drawing references', disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
+        cache = self._images(root, [row['image'] for entry in layers.values() for mode in MODES
+                                    for refs in entry[mode].values() for row in refs])
+        model = self.model.to(self._device if hasattr(self, '_device') else 'cpu')
+        parameter = next(model.parameters(), None)
+        attribution = TransformerCondAttribution(model, taps=self.taps)
+        settings = self._settings_lines()
+        front = []
+        for name, entry in layers.items():
+            folder = os.path.join('layers', _file_name(name))
+            concept = self.layer_map[name]
+            units = entry['units']
+            pages, sheets = {}, {}
+            for mode in MODES:
+                pages[mode], sheets[mode] = {}, []
+                for first in range(0, len(units), SHEET_UNITS):
+                    chunk = units[first:first + SHEET_UNITS]
+                    pairs = [(unit, row) for unit in chunk for row in entry[mode][str(unit)]]
+                    pictures = [self._image(cache, root, row['path'], row['image']) for _, row in pairs]
+                    heatmaps = []
+                    if 'heatmap' in self.rows:
+                        for start in range(0, len(pairs), self.heatmap_batch):
+                            x = torch.stack(pictures[start:start + self.heatmap_batch])
+                            x = ((x - self.mean) / self.std).to(device=parameter.device, dtype=parameter.dtype)
+                            conditions = [{name: [unit]} for unit, _ in pairs[start:start + self.heatmap_batch]]
+                            result = attribution(x.requires_grad_(), conditions, self.composite,
+                                                 mask_map={name: concept.mask}, start_layer=name,
+                                                 exclude_parallel=False)
+                            heatmaps += list(result.heatmap.detach().float().cpu())
+                    strips = []
+                    for unit in chunk:
+                        refs = [(j, row) for j, (u, row) in enumerate(pairs) if u == unit]
+                        references = [Reference(pictures[j], heatmaps[j] if heatmaps else None,
+                                                patch_box(row['token'], entry['tokens'], self.size),
+                                                self._caption(row)) for j, row in refs]
+                        strip = unit_strip(references, self._title(unit, mode, [row for _, row in refs]),
+                                           self._note([row for _, row in refs]), self.rows, self.cmap,
+                                           columns=self.k)
+                        relative = os.path.join('units', f'{mode}-{unit:04d}.png')
+                        self._save(strip, os.path.join(folder, relative))
+                        pages[mode][unit] = {'strip': relative, 'references': entry[mode][str(unit)]}
+                        strips.append(strip)
+                        progress.update()
+                    page = len(sheets[mode]) + 1
+                    path = f'{mode}-{page}.png'
+                    total = len(units)
+                    described = (f'units {chunk[0]}..{chunk[-1]}' if chunk == list(range(chunk[0], chunk[-1] + 1))
+                                 else f'units {", ".join(map(str, chunk))}')
+                    self._save(sheet(strips, f'{name}: {mode} maximisation, {described} ({first + 1}..'
+                                             f'{first + len(chunk)} of {total} chosen)',
+                                     self._sheet_lines(mode)), os.path.join(folder, path))
+                    sheets[mode].append(path)
+            text = layer_page(name, units, pages, settings, sheets, self.classes).encode()
+            atomic_write(self.folder.path(folder, 'index.html'), lambda f, t=text: f.write(t))
+            front.append((name, f'{folder}/index.html', len(units),
+                          {mode: [f'{folder}/{p}' for p in paths] for mode, paths in sheets.items()}))
+        progress.close()
+        text = index_page('Reference samples', settings, front).encode()
+        atomic_write(self.folder.path('index.html'), lambda f: f.write(text))
+
+    def _save(self, picture, relative):
+        atomic_write(self.folder.path(relative), lambda f: picture.save(f, format='PNG'))
+
+    def _label(self, label):
+        if label is None:
+            return ''
+        return self.classes[label] if self.classes is not None and 0 <= label < len(self.classes) else str(label)
+
+    def _caption(self, row):
+        label = self._label(row['label'])
+        return f'#{row["rank"] + 1}  {row["value"]:.3g}' + (f'  {label}' if label else '')
+
+    def _title(self, unit, mode, rows):
+        if not rows:
+            return f'unit {unit}: no images'
+        return f'unit {unit}   {mode} {rows[0]["value"]:.3g} .. {rows[-1]["value"]:.3g}'
+
+    def _note(self, rows):
+        labels = [row['label'] for row in rows if row['label'] is not None]
+        if not labels:
+            return ''
+        best = max(sorted(set(labels)), key=labels.count)
+        return f'{self._label(best)}: {labels.count(best)} of {len(rows)}'
+
+    def _sheet_lines(self, mode):
+        what = {'image': 'the image (the unit\'s largest token boxed)', 'heatmap': 'its conditional heatmap '
+                '(the unit alone, from the layer; red positive, blue negative)',
+                'crop': 'the boxed patch with its neighbours, enlarged'}
+        return [f'each unit: its top {self.k} images by {mode} (value under each, its label if known); rows: '
+                + '; '.join(what[r] for r in self.rows)]
