@@ -9,21 +9,24 @@ layer's output is ``a * g`` (activation times the gradient arriving there, the G
 unit's value in an image is its relevance (or activation) summed over the tokens (``max_target='sum'``, a head's
 channels summed too) or at its largest token (``'max'``), divided by the image's summed absolute value over ALL
 units of the layer when ``abs_norm`` (zennit-crp's default), then the images are ranked per unit, ties to the
-smaller image index. The unit's token in an image is the token of its largest relevance (activation): the patch
-the sheets box and crop.
+smaller image index. The unit's token in an image is the token of its largest relevance (activation), as zennit-crp
+records it (its "receptive field"); its patch is the same with a ViT's class token left out: the patch the sheets
+box and crop (the class token is often a unit's largest token and has no place in the image; -1, no patch, where
+the unit's patches are all equal, e.g. the relevance at the last block, whose patches feed no output).
 
-Streaming: each batch writes only its own per-unit top ``k`` (value, image index, token; ``topk/batch-<b>.pt``)
-before its index part; at the end rank 0 merges the top ``k`` over all parts, one part at a time, so memory does
-not grow with the number of images, and the top ``k`` of the union is the top ``k`` of the per-batch tops. A run
+Streaming: each batch writes only its own per-unit top ``k`` (value, image index, token, patch;
+``topk/batch-<b>.pt``) before its index part; at the end rank 0 merges the top ``k`` over all parts, one part at a
+time, so memory does not grow with the number of images, and the top ``k`` of the union is the top ``k`` of the
+per-batch tops. A run
 killed at any moment and rerun gives the outputs of an uninterrupted run; a run under ``torchrun`` those of one
 process (the batches are the same).
 
 Output folder (beside ``run.json``, ``parts/``, ``index.jsonl`` (one row per image: ``path``, ``image``,
 ``label``, ``predicted``, ``explained``, ``logit``) and ``failures.jsonl`` of ``lxt_ext.job.outputs``)::
 
-    topk/batch-<b>.pt             the batch's per-unit top k, per layer and mode
+    topk/batch-<b>.pt             the batch's per-unit top k, per layer and mode (value, index, token, patch)
     references.json               the merged references: per layer, mode and unit the ranked images
-                                  (rank, image, path, value, token, label, explained)
+                                  (rank, image, path, value, token, patch, label, explained)
     index.html                    a link per layer
     layers/<layer>/index.html     the layer's page: per unit its strips and its references with their values
     layers/<layer>/<mode>-<p>.png the sheets: one row per unit (up to ``SHEET_UNITS`` units a page), each its top
@@ -54,6 +57,7 @@ MODES = ('relevance', 'activation')
 MAX_TARGETS = ('sum', 'max')
 SHEET_UNITS = 16            # units per sheet page
 REFERENCES_FILE = 'references.json'
+FIELDS = ('value', 'index', 'token', 'patch')  # what a part holds per layer, mode and unit
 ROOT = 'generated'          # the input root of generated images
 
 
@@ -80,7 +84,7 @@ def unit_values(concept, tensor, max_target='sum', abs_norm=True):
     return (torch.empty_like(values).scatter_(0, order, values), torch.empty_like(tokens).scatter_(0, order, tokens))
 
 
-def top_k(values, indices, tokens, k):
+def top_k(values, indices, k, *columns):
     """Per column the ``k`` rows of largest value, ties to the smaller index: a total order, so the top ``k`` of
     a union is the top ``k`` of its parts' tops, whatever the parts.
 
@@ -90,20 +94,21 @@ def top_k(values, indices, tokens, k):
         ``(rows, units)``.
     indices : torch.Tensor
         ``(rows, units)`` int64 sample indices.
-    tokens : torch.Tensor
-        ``(rows, units)`` int64.
     k : int
         How many rows to keep (fewer when there are fewer).
+    *columns : torch.Tensor
+        ``(rows, units)`` each, kept with their rows (tokens).
 
     Returns
     -------
     tuple of torch.Tensor
-        ``(values, indices, tokens)``, each ``(min(k, rows), units)``, best first.
+        ``(values, indices, *columns)``, each ``(min(k, rows), units)``, best first.
     """
+    tensors = (values, indices, *columns)
     order = torch.sort(indices, dim=0, stable=True).indices
-    values, indices, tokens = (t.gather(0, order) for t in (values, indices, tokens))
-    order = torch.sort(values, dim=0, descending=True, stable=True).indices[:k]
-    return tuple(t.gather(0, order) for t in (values, indices, tokens))
+    tensors = tuple(t.gather(0, order) for t in tensors)
+    order = torch.sort(tensors[0], dim=0, descending=True, stable=True).indices[:k]
+    return tuple(t.gather(0, order) for t in tensors)
 
 
 def collect(out):
@@ -360,6 +365,20 @@ class ReferenceJob(BatchJob):
         self._outputs = {}
         return shapes
 
+    @staticmethod
+    def _patches(concept, tensor):
+        """``(samples, units)``: each unit's largest patch token (the class token, token 0, left out), -1 where
+        its patches are all equal (e.g. no relevance reaches them: the last block's patches feed no output)."""
+        per_token = concept._per_token(tensor[:, 1:])
+        patches = per_token.argmax(1) + 1
+        return patches.masked_fill_(per_token.amax(1) == per_token.amin(1), -1)
+
+    def _class_token(self, layer):
+        """Whether the layer's tokens are a class token and a square grid of patches (torchvision's ViT)."""
+        tokens = self.tokens(layer)
+        grid = int(round((tokens - 1) ** 0.5))
+        return len(self.shapes[layer]) == 2 and tokens > 1 and grid * grid == tokens - 1
+
     def unit_count(self, layer):
         """The number of units of a layer (channels, neurons, or heads).
 
@@ -462,9 +481,11 @@ class ReferenceJob(BatchJob):
         for name, concept in self.layer_map.items():
             columns = torch.tensor(self.units[name])
             for mode, tensor in (('relevance', explanation.latent[name]), ('activation', self._outputs[name])):
-                values, tokens = unit_values(concept, tensor.detach().float().cpu(), self.max_target, self.abs_norm)
-                values, tokens = values[:, columns], tokens[:, columns].long()
-                part[f'{name}\t{mode}'] = top_k(values, index.expand_as(values), tokens, self.k)
+                tensor = tensor.detach().float().cpu()
+                values, tokens = unit_values(concept, tensor, self.max_target, self.abs_norm)
+                patches = self._patches(concept, tensor) if self._class_token(name) else tokens
+                part[f'{name}\t{mode}'] = top_k(values[:, columns], index.expand(-1, len(columns)), self.k,
+                                                 tokens[:, columns].long(), patches[:, columns].long())
         self._outputs = {}
         predicted = explanation.output.float().argmax(1).cpu()
         explained, logit = explanation.target.cpu(), explanation.score.float().cpu()
@@ -476,7 +497,7 @@ class ReferenceJob(BatchJob):
     def write(self, batch, result, failures):
         rows, part = result
         data = {f'{key}\t{field}': tensor.contiguous() for key, tensors in part.items()
-                for field, tensor in zip(('value', 'index', 'token'), tensors)}
+                for field, tensor in zip(FIELDS, tensors)}
         atomic_write(self.folder.path('topk', f'batch-{batch:07d}.pt'), lambda f: torch.save(data, f))
         self.folder.write_part(batch, rows, failures)
 
@@ -493,7 +514,7 @@ class ReferenceJob(BatchJob):
         Returns
         -------
         dict
-            ``(layer, mode) -> (values, indices, tokens)``, each ``(min(k, images), units)``.
+            ``(layer, mode) -> (values, indices, tokens, patches)``, each ``(min(k, images), units)``.
         """
         merged = {}
         for b in batches:
@@ -506,10 +527,10 @@ class ReferenceJob(BatchJob):
                     key = f'{name}\t{mode}'
                     if f'{key}\tvalue' not in data:
                         continue
-                    part = tuple(data[f'{key}\t{field}'] for field in ('value', 'index', 'token'))
+                    part = tuple(data[f'{key}\t{field}'] for field in FIELDS)
                     if (name, mode) in merged:
                         part = tuple(torch.cat([a, b]) for a, b in zip(merged[name, mode], part))
-                    merged[name, mode] = top_k(*part, self.k)
+                    merged[name, mode] = top_k(part[0], part[1], self.k, *part[2:])
         return merged
 
     def merged(self, root, names):
@@ -526,10 +547,11 @@ class ReferenceJob(BatchJob):
         for name in self.layer_map:
             entry = {'units': self.units[name], 'tokens': self.tokens(name)}
             for mode in MODES:
-                values, indices, tokens = merged.get((name, mode), (torch.zeros(0, len(self.units[name])),) * 3)
+                values, indices, tokens, patches = merged.get((name, mode),
+                                                              (torch.zeros(0, len(self.units[name])),) * len(FIELDS))
                 entry[mode] = {str(unit): [
                     {'rank': r, 'image': int(indices[r, u]), 'path': rows[int(indices[r, u])]['path'],
-                     'value': float(values[r, u]), 'token': int(tokens[r, u]),
+                     'value': float(values[r, u]), 'token': int(tokens[r, u]), 'patch': int(patches[r, u]),
                      'label': rows[int(indices[r, u])]['label'], 'explained': rows[int(indices[r, u])]['explained']}
                     for r in range(values.shape[0])] for u, unit in enumerate(self.units[name])}
             layers[name] = entry
@@ -547,8 +569,8 @@ class ReferenceJob(BatchJob):
                 f'each image explained for {target}; a unit\'s value: its relevance (a * g at the layer output) or '
                 f'activation {"summed over" if self.max_target == "sum" else "at the largest of"} the tokens'
                 + (', divided by the image\'s summed |value| over the layer\'s units' if self.abs_norm else ''),
-                f'top {self.k} images per unit and mode, ties to the smaller image index; box: the unit\'s largest '
-                f'token (patch) in the image; heatmap: the unit\'s activation propagated back from the layer, the '
+                f'top {self.k} images per unit and mode, ties to the smaller image index; box: the patch of the '
+                f'unit\'s largest value in the image (the class token left out); heatmap: the unit\'s activation propagated back from the layer, the '
                 f'other units masked (zennit-crp\'s conditional heatmap; red positive, blue negative)']
 
     def _images(self, root, indices):
@@ -578,16 +600,12 @@ class ReferenceJob(BatchJob):
     def _render(self, root, layers):
         from tqdm import tqdm
 
-        from ..concepts import TransformerCondAttribution
         from ..visualization.references import Reference, index_page, layer_page, patch_box, sheet, unit_strip
 
         progress = tqdm(total=sum(len(self.units[n]) * len(MODES) for n in self.layer_map), unit='unit',
                         desc='drawing references', disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
         cache = self._images(root, [row['image'] for entry in layers.values() for mode in MODES
                                     for refs in entry[mode].values() for row in refs])
-        model = self.model.to(self._device if hasattr(self, '_device') else 'cpu')
-        parameter = next(model.parameters(), None)
-        attribution = TransformerCondAttribution(model, taps=self.taps)
         settings = self._settings_lines()
         front = []
         for name, entry in layers.items():
@@ -604,19 +622,16 @@ class ReferenceJob(BatchJob):
                     heatmaps = []
                     if 'heatmap' in self.rows:
                         for start in range(0, len(pairs), self.heatmap_batch):
-                            x = torch.stack(pictures[start:start + self.heatmap_batch])
-                            x = ((x - self.mean) / self.std).to(device=parameter.device, dtype=parameter.dtype)
-                            conditions = [{name: [unit]} for unit, _ in pairs[start:start + self.heatmap_batch]]
-                            result = attribution(x.requires_grad_(), conditions, self.composite,
-                                                 mask_map={name: concept.mask}, start_layer=name,
-                                                 exclude_parallel=False)
-                            heatmaps += list(result.heatmap.detach().float().cpu())
+                            chunk_pairs = pairs[start:start + self.heatmap_batch]
+                            heatmaps += list(self.conditional_heatmaps(
+                                name, torch.stack(pictures[start:start + self.heatmap_batch]),
+                                [unit for unit, _ in chunk_pairs]))
                     strips = []
                     for unit in chunk:
                         refs = [(j, row) for j, (u, row) in enumerate(pairs) if u == unit]
                         references = [Reference(pictures[j], heatmaps[j] if heatmaps else None,
-                                                patch_box(row['token'], entry['tokens'], self.size),
-                                                self._caption(row)) for j, row in refs]
+                                                patch_box(row['patch'], entry['tokens'], self.size), self._caption(row))
+                                      for j, row in refs]
                         strip = unit_strip(references, self._title(unit, mode, [row for _, row in refs]),
                                            self._note([row for _, row in refs]), self.rows, self.cmap,
                                            columns=self.k)
@@ -641,6 +656,36 @@ class ReferenceJob(BatchJob):
         progress.close()
         text = index_page('Reference samples', settings, front).encode()
         atomic_write(self.folder.path('index.html'), lambda f: f.write(text))
+
+    def conditional_heatmaps(self, layer, images, units):
+        """The conditional heatmaps the sheets show: each image's heatmap of one unit, zennit-crp's (the unit's
+        activation as the relevance at ``layer``, the other units masked, propagated to the pixels under the job's
+        composite: ``TransformerCondAttribution`` with ``start_layer``, as ``get_max_reference`` draws them).
+
+        Parameters
+        ----------
+        layer : str
+            One of the job's layers.
+        images : torch.Tensor
+            ``(n, 3, H, W)`` in 0..1 (normalised here).
+        units : sequence of int
+            The unit of each image.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n, H, W)`` float32 on the CPU.
+        """
+        from ..concepts import TransformerCondAttribution
+
+        parameter = next(self.model.parameters())
+        if getattr(self, '_attribution', None) is None:
+            self._attribution = TransformerCondAttribution(self.model, taps=self.taps)
+        x = ((images - self.mean) / self.std).to(device=parameter.device, dtype=parameter.dtype)
+        result = self._attribution(x.requires_grad_(), [{layer: [int(unit)]} for unit in units], self.composite,
+                                   mask_map={layer: self.layer_map[layer].mask}, start_layer=layer,
+                                   exclude_parallel=False)
+        return result.heatmap.detach().float().cpu()
 
     def _save(self, picture, relative):
         atomic_write(self.folder.path(relative), lambda f: picture.save(f, format='PNG'))
@@ -667,7 +712,7 @@ class ReferenceJob(BatchJob):
         return f'{self._label(best)}: {labels.count(best)} of {len(rows)}'
 
     def _sheet_lines(self, mode):
-        what = {'image': 'the image (the unit\'s largest token boxed)', 'heatmap': 'its conditional heatmap '
+        what = {'image': 'the image (the unit\'s largest patch boxed)', 'heatmap': 'its conditional heatmap '
                 '(the unit alone, from the layer; red positive, blue negative)',
                 'crop': 'the boxed patch with its neighbours, enlarged'}
         return [f'each unit: its top {self.k} images by {mode} (value under each, its label if known); rows: '

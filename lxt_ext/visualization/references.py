@@ -66,9 +66,12 @@ def patch_box(token, tokens, size):
     Returns
     -------
     tuple of int or None
-        ``(top, left, height, width)``; None for the class token or a token count that is no square grid.
+        ``(top, left, height, width)``; None for the class token, a negative token (none) or a token count that is
+        no square grid.
     """
     token, tokens = int(token), int(tokens)
+    if token < 0:
+        return None
     grid = int(round(tokens ** 0.5))
     if grid * grid == tokens:
         patch = token
@@ -164,7 +167,7 @@ def unit_strip(references, title, note='', rows=('image', 'heatmap'), cmap=DEFAU
     columns : int, optional
         Columns of the strip (default the references; more leave room, so strips of one sheet align).
     clip : float, optional
-        Each heatmap's colour scale ends at this quantile of its |values| (:func:`clipped`; 1: at the largest).
+        Each heatmap's colour scale ends at this quantile of its absolute values (:func:`clipped`; 1: at the largest).
 
     Returns
     -------

@@ -25,6 +25,8 @@ time, fresh processes with mmapped allocations for peak memory, see each script'
 - ``faithfulness``: the methods' faithfulness at scale with intervals and paired tests (2,000 generated images,
   AttnLRP and DynamicLRP protocols, the gamma grid; real text with MiniLM; about an hour: only with ``--only
   faithfulness``);
+- ``references``: ``lxt-ext references`` streaming 1,000 and 5,000 generated images, images/s and peak memory
+  (benchmark_references.py);
 - ``pytest``: the pytest-benchmark suites (tests/benchmarks), from their JSON.
 GPU results (docs/gpu_*.md, written by python/gpu/gpu_check) are included as they are.
 Hand-written reasoning about the figures lives in docs/benchmarks_notes.md.
@@ -138,6 +140,12 @@ SECTIONS = {
                      'differences Holm-corrected across the pairs) with the AttnLRP protocol (2,000 images) and the DynamicLRP '
                      'protocol (1,000), the ViTGamma grid on 500 images, and token deletion on real sentences with the pretrained '
                      'all-MiniLM-L6-v2 (evaluate_text.py)'),
+    'references': ('Reference samples over a data set: lxt-ext references streaming generated images (embedded model)',
+                   [script('benchmark_references.py', '--images', 1000, 5000, '--threads', 1)],
+                   [script('benchmark_references.py', '--images', 40, 80, '--units', '0-3')],
+                   'images/s of the search and peak RSS of the whole command (fresh processes, mmapped allocations) '
+                   'for 1,000 and 5,000 images, all 128 MLP neurons of the last block, k = 8; the goal: the peak at '
+                   '5,000 within 10 % of the peak at 1,000'),
     'pytest': ('pytest-benchmark suites (tests/benchmarks)',
                [[PYTHON, '-m', 'pytest', '-q', os.path.join(ROOT, 'tests', 'benchmarks'), '--benchmark-enable',
                  '--benchmark-json={tmp}/pytest_benchmark.json', '-p', 'no:cacheprovider']],

@@ -9,7 +9,7 @@ from conftest import ROOT
 
 REPORT = os.path.join(ROOT, 'python', 'benchmarks', 'benchmark_report.py')
 SECTIONS = ['cnn', 'vit', 'language', 'generation', 'long_context', 'attention', 'explain', 'checks', 'operations',
-            'quantus', 'zoo', 'evaluation']
+            'quantus', 'zoo', 'evaluation', 'references']
 
 
 def test_quick_report_has_every_section(tmp_path):
