@@ -261,9 +261,12 @@ STYLE = ('body{font-family:"DejaVu Sans",Verdana,sans-serif;margin:1.5em auto;ma
          'h1{font-size:1.4em}h2{font-size:1.15em;margin-top:2em;border-top:1px solid #ccc;padding-top:.6em}'
          'h3{font-size:1em;margin:1.2em 0 .3em}table{border-collapse:collapse;margin:.4em 0 1em;font-size:.85em}'
          'td,th{border:1px solid #ccc;padding:2px 7px;text-align:left}td.num{text-align:right;'
-         'font-variant-numeric:tabular-nums}img{max-width:100%;image-rendering:pixelated}'
-         '.modes{display:flex;flex-wrap:wrap;gap:1.5em}.mode{flex:1 1 520px}.muted{color:#666}'
-         'nav a{margin-right:.6em}')
+         'font-variant-numeric:tabular-nums}img{max-width:100%}.muted{color:#666}')
+
+
+def _patch(row):
+    patch = row.get('patch', row['token'])
+    return '-' if patch is None or patch < 0 else str(patch)
 
 
 def _value_cell(value):
@@ -272,7 +275,7 @@ def _value_cell(value):
 
 def layer_page(layer, units, modes, settings_lines, sheets, classes=None):
     """The HTML page of one layer: what was searched, links to the sheets, a summary table of the units, then
-    per unit and mode its strip and a table of its references (rank, image, value, token, label).
+    per unit and mode its strip and a table of its references (rank, image, value, token, patch, label).
 
     Every value is written twice: rounded in the cell's text and exactly (``repr`` of the float) in its
     ``data-value`` attribute.
@@ -285,7 +288,7 @@ def layer_page(layer, units, modes, settings_lines, sheets, classes=None):
         The units, in page order.
     modes : dict
         ``mode -> {unit: {'strip': relative path, 'references': [row, ...]}}``, each row a dict with ``rank``,
-        ``image``, ``path``, ``value``, ``token`` and optionally ``label`` (a class index).
+        ``image``, ``path``, ``value``, ``token``, optionally ``patch`` (-1: none) and ``label`` (a class index).
     settings_lines : sequence of str
         What was searched (shown as a list).
     sheets : dict
@@ -329,22 +332,21 @@ def layer_page(layer, units, modes, settings_lines, sheets, classes=None):
         out.append(f'<tr><td><a href="#unit-{unit}">{unit}</a></td>{cells}</tr>')
     out.append('</table>')
     for unit in units:
-        out.append(f'<h2 id="unit-{unit}">Unit {unit}</h2><div class="modes">')
+        out.append(f'<h2 id="unit-{unit}">Unit {unit}</h2>')
         for mode, per_unit in modes.items():
             entry = per_unit[unit]
-            out.append(f'<div class="mode"><h3>{html.escape(mode)} maximisation</h3>'
+            out.append(f'<div class="mode" id="unit-{unit}-{html.escape(mode)}"><h3>{html.escape(mode)} maximisation</h3>'
                        f'<img src="{html.escape(entry["strip"])}" alt="unit {unit}, {html.escape(mode)}: its reference '
                        f'images and conditional heatmaps" loading="lazy">')
             label_head = '<th>label</th>' if any(r.get('label') is not None for r in entry['references']) else ''
             out.append(f'<table class="refs" data-unit="{unit}" data-mode="{html.escape(mode)}"><tr><th>rank</th>'
-                       f'<th>image</th><th>value</th><th>token</th>{label_head}</tr>')
+                       f'<th>image</th><th>value</th><th>token</th><th>patch</th>{label_head}</tr>')
             for row in entry['references']:
                 label = f'<td>{html.escape(name(row.get("label")))}</td>' if label_head else ''
                 out.append(f'<tr><td class="num">{row["rank"] + 1}</td><td>{html.escape(str(row["path"]))} '
                            f'<span class="muted">(#{row["image"]})</span></td>{_value_cell(row["value"])}'
-                           f'<td class="num">{row["token"]}</td>{label}</tr>')
+                           f'<td class="num">{row["token"]}</td><td class="num">{_patch(row)}</td>{label}</tr>')
             out.append('</table></div>')
-        out.append('</div>')
     out.append('</body></html>\n')
     return '\n'.join(out)
 
