@@ -14,8 +14,9 @@ HELP = 'find each unit\'s top images by relevance and by activation over a data 
 DEFAULT_GENERATED = 1000
 DEFAULT_LAYER = 'neurons:3'
 
-EPILOG = f'''layers: neurons:<block> (MLP neurons), residual:<block> (a block's output), heads:<block> (attention heads),
-or a name of lxt_ext.concepts.concept_layers; blocks count from 0, negative from the end (default {DEFAULT_LAYER}).
+EPILOG = f'''layers: neurons:<block> (MLP neurons), residual:<block> (a block's output), heads:<block> (attention
+heads), or a name of lxt_ext.concepts.concept_layers; blocks count from 0, negative from the end (default
+{DEFAULT_LAYER}).
 Data: image files, folders, globs or list files, or --generate N shapes images of the embedded model (the default
 without inputs: {DEFAULT_GENERATED:,}, seeds from --data-seed; the training seeds are refused).
 Output folder: index.html (a link per layer), layers/<layer>/index.html (per unit its references with their

@@ -51,7 +51,8 @@ from .evaluation import DEFAULT_SEED, check_generated, generated
 from .outputs import INDEX_FILE, atomic_write
 from .runner import BatchJob
 
-__all__ = ['ReferenceJob', 'collect', 'unit_values', 'top_k', 'ranges', 'MODES', 'MAX_TARGETS', 'SHEET_UNITS', 'REFERENCES_FILE']
+__all__ = ['ReferenceJob', 'collect', 'unit_values', 'top_k', 'ranges', 'MODES', 'MAX_TARGETS', 'SHEET_UNITS',
+           'REFERENCES_FILE']
 
 MODES = ('relevance', 'activation')
 MAX_TARGETS = ('sum', 'max')
@@ -436,7 +437,8 @@ class ReferenceJob(BatchJob):
         data = (dict(generated=self.generate, data_seed=self.data_seed) if self.generate is not None else
                 dict(size=self.size, resize=self.resize, mean=self.mean.flatten().tolist(),
                      std=self.std.flatten().tolist()))
-        return dict(self.identity, kind='references', layers={name: ranges(self.units[name]) for name in self.layer_map},
+        layers = {name: ranges(self.units[name]) for name in self.layer_map}
+        return dict(self.identity, kind='references', layers=layers,
                     k=self.k, max_target=self.max_target, abs_norm=self.abs_norm, target=self.target,
                     batch_size=self.batch_size, **data)
 
@@ -570,18 +572,20 @@ class ReferenceJob(BatchJob):
                 f'activation {"summed over" if self.max_target == "sum" else "at the largest of"} the tokens'
                 + (', divided by the image\'s summed |value| over the layer\'s units' if self.abs_norm else ''),
                 f'top {self.k} images per unit and mode, ties to the smaller image index; box: the patch of the '
-                f'unit\'s largest value in the image (the class token left out); heatmap: the unit\'s activation propagated back from the layer, the '
-                f'other units masked (zennit-crp\'s conditional heatmap; red positive, blue negative)']
+                f'unit\'s largest value in the image (the class token left out); heatmap: the unit\'s activation '
+                f'propagated back from the layer, the other units masked (zennit-crp\'s conditional heatmap; red '
+                f'positive, blue negative)']
 
     def _images(self, root, indices):
-        """``{index: (3, H, W) uint8}`` of the generated images among ``indices`` (each block generated once), or
-        None for image files (decoded when drawn)."""
+        """``(images, rows)``: the generated images among ``indices`` as one ``(n, 3, H, W)`` uint8 tensor (each
+        block generated once) and ``{index: row}``; None for image files (decoded when drawn)."""
         if self.generate is None:
             return None
         from .evaluation import BLOCK
 
         wanted = sorted(set(indices))
-        images = {}
+        rows = {index: row for row, index in enumerate(wanted)}
+        images = torch.empty(len(wanted), 3, self.size, self.size, dtype=torch.uint8)
         blocks = {}
         for i in wanted:
             blocks.setdefault(i // BLOCK, []).append(i)
@@ -589,12 +593,14 @@ class ReferenceJob(BatchJob):
             span = [list(range(block * BLOCK, min(self.generate, (block + 1) * BLOCK)))]
             block_images = next(generated(self.data_seed, span))[0]
             for i in members:
-                images[i] = (block_images[i - block * BLOCK] * 255).round().to(torch.uint8)
-        return images
+                images[rows[i]] = block_images[i - block * BLOCK].mul(255).round_().to(torch.uint8)
+            del block_images
+        return images, rows
 
     def _image(self, cache, root, path, index):
         if cache is not None:
-            return cache[index].float() / 255
+            images, rows = cache
+            return images[rows[index]].float() / 255
         return job_inputs.decode(os.path.join(root, path), self.size, self.resize)
 
     def _render(self, root, layers):

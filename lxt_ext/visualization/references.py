@@ -317,7 +317,8 @@ def layer_page(layer, units, modes, settings_lines, sheets, classes=None):
            f'<h1>Reference samples of <code>{html.escape(layer)}</code></h1>',
            '<ul>' + ''.join(f'<li>{html.escape(line)}</li>' for line in settings_lines) + '</ul>',
            '<p><a href="../../index.html">all layers</a> &middot; sheets: ' + ' &middot; '.join(
-               f'{html.escape(mode)} ' + ' '.join(f'<a href="{html.escape(p)}">{i + 1}</a>' for i, p in enumerate(paths))
+               f'{html.escape(mode)} ' + ' '.join(f'<a href="{html.escape(p)}">{i + 1}</a>'
+                                                  for i, p in enumerate(paths))
                for mode, paths in sheets.items()) + '</p>']
     head = ''.join(f'<th>top {html.escape(m)}</th>' + ('<th>its references\' majority</th>' if classes else '')
                    for m in modes)
@@ -335,7 +336,8 @@ def layer_page(layer, units, modes, settings_lines, sheets, classes=None):
         out.append(f'<h2 id="unit-{unit}">Unit {unit}</h2>')
         for mode, per_unit in modes.items():
             entry = per_unit[unit]
-            out.append(f'<div class="mode" id="unit-{unit}-{html.escape(mode)}"><h3>{html.escape(mode)} maximisation</h3>'
+            out.append(f'<div class="mode" id="unit-{unit}-{html.escape(mode)}">'
+                       f'<h3>{html.escape(mode)} maximisation</h3>'
                        f'<img src="{html.escape(entry["strip"])}" alt="unit {unit}, {html.escape(mode)}: its reference '
                        f'images and conditional heatmaps" loading="lazy">')
             label_head = '<th>label</th>' if any(r.get('label') is not None for r in entry['references']) else ''
