@@ -56,9 +56,8 @@ from .compare import lrp_method
 from .perturbation import area, faithfulness
 
 __all__ = ['CORPUS_FOLDER', 'CORPUS_FILES', 'CORPUS_PACKAGE', 'REFERENCE', 'METHODS', 'TEXT_FILLS',
-           'corpus_sentences', 'select_sentences', 'load_minilm', 'SimilarityScore', 'content_embeddings', 'token_methods',
-           'fill_tensor',
-           'TextEvaluation', 'evaluate', 'resample']
+           'corpus_sentences', 'select_sentences', 'load_minilm', 'SimilarityScore', 'content_embeddings',
+           'fill_tensor', 'token_methods', 'TextEvaluation', 'evaluate', 'resample']
 
 CORPUS_FOLDER = '/usr/share/games/fortunes'
 CORPUS_FILES = ('fortunes', 'literature', 'riddles')
