@@ -112,7 +112,7 @@ SECTIONS = {
                 "batched forwards they need",
                 [script('benchmark_quantus.py', '--workloads', 'embedded', '--repeats', 9),
                  script('benchmark_quantus.py', '--workloads', 'vit_b_16', '--images', 8, '--repeats', 1),
-                 script('benchmark_quantus.py', '--workloads', 'generated', '--generated', 2000, '--repeats', 1)],
+                 script('benchmark_quantus.py', '--workloads', 'generated', '--generated', 1000, '--repeats', 1)],
                 [script('benchmark_quantus.py', '--workloads', 'embedded', '--repeats', 1)],
                 'lxt_ext.evaluation.perturbation_curve (batched) and quantus.RegionPerturbation (per sample) on the '
                 'embedded model (12 samples, 8 x 8 patches, 64 steps) and vit_b_16 (8 images, 224 x 224, 16 x 16 '
