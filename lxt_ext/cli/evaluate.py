@@ -18,6 +18,9 @@ Default: {",".join(DEFAULT_VIT_METHODS)} for transformers.
 Without inputs the embedded model's shipped samples are used with their object masks (relevance mass,
 pointing game); other inputs need --masks for those columns. Output folder: evaluation.md, evaluation.json,
 evaluation.png (with --gamma-search: gamma_search.md, gamma_search.json, gamma_search.png).
+--generate N evaluates on N generated held-out images instead, on the job runner of lxt-ext explain: the same
+command resumes a killed run, and torchrun --nproc_per_node=P -m lxt_ext evaluate --generate N ... spreads the
+batches over P processes; the report gives 95 % bootstrap intervals and Holm-corrected paired tests.
 Exit status: 0 done, 2 bad arguments.'''
 
 
