@@ -19,7 +19,9 @@ Streaming: each batch writes only its own per-unit top ``k`` (value, image index
 time, so memory does not grow with the number of images, and the top ``k`` of the union is the top ``k`` of the
 per-batch tops. A run
 killed at any moment and rerun gives the outputs of an uninterrupted run; a run under ``torchrun`` those of one
-process (the batches are the same).
+process (the batches are the same). The parts name images by their place in the list of inputs, so a resume with
+other images (another count or list: ``images``, ``images_sha256`` in ``run.json``) is refused, unlike ``lxt-ext
+explain``'s.
 
 Output folder (beside ``run.json``, ``parts/``, ``index.jsonl`` (one row per image: ``path``, ``image``,
 ``label``, ``predicted``, ``explained``, ``logit``) and ``failures.jsonl`` of ``lxt_ext.job.outputs``)::
@@ -48,7 +50,7 @@ import torch
 from ..attribution import Explainer, logits_of
 from . import inputs as job_inputs
 from .evaluation import DEFAULT_SEED, check_generated, generated
-from .outputs import INDEX_FILE, atomic_write
+from .outputs import INDEX_FILE, atomic_write, settings_hash
 from .runner import BatchJob
 
 __all__ = ['ReferenceJob', 'collect', 'unit_values', 'top_k', 'ranges', 'MODES', 'MAX_TARGETS', 'SHEET_UNITS',
@@ -434,9 +436,11 @@ class ReferenceJob(BatchJob):
     # -- BatchJob --
 
     def recorded(self):
+        if self.generate is None and getattr(self, '_listed', None) is None:
+            self.items()
         data = (dict(generated=self.generate, data_seed=self.data_seed) if self.generate is not None else
                 dict(size=self.size, resize=self.resize, mean=self.mean.flatten().tolist(),
-                     std=self.std.flatten().tolist()))
+                     std=self.std.flatten().tolist(), **self._listed))
         layers = {name: ranges(self.units[name]) for name in self.layer_map}
         return dict(self.identity, kind='references', layers=layers,
                     k=self.k, max_target=self.max_target, abs_norm=self.abs_norm, target=self.target,
@@ -445,7 +449,10 @@ class ReferenceJob(BatchJob):
     def items(self):
         if self.generate is not None:
             return ROOT, [f'{i:06d}' for i in range(self.generate)]
-        return job_inputs.collect(self.inputs)
+        root, names = job_inputs.collect(self.inputs)
+        # the image indices of the parts are places in this list: a resume must find the same list
+        self._listed = {'images': len(names), 'images_sha256': settings_hash(names)}
+        return root, names
 
     def load(self, root, names, spans):
         if self.generate is not None:

@@ -14,6 +14,7 @@ import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,6 +185,27 @@ def test_image_files_with_the_predicted_class(tmp_path):
             assert_ranked(rows, values, tokens, patches, unit, 3)
             assert all(row['path'] == sorted(names)[row['image']] and row['label'] is None for row in rows)
             assert all(row['explained'] == int(predicted[row['image']]) for row in rows)
+
+
+def test_unreadable_files_are_reported_and_other_images_refused_on_resume(tmp_path, capsys):
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    for name in sorted(os.listdir(embedded.SAMPLES_DIR))[:4]:
+        (folder / name).write_bytes((Path(embedded.SAMPLES_DIR) / name).read_bytes())
+    (folder / 'broken.png').write_bytes(b'')
+    out = tmp_path / 'out'
+    argv = ['references', str(folder), '--layer', 'heads:3', '--k', '3', '--workers', '0', '--threads', '1',
+            '--quiet', '--out', str(out)]
+    assert main(argv + ['--strict']) == 1
+    assert 'broken.png: zero-byte file' in capsys.readouterr().out
+    found = collect(str(out))
+    assert found['images'] == 5 and found['settings']['images'] == 5
+    assert all(row['path'] != 'broken.png' for rows in found['layers'][concept_layers(embedded.load_model()).heads[3]]
+               ['relevance'].values() for row in rows)
+    # the parts name images by their place in the list: another list is refused, not mixed in
+    (folder / 'broken.png').unlink()
+    assert main(argv) == 2
+    assert 'images: 5 -> 4' in capsys.readouterr().err
 
 
 def test_top_k_is_a_total_order():
