@@ -13,12 +13,17 @@ HELP = 'find each unit\'s top images by relevance and by activation over a data 
 
 DEFAULT_GENERATED = 1000
 DEFAULT_LAYER = 'neurons:3'
+DEFAULT_WINDOW = 64
+DEFAULT_TEXT_LAYER = 'neurons:-1'
 
 EPILOG = f'''layers: neurons:<block> (MLP neurons), residual:<block> (a block's output), heads:<block> (attention
 heads), or a name of lxt_ext.concepts.concept_layers; blocks count from 0, negative from the end (default
 {DEFAULT_LAYER}).
 Data: image files, folders, globs or list files, or --generate N shapes images of the embedded model (the default
 without inputs: {DEFAULT_GENERATED:,}, seeds from --data-seed; the training seeds are refused).
+Text: --text FILE... --model FOLDER searches the windows of a token corpus for a local Hugging Face causal language
+model (each window explained for the sum over its positions of the logit of the next token, under
+LanguageTransformer); the pages list each unit's top text spans, its top token highlighted, and its n-gram label.
 Output folder: index.html (a link per layer), layers/<layer>/index.html (per unit its references with their
 values), layers/<layer>/<mode>-<page>.png (the sheets, one row per unit), references.json (every reference),
 index.jsonl (one row per image), topk/ and parts/ (one per batch). Rerunning the same command resumes (finished
@@ -41,10 +46,15 @@ def add_arguments(parser):
     parser.epilog = EPILOG
     parser.add_argument('inputs', nargs='*', help='image files, folders (recursive), globs, or .txt/.lst files '
                         f'listing paths (default: {DEFAULT_GENERATED:,} generated images for the embedded model)')
+    parser.add_argument('--text', nargs='+', metavar='FILE', help='search a token corpus instead: UTF-8 text files, '
+                        'tokenised with the --model folder\'s tokenizer (a causal language model, LLaMA family or '
+                        'GPT-2), cut into windows of --window tokens')
+    parser.add_argument('--window', type=int, help=f'with --text: tokens per window, stride the same, each file\'s last '
+                        f'partial window dropped (default {DEFAULT_WINDOW})')
     parser.add_argument('--out', default='references', help='output folder (default: references)')
     add_model_arguments(parser)
     parser.add_argument('--layer', action='append', help=f'a concept layer (repeat for several; default '
-                        f'{DEFAULT_LAYER})')
+                        f'{DEFAULT_LAYER}, with --text {DEFAULT_TEXT_LAYER})')
     parser.add_argument('--units', help='units of every layer: comma-separated indices and ranges, e.g. 0,3,8-15 '
                         '(default all)')
     parser.add_argument('--k', type=int, default=8, help='reference images per unit and mode (default 8)')
@@ -60,16 +70,16 @@ def add_arguments(parser):
     parser.add_argument('--show', default='image,heatmap',
                         help=f'what each reference shows, comma-separated rows of {",".join(ROWS)} (default '
                         'image,heatmap; crop: the unit\'s patch with its neighbours, enlarged)')
-    parser.add_argument('--composite', choices=sorted(VIT_COMPOSITES), default='vit_gamma',
-                        help='default: vit_gamma')
+    parser.add_argument('--composite', choices=sorted(VIT_COMPOSITES),
+                        help='default: vit_gamma (images; text is explained under LanguageTransformer)')
     group = parser.add_argument_group('composite parameters')
-    group.add_argument('--attention', choices=('attnlrp', 'cp'), help='AttnLRP or CP-LRP')
+    group.add_argument('--attention', choices=('attnlrp', 'cp'), help='AttnLRP or CP-LRP (text: default attnlrp)')
     group.add_argument('--epsilon', type=float)
     group.add_argument('--conv-gamma', type=float, help='vit_gamma: gamma on convolutions (patch embedding)')
     group.add_argument('--linear-gamma', type=float, help='vit_gamma: gamma on Linear layers')
     group.add_argument('--stabilizer', type=float)
     group.add_argument('--first-rule', choices=FIRST_RULES, help='rule of the first layer')
-    parser.add_argument('--batch-size', type=int, default=32, help='images per batch (default 32)')
+    parser.add_argument('--batch-size', type=int, help='images (windows) per batch (default 32; text 16)')
     parser.add_argument('--workers', type=int, default=2, help='DataLoader processes decoding image files')
     parser.add_argument('--resize', choices=RESIZE_MODES, default='stretch',
                         help='stretch: every image resized to the model\'s size; none: other sizes fail')
@@ -165,8 +175,9 @@ def run(args):
     strict_failure = args.strict and summary.failures > 0
     if int(os.environ.get('RANK', '0')) == 0:
         world = int(os.environ.get('WORLD_SIZE', '1'))
-        lines = [f'searched {summary.images} images in {summary.seconds:.1f} s ({summary.images_per_second:.2f} '
-                 f'images/s{" on this rank" if world > 1 else ""})'
+        what = 'windows' if args.text else 'images'
+        lines = [f'searched {summary.images} {what} in {summary.seconds:.1f} s ({summary.images_per_second:.2f} '
+                 f'{what}/s{" on this rank" if world > 1 else ""})'
                  + (f'; {summary.skipped} skipped, finished by an earlier run' if summary.skipped else '')]
         if summary.failures:
             lines.append(f'{summary.failures} images failed (listed in {os.path.join(args.out, "failures.jsonl")})')
@@ -188,6 +199,12 @@ def _job(args):
 
     if args.k < 1:
         raise ValueError(f'--k must be at least 1, got {args.k}')
+    if args.text:
+        return _text_job(args)
+    if args.window is not None:
+        raise ValueError('--window is for --text (token windows of a corpus)')
+    args.batch_size = 32 if args.batch_size is None else args.batch_size
+    args.composite = args.composite or 'vit_gamma'
     if args.batch_size < 1:
         raise ValueError(f'--batch-size must be at least 1, got {args.batch_size}')
     if args.workers < 0:
@@ -237,3 +254,55 @@ def _job(args):
                         identity={**loaded.identity, **description}, forward=loaded.forward, classes=classes, rows=rows,
                         batch_size=args.batch_size, workers=args.workers, device=args.device,
                         resume=not args.no_resume, progress=not args.quiet)
+
+
+def _text_job(args):
+    """The :class:`~lxt_ext.job.references.TextReferenceJob` of ``--text``; ValueError naming a bad argument."""
+    from ..composites import LanguageTransformer
+    from ..concepts import concept_layers
+    from ..job.references import TextReferenceJob
+    from .concepts import resolve_layer
+    from .explain_text import load_language_model
+
+    if args.inputs or args.generate is not None:
+        raise ValueError('give either --text FILE... (a token corpus) or images (inputs, --generate), not both')
+    for flag, value in (('--composite', args.composite), ('--conv-gamma', args.conv_gamma),
+                        ('--linear-gamma', args.linear_gamma), ('--first-rule', args.first_rule),
+                        ('--target', args.target), ('--weights', getattr(args, 'weights', None))):
+        if value is not None:
+            raise ValueError(f'{flag} is for images; text windows are explained under LanguageTransformer '
+                             f'(--attention, --epsilon) for the logits of their next tokens')
+    if args.show != 'image,heatmap':
+        raise ValueError('--show is for image sheets; text references are HTML pages')
+    window = DEFAULT_WINDOW if args.window is None else args.window
+    if window < 2:
+        raise ValueError(f'--window must be at least 2 tokens, got {window}')
+    batch_size = 16 if args.batch_size is None else args.batch_size
+    if batch_size < 1:
+        raise ValueError(f'--batch-size must be at least 1, got {batch_size}')
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        raise ValueError(f'--device {args.device}, but torch sees no CUDA device')
+    missing = [path for path in args.text if not os.path.isfile(path)]
+    if missing:
+        raise ValueError(f'no such text file{"s" * (len(missing) > 1)}: {", ".join(missing)}')
+    if args.model == 'embedded' or not os.path.isdir(args.model):
+        raise ValueError(f'--text needs --model FOLDER, a local Hugging Face causal language model with its '
+                         f'tokenizer (got {args.model!r})')
+    units = parse_units(args.units)
+    model, tokenizer = load_language_model(args.model)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    try:
+        layers = concept_layers(model)
+    except TypeError as error:
+        raise ValueError(str(error)) from None
+    names = [resolve_layer(spec, layers) for spec in (args.layer or [DEFAULT_TEXT_LAYER])]
+    attention = args.attention or 'attnlrp'
+    parameters = {key: getattr(args, key) for key in ('epsilon', 'stabilizer') if getattr(args, key) is not None}
+    composite = LanguageTransformer(attention=attention, **parameters)
+    identity = {'model': os.path.abspath(args.model), 'composite': 'LanguageTransformer',
+                'attention': attention, **parameters}
+    return TextReferenceJob(model, tokenizer, composite, names, args.out, list(args.text), window=window, k=args.k,
+                            units=units, max_target=args.max_target, abs_norm=not args.no_abs_norm, identity=identity,
+                            batch_size=batch_size, device=args.device, resume=not args.no_resume,
+                            progress=not args.quiet)

@@ -6,8 +6,8 @@ each unit's reference samples over a data set. ``settings`` holds ``JobSettings`
 a job is told), ``inputs`` collects and decodes the images, ``outputs`` owns the output folder, ``distributed`` the process group."""
 from .outputs import SettingsMismatchError
 from .evaluation import EvaluationJob
-from .references import ReferenceJob
+from .references import ReferenceJob, TextReferenceJob
 from .runner import BatchJob, ExplainJob, Summary, summary_text
 from .settings import JobSettings
 
-__all__ = ['BatchJob', 'EvaluationJob', 'ExplainJob', 'ReferenceJob', 'JobSettings', 'Summary', 'summary_text', 'SettingsMismatchError']
+__all__ = ['BatchJob', 'EvaluationJob', 'ExplainJob', 'ReferenceJob', 'TextReferenceJob', 'JobSettings', 'Summary', 'summary_text', 'SettingsMismatchError']

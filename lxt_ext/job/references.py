@@ -53,7 +53,7 @@ from .evaluation import DEFAULT_SEED, check_generated, generated
 from .outputs import INDEX_FILE, atomic_write, settings_hash
 from .runner import BatchJob
 
-__all__ = ['ReferenceJob', 'collect', 'unit_values', 'top_k', 'ranges', 'MODES', 'MAX_TARGETS', 'SHEET_UNITS',
+__all__ = ['ReferenceJob', 'TextReferenceJob', 'token_windows', 'collect', 'unit_values', 'top_k', 'ranges', 'MODES', 'MAX_TARGETS', 'SHEET_UNITS',
            'REFERENCES_FILE']
 
 MODES = ('relevance', 'activation')
@@ -355,7 +355,7 @@ class ReferenceJob(BatchJob):
     def _probe(self):
         """Each layer's output shape for one image (a forward of a blank image with the composite registered: an
         attention rule calls its heads tap)."""
-        x = ((torch.full((1, 3, self.size, self.size), 0.5) - self.mean) / self.std)
+        x = self._probe_input()
         parameter = next(self.model.parameters(), None)
         if parameter is not None:
             x = x.to(device=parameter.device, dtype=parameter.dtype)
@@ -367,6 +367,10 @@ class ReferenceJob(BatchJob):
         shapes = {name: tuple(self._outputs[name].shape[1:]) for name in self.layer_map}
         self._outputs = {}
         return shapes
+
+    def _probe_input(self):
+        """One blank sample of the model's input (a grey image), for :meth:`_probe`."""
+        return (torch.full((1, 3, self.size, self.size), 0.5) - self.mean) / self.std
 
     @staticmethod
     def _patches(concept, tensor):
@@ -730,3 +734,275 @@ class ReferenceJob(BatchJob):
                 'crop': 'the boxed patch with its neighbours, enlarged'}
         return [f'each unit: its top {self.k} images by {mode} (value under each, its label if known); rows: '
                 + '; '.join(what[r] for r in self.rows)]
+
+
+# -- token windows of a text corpus (a language model's reference text spans) --
+
+def _sha256(path):
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, 'rb') as file:
+        for block in iter(lambda: file.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def token_windows(files, tokenizer, window):
+    """The windows of a token corpus: each file read as UTF-8 and tokenised whole with ``tokenizer`` (no special
+    tokens added), cut into windows of ``window`` tokens at stride ``window``; each file's last partial window is
+    dropped (windows never cross files).
+
+    Parameters
+    ----------
+    files : sequence of str
+        UTF-8 text files, in order.
+    tokenizer : transformers.PreTrainedTokenizerBase
+        The model's tokenizer.
+    window : int
+        Tokens per window.
+
+    Returns
+    -------
+    tuple
+        ``(ids, starts, info)``: ``ids`` a ``(windows, window)`` int64 tensor; ``starts`` per window
+        ``(file index, first token)``; ``info`` per file ``{'path', 'sha256', 'tokens'}``.
+
+    Raises
+    ------
+    FileNotFoundError
+        A file that does not exist.
+    ValueError
+        A file that is no UTF-8 text, a window below 2, no whole window in the corpus.
+    """
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise ValueError(f'window must be an integer of at least 2 tokens, got {window!r}')
+    pieces, starts, info = [], [], []
+    for f, path in enumerate(files):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'no such text file: {path}')
+        try:
+            with open(path, encoding='utf-8') as file:
+                text = file.read()
+        except UnicodeDecodeError as error:
+            raise ValueError(f'{path} is no UTF-8 text: {error}') from None
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False)['input_ids'], dtype=torch.int64)
+        whole = len(ids) // window
+        if whole:
+            pieces.append(ids[:whole * window].view(whole, window))
+            starts += [(f, w * window) for w in range(whole)]
+        info.append({'path': path, 'sha256': _sha256(path), 'tokens': len(ids)})
+    if not pieces:
+        raise ValueError(f'the text holds no whole window of {window} tokens '
+                         f'({sum(i["tokens"] for i in info)} tokens in all): give more text or a smaller window')
+    return torch.cat(pieces), starts, info
+
+
+def next_token_seed(ids):
+    """The explained score of a window as a target of :class:`~lxt_ext.attribution.Explainer`: at every position
+    but the last, the logit of the window's next actual token (its relevance seed, the logit itself), so the score
+    is the sum over positions ``0 .. W-2`` of ``logit[t, ids[t + 1]]``.
+
+    Parameters
+    ----------
+    ids : torch.Tensor
+        ``(windows, W)`` token ids.
+
+    Returns
+    -------
+    callable
+        ``logits (windows, W, vocabulary) -> seed`` of the same shape.
+    """
+    def seed(output):
+        mask = torch.zeros_like(output)
+        mask[:, :-1].scatter_(2, ids[:, 1:, None].to(output.device), 1.0)
+        return output * mask
+    return seed
+
+
+class TextReferenceJob(ReferenceJob):
+    """The reference search of :class:`ReferenceJob` over a token corpus for a causal language model: its items are
+    the windows of :func:`token_windows` (``window`` tokens, stride ``window``, each file's last partial window
+    dropped), each explained for the sum over its positions of the logit of the next actual token
+    (:func:`next_token_seed`) under a ``LanguageTransformer`` composite; a unit's relevance is ``a * g`` at the
+    layer's output, its value per window as :class:`ReferenceJob`'s (summed over the tokens or the largest,
+    ``abs_norm``), and its ``token`` is the position of its largest value in the window. Batches, parts, merge,
+    resume and ``torchrun`` are the image job's; ``run.json`` records the corpus files with their sha256, their
+    token counts and the window, so a resume over another corpus or window is refused. The pages are HTML only:
+    per layer each unit's top text spans (tokens around its top token, that token highlighted) with their values
+    and the unit's label of :func:`lxt_ext.concepts.label_text_units` (its most common n-gram among the spans up to
+    the top token and the share of spans holding it).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A causal language model of transformers (LLaMA family, GPT-2), in eval mode.
+    tokenizer : transformers.PreTrainedTokenizerBase
+        Its tokenizer.
+    composite : lxt_ext.composites.TransformerComposite
+        E.g. ``LanguageTransformer(attention='cp')``.
+    layers : sequence of str or dict of str to Concept
+        As :class:`ReferenceJob`'s.
+    out : str
+        The output folder.
+    text : sequence of str
+        UTF-8 text files.
+    window : int, optional
+        Tokens per window (default 64).
+    k, units, max_target, abs_norm, identity, taps, batch_size, device, resume, progress, writers
+        As :class:`ReferenceJob`'s (``batch_size``: windows per batch).
+    before, after : int, optional
+        Tokens shown before and after the top token on the pages (default 12 and 4).
+    label_window : int, optional
+        Tokens before the top token (and the top token) that the labels count n-grams in (default 2).
+    """
+
+    verb, unit = 'searching', 'win'
+
+    def __init__(self, model, tokenizer, composite, layers, out, text, window=64, k=8, units=None, max_target='sum',
+                 abs_norm=True, identity=None, taps=None, batch_size=16, device='cpu', resume=True, progress=True,
+                 writers=1, before=12, after=4, label_window=2):
+        from ..composites.transformer import TransformerComposite
+
+        if not isinstance(composite, TransformerComposite):
+            raise TypeError(f'reference text spans need a transformer composite (lxt_ext.composites.'
+                            f'LanguageTransformer), got {type(composite).__name__}')
+        if isinstance(text, str):
+            text = [text]
+        if not text:
+            raise ValueError('no text files given')
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f'k must be a positive integer, got {k!r}')
+        if max_target not in MAX_TARGETS:
+            raise ValueError(f'max_target must be one of {MAX_TARGETS}, got {max_target!r}')
+        for name, value in (('batch_size', batch_size), ('writers', writers)):
+            if value < 1:
+                raise ValueError(f'{name} must be positive, got {value}')
+        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+            raise ValueError(f'window must be an integer of at least 2 tokens, got {window!r}')
+        BatchJob.__init__(self, out, batch_size, device, resume, progress, writers)
+        self.model, self.tokenizer, self.composite = model, tokenizer, composite
+        self.forward = lambda model, x: model(inputs_embeds=x)
+        self.text, self.window, self.k = [str(t) for t in text], window, k
+        self.max_target, self.abs_norm = max_target, bool(abs_norm)
+        self.identity, self.classes, self.generate = dict(identity or {}), None, None
+        self.before, self.after, self.label_window = before, after, label_window
+        self.target = 'next-token logits'
+        self._windows = None
+        self.layer_map, self.taps = self._layers(layers, taps)
+        self.shapes = self._probe()
+        self.units = self._units(units)
+
+    def _probe_input(self):
+        embedding = self.model.get_input_embeddings()
+        ids = torch.zeros(1, self.window, dtype=torch.int64, device=embedding.weight.device)
+        return embedding(ids).detach()
+
+    def _class_token(self, layer):
+        return False
+
+    def _corpus(self):
+        if self._windows is None:
+            self._windows = token_windows(self.text, self.tokenizer, self.window)
+        return self._windows
+
+    def recorded(self):
+        ids, _, info = self._corpus()
+        layers = {name: ranges(self.units[name]) for name in self.layer_map}
+        return dict(self.identity, kind='text references', layers=layers, k=self.k, max_target=self.max_target,
+                    abs_norm=self.abs_norm, target=self.target, batch_size=self.batch_size, window=self.window,
+                    windows=len(ids), text=[{'sha256': i['sha256'], 'tokens': i['tokens']} for i in info])
+
+    def items(self):
+        _, starts, info = self._corpus()
+        paths = [os.path.abspath(i['path']) for i in info]
+        root = os.path.commonpath([os.path.dirname(p) for p in paths])
+        return root, [f'{os.path.relpath(paths[f], root)}#{start}' for f, start in starts]
+
+    def load(self, root, names, spans):
+        ids = self._corpus()[0]
+        return ((span, ids[span]) for span in spans)
+
+    def compute(self, explainer, batch, indices, loaded, names):
+        done, ids = loaded
+        embedding = self.model.get_input_embeddings()
+        ids = ids.to(embedding.weight.device)
+        x = embedding(ids).detach().to(self._dtype)
+        explanation = explainer(x, next_token_seed(ids))
+        part = {}
+        index = torch.tensor(done, dtype=torch.int64)[:, None]
+        for name, concept in self.layer_map.items():
+            columns = torch.tensor(self.units[name])
+            for mode, tensor in (('relevance', explanation.latent[name]), ('activation', self._outputs[name])):
+                tensor = tensor.detach().float().cpu()
+                values, tokens = unit_values(concept, tensor, self.max_target, self.abs_norm)
+                part[f'{name}\t{mode}'] = top_k(values[:, columns], index.expand(-1, len(columns)), self.k,
+                                                 tokens[:, columns].long(), tokens[:, columns].long())
+        self._outputs = {}
+        score = explanation.score.float().cpu()
+        rows = [{'path': names[i], 'image': i, 'label': None, 'explained': None, 'logit': float(score[j])}
+                for j, i in enumerate(done)]
+        return (rows, part), len(done), []
+
+    def _settings_lines(self):
+        ids, _, info = self._corpus()
+        composite = self.identity.get('composite', type(self.composite).__name__)
+        files = ', '.join(f'{i["path"]} ({i["tokens"]:,} tokens)' for i in info)
+        return [f'model: {self.identity.get("model", type(self.model).__name__)}, composite: {composite}',
+                f'text: {files}; {len(ids):,} windows of {self.window} tokens (stride {self.window}, each file\'s '
+                f'last partial window dropped)',
+                f'each window explained for the sum over its positions of the logit of the next token; a unit\'s '
+                f'value: its relevance (a * g at the layer output) or activation '
+                f'{"summed over" if self.max_target == "sum" else "at the largest of"} the positions'
+                + (', divided by the window\'s summed |value| over the layer\'s units' if self.abs_norm else ''),
+                f'top {self.k} windows per unit and mode, ties to the smaller window index; highlighted: the unit\'s '
+                f'top token (its largest value in the window); label: the n-gram (1 or 2 tokens) in the most spans '
+                f'of the {self.label_window} tokens before the top token and the top token, with its share of the '
+                f'spans']
+
+    def _render(self, root, layers):
+        from ..concepts.labels import label_text_units
+        from ..visualization.references import index_page, text_layer_page
+
+        ids = self._corpus()[0]
+        special = set(getattr(self.tokenizer, 'all_special_ids', []) or [])
+        settings = self._settings_lines()
+        front = []
+        for name, entry in layers.items():
+            units = entry['units']
+            labels, spans = {}, {}
+            for mode in MODES:
+                refs = [entry[mode][str(u)] for u in units]
+                ranks = min(map(len, refs))
+                wanted = sorted({row['image'] for rows in refs for row in rows})
+                local = {w: j for j, w in enumerate(wanted)}
+                indices = torch.tensor([[local[rows[r]['image']] for rows in refs] for r in range(ranks)],
+                                       dtype=torch.int64).view(ranks, len(units))
+                tokens = torch.tensor([[rows[r]['token'] for rows in refs] for r in range(ranks)],
+                                      dtype=torch.int64).view(ranks, len(units))
+                found = label_text_units(indices, tokens, [ids[w].tolist() for w in wanted], window=(
+                    self.label_window, 0), tokenizer=self.tokenizer, exclude=special) if ranks else []
+                labels[mode] = {str(u): {'label': found[j].label if found else None,
+                                         'purity': found[j].purity if found else 0.0}
+                                for j, u in enumerate(units)}
+                spans[mode] = {str(u): [self._span(row) for row in entry[mode][str(u)]] for u in units}
+            entry['labels'] = labels
+            folder = os.path.join('layers', _file_name(name))
+            text = text_layer_page(name, units, {mode: entry[mode] for mode in MODES}, spans, labels,
+                                   settings).encode()
+            atomic_write(self.folder.path(folder, 'index.html'), lambda f, t=text: f.write(t))
+            front.append((name, f'{folder}/index.html', len(units), {}))
+        text = index_page('Reference text spans', settings, front).encode()
+        atomic_write(self.folder.path('index.html'), lambda f: f.write(text))
+
+    def _span(self, row):
+        """``(before, top, after)``: the decoded tokens around a reference's top token."""
+        ids = self._corpus()[0][row['image']].tolist()
+        token, first = row['token'], max(0, row['token'] - self.before)
+        decode = self.tokenizer.decode
+        before, upto = decode(ids[first:token]), decode(ids[first:token + 1])
+        whole = decode(ids[first:token + 1 + self.after])
+        if upto.startswith(before) and whole.startswith(upto):  # the spacing of the decoded text kept
+            return [before], upto[len(before):], [whole[len(upto):]]
+        return ([decode([t]) for t in ids[first:token]], decode([ids[token]]),
+                [decode([t]) for t in ids[token + 1:token + 1 + self.after]])

@@ -19,7 +19,7 @@ import numpy as np
 
 from .image import DEFAULT_CMAP, colours
 
-__all__ = ['Reference', 'patch_box', 'unit_strip', 'sheet', 'layer_page', 'index_page', 'ROWS']
+__all__ = ['Reference', 'patch_box', 'unit_strip', 'sheet', 'layer_page', 'index_page', 'text_layer_page', 'ROWS']
 
 ROWS = ('image', 'heatmap', 'crop')
 BOX = (0.25, 1.0, 0.25)       # the patch outline: light green, seen on the shapes, the backgrounds and the heatmaps
@@ -379,4 +379,55 @@ def index_page(title, settings_lines, layers):
         out.append(f'<tr><td><a href="{html.escape(link)}"><code>{html.escape(name)}</code></a></td>'
                    f'<td class="num">{count}</td><td>{links}</td></tr>')
     out.append('</table></body></html>\n')
+    return '\n'.join(out)
+
+
+def _span_html(span):
+    before, top, after = span
+    return (html.escape(''.join(before)) + f'<mark><b>{html.escape(top)}</b></mark>' + html.escape(''.join(after)))
+
+
+def text_layer_page(layer, units, modes, spans, labels, settings_lines):
+    """A layer's page of reference text spans (:class:`lxt_ext.job.references.TextReferenceJob`): per unit and mode
+    its label and its ranked windows, each the tokens around the unit's top token (highlighted) with the value;
+    every text HTML-escaped.
+
+    Parameters
+    ----------
+    layer : str
+        The layer's name.
+    units : sequence of int
+        Its units, in order.
+    modes : dict
+        ``mode -> {unit (str): [reference rows]}`` (``rank``, ``image`` (the window), ``path``, ``value``,
+        ``token``).
+    spans : dict
+        ``mode -> {unit (str): [(tokens before, top token, tokens after)]}``, decoded, one per reference row.
+    labels : dict
+        ``mode -> {unit (str): {'label', 'purity'}}``.
+    settings_lines : sequence of str
+        What was searched.
+
+    Returns
+    -------
+    str
+    """
+    out = ['<!DOCTYPE html>', '<html><head><meta charset="utf-8">', f'<title>{html.escape(layer)}</title>',
+           f'<style>{STYLE}mark{{background:#ffd27f}}td.text{{white-space:pre-wrap;font-family:monospace}}</style>'
+           '</head><body>', f'<h1>Reference text spans of <code>{html.escape(layer)}</code></h1>',
+           '<ul>' + ''.join(f'<li>{html.escape(line)}</li>' for line in settings_lines) + '</ul>']
+    for unit in units:
+        out.append(f'<h2 id="unit-{unit}">unit {unit}</h2>')
+        for mode, references in modes.items():
+            label = labels[mode][str(unit)]
+            shown = ('(none)' if label['label'] is None else
+                     f'&ldquo;{html.escape(str(label["label"]))}&rdquo; in {label["purity"]:.0%} of the spans')
+            out.append(f'<h3>{html.escape(mode)}: label {shown}</h3>')
+            out.append('<table><tr><th>rank</th><th>value</th><th>window</th><th>token</th><th>text</th></tr>')
+            for row, span in zip(references[str(unit)], spans[mode][str(unit)]):
+                out.append(f'<tr><td class="num">{row["rank"] + 1}</td>{_value_cell(row["value"])}'
+                           f'<td>{html.escape(str(row["path"]))}</td><td class="num">{row["token"]}</td>'
+                           f'<td class="text">{_span_html(span)}</td></tr>')
+            out.append('</table>')
+    out.append('</body></html>\n')
     return '\n'.join(out)
