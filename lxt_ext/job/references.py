@@ -765,8 +765,9 @@ def token_windows(files, tokenizer, window):
     Returns
     -------
     tuple
-        ``(ids, starts, info)``: ``ids`` a ``(windows, window)`` int64 tensor; ``starts`` per window
-        ``(file index, first token)``; ``info`` per file ``{'path', 'sha256', 'tokens'}``.
+        ``(ids, starts, info)``: ``ids`` a ``(windows, window)`` int32 array on disk (``numpy.memmap`` of a
+        temporary file: the corpus' ids are not held in memory, one file's text and ids while it is tokenised);
+        ``starts`` per window ``(file index, first token)``; ``info`` per file ``{'path', 'sha256', 'tokens'}``.
 
     Raises
     ------
@@ -777,7 +778,12 @@ def token_windows(files, tokenizer, window):
     """
     if isinstance(window, bool) or not isinstance(window, int) or window < 2:
         raise ValueError(f'window must be an integer of at least 2 tokens, got {window!r}')
-    pieces, starts, info = [], [], []
+    import tempfile
+
+    import numpy as np
+
+    store = tempfile.TemporaryFile()  # the windows' ids on disk (int32), removed when closed
+    count, starts, info = 0, [], []
     for f, path in enumerate(files):
         if not os.path.isfile(path):
             raise FileNotFoundError(f'no such text file: {path}')
@@ -786,16 +792,21 @@ def token_windows(files, tokenizer, window):
                 text = file.read()
         except UnicodeDecodeError as error:
             raise ValueError(f'{path} is no UTF-8 text: {error}') from None
-        ids = torch.tensor(tokenizer(text, add_special_tokens=False)['input_ids'], dtype=torch.int64)
+        ids = np.asarray(tokenizer(text, add_special_tokens=False)['input_ids'], dtype=np.int64)
+        del text
+        if len(ids) and (ids.min() < 0 or ids.max() > np.iinfo(np.int32).max):
+            raise ValueError(f'{path}: token ids outside int32')
         whole = len(ids) // window
-        if whole:
-            pieces.append(ids[:whole * window].view(whole, window))
-            starts += [(f, w * window) for w in range(whole)]
+        store.write(ids[:whole * window].astype(np.int32).tobytes())
+        count += whole
+        starts += [(f, w * window) for w in range(whole)]
         info.append({'path': path, 'sha256': _sha256(path), 'tokens': len(ids)})
-    if not pieces:
+    if not count:
+        store.close()
         raise ValueError(f'the text holds no whole window of {window} tokens '
                          f'({sum(i["tokens"] for i in info)} tokens in all): give more text or a smaller window')
-    return torch.cat(pieces), starts, info
+    store.flush()
+    return np.memmap(store, dtype=np.int32, mode='r', shape=(count, window)), starts, info
 
 
 def next_token_seed(ids):
@@ -921,7 +932,7 @@ class TextReferenceJob(ReferenceJob):
 
     def load(self, root, names, spans):
         ids = self._corpus()[0]
-        return ((span, ids[span]) for span in spans)
+        return ((span, torch.from_numpy(ids[span].astype('int64'))) for span in spans)
 
     def compute(self, explainer, batch, indices, loaded, names):
         done, ids = loaded
@@ -980,7 +991,7 @@ class TextReferenceJob(ReferenceJob):
                                        dtype=torch.int64).view(ranks, len(units))
                 tokens = torch.tensor([[rows[r]['token'] for rows in refs] for r in range(ranks)],
                                       dtype=torch.int64).view(ranks, len(units))
-                found = label_text_units(indices, tokens, [ids[w].tolist() for w in wanted], window=(
+                found = label_text_units(indices, tokens, [[int(t) for t in ids[w]] for w in wanted], window=(
                     self.label_window, 0), tokenizer=self.tokenizer, exclude=special) if ranks else []
                 labels[mode] = {str(u): {'label': found[j].label if found else None,
                                          'purity': found[j].purity if found else 0.0}
@@ -997,7 +1008,7 @@ class TextReferenceJob(ReferenceJob):
 
     def _span(self, row):
         """``(before, top, after)``: the decoded tokens around a reference's top token."""
-        ids = self._corpus()[0][row['image']].tolist()
+        ids = [int(t) for t in self._corpus()[0][row['image']]]
         token, first = row['token'], max(0, row['token'] - self.before)
         decode = self.tokenizer.decode
         before, upto = decode(ids[first:token]), decode(ids[first:token + 1])

@@ -7,18 +7,21 @@ explicit loop over the windows (tokenised with the same tokenizer, cut the same 
 ``output * gradient`` at the layer is the relevance), a plain forward for the activation, the values written out
 (summed over the positions, divided by the window's summed |value| over the layer's units plus 1e-10) and ranked per
 unit with Python's ``sorted`` (ties to the smaller window). Then: a resume after lost parts equals an uninterrupted
-run, another corpus or window is refused, the HTML escapes the text's markup and names every unit, bad arguments
+run, two torchrun processes equal one, another corpus or window is refused, the HTML escapes the text's markup and names every unit, bad arguments
 exit 2."""
 import json
 import os
 import re
 import shutil
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 import transformers
 
-from conftest import require_module
+from conftest import ROOT, require_module
 
 crp = require_module('crp')
 
@@ -185,6 +188,21 @@ def test_resume_after_lost_parts_equals_an_uninterrupted_run(setup, searched, tm
     assert collect(out) == collect(searched)
     page = os.path.join('layers', NEURONS, 'index.html')
     assert (out / page).read_text(encoding='utf-8') == (searched / page).read_text(encoding='utf-8')
+
+
+def test_torchrun_two_processes_equal_one(setup, searched, tmp_path):
+    folder, _, _, files = setup
+    out = tmp_path / 'out'
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    process = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}', '-m', 'lxt_ext',
+         'references', '--text', *files, '--model', str(folder), *ARGS, '--out', str(out)],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=600)
+    assert process.returncode == 0, process.stderr
+    assert collect(out) == collect(searched)
+    assert process.stdout.count('searched') == 1  # rank 0 reports
 
 
 def test_another_corpus_or_window_is_refused(setup, searched, tmp_path, capsys):
