@@ -1,6 +1,8 @@
 """``lxt-ext references``: the reference samples of chosen units over a data set (the top images by relevance and by
 activation of every unit), streamed on the job runner of ``lxt-ext explain`` (resumable, ``torchrun``), written as
-image sheets and an HTML page per layer. See :mod:`lxt_ext.job.references` for what is ranked and the output folder.
+image sheets and an HTML page per layer; with ``--text`` the top windows of a token corpus for a causal language
+model, written as HTML pages of text spans. See :mod:`lxt_ext.job.references` for what is ranked and the output
+folder.
 """
 import os
 import sys

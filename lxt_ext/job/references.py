@@ -35,6 +35,10 @@ Output folder (beside ``run.json``, ``parts/``, ``index.jsonl`` (one row per ima
                                   images (the unit's patch boxed) over their conditional heatmaps (and crops)
     layers/<layer>/units/<mode>-<unit>.png   each unit's strip, as the page shows it
 
+Text: :class:`TextReferenceJob` (``lxt-ext references --text``) is the same search over the windows of a token
+corpus for a causal language model (its items the windows of :func:`token_windows`, each explained for the sum of
+its next-token logits, :func:`next_token_seed`), written as HTML pages of text spans with their n-gram labels.
+
 A reference's conditional heatmap is zennit-crp's: the unit's activation as relevance at the layer, the other
 units masked, propagated to the pixels (:class:`lxt_ext.concepts.TransformerCondAttribution` with
 ``start_layer``), as ``FeatureVisualization.get_max_reference`` draws it.
