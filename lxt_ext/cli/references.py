@@ -196,7 +196,7 @@ def _job(args):
     """The :class:`~lxt_ext.job.references.ReferenceJob` of the arguments; ValueError naming a bad one."""
     from ..concepts import concept_layers
     from ..job.references import ReferenceJob
-    from .concepts import resolve_layer
+    from ..concepts import resolve_layer
     from .models import PARAMETERS, ModelError, build_composite, fit_warnings, load_model
 
     if args.k < 1:
@@ -263,7 +263,7 @@ def _text_job(args):
     from ..composites import LanguageTransformer
     from ..concepts import concept_layers
     from ..job.references import TextReferenceJob
-    from .concepts import resolve_layer
+    from ..concepts import resolve_layer
     from .explain_text import load_language_model
 
     if args.inputs or args.generate is not None:

@@ -68,11 +68,12 @@ except ImportError as error:
 from .attribution import TransformerCondAttribution, relevance_to_gradient
 from .classes import HeadConcept, HiddenConcept
 from .labels import TextLabel, UnitLabels, label_text_units, label_units
-from .layers import ConceptLayers, InputTap, concept_layers, input_taps
+from .layers import LAYER_KINDS, ConceptLayers, InputTap, concept_layers, input_taps, resolve_layer
 from .maximization import RelevanceFeatVisHook, TransformerFeatureVisualization
 from .steering import Steering, UnitRelevance, most_relevant_units, steer
 
-__all__ = ['HiddenConcept', 'HeadConcept', 'InputTap', 'input_taps', 'ConceptLayers', 'concept_layers',
+__all__ = ['HiddenConcept', 'HeadConcept', 'InputTap', 'input_taps', 'ConceptLayers', 'concept_layers', 'resolve_layer',
+           'LAYER_KINDS',
            'TransformerCondAttribution', 'relevance_to_gradient', 'Steering', 'steer', 'UnitRelevance',
            'most_relevant_units', 'TransformerFeatureVisualization', 'RelevanceFeatVisHook', 'UnitLabels',
            'label_units', 'TextLabel', 'label_text_units']

@@ -8,7 +8,10 @@ import torch
 
 from .classes import HeadConcept, HiddenConcept
 
-__all__ = ['InputTap', 'input_taps', 'ConceptLayers', 'concept_layers']
+__all__ = ['InputTap', 'input_taps', 'ConceptLayers', 'concept_layers', 'resolve_layer', 'LAYER_KINDS']
+
+# the block-relative layer specs of resolve_layer: <kind>:<block>
+LAYER_KINDS = ('neurons', 'residual', 'heads')
 
 
 class InputTap(torch.nn.Identity):
@@ -180,3 +183,37 @@ def concept_layers(model):
                         f'{type(model).__name__}; build the layer map by hand (HiddenConcept, HeadConcept, '
                         f'input_taps)')
     return ConceptLayers(residual, neurons, heads, taps, layer_map)
+
+
+def resolve_layer(spec, layers):
+    """The concept layer of ``spec``.
+
+    Parameters
+    ----------
+    spec : str
+        ``neurons:<block>``, ``residual:<block>``, ``heads:<block>`` (negative blocks count from the end) or a
+        name of ``layers.layer_map``.
+    layers : lxt_ext.concepts.ConceptLayers
+        The model's concept layers.
+
+    Returns
+    -------
+    str
+        The layer's name.
+
+    Raises
+    ------
+    ValueError
+        An unknown layer or block.
+    """
+    if spec in layers.layer_map:
+        return spec
+    kind, _, block = spec.partition(':')
+    if kind not in LAYER_KINDS:
+        raise ValueError(f'unknown layer {spec!r}: give {", ".join(k + ":<block>" for k in LAYER_KINDS)} or one of '
+                         f'{list(layers.layer_map)}')
+    names = getattr(layers, kind)
+    try:
+        return names[int(block)]
+    except (ValueError, IndexError):
+        raise ValueError(f'layer {spec!r}: the block must be an integer in {-len(names)}..{len(names) - 1}') from None
