@@ -83,13 +83,6 @@ def scores(loaded, images, masks, labels):
     return results, predicted
 
 
-def _outline(mask):
-    """(H, W) bool: mask pixels with a 4-neighbour outside the mask."""
-    padded = torch.nn.functional.pad(mask[None, None].float(), (1, 1, 1, 1))[0, 0]
-    inner = padded[:-2, 1:-1].bool() & padded[2:, 1:-1].bool() & padded[1:-1, :-2].bool() & padded[1:-1, 2:].bool()
-    return mask & ~inner
-
-
 def grid(images, masks, results):
     """The heatmap grid: a header row of method names, then one row per sample.
 
@@ -110,11 +103,11 @@ def grid(images, masks, results):
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from ..visualization.image import colours
+    from ..visualization.image import colours, outline as mask_outline
 
     rows = []
     for index, (image, mask) in enumerate(zip(images, masks)):
-        outline = _outline(mask).numpy()
+        outline = mask_outline(mask).numpy()
         cells = [image.permute(1, 2, 0).numpy().astype(np.float64)]
         cells += [colours(result['relevance'][index]) for result in results.values()]
         for cell in cells:

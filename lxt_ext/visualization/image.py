@@ -117,3 +117,23 @@ def save_heatmap(relevance, path, image=None, cmap=DEFAULT_CMAP, overlay=False, 
             heat = np.concatenate([_pixels(image, heat.shape[:2]).transpose(1, 2, 0), heat], axis=1)
     options = {} if compress_level is None else {'compress_level': int(compress_level)}
     to_pil(heat).save(path, format=format, **options)
+
+
+def outline(mask):
+    """The outline of a mask: its pixels with a 4-neighbour outside it.
+
+    Parameters
+    ----------
+    mask : torch.Tensor
+        (H, W) bool.
+
+    Returns
+    -------
+    torch.Tensor
+        (H, W) bool.
+    """
+    import torch
+
+    padded = torch.nn.functional.pad(mask[None, None].float(), (1, 1, 1, 1))[0, 0]
+    inner = padded[:-2, 1:-1].bool() & padded[2:, 1:-1].bool() & padded[1:-1, :-2].bool() & padded[1:-1, 2:].bool()
+    return mask & ~inner
