@@ -215,9 +215,8 @@ def _run_generated(args):
                 'device': str(args.device), 'threads': torch.get_num_threads(), 'torch': torch.__version__,
                 'world_size': int(os.environ.get('WORLD_SIZE', '1')), 'seconds': summary.seconds}
     stem = 'gamma_search' if args.gamma_search else 'evaluation'
-    from ..data import shapes
-    from ..job.evaluation import BLOCK
-    example = shapes.generate(BLOCK, seed=args.data_seed)[0][0]  # image 0 of the set, whose heatmaps are drawn
+    from ..job.evaluation import generated
+    example = next(generated(args.data_seed, [[0]]))[0][0]  # image 0 of the set, whose heatmaps are drawn
     if args.gamma_search:
         from ..evaluation.gamma_search import GammaSearch, save_grid
         search = GammaSearch.of(conv_gammas, linear_gammas, args.attention, results)

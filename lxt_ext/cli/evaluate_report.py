@@ -153,6 +153,7 @@ def write_statistics(folder, stem, results, rows, settings, resamples):
     record['accuracy'] = correct / n
     record['statistics'] = {}
     fmt = lambda v: format(v, '.4g')  # noqa: E731
+    abpc_intervals = {}
     for r in results:
         abpc = bootstrap_interval(r.abpc, resamples=resamples)
         mass = r.relevance_mass[~torch.isnan(r.relevance_mass)]
@@ -163,6 +164,7 @@ def write_statistics(folder, stem, results, rows, settings, resamples):
                                                     else 'n/a') +
                      f' | {s["pointing_game"]:.3f} | {s["seconds_per_image"]:.3g} |')
         record['methods'][r.name]['intervals'] = {'abpc': abpc._asdict(), 'relevance_mass': mass and mass._asdict()}
+        abpc_intervals[r.name] = abpc
     sections = []
     for metric, column in (('ABPC', 'abpc'), ('relevance mass', 'relevance_mass')):
         scores = {r.name: getattr(r, column) for r in results}
@@ -172,7 +174,9 @@ def write_statistics(folder, stem, results, rows, settings, resamples):
             continue
         comparisons = paired_comparisons(scores, resamples=resamples)
         sections += ['', f'### {metric}: ranking and paired differences ({int(finite.sum())} images)', '',
-                     statistics_markdown(scores, comparisons, metric=metric, resamples=resamples)]
+                     statistics_markdown(scores, comparisons, metric=metric, resamples=resamples,
+                                         # the table's ABPC intervals are over the same (all) images
+                                         intervals=abpc_intervals if column == 'abpc' and finite.all() else None)]
         record['statistics'][column] = {'images': int(finite.sum()),
                                         'comparisons': [c._asdict() for c in comparisons]}
     text = '\n'.join(lines + sections)

@@ -230,7 +230,7 @@ def paired_comparisons(scores, confidence=CONFIDENCE, resamples=RESAMPLES, seed=
 
 
 def statistics_markdown(scores, comparisons=None, metric='ABPC', confidence=CONFIDENCE, resamples=RESAMPLES,
-                        seed=0, digits=3):
+                        seed=0, digits=3, intervals=None):
     """Markdown: the methods ranked by their mean with its bootstrap interval, and the paired
     differences with their Holm-adjusted p-values (significant pairs marked).
 
@@ -247,6 +247,8 @@ def statistics_markdown(scores, comparisons=None, metric='ABPC', confidence=CONF
         As in :func:`bootstrap_interval`.
     digits : int, optional
         Significant digits of the figures.
+    intervals : dict, optional
+        Method name -> its :func:`bootstrap_interval` (computed when omitted).
 
     Returns
     -------
@@ -256,7 +258,8 @@ def statistics_markdown(scores, comparisons=None, metric='ABPC', confidence=CONF
     if comparisons is None and len(scores) > 1:
         comparisons = paired_comparisons(scores, confidence, resamples, seed)
     level = f'{confidence * 100:g} %'
-    intervals = {name: bootstrap_interval(values, confidence, resamples, seed) for name, values in scores.items()}
+    if intervals is None:
+        intervals = {name: bootstrap_interval(values, confidence, resamples, seed) for name, values in scores.items()}
     fmt = lambda v: format(v, f'.{digits}g')  # noqa: E731
     lines = [f'| rank | method | {metric} (mean) | {level} interval |', '|---:|---|---:|---|']
     for rank, (name, interval) in enumerate(sorted(intervals.items(), key=lambda kv: -kv[1].mean), 1):

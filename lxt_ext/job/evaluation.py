@@ -184,19 +184,19 @@ class EvaluationJob(BatchJob):
             if self._device.type == 'cuda':
                 torch.cuda.synchronize(self._device)
             began = time.perf_counter()
-            relevance = method(self.model, x, target)
+            relevance = method(self.model, x, target).detach()  # scored, not differentiated
             if self._device.type == 'cuda':
                 torch.cuda.synchronize(self._device)
             seconds = (time.perf_counter() - began) / len(indices)
             if relevance.shape != x.shape:
                 raise ValueError(f'method {name!r} returned relevance of shape {tuple(relevance.shape)} for an '
                                  f'input of shape {tuple(x.shape)}')
-            result = faithfulness(self.model, x, relevance.detach(), target, forward=self.forward, progress=False,
+            result = faithfulness(self.model, x, relevance, target, forward=self.forward, progress=False,
                                   **self.perturbation)
-            mass = relevance_mass_accuracy(relevance.detach(), masks).cpu()
-            pointing = pointing_game(relevance.detach(), masks).cpu()
+            mass = relevance_mass_accuracy(relevance, masks).cpu()
+            pointing = pointing_game(relevance, masks).cpu()
             curves[name] = torch.stack([result.morf.cpu(), result.lerf.cpu()], 1).float()
-            curves[name + '.example'] = relevance[0].detach().sum(0).float().cpu()
+            curves[name + '.example'] = relevance[0].sum(0).float().cpu()
             for j in range(len(indices)):
                 scores[j][name] = {'abpc': float(result.abpc[j]), 'morf_area': float(result.morf_area[j]),
                                    'lerf_area': float(result.lerf_area[j]), 'relevance_mass': _number(mass[j]),

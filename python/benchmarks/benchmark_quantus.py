@@ -51,14 +51,13 @@ def workload(name, images, generated=2000):
     if name in ('embedded', 'generated'):
         from lxt_ext.attribution import explain_batch
         from lxt_ext.composites import ViTGamma
-        from lxt_ext.data import embedded, shapes
-        from lxt_ext.job.evaluation import BLOCK, DEFAULT_SEED
+        from lxt_ext.data import embedded
+        from lxt_ext.job.evaluation import DEFAULT_SEED, generated as generated_images
         model = Normalised(embedded.load_model(), embedded.MEAN, embedded.STD).eval()
         if name == 'embedded':
             x, _, target, _ = embedded.load_samples()
         else:
-            blocks = [shapes.generate(BLOCK, seed=DEFAULT_SEED + k) for k in range(-(-generated // BLOCK))]
-            x, target = torch.cat([b[0] for b in blocks])[:generated], torch.cat([b[2] for b in blocks])[:generated]
+            x, _, target = next(generated_images(DEFAULT_SEED, [range(generated)]))
         relevance = torch.cat([explain_batch(model.model, (chunk - embedded.MEAN) / embedded.STD, ViTGamma(),
                                              labels).relevance.detach()
                                for chunk, labels in zip(x.split(256), target.split(256))])
